@@ -1,0 +1,55 @@
+"""Small file-system helpers shared by every job: atomic writes so nothing already written is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temporary path in the same folder; renames it to `path` only if the block succeeds."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  suffix = os.path.splitext(path)[1]
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Writes text or bytes to `path` atomically (write to a temporary file, then rename)."""
+  mode = "wb" if isinstance(data, bytes) else "w"
+  with atomic_path(path) as tmp:
+    with open(tmp, mode) as f:
+      f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+  atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+  """np.savez to `path` atomically (the name is kept exactly; NumPy would append .npz otherwise)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+
+
+def _json_default(o: Any) -> Any:
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f"not JSON serialisable: {type(o).__name__}")

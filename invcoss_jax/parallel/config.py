@@ -1,0 +1,12 @@
+"""Defaults of `config.mesh`."""
+
+import ml_collections
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Axis names and sizes; -1 takes the remaining devices. ('data', -1) is pure data parallelism;
+  # [('data', -1), ('fsdp', 4)] also shards parameters and optimiser state over 'fsdp'.
+  c.axes = [("data", -1)]
+  c.shard_params = False  # shard parameters over the 'fsdp' axis (when present)
+  return c

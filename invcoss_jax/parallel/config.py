@@ -9,4 +9,7 @@ def mesh_config() -> ml_collections.ConfigDict:
   # [('data', -1), ('fsdp', 4)] also shards parameters and optimiser state over 'fsdp'.
   c.axes = [("data", -1)]
   c.shard_params = False  # shard parameters over the 'fsdp' axis (when present)
+  # Parameters (and their optimiser moments) with fewer elements than this stay replicated under
+  # fsdp: biases and norms are cheap to replicate and expensive to gather one by one.
+  c.fsdp_min_size = 2**14
   return c

@@ -1,0 +1,134 @@
+"""The one place that builds the device mesh and the shardings every job uses.
+
+Axes are `AxisType.Auto`: linen's sharding constraints assert under Explicit axes. Batches are split
+over every batch-like axis present ('data' and 'fsdp'); parameters are replicated, or with
+`shard_params` each large one is split over 'fsdp' along its largest divisible dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")  # axes the leading (batch) dimension is split over, in this order
+FSDP_AXIS = "fsdp"
+DEFAULT_FSDP_MIN_SIZE = 2**14
+
+
+def _axes_from_config(mesh_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> list[tuple[str, int]]:
+  axes = mesh_cfg["axes"]
+  out = []
+  for a in axes:
+    if not (isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str)
+            and isinstance(a[1], int)):
+      raise ValueError(f"config.mesh.axes: expected a list of (name, size) pairs such as "
+                       f"[('data', -1), ('fsdp', 2)], got {axes!r}")
+    out.append((a[0], int(a[1])))
+  names = [n for n, _ in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.mesh.axes: axis names must be unique, got {names}")
+  return out
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict | Mapping[str, Any],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the mesh of `mesh_cfg.axes` over `devices` (default: all); one size may be -1."""
+  axes = _axes_from_config(mesh_cfg)
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  sizes = [s for _, s in axes]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"config.mesh.axes: at most one axis may have size -1, got {axes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or n % known:
+    raise ValueError(f"config.mesh.axes={axes}: the fixed axis sizes (product {known}) must be "
+                     f"positive and divide the {n} available devices")
+  sizes = [n // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != n:
+    raise ValueError(f"config.mesh.axes={axes} gives {math.prod(sizes)} devices but {n} are "
+                     f"available; use -1 for one axis to take the rest")
+  names = tuple(name for name, _ in axes)
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes, the rest replicated."""
+  axes = batch_axes(mesh)
+  return NamedSharding(mesh, P(axes if axes else None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _leaf_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
+  if fsdp_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  # Largest dimension divisible by the fsdp size; ties go to the last such dimension (the
+  # output features of a Dense kernel), which keeps the gathers contiguous.
+  best = None
+  for i, d in enumerate(shape):
+    if d % fsdp_size == 0 and (best is None or d >= shape[best]):
+      best = i
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = FSDP_AXIS
+  return P(*spec)
+
+
+def param_shardings(mesh: Mesh, abstract_params: Any, shard_params: bool, *,
+                    min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for a tree of arrays/ShapeDtypeStructs (parameters, optimiser state, a whole
+  train state): replicated, or with `shard_params` and an 'fsdp' axis, each leaf of at least
+  `min_size` elements split over 'fsdp' along its largest divisible dimension."""
+  fsdp_size = mesh.shape[FSDP_AXIS] if (shard_params and FSDP_AXIS in mesh.axis_names) else 1
+
+  def one(x):
+    return NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp_size, min_size))
+
+  return jax.tree.map(one, abstract_params)
+
+
+def shardings_from_config(mesh: Mesh, abstract_tree: Any,
+                          mesh_cfg: ml_collections.ConfigDict) -> Any:
+  return param_shardings(mesh, abstract_tree, bool(mesh_cfg.shard_params),
+                         min_size=int(mesh_cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))
+
+
+def check_global_batch(mesh: Mesh, global_batch_size: int, option: str = "config.train.global_batch_size"):
+  shards = num_batch_shards(mesh)
+  if global_batch_size % shards or global_batch_size % jax.process_count():
+    raise ValueError(f"{option}={global_batch_size} must be divisible by the {shards} batch shards "
+                     f"of the mesh {dict(mesh.shape)} (and by {jax.process_count()} processes)")
+
+
+def put_batch(mesh: Mesh, local_batch: Any) -> Any:
+  """Turns this process's NumPy batch (a pytree of arrays with a leading batch dimension) into
+  global jax.Arrays split over the batch axes; the global batch is process_count times larger."""
+  sharding = data_sharding(mesh)
+  shards = num_batch_shards(mesh)
+
+  def one(x):
+    x = np.asarray(x)
+    global_b = x.shape[0] * jax.process_count()
+    if global_b % shards:
+      raise ValueError(f"batch of {global_b} examples (shape {x.shape}) cannot be split over the "
+                       f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    return jax.make_array_from_process_local_data(sharding, x, (global_b,) + x.shape[1:])
+
+  return jax.tree.map(one, local_batch)

@@ -1,0 +1,116 @@
+"""Checkpoints of a stage: orbax CheckpointManager with the train state, the grain iterator state and
+the config, and the resolved config as `workdir/config.json`.
+
+A run restarted on the same workdir resumes from the latest checkpoint, restoring arrays straight
+into their sharded layout (abstract targets) and the data iterator where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from invcoss_jax import io_utils
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+ITEM_STATE, ITEM_DATA, ITEM_CONFIG = "state", "data_iter", "config"
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The resolved config as plain JSON types (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> str:
+  """Writes `workdir/config.json` atomically (process 0 only); returns its path."""
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if jax.process_index() == 0:
+    io_utils.atomic_write_json(path, config_to_dict(config))
+  return path
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {os.fspath(workdir)!r} is not the workdir of a "
+                            f"trained stage (expected {CONFIG_FILE} and {CHECKPOINT_DIR}/ there)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def make_manager(workdir: str | os.PathLike, ckpt_cfg: ml_collections.ConfigDict | None = None, *,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """The stage's CheckpointManager over `workdir/checkpoints` (created unless read_only)."""
+  ckpt_cfg = ckpt_cfg or ml_collections.ConfigDict(dict(every_steps=1, max_to_keep=None, async_save=False))
+  directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(1, int(ckpt_cfg.every_steps)),
+      max_to_keep=ckpt_cfg.get("max_to_keep"),
+      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)) and not read_only,
+      create=not read_only, read_only=read_only)
+  handlers = {ITEM_STATE: ocp.StandardCheckpointHandler(), ITEM_CONFIG: ocp.JsonCheckpointHandler(),
+              ITEM_DATA: grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
+         config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+  """Saves state, iterator and config at `step` when the interval says so (or `force`)."""
+  args = {ITEM_STATE: ocp.args.StandardSave(state),
+          ITEM_CONFIG: ocp.args.JsonSave(config_to_dict(config))}
+  if data_iter is not None:
+    args[ITEM_DATA] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None,
+            step: int | None = None) -> tuple[Any, int]:
+  """Restores the state into `abstract_state`'s shardings, and `data_iter` in place (if given)."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  args = {ITEM_STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    args[ITEM_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  logging.info("restored checkpoint %d from %s", step, manager.directory)
+  return restored[ITEM_STATE], step
+
+
+def load_trained_stage(workdir: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None,
+                       step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
+  """(config, model, params) of a finished (or interrupted) stage: `workdir/config.json` and the
+  parameters of the latest checkpoint only (no optimiser state is read). `sharding` places every
+  parameter (default: the first local device)."""
+  from invcoss_jax import models  # Lazy: the trainer's other parts do not need the model.
+
+  workdir = os.fspath(workdir)
+  config = read_config(workdir)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{ckpt_dir} not found: the stage in {workdir!r} has no checkpoints")
+  with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                             item_handlers={ITEM_STATE: ocp.PyTreeCheckpointHandler()}) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint of the stage in {workdir!r}")
+    meta = manager.item_metadata(step)[ITEM_STATE]
+    meta = getattr(meta, "tree", meta)
+    if "params" not in meta:
+      raise ValueError(f"checkpoint {step} in {ckpt_dir} has no 'params' in its train state")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                     meta["params"])}
+    restored = manager.restore(step, args=ocp.args.Composite(**{ITEM_STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+  model = models.build_mae(config.model)
+  return config, model, restored[ITEM_STATE]["params"]

@@ -1,0 +1,241 @@
+"""MAE pre-training of one stage: the sharded train step, the loop and the `pretrain` job.
+
+`pretrain(config, workdir)` is what `main.py` runs for `config.mode = 'pretrain'` and what a notebook
+calls. A run restarted on the same workdir resumes from its latest checkpoint (state and data
+iterator), so its later losses equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview, periodic_actions
+
+from invcoss_jax import models
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train import checkpoint as ckpt_lib
+from invcoss_jax.train import optim, writers
+from invcoss_jax.train.state import TrainState, abstract_state, create_train_state
+
+# Streams folded into the run's key, so each random use is independent of the others.
+_IMAGE_STREAM = 0x1A6E
+
+
+def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    mask_ratio: float, grad_accum_steps: int = 1) -> Callable:
+  """The pure train step: (state, batch) -> (state, metrics). Masking and drop-path keys are
+  folded from the state's key and step, so a resumed run draws the same masks."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    mask_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch["image"], mask_ratio=mask_ratio, train=True,
+                        rngs={"masking": mask_rng, "dropout": drop_rng})
+      return out["loss"].astype(jnp.float32)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "learning_rate": schedule(state.step // grad_accum_steps)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
+  """jit with explicit shardings; the old state is donated (its buffers become the new state's)."""
+  return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.data_sharding(mesh)),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_reconstruct(model: models.MAE, mask_ratio: float) -> Callable:
+  """(params, images, rng) -> (mask as pixels, reconstruction) for the image grids."""
+
+  @jax.jit
+  def reconstruct(params, images, rng):
+    variables = {"params": params}
+    out = model.apply(variables, images, mask_ratio=mask_ratio, train=False, rngs={"masking": rng})
+    recon = model.apply(variables, images, out["pred"], out["mask"], method=models.MAE.reconstruct)
+    rank = images.ndim - 2
+    ps = model.cfg.patch_size(rank)
+    grid = models.grid_shape(images.shape[1:-1], ps)
+    per_patch = jnp.broadcast_to(out["mask"][..., None], out["pred"].shape)
+    mask_px = models.unpatchify(per_patch, grid, ps, images.shape[-1])
+    return mask_px, recon
+
+  return reconstruct
+
+
+def check_data_available(config: ml_collections.ConfigDict) -> None:
+  """A clear error when the configured data path does not exist."""
+  path = str(config.data.get("path", "") or "")
+  if path and not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config.data.path={path!r} does not exist: expected the {config.data.get('modality', '')} "
+        f"training data (config.data.name={config.data.get('name', '')!r}, format="
+        f"{config.data.get('format', '')!r}) there. Point --config.data.path at your copy, or try the "
+        f"embedded demo data with a ':demo' preset, e.g. --config=configs/xray.py:demo")
+
+
+def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
+  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain's workers.
+
+  check_data_available(config)
+  try:
+    it = data_lib.make_train_iterator(config.data, global_batch_size=micro_batch, seed=int(config.seed))
+    n = data_lib.num_examples(config.data)
+    shape = tuple(data_lib.image_shape(config.data))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}\n(config.data.name={config.data.get('name')!r}, "
+                            f"config.data.path={config.data.get('path')!r}; for the embedded demo data "
+                            f"use a ':demo' preset, e.g. --config=configs/xray.py:demo)") from e
+  return it, n, shape
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      name = f"{prefix}{k}"
+      if isinstance(v, dict):
+        walk(name + ".", v)
+      elif isinstance(v, (bool, int, float, str)):
+        out[name] = v
+      else:
+        out[name] = str(v)
+
+  walk("", ckpt_lib.config_to_dict(config))
+  return out
+
+
+def _run_stats(config: ml_collections.ConfigDict, workdir: str, params: Any):
+  """The stage's statistics pass (invcoss_jax.inversion.job.run_stats), when that job exists."""
+  try:
+    from invcoss_jax.inversion import job as inversion_job
+  except ModuleNotFoundError as e:
+    if e.name not in ("invcoss_jax.inversion.job",):
+      raise
+    logging.warning("invcoss_jax.inversion.job is not available: skipping the statistics pass")
+    return None
+  return inversion_job.run_stats(config, workdir, params=params)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+             stop_at_step: int | None = None) -> dict[str, Any]:
+  """Pre-trains (or resumes) the MAE of one stage in `workdir`.
+
+  `stop_at_step` ends the run early after that train step with a checkpoint, as a preempted job
+  would (no statistics pass); rerunning on the same workdir continues from there.
+
+  Returns dict(state, losses {step: loss of this run's steps}, final_loss, step, total_steps,
+  workdir, stats (what the statistics pass returned, or None)).
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  train_cfg = config.train
+  k = int(train_cfg.get("grad_accum_steps", 1))
+  if int(train_cfg.global_batch_size) % k:
+    raise ValueError(f"config.train.global_batch_size={train_cfg.global_batch_size} must be divisible by "
+                     f"config.train.grad_accum_steps={k}")
+  micro_batch = int(train_cfg.global_batch_size) // k
+  mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
+
+  data_iter, num_examples, image_shape = _open_train_data(config, micro_batch)
+  length = optim.run_length(config, num_examples)
+  tx, schedule = optim.make_optimizer(train_cfg, length)
+  model = models.build_mae(config.model)
+  ckpt_lib.write_config(workdir, config)
+  logging.info("pre-training %s on %s (%d examples of shape %s): %d updates (%d warm-up), %d per epoch, "
+               "peak lr %.3g, mesh %s", config.model.get("preset", "?"), config.data.get("name"),
+               num_examples, image_shape, length.total_steps, length.warmup_steps, length.steps_per_epoch,
+               optim.peak_learning_rate(train_cfg), dict(mesh.shape))
+
+  total = length.total_micro_steps
+  mask_ratio = float(train_cfg.mask_ratio)
+  log_every = max(1, int(config.logging.log_every_steps))
+  image_every = int(config.logging.get("image_every_steps", 0))
+  num_images = int(config.logging.get("num_images", 8))
+  writer = writers.create_writer(workdir)
+  manager = ckpt_lib.make_manager(workdir, config.checkpoint)
+  losses: dict[int, float] = {}
+  try:
+    with jax.set_mesh(mesh):
+      state, shardings = create_train_state(
+          lambda rng: models.init_mae_params(model, rng, [image_shape]), tx,
+          jax.random.PRNGKey(int(config.seed)), mesh, shard_params=bool(config.mesh.shard_params),
+          fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)))
+      if manager.latest_step() is not None:
+        state, _ = ckpt_lib.restore(manager, abstract_state(state, shardings), data_iter)
+      start = int(jax.device_get(state.step))
+      if start == 0:
+        parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")
+        writer.write_hparams(_flat_hparams(config))
+      else:
+        logging.info("resuming at step %d of %d", start, total)
+
+      step_fn = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=mask_ratio,
+                                               grad_accum_steps=k), shardings, mesh)
+      reconstruct = make_reconstruct(model, mask_ratio)
+      report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=log_every)
+      pending: list[tuple[int, Any]] = []
+      last_step, last_time = start, time.perf_counter()
+      end = total if stop_at_step is None else min(total, int(stop_at_step))
+      step = start
+      for step in range(start + 1, end + 1):
+        with report.timed("data", wait_jax_async_dispatch=False):
+          local = next(data_iter)
+        batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
+        state, metrics = step_fn(state, batch)
+        pending.append((step, metrics))
+        report(step)
+        if step % log_every == 0 or step == end or step == start + 1:
+          fetched = jax.device_get(pending)
+          pending = []
+          now = time.perf_counter()
+          step_losses = [float(m["loss"]) for _, m in fetched]
+          losses.update({s: float(m["loss"]) for s, m in fetched})
+          if not np.all(np.isfinite(step_losses)):
+            raise FloatingPointError(f"non-finite training loss at step {step}: {step_losses[-1]}")
+          writer.write_scalars(step, {
+              "train/loss": float(np.mean(step_losses)),
+              "train/learning_rate": float(fetched[-1][1]["learning_rate"]),
+              "train/steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)})
+          last_step, last_time = step, now
+        if image_every > 0 and step % image_every == 0 and jax.process_index() == 0:
+          _write_images(writer, reconstruct, state, local["image"][:num_images], config, step)
+        ckpt_lib.save(manager, step, state, data_iter, config)
+      if pending:  # An empty loop leaves nothing; a non-empty one ends with a flush above.
+        losses.update({s: float(m["loss"]) for s, m in jax.device_get(pending)})
+      if step > start and manager.latest_step() != step:
+        ckpt_lib.save(manager, step, state, data_iter, config, force=True)
+      manager.wait_until_finished()
+  finally:
+    manager.close()
+    writer.flush()
+    writer.close()
+
+  final_step = int(jax.device_get(state.step))
+  stats = None
+  if final_step >= total and bool(train_cfg.get("stats_after_pretrain", True)):
+    stats = _run_stats(config, workdir, state.params)
+  return dict(state=state, losses=losses, final_loss=losses[max(losses)] if losses else None,
+              step=final_step, total_steps=total, workdir=workdir, stats=stats)
+
+
+def _write_images(writer, reconstruct, state, images, config, step):
+  images = jnp.asarray(np.asarray(images, np.float32))
+  rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _IMAGE_STREAM + step)
+  mask_px, recon = jax.device_get(reconstruct(state.params, images, rng))
+  grid = writers.mae_image_grid(np.asarray(images), mask_px, recon)
+  writer.write_images(step, {"train/reconstruction": grid[None]})

@@ -1,13 +1,120 @@
-"""Defaults of `config.data`."""
+"""Defaults of `config.data`: which files to read and every size and constant of their preprocessing.
+
+Defaults follow the paper (Sec. 4.1, App. A) and MedCoSS's preprocessing. A registered dataset name
+(`invcoss_jax.data.registry`) fills the identity fields left empty here (`format`, `path`,
+`label_path`, `modality`, `split_fractions`, ...); every other value is read as given, so
+`--config.data.<key>=...` always wins.
+"""
 
 import ml_collections
 
 
 def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # What to read. `name` is a registered dataset (demo_xray, demo_ct, demo_mri, demo_path,
+  # demo_pneumonia, demo_hippocampus, demo_ct_organs) or `folder` for your own files.
   c.name = "demo_xray"
-  c.format = ""
-  c.path = ""
-  c.split = "train"
-  c.modality = "xray"
+  c.format = ""  # nifti | dicom | images | npz | wsi | tfds; '' = the registered name's format
+  c.path = ""  # file or folder; '' = the registered name's files
+  c.label_path = ""  # folder of label maps parallel to `path` (segmentation); '' = none/registered
+  c.split = "train"  # train | val | test | all
+  c.modality = ""  # xray | ct | mri | path; '' = the registered name's modality
+  c.spatial_dims = 0  # 0 = from the modality (2 for xray/path, 3 for ct/mri); 2 reads CT/MRI slices
+  # Splits of data without split folders/keys: fractions of cases (train, val[, test]), shuffled by
+  # `split_seed`. split_by='depth' instead cuts every volume into contiguous slabs with these fractions
+  # (for single-volume datasets; slabs share no voxel).
+  c.split_fractions = ()
+  c.split_seed = 0
+  c.split_by = "case"  # case | depth
+  c.image_suffix = ""  # case id = file stem without this suffix (e.g. '_0000' in nnU-Net layouts)
+  c.label_suffix = ""  # label file stem = case id + this suffix (e.g. '_seg')
+  c.mask_values = ()  # label-map values mapped to 0..K-1 in this order; () keeps the values
+  c.num_classes = 0  # classes of 'label' (classification) or 'mask' (segmentation); 0 = registered/none
+
+  # Output sizes.
+  c.image_size = 224  # 2D: square side after resizing / cropping
+  c.volume_shape = (16, 192, 192)  # 3D (D, H, W) of every window; multiples of the 16^3 patch
+  c.volume_mode = "windows"  # windows: depth windows of each volume | whole: each volume resized
+
+  # Arrays already in model layout and range (e.g. inversion's synthetic `npz` shards, key `images`):
+  # only resized to the configured shape when needed; no modality normalisation, no augmentation.
+  c.preprocessed = False
+  c.augment = True  # training augmentation (the eval iterator never augments)
+  # Bad files: False raises an error naming the file; True logs each skip and counts them.
+  c.lenient = False
+  c.nonfinite = "error"  # NaN/Inf voxels: error (or skip if lenient) | zero (replace by 0 after a warning)
+
+  # Loading.
+  c.num_workers = 0  # grain worker processes; 0 = in-process (tests)
+  c.worker_buffer_size = 2  # batches buffered per worker process
+  c.read_threads = 2  # threads reading/preprocessing examples in each process
+  c.prefetch_buffer_size = 16  # examples read ahead per process
+  c.volume_cache_size = 2  # decoded volumes kept per process (windows of one volume share the read)
+
+  # X-ray (MIMIC-CXR in MedCoSS): grey -> 3 channels, RandomResizedCrop(scale 0.2-1) + hflip, [0, 1].
+  c.xray = ml_collections.ConfigDict()
+  c.xray.crop_scale = (0.2, 1.0)
+  c.xray.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.xray.hflip = True
+  c.xray.interpolation = "bicubic"  # bicubic | bilinear | nearest
+
+  # Pathology (TCGA tiles): RGB resized to image_size; the same crop/flip augmentation as X-ray.
+  c.pathology = ml_collections.ConfigDict()
+  c.pathology.crop_scale = (0.2, 1.0)
+  c.pathology.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.pathology.hflip = True
+  c.pathology.vflip = False
+  c.pathology.interpolation = "bicubic"
+
+  # CT (DeepLesion): HU clipped to [-1024, 1024] -> [-1, 1], resampled to 1 mm, windows of 24 slices
+  # with stride 12 resized to volume_shape, random mirroring.
+  c.ct = ml_collections.ConfigDict()
+  c.ct.hu_clip = (-1024.0, 1024.0)
+  c.ct.hu_offset = 0.0  # added to the stored values first (files storing HU + 1024 use -1024)
+  c.ct.target_spacing = (1.0, 1.0, 1.0)  # (depth, height, width) mm; () keeps the file's grid
+  c.ct.window_depth = 24  # slices at the target spacing
+  c.ct.window_stride = 12
+  c.ct.center_crop_fraction = 0.8  # central in-plane crop when the plane is wider than ...
+  c.ct.center_crop_min_size = 320  # ... this many voxels at the target spacing
+  c.ct.mirror_prob = 0.5  # per spatial axis
+  c.ct.interpolation_order = 1  # spline order of the resampling (0 nearest, 1 linear, 3 cubic)
+
+  # MRI (ADNI): 10 % of slices dropped at each end, windows of 16 slices with stride 8, in-plane resize,
+  # intensities clipped to the [0.2, 99.8] percentiles and z-scored per window.
+  c.mri = ml_collections.ConfigDict()
+  c.mri.percentile_clip = (0.2, 99.8)
+  c.mri.trim_fraction = 0.1  # of the slices at each end (pre-training); 0 keeps all
+  c.mri.target_spacing = ()  # () keeps the file's grid
+  c.mri.window_depth = 16
+  c.mri.window_stride = 8
+  c.mri.mirror_prob = 0.0  # MedCoSS does not mirror MRI
+  c.mri.interpolation_order = 1
+
+  # Whole-slide images (TCGA): level-0 tiles with enough tissue.
+  c.wsi = ml_collections.ConfigDict()
+  c.wsi.level = 0  # pyramid level the tiles are cut from
+  c.wsi.tile_size = 512  # pixels at that level (MedCoSS: 512 -> resized to image_size)
+  c.wsi.tissue_threshold = 0.6  # minimum tissue fraction of a kept tile
+  c.wsi.saturation_threshold = 0.07  # a pixel is tissue if its HSV saturation exceeds this ...
+  c.wsi.brightness_threshold = 0.92  # ... and its HSV value is below this (not glass)
+  c.wsi.max_tiles_per_slide = 100  # MedCoSS keeps at most 100 per patient; <= 0 keeps all
+  c.wsi.tile_seed = 0  # which tiles are kept when a slide has more
+
+  # TFDS (array_record data sources; no TensorFlow at read time).
+  c.tfds = ml_collections.ConfigDict()
+  c.tfds.name = ""  # with `path` as data_dir; '' = `path` is the prepared dataset's version folder
+  c.tfds.image_key = "image"
+  c.tfds.label_key = "label"  # '' or absent from the features = no labels
+  c.tfds.mask_key = ""
+  c.tfds.spacing_key = ""  # 3D: per-example (d, h, w) spacing feature; '' = the grid is kept
+
+  # npz files: MedMNIST keys `{split}_images`/`{split}_labels`, or `images`/`labels` in shards.
+  c.npz = ml_collections.ConfigDict()
+  c.npz.image_key = "images"
+  c.npz.label_key = "labels"
+
+  # Folders of 2D images.
+  c.images = ml_collections.ConfigDict()
+  c.images.extensions = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+  c.images.class_subfolders = False  # labels from sub-folder names (sorted), ImageFolder layout
   return c

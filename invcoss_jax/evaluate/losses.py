@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 DICE_SMOOTH = 1.0  # MedCoSS's soft Dice adds 1 to numerator and denominator
@@ -72,12 +73,13 @@ def segmentation_probs(logits: jnp.ndarray, loss: str) -> jnp.ndarray:
   raise ValueError(f"evaluate seg_loss={loss!r}: expected 'dice_ce' or 'dice_bce'")
 
 
-def probs_to_labels(probs, loss: str):
-  """Label map from probabilities: argmax (softmax), or MedCoSS's rule for sigmoid channels (every
-  channel above 0.5 writes its class, later channels win)."""
+def probs_to_labels(probs: np.ndarray, loss: str) -> np.ndarray:
+  """Label map (int32, on the host) from probabilities: argmax (softmax), or MedCoSS's rule for sigmoid
+  channels (every channel above 0.5 writes its class, later channels win)."""
+  probs = np.asarray(probs)
   if loss == "dice_ce":
-    return probs.argmax(axis=-1)
-  labels = 0
+    return probs.argmax(axis=-1).astype(np.int32)
+  labels = np.zeros(probs.shape[:-1], np.int32)
   for k in range(probs.shape[-1]):
-    labels = (probs[..., k] > 0.5) * (k + 1) + (probs[..., k] <= 0.5) * labels
-  return labels
+    labels = np.where(probs[..., k] > 0.5, k + 1, labels)
+  return labels.astype(np.int32)

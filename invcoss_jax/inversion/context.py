@@ -1,0 +1,98 @@
+"""What a loss term of the inversion objective can read: the synthetic batch and the frozen model's view of it.
+
+Model outputs are computed lazily on first access and cached, so a switched-off term costs nothing (e.g.
+with loss_weights.task = 0 the masked MAE pass is never traced) and terms that share a pass share it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from invcoss_jax.inversion import statistics
+
+
+def rep_features(tokens: jax.Array, kind: str) -> jax.Array:
+  """The L_rep feature of each image from the encoder output `(B, 1 + L, D)`.
+
+  'mean': mean of the patch tokens (CLS excluded), the feature MedCoSS clusters its replay buffer on; an MAE
+  never trains its CLS token directly, so the mean token is the more informative default. 'cls': the CLS token.
+  """
+  if kind == "mean":
+    return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+  if kind == "cls":
+    return tokens[:, 0].astype(jnp.float32)
+  raise ValueError(f"config.inversion.rep_feature must be 'mean' or 'cls', got {kind!r}")
+
+
+class InversionContext:
+  """The synthetic batch, the frozen model and everything derived from them, for the loss terms.
+
+  Attributes set at construction:
+    images: `(B, H, W, C)` / `(B, D, H, W, C)` float32 synthetic images (a function of the optimised variables).
+    model, params: the frozen MAE of the previous stage and its parameters (not optimised).
+    target_stats: the stage's stored `FeatureStats` (float32 `(num_blocks, 1 + L, D)` mean and var).
+    rng: a PRNG key for this step (used for the L_task masking).
+    pool: `(P, F)` persistent feature pool; pool_count: number of features written before this batch.
+    attempt: the retry index of this batch (0 first).
+    config: `config.inversion`.
+  Lazily computed: `encoder_outputs`, `block_tokens`, `tokens`, `feature_moments`, `features`,
+  `pool_with_batch`, `mae_outputs`.
+  """
+
+  def __init__(self, *, images: jax.Array, model: Any, params: Any, target_stats: statistics.FeatureStats,
+               rng: jax.Array, pool: jax.Array, pool_count: jax.Array, config: ml_collections.ConfigDict,
+               attempt: jax.Array | int = 0):
+    self.images = images
+    self.model = model
+    self.params = params
+    self.target_stats = target_stats
+    self.rng = rng
+    self.pool = pool
+    self.pool_count = pool_count
+    self.config = config
+    self.attempt = attempt
+
+  @functools.cached_property
+  def encoder_outputs(self) -> tuple[list[jax.Array], jax.Array]:
+    """(per-block tokens, final encoder tokens) of the unmasked eval-mode pass."""
+    return statistics.encoder_forward(self.model, self.params, self.images)
+
+  @property
+  def block_tokens(self) -> list[jax.Array]:
+    return self.encoder_outputs[0]
+
+  @property
+  def tokens(self) -> jax.Array:
+    return self.encoder_outputs[1]
+
+  @functools.cached_property
+  def feature_moments(self) -> statistics.FeatureStats:
+    """Per-block mean and biased variance over the batch of the synthetic images' tokens (float32)."""
+    return statistics.block_token_moments([t.astype(jnp.float32) for t in self.block_tokens])
+
+  @functools.cached_property
+  def features(self) -> jax.Array:
+    """`(B, F)` features of the synthetic images for L_rep (config.inversion.rep_feature)."""
+    return rep_features(self.tokens, self.config.rep_feature)
+
+  @functools.cached_property
+  def pool_with_batch(self) -> tuple[jax.Array, jax.Array]:
+    """(pool, valid) with this batch's own features (no gradient) in its slots, as Eq. 5's pool holds every
+    synthetic sample; slots run round-robin from `pool_count`."""
+    p, b = self.pool.shape[0], self.features.shape[0]
+    slots = (self.pool_count + jnp.arange(b)) % p
+    pool = self.pool.at[slots].set(jax.lax.stop_gradient(self.features).astype(self.pool.dtype))
+    filled = jnp.minimum(self.pool_count + b, p)
+    valid = (jnp.arange(p) < filled).astype(jnp.float32)
+    return pool, valid
+
+  @functools.cached_property
+  def mae_outputs(self) -> dict[str, jax.Array]:
+    """The frozen MAE on the synthetic images with random masking (eval mode): pred, target, mask, loss."""
+    return self.model.apply({"params": self.params}, self.images, mask_ratio=float(self.config.task_mask_ratio),
+                            train=False, rngs={"masking": self.rng})

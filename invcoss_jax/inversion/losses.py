@@ -1,0 +1,188 @@
+"""The inversion objective (paper Eq. 6): pure loss functions and a registry of named terms.
+
+Each loss is a pure function of arrays (float32 result) that can be read, tested and swapped on its own.
+The objective is `sum(config.loss_weights[name] * term(ctx, config))` over the registered terms named in
+`config.inversion.loss_weights`; a weight of 0 switches a term off (it is not even computed). A new term is a
+function registered with `@register_loss_term('name')` plus a `loss_weights.name` entry; see
+docs/extending_losses.md. `ctx` is an `inversion.context.InversionContext`: the synthetic images and, computed
+lazily on first use, everything the frozen model says about them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+LossTerm = Callable[[Any, ml_collections.ConfigDict], jax.Array]
+_LOSS_TERMS: dict[str, LossTerm] = {}
+
+
+def register_loss_term(name: str) -> Callable[[LossTerm], LossTerm]:
+  """Decorator: registers `fn(ctx, inv_cfg) -> scalar` as the loss term `name` of the objective."""
+  def register(fn: LossTerm) -> LossTerm:
+    if name in _LOSS_TERMS and _LOSS_TERMS[name] is not fn:
+      raise ValueError(f"loss term {name!r} is already registered (by {_LOSS_TERMS[name].__module__}."
+                       f"{_LOSS_TERMS[name].__qualname__}); pick another name")
+    _LOSS_TERMS[name] = fn
+    return fn
+  return register
+
+
+def registered_loss_terms() -> tuple[str, ...]:
+  return tuple(sorted(_LOSS_TERMS))
+
+
+def get_loss_term(name: str) -> LossTerm:
+  if name not in _LOSS_TERMS:
+    raise ValueError(f"config.inversion.loss_weights names the loss term {name!r}, which is not registered; "
+                     f"registered terms: {list(registered_loss_terms())} (register one with "
+                     "@invcoss_jax.inversion.losses.register_loss_term)")
+  return _LOSS_TERMS[name]
+
+
+def active_terms(inv_cfg: ml_collections.ConfigDict) -> dict[str, float]:
+  """{name: weight} of the terms with a non-zero weight, checked against the registry."""
+  weights = {}
+  for name, w in dict(inv_cfg.loss_weights).items():
+    get_loss_term(name)
+    w = float(w)
+    if not math.isfinite(w):
+      raise ValueError(f"config.inversion.loss_weights.{name} must be a finite number, got {w}")
+    if w != 0.0:
+      weights[name] = w
+  if not weights:
+    raise ValueError("config.inversion.loss_weights switches every term off; at least one weight must be non-zero")
+  return weights
+
+
+def objective(ctx, inv_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(total, {name: unweighted term value}) of Eq. 6 over the active terms."""
+  total = jnp.zeros((), jnp.float32)
+  values = {}
+  for name, w in active_terms(inv_cfg).items():
+    v = jnp.asarray(get_loss_term(name)(ctx, inv_cfg))
+    if v.shape != ():
+      raise ValueError(f"loss term {name!r} must return a scalar, got shape {v.shape}")
+    v = v.astype(jnp.float32)
+    values[name] = v
+    total = total + w * v
+  return total, values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure losses.
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """Plain L2 norm of the whole array with a zero (not NaN) gradient at 0."""
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def l_norm(mean: jax.Array, var: jax.Array, target_mean: jax.Array, target_var: jax.Array) -> jax.Array:
+  """Eq. 3: sum over blocks l of ||mu_l - E[mu_l]||_2 + ||var_l - E[var_l]||_2 (plain, not squared, norms).
+
+  Inputs are `(num_blocks, 1 + L, D)`: the synthetic batch's per-block token mean and biased variance over
+  the batch axis, and the stored statistics of the real data. Each block's norm is over all its tokens and
+  channels, as DeepInversion's per-BN-layer norm is over channels.
+  """
+  if mean.shape != target_mean.shape or var.shape != target_var.shape:
+    raise ValueError(f"l_norm: synthetic statistics {mean.shape} do not match the stored ones "
+                     f"{target_mean.shape}: the images must have the stage's input shape")
+  per_block = jax.vmap(_norm)(mean - target_mean) + jax.vmap(_norm)(var - target_var)
+  return jnp.sum(per_block)
+
+
+def l_task(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Eq. 7: the MAE's masked reconstruction error through the frozen model.
+
+  `pred`, `target` `(B, L, P)` (target = the possibly per-patch-normalised pixels the model was trained to
+  predict), `mask` `(B, L)` with 1 = masked. Reduced as in pre-training: mean over each patch's pixels, mean
+  over the masked patches.
+  """
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def l_img(images: jax.Array, reduction: str = "mean") -> jax.Array:
+  """Eq. 8: anisotropic total variation over the spatial axes (H, W in 2D; D, H, W in 3D).
+
+  `images` is channels-last `(B, H, W, C)` or `(B, D, H, W, C)`. reduction 'sum' is Eq. 8 as printed (sum of
+  |neighbour differences| over every pixel and channel of an image, averaged over the batch); 'mean' sums over
+  the axes the mean absolute difference (CMI/DeepInversion's scale), which keeps alpha_img meaningful at any
+  image size.
+  """
+  if images.ndim not in (4, 5):
+    raise ValueError(f"l_img expects (B,H,W,C) or (B,D,H,W,C), got shape {images.shape}")
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"config.inversion.img_reduction must be 'mean' or 'sum', got {reduction!r}")
+  x = images.astype(jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  for axis in range(1, x.ndim - 1):
+    d = jnp.abs(jnp.diff(x, axis=axis))
+    total = total + (jnp.mean(d) if reduction == "mean" else jnp.sum(d) / x.shape[0])
+  return total
+
+
+def _unit(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def l_rep(features: jax.Array, pool: jax.Array, pool_valid: jax.Array) -> jax.Array:
+  """Eq. 5: mean over the batch and the valid pool entries of the squared cosine similarity.
+
+  `features` `(B, F)` of the synthetic batch (from the frozen encoder), `pool` `(P, F)`, `pool_valid` `(P,)`
+  (1 = a filled slot). 0 while the pool is empty.
+  """
+  cos = _unit(features) @ _unit(pool).T  # (B, P)
+  valid = pool_valid.astype(jnp.float32)
+  n = features.shape[0] * jnp.sum(valid)
+  return jnp.sum(jnp.square(cos) * valid[None, :]) / jnp.maximum(n, 1.0)
+
+
+def mean_pairwise_cosine(features: jax.Array) -> jax.Array:
+  """Mean cosine similarity over distinct pairs of rows of `features` `(N, F)` (a diversity measure)."""
+  u = _unit(features)
+  n = features.shape[0]
+  if n < 2:
+    raise ValueError(f"mean_pairwise_cosine needs at least 2 features, got {n}")
+  s = u @ u.T
+  return (jnp.sum(s) - jnp.trace(s)) / (n * (n - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's terms (Eq. 6), as registered terms of the objective.
+
+
+@register_loss_term("norm")
+def norm_term(ctx, inv_cfg) -> jax.Array:
+  """alpha_norm * L_norm: synthetic per-block token statistics vs the stage's stored statistics."""
+  m = ctx.feature_moments
+  return l_norm(m.mean, m.var, ctx.target_stats.mean, ctx.target_stats.var)
+
+
+@register_loss_term("task")
+def task_term(ctx, inv_cfg) -> jax.Array:
+  """L_task: MAE reconstruction of the synthetic images at config.inversion.task_mask_ratio."""
+  out = ctx.mae_outputs
+  return l_task(out["pred"], out["target"], out["mask"])
+
+
+@register_loss_term("img")
+def img_term(ctx, inv_cfg) -> jax.Array:
+  """alpha_img * L_img: total variation of the synthetic images."""
+  return l_img(ctx.images, inv_cfg.img_reduction)
+
+
+@register_loss_term("rep")
+def rep_term(ctx, inv_cfg) -> jax.Array:
+  """alpha_rep * L_rep: repulsion from the persistent feature pool (current batch included, Sec. 3.4)."""
+  pool, valid = ctx.pool_with_batch
+  return l_rep(ctx.features, pool, valid)

@@ -101,6 +101,16 @@ def encoder_forward(model, params, images) -> tuple[list, jax.Array]:
   return block_tokens(state["intermediates"]), tokens
 
 
+def check_statistics(stats: FeatureStats, model, params, image_shape, where: str = "statistics") -> None:
+  """Raises when `stats` do not fit the block tokens `model` gives for images of `image_shape`."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  blocks, _ = jax.eval_shape(lambda p, x: encoder_forward(model, p, x), params, x)
+  expected = (len(blocks), *blocks[0].shape[1:])
+  if tuple(np.shape(stats.mean)) != expected or tuple(np.shape(stats.var)) != expected:
+    raise ValueError(f"{where}: statistics of shape {tuple(np.shape(stats.mean))} (blocks, tokens, width) do not "
+                     f"fit the model, which gives {expected} for images of shape {tuple(image_shape)}")
+
+
 def _images_of(batch) -> np.ndarray:
   if isinstance(batch, Mapping):
     if "image" not in batch:

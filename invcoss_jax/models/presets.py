@@ -30,9 +30,15 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.learned_pos_grid_3d = (1, 12, 12)  # 16x192x192 / 16
   c.layer_scale_init = 0.0  # > 0 enables LayerScale (MedCoSS uses 1e-3)
   c.drop_path = 0.0  # stochastic depth, rate grows linearly to this value over the blocks
+  c.drop_path_schedule = "linear"  # 'linear' (MAE, timm) or 'constant': drop_path in every block (MedCoSS)
   c.final_norm = True  # LayerNorm after the last encoder block (MAE has one, MedCoSS does not)
   c.norm_pix_loss = True
   c.ln_eps = 1e-6
+  c.decoder_ln_eps = 0.0  # decoder LayerNorm eps; 0 = ln_eps (MedCoSS: encoder 1e-5, decoder 1e-6)
+  # MedCoSS features (off for MAE; see invcoss_jax.interop.MEDCOSS_MODEL for the exact MedCoSS settings):
+  c.embed_norm = False  # LayerNorm after patch + position embedding, before masking and the CLS token
+  c.temporal_pos_len = 0  # > 0: learned temporal table; row 0 at eval, a random row per batch in training
+  c.decoder_cls_pos = False  # learned decoder position of the CLS token (MAE's sin-cos row is zero)
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters and the loss stay float32)
   c.remat = False  # rematerialise each transformer block in the backward pass
   return c

@@ -41,9 +41,14 @@ class ViTConfig:
   learned_pos_grid_3d: tuple[int, int, int] = (1, 12, 12)
   layer_scale_init: float = 0.0
   drop_path: float = 0.0
+  drop_path_schedule: str = "linear"
   final_norm: bool = True
   norm_pix_loss: bool = True
   ln_eps: float = 1e-6
+  decoder_ln_eps: float = 0.0
+  embed_norm: bool = False
+  temporal_pos_len: int = 0
+  decoder_cls_pos: bool = False
   dtype: str = "float32"
   remat: bool = False
 
@@ -58,6 +63,9 @@ class ViTConfig:
       raise ValueError(f"config.model.pos_embed must be 'sincos' or 'learned', got {kwargs['pos_embed']!r}")
     if kwargs.get("dtype", "float32") not in ("float32", "bfloat16"):
       raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {kwargs['dtype']!r}")
+    if kwargs.get("drop_path_schedule", "linear") not in ("linear", "constant"):
+      raise ValueError("config.model.drop_path_schedule must be 'linear' or 'constant', "
+                       f"got {kwargs['drop_path_schedule']!r}")
     return cls(**kwargs)
 
   @property
@@ -69,6 +77,10 @@ class ViTConfig:
 
   def channels(self, spatial_rank: int) -> int:
     return self.channels_2d if spatial_rank == 2 else self.channels_3d
+
+  @property
+  def decoder_eps(self) -> float:
+    return self.decoder_ln_eps if self.decoder_ln_eps > 0 else self.ln_eps
 
 
 def spatial_rank(images: Array) -> int:
@@ -142,6 +154,7 @@ class Transformer(nn.Module):
   num_heads: int
   mlp_ratio: float
   drop_path: float = 0.0
+  drop_path_schedule: str = "linear"
   layer_scale_init: float = 0.0
   ln_eps: float = 1e-6
   final_norm: bool = True
@@ -153,7 +166,8 @@ class Transformer(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)
+      # 'linear' grows to drop_path at the last block (MAE, timm); 'constant' uses it everywhere (MedCoSS).
+      rate = self.drop_path if self.drop_path_schedule == "constant" else self.drop_path * i / max(self.depth - 1, 1)
       x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=rate,
                     layer_scale_init=self.layer_scale_init, ln_eps=self.ln_eps, dtype=self.dtype,
                     sow_tokens=self.sow_tokens, name=f"block_{i}")(x, train)
@@ -202,8 +216,17 @@ class MAE(nn.Module):
       table = jax.image.resize(table, (*grid, width), method=method)
     return table.reshape(1, -1, width)
 
-  def tokenize(self, images: Array) -> tuple[Array, tuple[int, ...]]:
-    """Patch embedding plus position embedding: images -> (B, L, width), grid."""
+  def _temporal_pos(self, rank: int, train: bool) -> Array:
+    """MedCoSS's temporal position (one frame): row 0 at eval, one random row per batch in training."""
+    cfg = self.cfg
+    table = self.param(f"temporal_pos_embed_{rank}d", nn.initializers.normal(0.02),
+                       (cfg.temporal_pos_len, cfg.width), jnp.float32)
+    row = jax.random.randint(self.make_rng("dropout"), (), 0, cfg.temporal_pos_len) if train else 0
+    return table[row]
+
+  def tokenize(self, images: Array, train: bool = False) -> tuple[Array, tuple[int, ...]]:
+    """Patch embedding plus position embedding (and, as configured, MedCoSS's temporal position and the
+    LayerNorm after the tokenizer): images -> (B, L, width), grid."""
     cfg = self.cfg
     rank = spatial_rank(images)
     if images.shape[-1] != cfg.channels(rank):
@@ -215,6 +238,11 @@ class MAE(nn.Module):
     x = nn.Dense(cfg.width, dtype=cfg.compute_dtype, kernel_init=_dense_init, name=f"patch_embed_{rank}d")(patches)
     base = cfg.learned_pos_grid_2d if rank == 2 else cfg.learned_pos_grid_3d
     x = x + self._pos(f"pos_embed_{rank}d", grid, cfg.width, base).astype(x.dtype)
+    if cfg.temporal_pos_len > 0:
+      x = x + self._temporal_pos(rank, train).astype(x.dtype)
+    if cfg.embed_norm:
+      # One LayerNorm shared by the 2D and 3D tokenizers, before masking and the CLS token (MedCoSS).
+      x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="embed_norm")(x)
     return x, grid
 
   @nn.compact
@@ -222,7 +250,7 @@ class MAE(nn.Module):
              noise: Array | None = None) -> tuple[Array, Array, Array]:
     """Returns (tokens (B, 1 + L_keep, width) with CLS first, mask (B, L), ids_restore (B, L))."""
     cfg = self.cfg
-    x, _ = self.tokenize(images)
+    x, _ = self.tokenize(images, train=train)
     b, l, _ = x.shape
     if mask_ratio > 0.0 or noise is not None:
       if noise is None:
@@ -234,7 +262,7 @@ class MAE(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)
     x = Transformer(depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
-                    layer_scale_init=cfg.layer_scale_init, ln_eps=cfg.ln_eps, final_norm=cfg.final_norm,
+                    drop_path_schedule=cfg.drop_path_schedule, layer_scale_init=cfg.layer_scale_init, ln_eps=cfg.ln_eps, final_norm=cfg.final_norm,
                     dtype=cfg.compute_dtype, remat=cfg.remat, sow_tokens=True, name="encoder")(x, train)
     return x, mask, ids_restore
 
@@ -252,9 +280,13 @@ class MAE(nn.Module):
     body = jnp.take_along_axis(body, ids_restore[..., None], axis=1)
     base = cfg.learned_pos_grid_2d if rank == 2 else cfg.learned_pos_grid_3d
     body = body + self._pos(f"decoder_pos_embed_{rank}d", grid, dw, base).astype(body.dtype)
-    x = jnp.concatenate([x[:, :1], body], axis=1)
+    cls = x[:, :1]
+    if cfg.decoder_cls_pos:
+      # MedCoSS's learned decoder table has a (trained) row for the CLS token; MAE's sin-cos row is zero.
+      cls = cls + self.param("decoder_cls_pos", nn.initializers.zeros, (1, 1, dw), jnp.float32).astype(cls.dtype)
+    x = jnp.concatenate([cls, body], axis=1)
     x = Transformer(depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
-                    ln_eps=cfg.ln_eps, final_norm=True, dtype=cfg.compute_dtype, remat=cfg.remat,
+                    ln_eps=cfg.decoder_eps, final_norm=True, dtype=cfg.compute_dtype, remat=cfg.remat,
                     name="decoder")(x, train)
     ps = cfg.patch_size(rank)
     out = int(np.prod(ps)) * cfg.channels(rank)

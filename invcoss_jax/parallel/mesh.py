@@ -37,9 +37,17 @@ def _axes_from_config(mesh_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict | Mapping[str, Any],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the mesh of `mesh_cfg.axes` over `devices` (default: all); one size may be -1."""
+  """Builds the mesh of `mesh_cfg.axes` over `devices` (default: all, or the first
+  `mesh_cfg.num_devices`); one axis size may be -1 (the remaining devices)."""
   axes = _axes_from_config(mesh_cfg)
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = jax.devices()
+    num = int(mesh_cfg.get("num_devices", -1))
+    if num > len(devices):
+      raise ValueError(f"config.mesh.num_devices={num} but only {len(devices)} devices are available")
+    if num > 0:
+      devices = devices[:num]
+  devices = list(devices)
   n = len(devices)
   sizes = [s for _, s in axes]
   if sum(s == -1 for s in sizes) > 1:

@@ -17,7 +17,8 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class RunLength:
-  """Lengths in optimiser updates; one update consumes `grad_accum_steps` micro-batches."""
+  """Lengths in optimiser updates; one update consumes `grad_accum_steps` micro-batches.
+  `steps_per_epoch` is 0 when neither it nor the data size is known (a run set by total_steps)."""
   total_steps: int
   warmup_steps: int
   steps_per_epoch: int
@@ -46,10 +47,11 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int | None) -> R
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} must be divisible by "
                      f"config.train.grad_accum_steps={k}")
   steps_per_epoch = int(t.get("steps_per_epoch", -1))
-  if steps_per_epoch <= 0:
-    if num_examples is None:
-      raise ValueError("config.train.steps_per_epoch is -1 and the number of examples is unknown")
+  if steps_per_epoch <= 0 and num_examples is not None:
     steps_per_epoch = max(1, int(num_examples) // int(t.global_batch_size))
+  if steps_per_epoch <= 0 and int(config.total_steps) <= 0:
+    raise ValueError("config.train.steps_per_epoch is -1, config.total_steps is -1 and the number of "
+                     "examples is unknown: set one of them")
   num_epochs = float(t.num_epochs)
   if int(config.total_steps) > 0:
     total = int(config.total_steps)
@@ -61,7 +63,7 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int | None) -> R
     raise ValueError(f"the run has no steps: config.total_steps={config.total_steps}, "
                      f"config.train.num_epochs={t.num_epochs}, steps_per_epoch={steps_per_epoch}")
   return RunLength(total_steps=total, warmup_steps=min(warmup, total - 1) if total > 1 else 0,
-                   steps_per_epoch=steps_per_epoch, grad_accum_steps=k)
+                   steps_per_epoch=max(steps_per_epoch, 0), grad_accum_steps=k)
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict, length: RunLength) -> optax.Schedule:

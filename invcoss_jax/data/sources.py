@@ -1,0 +1,360 @@
+"""Random-access data sources (grain's `RandomAccessDataSource` protocol: `len` and `[i]`).
+
+Each returns raw records: `image` in file units and layout, plus `label` (class), `mask` (label map),
+and for volumes `spacing` and the window `start`. Modality preprocessing happens in `transforms`.
+Sources are cheap to pickle (they hold paths and indices; decoded data is cached per process).
+Under `lenient=True` a record that cannot be read is logged once and returned as None (grain drops it).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from invcoss_jax.data import image_io, volume_io
+from invcoss_jax.data.catalog import Case
+from invcoss_jax.data.errors import DataError, SkipLog, logger
+from invcoss_jax.data.transforms import VolumeGeometry, target_grid_shape, window_starts
+from invcoss_jax.data.wsi import Slide, TileGrid
+
+
+class LruCache:
+  """A small thread-safe least-recently-used cache, emptied when pickled."""
+
+  def __init__(self, size: int):
+    self.size = int(size)
+    self._lock = threading.Lock()
+    self._data: collections.OrderedDict = collections.OrderedDict()
+
+  def get(self, key, load: Callable[[], Any]):
+    with self._lock:
+      if key in self._data:
+        self._data.move_to_end(key)
+        return self._data[key]
+    value = load()
+    if self.size > 0:
+      with self._lock:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+          self._data.popitem(last=False)
+    return value
+
+  def __getstate__(self):
+    return {"size": self.size}
+
+  def __setstate__(self, state):
+    self.__init__(state["size"])
+
+
+def remap_mask(mask: np.ndarray, values: Sequence[int], path: str) -> np.ndarray:
+  """Label-map values -> their index in `values` (so arbitrary label ids become 0..K-1)."""
+  mask = np.asarray(mask)
+  if not values:
+    return mask.astype(np.int32)
+  values = np.asarray(values, np.int64)
+  order = np.argsort(values)
+  pos = np.searchsorted(values[order], mask)
+  pos = np.clip(pos, 0, len(values) - 1)
+  found = values[order][pos] == mask
+  if not np.all(found):
+    bad = np.unique(mask[~found])[:10]
+    raise DataError(path, f"label map holds values {bad.tolist()} not in data.mask_values")
+  return order[pos].astype(np.int32)
+
+
+def check_finite(array: np.ndarray, path: str, policy: str) -> np.ndarray:
+  """Non-finite voxels: `error` raises naming the file and the count; `zero` replaces them by 0."""
+  if np.issubdtype(array.dtype, np.floating):
+    bad = ~np.isfinite(array)
+    n = int(bad.sum())
+    if n:
+      if policy == "zero":
+        logger.warning("%s: %d NaN/Inf voxel(s) replaced by 0 (data.nonfinite='zero')", path, n)
+        array = np.where(bad, 0, array).astype(array.dtype)
+      else:
+        raise DataError(path, f"{n} NaN/Inf voxel(s) of {array.size}: expected finite intensities "
+                        "(set data.nonfinite='zero' to replace them, or data.lenient=True to skip the file)")
+  return array
+
+
+class _Base:
+  """Shared lenient handling: `_guard(path, fn)` returns fn() or None after logging a skip."""
+
+  has_labels = False
+  has_masks = False
+
+  def __init__(self, skips: SkipLog, lenient: bool):
+    self.skips = skips
+    self.lenient = lenient
+
+  def _guard(self, path: str, fn: Callable[[], Any]):
+    if self.lenient and self.skips.is_skipped(path):
+      return None
+    try:
+      return fn()
+    except DataError as e:
+      if not self.lenient:
+        raise
+      self.skips.skip(path, e.problem)
+      return None
+
+
+class NpzSource(_Base):
+  """Rows of arrays in .npz files: MedMNIST (`{split}_images`, `{split}_labels`) or shards with
+  `images` (and optional `labels`), e.g. the synthetic buffer written by inversion."""
+
+  def __init__(self, parts: Sequence[tuple[str, str, str | None]], rows: Sequence[tuple[int, int]],
+               *, skips: SkipLog, lenient: bool = False, cache_size: int = 4):
+    """parts: (file, image key, label key or None); rows: (part index, row) of every example."""
+    super().__init__(skips, lenient)
+    self.parts = list(parts)
+    self.rows = np.asarray(rows, np.int64).reshape(-1, 2)
+    self.has_labels = bool(self.parts) and all(p[2] is not None for p in self.parts)
+    self._cache = LruCache(max(cache_size, 1))
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def _array(self, part: int, key: str) -> np.ndarray:
+    path = self.parts[part][0]
+    return self._cache.get((part, key), lambda: image_io.load_npz_array(path, key))
+
+  def __getitem__(self, i: int):
+    part, row = (int(v) for v in self.rows[i])
+    path, image_key, label_key = self.parts[part]
+
+    def read():
+      rec = {"image": self._array(part, image_key)[row]}
+      if self.has_labels:
+        lab = np.asarray(self._array(part, label_key)[row])
+        rec["label"] = lab.reshape(()) if lab.size == 1 else lab
+      return rec
+
+    return self._guard(path, read)
+
+
+class ImageFolderSource(_Base):
+  """2D image files, with an optional class label (sub-folder) and label-map file per image."""
+
+  def __init__(self, cases: Sequence[Case], *, skips: SkipLog, lenient: bool = False,
+               mask_values: Sequence[int] = ()):
+    super().__init__(skips, lenient)
+    self.cases = list(cases)
+    self.mask_values = tuple(int(v) for v in mask_values)
+    self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
+    self.has_masks = bool(self.cases) and all(c.label_path is not None for c in self.cases)
+
+  def __len__(self) -> int:
+    return len(self.cases)
+
+  def __getitem__(self, i: int):
+    case = self.cases[i]
+
+    def read():
+      rec = {"image": image_io.read_image(case.path)}
+      if self.has_labels:
+        rec["label"] = np.int32(case.label)
+      if self.has_masks:
+        mask = image_io.read_image(case.label_path)
+        if mask.ndim == 3:
+          mask = mask[..., 0]
+        if mask.shape != rec["image"].shape[:2]:
+          raise DataError(case.label_path, f"label map of shape {mask.shape}: expected the image's "
+                          f"{rec['image'].shape[:2]} ({case.path})")
+        rec["mask"] = remap_mask(mask, self.mask_values, case.label_path)
+      return rec
+
+    return self._guard(case.path, read)
+
+
+class DicomSliceSource(_Base):
+  """Single DICOM slices as 2D images in modality units (CT: Hounsfield units)."""
+
+  def __init__(self, files: Sequence[str], *, skips: SkipLog, lenient: bool = False,
+               nonfinite: str = "error"):
+    super().__init__(skips, lenient)
+    self.files = list(files)
+    self.nonfinite = nonfinite
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int):
+    path = self.files[i]
+
+    def read():
+      image, spacing = volume_io.read_dicom_slice(path)
+      return {"image": check_finite(image, path, self.nonfinite),
+              "spacing": np.asarray(spacing, np.float32)}
+
+    return self._guard(path, read)
+
+
+class VolumeSource(_Base):
+  """Depth windows (or whole volumes) of NIfTI files or DICOM series folders, with label maps.
+
+  The index is built from headers: every case contributes the windows of its (slab of) depth on the
+  target grid. A case shorter than one window, a 4D file or a label map whose shape differs from its
+  image is an error naming the file (lenient: skipped). Decoded volumes are cached per process.
+  """
+
+  def __init__(self, cases: Sequence[Case], *, reader: str, geometry: VolumeGeometry, skips: SkipLog,
+               lenient: bool = False, cache_size: int = 2, mask_values: Sequence[int] = (),
+               nonfinite: str = "error", slab: Callable[[int], tuple[int, int]] | None = None):
+    super().__init__(skips, lenient)
+    if reader not in ("nifti", "dicom"):
+      raise ValueError(f"reader {reader!r}: expected 'nifti' or 'dicom'")
+    self.reader = reader
+    self.geometry = geometry
+    self.mask_values = tuple(int(v) for v in mask_values)
+    self.nonfinite = nonfinite
+    self._cache = LruCache(cache_size)
+    self.cases: list[Case] = []
+    self.headers: list[volume_io.VolumeHeader] = []
+    self.slabs: list[tuple[int, int]] = []
+    index = []
+    for case in cases:
+      try:
+        header = self._header(case.path)
+        if case.label_path is not None:
+          lab = volume_io.nifti_header(case.label_path)
+          if lab.shape != header.shape:
+            raise DataError(case.label_path, f"label map of shape {lab.shape}: expected the shape "
+                            f"{header.shape} of its image {case.path}")
+        z0, z1 = slab(header.shape[0]) if slab else (0, header.shape[0])
+        depth = target_grid_shape((z1 - z0,) + header.shape[1:], header.spacing,
+                                  geometry.target_spacing)[0]
+        starts = window_starts(depth, geometry)
+        if not starts:
+          raise DataError(case.path, f"volume of {z1 - z0} slices at {header.spacing[0]:g} mm "
+                          f"({depth} slices on the target grid{', after trimming' if geometry.trim_fraction else ''}) "
+                          f"is smaller than the window of {geometry.window_depth} slices")
+      except DataError as e:
+        if not lenient:
+          raise
+        skips.skip(e.path or case.path, e.problem)
+        continue
+      k = len(self.cases)
+      self.cases.append(case)
+      self.headers.append(header)
+      self.slabs.append((z0, z1))
+      index.extend((k, s) for s in starts)
+    self.index = np.asarray(index, np.int64).reshape(-1, 2)
+    self.has_masks = bool(self.cases) and all(c.label_path is not None for c in self.cases)
+
+  def _header(self, path: str) -> volume_io.VolumeHeader:
+    if self.reader == "nifti":
+      return volume_io.nifti_header(path)
+    return volume_io.dicom_series_header(path)[0]
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def read_case(self, k: int) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """(volume (D, H, W) float32 in file units, label map int32 or None, spacing) of case k's slab."""
+
+    def load():
+      case = self.cases[k]
+      if self.reader == "nifti":
+        vol, spacing = volume_io.read_nifti(case.path)
+      else:
+        vol, spacing = volume_io.read_dicom_series(case.path)
+      vol = check_finite(vol, case.path, self.nonfinite)
+      mask = None
+      if case.label_path is not None:
+        raw, _ = volume_io.read_nifti(case.label_path, dtype=np.float64)
+        if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
+          raise DataError(case.label_path, "expected an integer label map")
+        mask = remap_mask(raw.astype(np.int64), self.mask_values, case.label_path)
+      z0, z1 = self.slabs[k]
+      if (z0, z1) != (0, vol.shape[0]):
+        vol = vol[z0:z1]
+        mask = None if mask is None else mask[z0:z1]
+      return vol, mask, spacing
+
+    return self._cache.get(k, load)
+
+  def __getitem__(self, i: int):
+    k, start = (int(v) for v in self.index[i])
+
+    def read():
+      vol, mask, spacing = self.read_case(k)
+      rec = {"image": vol, "spacing": np.asarray(spacing, np.float32), "start": np.int32(start)}
+      if mask is not None:
+        rec["mask"] = mask
+      return rec
+
+    return self._guard(self.cases[k].path, read)
+
+
+class WsiTileSource(_Base):
+  """Tissue tiles of whole-slide images (level, tile size and kept tiles fixed at indexing)."""
+
+  def __init__(self, slides: Sequence[Slide], grids: Sequence[TileGrid], *, skips: SkipLog,
+               lenient: bool = False):
+    super().__init__(skips, lenient)
+    self.slides = list(slides)
+    self.grids = list(grids)
+    self.index = np.asarray([(s, t) for s, g in enumerate(self.grids) for t in range(len(g.yx))],
+                            np.int64).reshape(-1, 2)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int):
+    s, t = (int(v) for v in self.index[i])
+    slide, grid = self.slides[s], self.grids[s]
+    y, x = (int(v) for v in grid.yx[t])
+    return self._guard(slide.path, lambda: {
+        "image": slide.read_region(grid.level, y, x, grid.tile_size, grid.tile_size)})
+
+
+class TfdsSource(_Base):
+  """A TFDS array_record data source (`builder.as_data_source(split)`): decoded without TensorFlow.
+
+  3D examples are taken as prepared sub-volumes: each is one example ('whole' geometry).
+  """
+
+  def __init__(self, data_source, *, image_key: str, label_key: str = "", mask_key: str = "",
+               spacing_key: str = "", what: str, mask_values: Sequence[int] = (),
+               skips: SkipLog, lenient: bool = False, nonfinite: str = "error"):
+    super().__init__(skips, lenient)
+    self.data_source = data_source
+    self.image_key, self.label_key = image_key, label_key
+    self.mask_key, self.spacing_key = mask_key, spacing_key
+    self.what = what
+    self.mask_values = tuple(int(v) for v in mask_values)
+    self.nonfinite = nonfinite
+    self.has_labels = bool(label_key)
+    self.has_masks = bool(mask_key)
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, i: int):
+    where = f"{self.what}[{i}]"
+
+    def read():
+      try:
+        ex = self.data_source[i]
+      except Exception as e:  # array_record/protobuf errors have no common base class
+        raise DataError(where, f"cannot read the record ({type(e).__name__}: {e})") from e
+      if self.image_key not in ex:
+        raise DataError(where, f"expected a feature {self.image_key!r} (data.tfds.image_key), found "
+                        f"{sorted(ex)}")
+      image = np.asarray(ex[self.image_key])
+      rec = {"image": check_finite(image, where, self.nonfinite)}
+      if self.has_labels:
+        rec["label"] = np.asarray(ex[self.label_key]).astype(np.int32)
+      if self.has_masks:
+        rec["mask"] = remap_mask(np.asarray(ex[self.mask_key]), self.mask_values, where)
+      if self.spacing_key:
+        rec["spacing"] = np.asarray(ex[self.spacing_key], np.float32)
+      return rec
+
+    return self._guard(where, read)

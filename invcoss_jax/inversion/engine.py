@@ -1,0 +1,280 @@
+"""Data-free inversion of a trained MAE (paper Sec. 3.2-3.5, App. C, Algorithm 1 stage 1).
+
+A generator (InvUNet, CMI's bottom-to-top generator, or none: the pixels themselves) and a batch of latents
+are optimised together so that the frozen MAE's block-token statistics of the generated batch match the
+stage's stored statistics (L_norm), the MAE reconstructs them (L_task), they are smooth (L_img) and their
+features stay away from every synthetic sample so far (L_rep). The whole inner loop of a batch is one
+compiled `lax.scan`; the generator's BatchNorm statistics are explicit state in its carry.
+
+Schedules (config.inversion.schedule_2d / schedule_3d): 2D batches of 320, 1000 steps, generator and 128-d
+latents re-initialised every batch; 3D batches of 48, 2000 steps after each generator initialisation and 500
+otherwise, 512-d latents, generator re-initialised every 10 batches. Latents (and the Adam state) are new for
+every batch. A batch whose loss turns non-finite is discarded and regenerated with a new seed (and a fresh
+generator); it is never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from invcoss_jax.inversion import losses, statistics
+from invcoss_jax.inversion.context import InversionContext, rep_features
+from invcoss_jax.models.cmi_generator import CMIGenerator
+from invcoss_jax.models.invunet import InvUNet, default_output_activation, output_fn
+
+GENERATORS = ("invunet", "cmi", "cmi_large", "none")
+
+
+def spatial_rank_of(image_shape) -> int:
+  rank = len(image_shape) - 1
+  if rank not in (2, 3):
+    raise ValueError(f"image_shape must be (H, W, C) or (D, H, W, C), got {tuple(image_shape)}")
+  return rank
+
+
+def schedule_for(inv_cfg: ml_collections.ConfigDict, rank: int) -> ml_collections.ConfigDict:
+  """config.inversion.schedule_2d or schedule_3d, checked."""
+  name = f"schedule_{rank}d"
+  s = inv_cfg[name]
+  for field in ("batch_size", "steps", "init_steps", "latent_dim", "reinit_every"):
+    if int(s[field]) < 1:
+      raise ValueError(f"config.inversion.{name}.{field} must be >= 1, got {s[field]}")
+  return s
+
+
+def output_activation(inv_cfg: ml_collections.ConfigDict, rank: int) -> str:
+  name = inv_cfg.output_activation
+  return default_output_activation(rank) if name == "auto" else name
+
+
+def build_generator(inv_cfg: ml_collections.ConfigDict, image_shape) -> nn.Module | None:
+  """The generator named by config.inversion.generator; None for 'none' (direct image optimisation)."""
+  rank = spatial_rank_of(image_shape)
+  out = output_activation(inv_cfg, rank)
+  output_fn(out)  # validates the name
+  shape = tuple(int(s) for s in image_shape)
+  g = inv_cfg.generator
+  if g == "invunet":
+    c = inv_cfg.invunet
+    return InvUNet(image_shape=shape, channels=tuple(c.channels), skip=c.skip, activation=c.activation,
+                   output_activation=out)
+  if g in ("cmi", "cmi_large"):
+    ngf = inv_cfg.cmi.ngf_large if g == "cmi_large" else inv_cfg.cmi.ngf
+    return CMIGenerator(image_shape=shape, ngf=int(ngf), num_upsamples=int(inv_cfg.cmi.num_upsamples),
+                        output_activation=out)
+  if g == "none":
+    return None
+  raise ValueError(f"config.inversion.generator must be one of {list(GENERATORS)}, got {g!r}")
+
+
+def make_optimizer(inv_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """One optax transformation over {'generator': ..., 'latents': ...}: Adam at lr_generator for the generator
+  and at lr_latents for the latents (App. C: 2e-4 and 0.05)."""
+  def adam(lr):
+    return optax.adam(float(lr), b1=float(inv_cfg.adam_b1), b2=float(inv_cfg.adam_b2))
+
+  def labels(tree):
+    return {k: jax.tree.map(lambda _: k, v) for k, v in tree.items()}
+
+  return optax.partition({"generator": adam(inv_cfg.lr_generator), "latents": adam(inv_cfg.lr_latents)},
+                         labels)
+
+
+def init_variables(generator: nn.Module | None, inv_cfg, image_shape, batch_size: int, latent_dim: int,
+                   rng: jax.Array) -> tuple[dict, dict]:
+  """(optimised variables {'generator', 'latents'}, generator state {'batch_stats': ...} or {})."""
+  k_gen, k_z = jax.random.split(rng)
+  if generator is None:
+    # Direct optimisation: the "latents" are the pre-activation pixels.
+    return {"generator": {}, "latents": jax.random.normal(k_z, (batch_size, *image_shape), jnp.float32)}, {}
+  z = jax.random.normal(k_z, (batch_size, latent_dim), jnp.float32)
+  variables = generator.init({"params": k_gen}, z, train=True)
+  state = {k: v for k, v in variables.items() if k != "params"}
+  return {"generator": variables["params"], "latents": z}, state
+
+
+def render(generator: nn.Module | None, out_act: str, opt_vars: dict, state: dict) -> tuple[jax.Array, dict]:
+  """Synthetic images from the optimised variables (BatchNorm in training mode) and the new state."""
+  if generator is None:
+    return output_fn(out_act)(opt_vars["latents"]), state
+  variables = {"params": opt_vars["generator"], **state}
+  if state:
+    images, new_state = generator.apply(variables, opt_vars["latents"], train=True, mutable=list(state))
+    return images, dict(new_state)
+  return generator.apply(variables, opt_vars["latents"], train=True), state
+
+
+def make_batch_optimizer(model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict,
+                         out_act: str, num_steps: int, image_shape, feature_dim: int):
+  """A compiled function optimising one batch for `num_steps` steps (one lax.scan).
+
+  run(opt_vars, state, frozen, key, attempt) -> dict(opt_vars, state, images, features, totals (steps,),
+  terms {name: (steps,)}, final_total, final_terms); `frozen` = dict(params, stats, pool, pool_count) holds the
+  teacher's parameters and everything not optimised. Step i's loss is that of the variables before update i;
+  the scan runs one extra step whose update is dropped, so the final loss, images and features come from the
+  same compiled step (one copy of the model in the program, which halves compile time).
+  """
+  tx = make_optimizer(inv_cfg)
+
+  def loss_fn(opt_vars, state, frozen, key, attempt):
+    images, new_state = render(generator, out_act, opt_vars, state)
+    ctx = InversionContext(images=images, model=model, params=frozen["params"], target_stats=frozen["stats"],
+                           rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], config=inv_cfg,
+                           attempt=attempt)
+    total, terms = losses.objective(ctx, inv_cfg)
+    return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def run(opt_vars, state, frozen, key, attempt):
+    def step(carry, xs):
+      i, k = xs
+      v, opt_state, st, _, _ = carry
+      (total, (terms, new_st, images, features)), grads = grad_fn(v, st, frozen, k, attempt)
+      updates, new_opt_state = tx.update(grads, opt_state, v)
+      new = (optax.apply_updates(v, updates), new_opt_state, new_st)
+      # The extra last step only evaluates: its update is dropped.
+      v, opt_state, st = jax.tree.map(lambda a, b: jnp.where(i < num_steps, a, b), new, (v, opt_state, st))
+      return (v, opt_state, st, images, features), (total, terms)
+
+    batch = jax.tree.leaves(opt_vars["latents"])[0].shape[0]
+    init = (opt_vars, tx.init(opt_vars), state, jnp.zeros((batch, *image_shape), jnp.float32),
+            jnp.zeros((batch, feature_dim), jnp.float32))
+    xs = (jnp.arange(num_steps + 1), jax.random.split(key, num_steps + 1))
+    (v, _, st, images, features), (totals, terms) = jax.lax.scan(step, init, xs)
+    return dict(opt_vars=v, state=st, images=images, features=features, totals=totals[:-1],
+                terms={k: t[:-1] for k, t in terms.items()}, final_total=totals[-1],
+                final_terms={k: t[-1] for k, t in terms.items()})
+
+  return jax.jit(run)
+
+
+def _finite(out: dict) -> bool:
+  return bool(np.all(np.isfinite(out["totals"])) and np.isfinite(out["final_total"])
+              and np.all(np.isfinite(out["images"])) and np.all(np.isfinite(out["features"])))
+
+
+def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
+                           image_shape, rng: jax.Array, num_samples: int, mesh=None,
+                           writer=None) -> tuple[np.ndarray, dict[str, Any]]:
+  """`num_samples` synthetic images `(N, *image_shape)` float32 and a report of the optimisation.
+
+  The report holds per batch the loss terms at the first and last step, the attempts, the discarded batches,
+  the features of the synthetic images (for diversity measures) and their mean pairwise cosine similarity.
+  With `mesh`, every batch is split over the mesh's batch axes. `writer` (a clu MetricWriter) receives every
+  loss term every `config.inversion.log_every_steps` inner steps under 'inversion/<term>'.
+  """
+  image_shape = tuple(int(s) for s in image_shape)
+  rank = spatial_rank_of(image_shape)
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  sched = schedule_for(inv_cfg, rank)
+  batch_size, latent_dim = int(sched.batch_size), int(sched.latent_dim)
+  losses.active_terms(inv_cfg)  # fails early on an unknown term
+  statistics.check_statistics(stats, model, params, image_shape)
+  generator = build_generator(inv_cfg, image_shape)
+  out_act = output_activation(inv_cfg, rank)
+
+  target = statistics.FeatureStats(count=jnp.asarray(stats.count, jnp.float32),
+                                   mean=jnp.asarray(stats.mean, jnp.float32),
+                                   var=jnp.asarray(stats.var, jnp.float32))
+  feature_dim = int(target.mean.shape[-1])
+  pool_size = max(int(inv_cfg.pool_size) if int(inv_cfg.pool_size) > 0 else num_samples, batch_size)
+  pool = np.zeros((pool_size, feature_dim), np.float32)
+  pool_count = 0
+
+  put_batch = put_rep = lambda x: x
+  if mesh is not None:
+    from invcoss_jax.parallel import mesh as mesh_lib
+    shards = mesh_lib.num_batch_shards(mesh)
+    if batch_size % shards:
+      raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch_size} must be divisible by the "
+                       f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    put_batch = lambda x: jax.device_put(x, mesh_lib.data_sharding(mesh))
+    put_rep = lambda x: jax.device_put(x, mesh_lib.replicated(mesh))
+    params = put_rep(params)
+    target = put_rep(target)
+
+  runners: dict[int, Any] = {}
+  kept_images, kept_features, batches, discarded = [], [], [], []
+  carried = None  # (generator params, generator state) carried to the next batch
+  global_step = 0
+  log_every = max(1, int(inv_cfg.log_every_steps))
+  num_batches = math.ceil(num_samples / batch_size)
+  for b in range(num_batches):
+    reinit = carried is None or b % int(sched.reinit_every) == 0
+    for attempt in range(int(inv_cfg.max_retries) + 1):
+      key = jax.random.fold_in(jax.random.fold_in(rng, b), attempt)
+      k_init, k_run = jax.random.split(key)
+      fresh = reinit or attempt > 0  # a retry also gets a new generator
+      opt_vars, state = init_variables(generator, inv_cfg, image_shape, batch_size, latent_dim, k_init)
+      if not fresh:
+        opt_vars["generator"], state = carried
+      steps = int(sched.init_steps) if fresh else int(sched.steps)
+      if steps not in runners:
+        runners[steps] = make_batch_optimizer(model, generator, inv_cfg, out_act, steps, image_shape,
+                                               feature_dim)
+      opt_vars = {"generator": put_rep(opt_vars["generator"]), "latents": put_batch(opt_vars["latents"])}
+      frozen = dict(params=params, stats=target, pool=put_rep(jnp.asarray(pool)),
+                    pool_count=jnp.asarray(pool_count, jnp.int32))
+      out = jax.device_get(runners[steps](opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32)))
+      if _finite(out):
+        break
+      logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "
+                      "regenerated with a new seed", b, attempt)
+      discarded.append(dict(batch=b, attempt=attempt))
+    else:
+      raise FloatingPointError(f"inversion batch {b}: the loss stayed non-finite for {attempt + 1} attempts "
+                               f"(config.inversion.max_retries={inv_cfg.max_retries}); lower the learning rates "
+                               "or check the statistics")
+    carried = (out["opt_vars"]["generator"], out["state"])
+    keep = min(batch_size, num_samples - pool_count)  # pool_count = samples kept so far
+    kept_images.append(np.asarray(out["images"][:keep], np.float32))
+    feats = np.asarray(out["features"][:keep], np.float32)
+    kept_features.append(feats)
+    pool[(pool_count + np.arange(keep)) % pool_size] = feats
+    pool_count += keep
+
+    terms = {k: np.asarray(v) for k, v in out["terms"].items()}
+    batches.append(dict(batch=b, steps=steps, attempts=attempt + 1, fresh_generator=fresh,
+                        start=dict(total=float(out["totals"][0]), **{k: float(v[0]) for k, v in terms.items()}),
+                        end=dict(total=float(out["final_total"]),
+                                 **{k: float(v) for k, v in out["final_terms"].items()})))
+    if writer is not None:
+      for i in range(0, steps, log_every):
+        writer.write_scalars(global_step + i, {"inversion/total": float(out["totals"][i]),
+                                               **{f"inversion/{k}": float(v[i]) for k, v in terms.items()}})
+      writer.write_scalars(global_step + steps, {f"inversion/{k}": v for k, v in batches[-1]["end"].items()})
+    global_step += steps
+    logging.info("inversion batch %d/%d: %d steps, loss %.4g -> %.4g (%s)", b + 1, num_batches, steps,
+                 batches[-1]["start"]["total"], batches[-1]["end"]["total"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in batches[-1]["end"].items() if k != "total"))
+
+  images = np.concatenate(kept_images, axis=0)
+  features = np.concatenate(kept_features, axis=0)
+  report = dict(
+      num_samples=int(images.shape[0]), num_batches=num_batches, batch_size=batch_size,
+      generator=inv_cfg.generator, batches=batches, discarded=discarded,
+      start={k: float(np.mean([bb["start"][k] for bb in batches])) for k in batches[0]["start"]},
+      end={k: float(np.mean([bb["end"][k] for bb in batches])) for k in batches[0]["end"]},
+      mean_pairwise_cosine=(float(losses.mean_pairwise_cosine(jnp.asarray(features)))
+                            if len(features) > 1 else float("nan")),
+      features=features)
+  return images, report
+
+
+def synthesize(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
+               image_shape, rng: jax.Array, num_samples: int, mesh=None, writer=None) -> np.ndarray:
+  """`num_samples` synthetic images `(N, *image_shape)` float32 inverted from `model` (see module doc)."""
+  images, _ = synthesize_with_report(model, params, stats, inv_cfg, image_shape=image_shape, rng=rng,
+                                     num_samples=num_samples, mesh=mesh, writer=writer)
+  return images

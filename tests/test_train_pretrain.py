@@ -1,0 +1,152 @@
+"""The pre-training job on the embedded demo X-rays: loss falls, device-count invariance (data
+parallel and fsdp), exact resume, workdir contents, load_trained_stage, clear errors."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from invcoss_jax import jobs, models
+from invcoss_jax.train import checkpoint as ckpt_lib
+from invcoss_jax.train import optim
+from invcoss_jax.train.pretrain import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 24
+
+
+def load_config(name: str, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def demo_config(**mesh):
+  c = load_config("xray", "demo")
+  c.total_steps = TOTAL
+  c.train.stats_after_pretrain = False  # the statistics job has its own tests
+  c.checkpoint.every_steps = 8
+  c.checkpoint.max_to_keep = 2
+  c.logging.log_every_steps = 4
+  c.logging.image_every_steps = 12
+  c.mesh.update(mesh)
+  return c
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted data-parallel run on the 4 simulated devices."""
+  workdir = tmp_path_factory.mktemp("reference")
+  config = demo_config()
+  return config, str(workdir), pretrain(config, workdir)
+
+
+def _losses(result, steps):
+  return np.array([result["losses"][s] for s in steps])
+
+
+def test_loss_falls_on_demo_xrays(reference):
+  _, _, result = reference
+  losses = _losses(result, range(1, TOTAL + 1))
+  assert np.all(np.isfinite(losses))
+  assert losses[-6:].mean() < 0.85 * losses[:6].mean(), losses
+  assert result["step"] == result["total_steps"] == TOTAL
+  assert result["final_loss"] == losses[-1]
+
+
+def test_same_losses_on_one_device_and_with_fsdp(reference, tmp_path):
+  _, _, ref = reference
+  steps = range(1, 7)
+  one = pretrain(demo_config(num_devices=1), tmp_path / "one", stop_at_step=6)
+  np.testing.assert_allclose(_losses(one, steps), _losses(ref, steps), rtol=2e-5, atol=2e-6)
+  fsdp = pretrain(demo_config(axes=[("data", 2), ("fsdp", 2)], shard_params=True, fsdp_min_size=1024),
+                  tmp_path / "fsdp", stop_at_step=6)
+  np.testing.assert_allclose(_losses(fsdp, steps), _losses(ref, steps), rtol=2e-5, atol=2e-6)
+  # Parameters really were split over 'fsdp' (both data-parallel rows hold the same halves).
+  kernel = fsdp["state"].params["encoder"]["block_0"]["fc1"]["kernel"]
+  assert "fsdp" in str(kernel.sharding.spec)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(kernel.shape[0], kernel.shape[1] // 2)}
+
+
+def test_resume_gives_the_same_later_losses(reference, tmp_path):
+  _, _, ref = reference
+  workdir = tmp_path / "resumed"
+  first = pretrain(demo_config(), workdir, stop_at_step=10)  # 10 is not a save step: forced save
+  assert max(first["losses"]) == 10 and first["step"] == 10 and first["stats"] is None
+  second = pretrain(demo_config(), workdir)
+  assert min(second["losses"]) == 11 and second["step"] == TOTAL
+  later = range(11, TOTAL + 1)
+  np.testing.assert_allclose(_losses(second, later), _losses(ref, later), rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+               second["state"].params, ref["state"].params)
+
+
+def test_workdir_holds_config_checkpoints_and_events(reference):
+  config, workdir, result = reference
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved == ckpt_lib.config_to_dict(config)
+  assert saved["total_steps"] == TOTAL and saved["model"]["preset"] == "micro"
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps == [16, 24]  # every 8 steps, max_to_keep=2
+
+  from tensorboard.backend.event_processing import event_accumulator
+  files = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert files, os.listdir(workdir)
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  tags = set(acc.Tags()["tensors"])
+  assert {"train/loss", "train/learning_rate", "train/steps_per_sec", "train/reconstruction"} <= tags, tags
+  scalar = lambda tag: {e.step: float(jax.numpy.asarray(
+      __import__("tensorflow").make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)}
+  loss = scalar("train/loss")
+  assert sorted(loss) == [1, 4, 8, 12, 16, 20, 24]
+  assert loss[8] == pytest.approx(np.mean([result["losses"][s] for s in (5, 6, 7, 8)]), rel=1e-6)
+  sched = optim.make_schedule(config.train, optim.run_length(config, None))
+  for step, lr in scalar("train/learning_rate").items():
+    assert lr == pytest.approx(float(sched(step - 1)), rel=1e-6, abs=1e-12)
+  assert all(v > 0 for v in scalar("train/steps_per_sec").values())
+  images = acc.Tensors("train/reconstruction")
+  assert [e.step for e in images] == [12, 24]
+
+
+def test_load_trained_stage(reference):
+  config, workdir, result = reference
+  cfg, model, params = ckpt_lib.load_trained_stage(workdir)
+  assert isinstance(model, models.MAE) and cfg.to_dict() == ckpt_lib.config_to_dict(config)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               params, result["state"].params)
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  out = model.apply({"params": params}, images, mask_ratio=0.75, rngs={"masking": jax.random.PRNGKey(0)})
+  assert out["pred"].shape == (2, 16, 8 * 8 * 3)
+
+
+def test_load_trained_stage_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not the workdir of a trained stage") as e:
+    ckpt_lib.load_trained_stage(tmp_path / "nowhere")
+  assert "nowhere" in str(e.value)
+  ckpt_lib.write_config(tmp_path, demo_config())
+  with pytest.raises(FileNotFoundError, match="has no checkpoints"):
+    ckpt_lib.load_trained_stage(tmp_path)
+
+
+def test_missing_data_names_the_path_and_the_demo_preset(tmp_path):
+  config = load_config("xray")  # the paper config: MIMIC-CXR under ./data, absent here
+  config.data.path = str(tmp_path / "mimic_cxr_jpg")
+  with pytest.raises(FileNotFoundError) as e:
+    pretrain(config, tmp_path / "workdir")
+  msg = str(e.value)
+  assert str(tmp_path / "mimic_cxr_jpg") in msg and "configs/xray.py:demo" in msg
+
+
+def test_unknown_mode_lists_the_modes(tmp_path):
+  config = demo_config()
+  config.mode = "pretrian"
+  with pytest.raises(ValueError, match="config.mode='pretrian'") as e:
+    jobs.run(config, tmp_path)
+  assert "pretrain" in str(e.value) and "continual" in str(e.value)

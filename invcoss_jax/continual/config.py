@@ -45,6 +45,7 @@ def continual_config() -> ml_collections.ConfigDict:
   # exclusively from the pre-trained model of task t"); 'latest' re-synthesises every earlier stage's set at the
   # start of stage T from f_{T-1} and the stored statistics (Algorithm 1, lines 1-9).
   c.invert_with = "own"
+  c.synthesize_last_stage = True  # 'own': also invert the last stage (its set serves a later extension, the audit)
 
   # --- Privacy and storage ---
   # Once a stage ends, its training data can no longer be read in this process (config check + file audit hook).

@@ -25,7 +25,7 @@ def data_config() -> ml_collections.ConfigDict:
   # (for single-volume datasets; slabs share no voxel).
   c.split_fractions = ()
   c.split_seed = 0
-  c.split_by = "case"  # case | depth
+  c.split_by = ""  # case | depth; '' = the registered name's, else case
   c.image_suffix = ""  # case id = file stem without this suffix (e.g. '_0000' in nnU-Net layouts)
   c.label_suffix = ""  # label file stem = case id + this suffix (e.g. '_seg')
   c.mask_values = ()  # label-map values mapped to 0..K-1 in this order; () keeps the values

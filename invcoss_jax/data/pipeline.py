@@ -464,6 +464,11 @@ def _to_iter(ds: grain.MapDataset, cfg) -> grain.IterDataset:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(int(cfg.read_threads), 1),
                                             prefetch_buffer_size=max(int(cfg.prefetch_buffer_size), 1)))
   if int(cfg.num_workers) > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags; outside absl.app.run (notebooks, scripts, tests)
+      # nothing parsed them and grain would raise UnparsedFlagAccessError: use the defaults.
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(cfg.num_workers), per_worker_buffer_size=int(cfg.worker_buffer_size)))
   return it

@@ -97,6 +97,7 @@ def resolve(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.spatial_dims == 3 and cfg.modality not in ("ct", "mri"):
     raise DataError(None, f"data.spatial_dims=3 with data.modality={cfg.modality!r}: volumes are "
                     "'ct' or 'mri'")
+  cfg.split_by = cfg.split_by or "case"
   if cfg.split_by not in ("case", "depth"):
     raise DataError(None, f"data.split_by={cfg.split_by!r}: expected 'case' or 'depth'")
   if cfg.nonfinite not in ("error", "zero"):

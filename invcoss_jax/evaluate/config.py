@@ -81,6 +81,9 @@ def _base(kind: str, num_classes: int, data_name: str, modality: str) -> ml_coll
   t.overlap = 0.5
   t.sigma_scale = 0.125
   t.tta_flips = False  # average over all flips of the spatial axes (MedCoSS tests with flip TTA)
+  # 3D segmentation: validate and test on whole cases at their native grid (sliding window), not on
+  # the training windows; needs NIfTI/DICOM volumes (invcoss_jax.data.make_case_source).
+  t.eval_whole_cases = False
   t.spacing = ()  # voxel size (mm) for HD95 in mm when the batch carries no 'spacing'; () = 1 mm
   return t
 
@@ -101,6 +104,7 @@ def _hippocampus():
   t.eval_batch_size = 4
   t.seg_loss = "dice_ce"
   t.dice_smooth = 1.0
+  t.eval_whole_cases = True  # native 1 mm crops (31-43 x 40-59 x 24-47), tiled by the 32x48x32 window
   return t
 
 
@@ -150,6 +154,7 @@ def _lits():  # liver (1) and tumour (2), sigmoid channels as MedCoSS
   t = _paper(SEGMENTATION, 3, "ct", fmt="nifti", batch_size=2, epochs=100, lr=1e-4)
   t.window = (64, 192, 192)
   t.dice_smooth = 1.0
+  t.eval_whole_cases = True
   return t
 
 
@@ -157,6 +162,7 @@ def _vs():  # vestibular schwannoma, T1 contrast-enhanced MRI
   t = _paper(SEGMENTATION, 2, "mri", fmt="nifti", batch_size=2, epochs=100, lr=1e-4)
   t.window = (64, 192, 192)
   t.dice_smooth = 1.0
+  t.eval_whole_cases = True
   return t
 
 
@@ -164,6 +170,7 @@ def _la():  # left atrium, gadolinium-enhanced MRI
   t = _paper(SEGMENTATION, 2, "mri", fmt="nifti", batch_size=2, epochs=80, lr=5e-5)
   t.window = (64, 192, 192)
   t.dice_smooth = 1.0
+  t.eval_whole_cases = True
   return t
 
 

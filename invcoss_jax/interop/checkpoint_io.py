@@ -116,7 +116,12 @@ def _unwrap(raw: Any, path: str, key: str | None) -> dict[str, np.ndarray]:
                      f"top-level entries: {sorted(map(str, obj))[:20]}")
   if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
     tensors = {k[len("module."):]: v for k, v in tensors.items()}
-  return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for k, v in tensors.items()}
+  return {k: (v.astype(np.float32) if _is_float(v.dtype) else v) for k, v in tensors.items()}
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  # ml_dtypes' bfloat16 (what safetensors returns once jax is imported) is not a NumPy floating subtype.
+  return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],

@@ -89,7 +89,7 @@ def make_optimizer(inv_cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
                          labels)
 
 
-def init_variables(generator: nn.Module | None, inv_cfg, image_shape, batch_size: int, latent_dim: int,
+def init_variables(generator: nn.Module | None, image_shape, batch_size: int, latent_dim: int,
                    rng: jax.Array) -> tuple[dict, dict]:
   """(optimised variables {'generator', 'latents'}, generator state {'batch_stats': ...} or {})."""
   k_gen, k_z = jax.random.split(rng)
@@ -158,6 +158,20 @@ def make_batch_optimizer(model, generator: nn.Module | None, inv_cfg: ml_collect
   return jax.jit(run)
 
 
+_COMPILED: dict[tuple, Any] = {}
+_COMPILED_MAX = 16
+
+
+def _cached(key: tuple, build):
+  """Compiled programs kept across calls (the continual framework and benchmarks invert repeatedly); the key
+  holds everything the program depends on, including the registered term functions in use."""
+  if key not in _COMPILED:
+    if len(_COMPILED) >= _COMPILED_MAX:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = build()
+  return _COMPILED[key]
+
+
 def _finite(out: dict) -> bool:
   return bool(np.all(np.isfinite(out["totals"])) and np.isfinite(out["final_total"])
               and np.all(np.isfinite(out["images"])) and np.all(np.isfinite(out["features"])))
@@ -204,7 +218,10 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     params = put_rep(params)
     target = put_rep(target)
 
-  runners: dict[int, Any] = {}
+  cfg_key = (model, generator, inv_cfg.to_json(), out_act, image_shape, feature_dim,
+             tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
+  init_fn = _cached(("init", generator, image_shape, batch_size, latent_dim), lambda: jax.jit(
+      lambda k: init_variables(generator, image_shape, batch_size, latent_dim, k)))
   kept_images, kept_features, batches, discarded = [], [], [], []
   carried = None  # (generator params, generator state) carried to the next batch
   global_step = 0
@@ -216,17 +233,16 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
       key = jax.random.fold_in(jax.random.fold_in(rng, b), attempt)
       k_init, k_run = jax.random.split(key)
       fresh = reinit or attempt > 0  # a retry also gets a new generator
-      opt_vars, state = init_variables(generator, inv_cfg, image_shape, batch_size, latent_dim, k_init)
+      opt_vars, state = init_fn(k_init)
       if not fresh:
         opt_vars["generator"], state = carried
       steps = int(sched.init_steps) if fresh else int(sched.steps)
-      if steps not in runners:
-        runners[steps] = make_batch_optimizer(model, generator, inv_cfg, out_act, steps, image_shape,
-                                               feature_dim)
+      runner = _cached(("run", steps) + cfg_key, lambda: make_batch_optimizer(
+          model, generator, inv_cfg, out_act, steps, image_shape, feature_dim))
       opt_vars = {"generator": put_rep(opt_vars["generator"]), "latents": put_batch(opt_vars["latents"])}
       frozen = dict(params=params, stats=target, pool=put_rep(jnp.asarray(pool)),
                     pool_count=jnp.asarray(pool_count, jnp.int32))
-      out = jax.device_get(runners[steps](opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32)))
+      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32)))
       if _finite(out):
         break
       logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "

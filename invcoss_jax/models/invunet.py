@@ -131,7 +131,8 @@ class InvUNet(nn.Module):
     up-sampled inversion feature before the convolutions, 7.85M).
   norm: 'auto' (batch for 2D, instance for 3D, as App. B.3), 'batch' or 'instance'.
   output_activation: 'auto' (sigmoid 2D, tanh 3D), 'sigmoid', 'tanh' or 'identity'.
-  Feature maps of every level are sown into `intermediates` (names of Table 4) when that collection is mutable.
+  Feature maps of every level are sown into `intermediates` under the names of Table 4 (bottleneck, MC-k,
+  Inv-k) when that collection is mutable.
   """
   image_shape: tuple[int, ...]
   channels: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -166,7 +167,7 @@ class InvUNet(nn.Module):
     mc = x
     for k, ch in enumerate(up_channels):
       mc = UpBlock(ch, norm, self.activation, name=f"mc_{k + 1}")(mc, train)
-      self.sow("intermediates", f"mc_{k + 1}", mc)
+      self.sow("intermediates", f"MC-{k + 1}", mc)
       cache.append(mc)
 
     inv = x
@@ -175,7 +176,7 @@ class InvUNet(nn.Module):
         inv = UpBlock(ch, norm, self.activation, name=f"inv_{k + 1}")(inv, train, skip=cache[k])
       else:
         inv = UpBlock(ch, norm, self.activation, name=f"inv_{k + 1}")(inv, train) + cache[k]
-      self.sow("intermediates", f"inv_{k + 1}", inv)
+      self.sow("intermediates", f"Inv-{k + 1}", inv)
 
     inv = resize_spatial(inv, spatial)
     y = nn.Conv(self.image_shape[-1], (3,) * rank, padding="SAME", name="final")(inv)

@@ -283,7 +283,8 @@ class MAE(nn.Module):
     cls = x[:, :1]
     if cfg.decoder_cls_pos:
       # MedCoSS's learned decoder table has a (trained) row for the CLS token; MAE's sin-cos row is zero.
-      cls = cls + self.param("decoder_cls_pos", nn.initializers.zeros, (1, 1, dw), jnp.float32).astype(cls.dtype)
+      cls_pos = self.param(f"decoder_cls_pos_{rank}d", nn.initializers.zeros, (1, 1, dw), jnp.float32)
+      cls = cls + cls_pos.astype(cls.dtype)
     x = jnp.concatenate([cls, body], axis=1)
     x = Transformer(depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
                     ln_eps=cfg.decoder_eps, final_norm=True, dtype=cfg.compute_dtype, remat=cfg.remat,

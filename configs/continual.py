@@ -1,0 +1,99 @@
+r"""Continual pre-training over the modality stages (paper Sec. 3.2, 4.1, App. B.1; Table 1's methods).
+
+  python -m invcoss_jax.main --config=configs/continual.py --workdir=workdirs/invcoss
+  python -m invcoss_jax.main --config=configs/continual.py --config.method=er --workdir=workdirs/er
+  python -m invcoss_jax.main --config=configs/continual.py:demo --workdir=/tmp/continual_demo
+  python -m invcoss_jax.main --config=configs/continual.py:demo,alt --config.method=medcoss --workdir=...
+
+Presets (comma-separated): `demo` (embedded demo data, micro ViT, all four stages in minutes on a CPU),
+`alt` (the paper's alternative order Path., MRI, CT, X-ray, App. E), and a method name (e.g. `demo,er`).
+`--config.method` (an alias of `--config.continual.method`) picks the method: invcoss | seqssl | er |
+medcoss | ewc | cassle | packnet | joint. `--config.continual.buffer_fraction=0.01` (0.05, 0.10) sets the
+buffer size of every buffer method. See docs/continual.md.
+
+Default: the paper's setup, each stage like its single-modality config (configs/xray.py, ct.py, mri.py,
+path.py): ViT-B MAE, 224x224 2D and 16x192x192 3D inputs, global batch 512, 300 epochs per stage, base lr
+1.5e-4 x batch/256, 40 warm-up epochs then cosine, a 5 % buffer.
+"""
+
+import ml_collections
+
+from invcoss_jax.continual.config import ALTERNATIVE_ORDER, DEFAULT_ORDER, METHODS
+from invcoss_jax.defaults import base_config
+from invcoss_jax.models.presets import model_config
+
+
+def _paper_datasets(c: ml_collections.ConfigDict) -> None:
+  """Your copies of the paper's corpora (see configs/<modality>.py for their preprocessing)."""
+  d = c.continual.datasets
+  d.xray.name, d.xray.format, d.xray.path = "folder", "images", "./data/mimic_cxr_jpg"
+  d.xray.image_size = 224
+  d.ct.name, d.ct.format, d.ct.path = "folder", "nifti", "./data/deeplesion"
+  d.ct.volume_shape = (16, 192, 192)
+  d.mri.name, d.mri.format, d.mri.path = "folder", "nifti", "./data/adni"
+  d.mri.volume_shape = (16, 192, 192)
+  d.path.name, d.path.format, d.path.path = "folder", "wsi", "./data/tcga"
+  d.path.image_size = 224
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+  """Embedded demo data; a micro ViT on 32x32 images and 16x32x32 volumes with 8-pixel patches."""
+  for m in c.continual.datasets:
+    d = c.continual.datasets[m]
+    d.name, d.format, d.path = f"demo_{m}", "", ""
+    d.image_size = 32
+    d.volume_shape = (16, 32, 32)
+  c.model = model_config("micro")
+  c.model.patch_size_2d = (8, 8)
+  c.model.patch_size_3d = (8, 8, 8)
+  c.train.global_batch_size = 16
+  c.train.base_lr = 2.4e-2  # peak lr 1.5e-3 at batch 16
+  c.total_steps = 60  # per stage
+  c.checkpoint.every_steps = 30
+  c.checkpoint.async_save = False
+  c.logging.log_every_steps = 10
+  c.logging.image_every_steps = 0
+  c.inversion.stats_batch_size = 32
+  c.inversion.invunet.channels = (8, 16, 32)
+  c.inversion.schedule_2d.batch_size = 16
+  c.inversion.schedule_2d.steps = 20
+  c.inversion.schedule_2d.init_steps = 30
+  c.inversion.schedule_3d.batch_size = 4
+  c.inversion.schedule_3d.steps = 20
+  c.inversion.schedule_3d.init_steps = 30
+  c.inversion.schedule_3d.latent_dim = 64
+  c.inversion.grid_size = 16
+  c.continual.kmeans.batch_size = 32
+  c.continual.ewc.fisher_num_examples = 32
+  c.continual.cassle.hidden_dim = 128
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.mode = "continual"
+  c.seed = 0
+  c.model = model_config("base")
+  c.train.global_batch_size = 512
+  c.train.num_epochs = 300
+  c.train.warmup_epochs = 40
+  c.train.base_lr = 1.5e-4
+  c.train.mask_ratio = 0.75
+  c.continual.order = DEFAULT_ORDER
+  _paper_datasets(c)
+
+  presets = [p.strip() for p in str(arg or "").split(",") if p.strip()]
+  method = "invcoss"
+  for p in presets:
+    if p == "demo":
+      _demo(c)
+    elif p == "alt":
+      c.continual.order = ALTERNATIVE_ORDER
+    elif p in METHODS:
+      method = p
+    else:
+      raise ValueError(f"configs/continual.py: unknown preset {p!r}; expected 'demo', 'alt' or a method "
+                       f"({', '.join(METHODS)}), comma-separated")
+  # `--config.method=er` and `--config.continual.method=er` set the same value.
+  c.method = ml_collections.FieldReference(method)
+  c.continual.method = c.get_ref("method")
+  return c

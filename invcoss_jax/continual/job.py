@@ -1,0 +1,520 @@
+"""The `continual` job: pre-training over a sequence of modality stages with one method of Table 1.
+
+For every stage T (see stages.py for the layout):
+  1. start from stage T-1's model (trunk and tokenizers; the decoder re-initialised when configured),
+  2. train on D_T plus the buffer B_T with the composite step (step.py) of the method,
+  3. end the stage while D_T is still readable: statistics pass, then what the method keeps of it (a real
+     buffer for er/medcoss, the Fisher information for ewc, the synthetic set for invcoss),
+  4. retire D_T: the data-free guard (guard.py) refuses every later read of it.
+A stopped sequence resumes at the stage and step where it stopped (orbax checkpoints of the state and of
+every data stream); finished stages are recognised by their stage_info.json.
+
+`run(config, workdir)` is what `main.py` runs for config.mode = 'continual'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from invcoss_jax import models
+from invcoss_jax.continual import buffers, ewc, packnet
+from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
+from invcoss_jax.continual.stages import (Stage, check_method, folder_bytes, plan_stages, read_info, stage_config,
+                                          write_info)
+from invcoss_jax.continual.step import (DistillPredictor, LossSpec, create_state, jit_train_step,
+                                        make_train_step)
+from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
+from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train import checkpoint as ckpt_lib
+from invcoss_jax.train import optim, writers
+from invcoss_jax.train.state import abstract_state
+
+BUFFER_DIR = "buffer"  # er / medcoss: the real samples kept of the stage (npz shards, key `images`)
+BUFFER_INFO = "buffer.json"
+REPLAY_DIR = "replay"  # invcoss with invert_with='latest': stage T's re-synthesised sets of earlier stages
+EWC_FILE = "ewc.npz"
+PACKNET_FILE = "packnet.npz"
+STORAGE_FILE = "storage.json"  # in the sequence workdir: bytes each stage retains, per kind
+SEQUENCE_FILE = "continual.json"
+
+REAL_BUFFER_METHODS = ("er", "medcoss")
+TEACHER_METHODS = ("invcoss", "er", "medcoss", "cassle")  # methods distilling to the frozen previous model
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferSource:
+  """One earlier stage's replay set as the input layer reads it."""
+  name: str  # the earlier stage's name
+  data: ml_collections.ConfigDict  # format 'npz', preprocessed
+  num_examples: int
+  image_shape: tuple[int, ...]
+  kind: str  # 'real' | 'synthetic'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _key(config, *folds: int) -> jax.Array:
+  k = jax.random.PRNGKey(int(config.seed))
+  for f in folds:
+    k = jax.random.fold_in(k, int(f))
+  return k
+
+
+def _resolved(data_cfg):
+  from invcoss_jax.data import registry
+  return registry.resolve(data_cfg)
+
+
+def npz_data_section(source_data: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
+  """The data section reading a folder of npz shards (key `images`) written for a stage of `source_data`."""
+  from invcoss_jax.data.config import data_config
+  r = _resolved(source_data)
+  d = data_config()
+  d.name = "folder"
+  d.format = "npz"
+  d.path = os.path.abspath(folder)
+  d.modality = r.modality
+  d.spatial_dims = int(r.spatial_dims)
+  d.image_size = int(r.image_size)
+  d.volume_shape = tuple(int(s) for s in r.volume_shape)
+  d.preprocessed = True
+  d.augment = False
+  d.num_workers = int(r.num_workers)
+  return d
+
+
+def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
+  """One 2D and one 3D example of 2 patches per axis: creates every tokenizer and head (the tree does not
+  depend on the image size)."""
+  return [tuple(2 * p for p in model_cfg.patch_size_2d) + (model_cfg.channels_2d,),
+          tuple(2 * p for p in model_cfg.patch_size_3d) + (model_cfg.channels_3d,)]
+
+
+def _info_of(stage: Stage) -> dict[str, Any]:
+  info = read_info(stage)
+  if not info or not info.get("done"):
+    raise FileNotFoundError(f"{stage.workdir}: the stage has not finished (no stage_info.json with done=true)")
+  return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sequence.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+        stop_at: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the continual sequence of `config` in `workdir`.
+
+  `stop_at=(stage index, step)` ends the run after that train step of that stage with a checkpoint, as a
+  preempted job would; rerunning on the same workdir continues from there.
+
+  Returns dict(method, workdir, stages [stage_info of each finished stage], losses {stage: {step: loss}} of
+  the steps run now, stopped).
+  """
+  method = check_method(config)
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  stages = plan_stages(config, workdir)
+  if method != "joint":
+    check_disjoint([(s.name, s.data[0]) for s in stages])
+  atomic_write_json(os.path.join(workdir, SEQUENCE_FILE), dict(
+      method=method, stages=[s.name for s in stages], order=list(config.continual.order),
+      buffer_fraction=float(config.continual.buffer_fraction), config=ckpt_lib.config_to_dict(config)))
+  guard = DataFreeGuard(enabled=bool(config.continual.data_free_guard) and method != "joint")
+  infos, losses = [], {}
+  with guard.active():
+    for i, stage in enumerate(stages):
+      info = read_info(stage)
+      if not (info and info.get("done")):
+        logging.info("continual (%s): %s", method, stage.name)
+        done, info, stage_losses = run_stage(config, stage, stages[:i], guard, stop_at=stop_at,
+                                             last=i == len(stages) - 1)
+        losses[stage.name] = stage_losses
+        if not done:
+          return dict(method=method, workdir=workdir, stages=infos, losses=losses, stopped=True)
+      else:
+        logging.info("continual (%s): %s finished earlier", method, stage.name)
+      for d in stage.data:  # the stage ended: its data is off limits from now on
+        guard.retire(stage.name, d)
+      infos.append(info)
+  _write_storage(workdir, infos)
+  return dict(method=method, workdir=workdir, stages=infos, losses=losses, stopped=False)
+
+
+def _write_storage(workdir: str, infos: list[dict]) -> None:
+  atomic_write_json(os.path.join(workdir, STORAGE_FILE),
+                    {info["name"]: info.get("storage", {}) for info in infos})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One stage.
+
+
+def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=None, prev_params=None,
+                   mesh=None) -> list[BufferSource]:
+  """The replay sets stage `stage` trains on (earlier stages' buffers; none for buffer-free methods)."""
+  method = config.continual.method
+  out = []
+  if method not in ("invcoss",) + REAL_BUFFER_METHODS or not earlier:
+    return out
+  if float(config.continual.buffer_batch_ratio) == 0.0:
+    return out
+  for t in earlier:
+    info = _info_of(t)
+    if method == "invcoss" and config.continual.invert_with == "latest":
+      folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
+      n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh)
+      kind = "synthetic"
+    elif method == "invcoss":
+      folder = os.path.join(t.workdir, "synthetic")
+      summary = os.path.join(t.workdir, "inversion.json")
+      if not os.path.isfile(summary):
+        raise FileNotFoundError(f"{summary} not found: {t.name} ended without its synthetic set "
+                                "(config.continual.invert_with='own' synthesises it at the end of every stage)")
+      n = int(_read_json(summary)["num_samples"])
+      kind = "synthetic"
+    else:
+      folder = os.path.join(t.workdir, BUFFER_DIR)
+      n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
+      kind = "real"
+    shape = tuple(int(s) for s in info["image_shapes"][0])
+    out.append(BufferSource(t.name, npz_data_section(t.data[0], folder), n, shape, kind))
+  return out
+
+
+def _read_json(path: str) -> dict:
+  import json
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: the stage that writes it did not finish")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh) -> int:
+  """Algorithm 1, lines 3-8: stage t's synthetic set from the newest model f_{T-1} and t's statistics."""
+  from invcoss_jax.inversion import engine, statistics
+  from invcoss_jax.inversion import job as inv_job
+  marker = folder + ".json"
+  if os.path.isfile(marker) and os.path.isdir(folder):
+    return int(_read_json(marker)["num_samples"])
+  inv = cfg.inversion
+  stats = statistics.load_statistics(os.path.join(t.workdir, inv.stats_file))
+  n = int(inv.num_samples) if int(inv.num_samples) > 0 else buffers.buffer_size(
+      int(info["num_examples"][0]), float(config.continual.buffer_fraction))
+  shape = tuple(int(s) for s in info["image_shapes"][0])
+  images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
+                                                 rng=_key(config, 0x5E7, stage.index, t.index), num_samples=n,
+                                                 mesh=mesh)
+  inv_job.write_shards(folder, images, int(inv.shard_size))
+  atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
+                                 end={k: v for k, v in report["end"].items()}))
+  return int(len(images))
+
+
+def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[BufferSource], shards: int
+                ) -> tuple[list[int], list[int]]:
+  """(samples per step of each current stream, of each buffer stream)."""
+  k = int(cfg.train.get("grad_accum_steps", 1))
+  micro = int(cfg.train.global_batch_size) // k
+  if micro % shards:
+    raise ValueError(f"config.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
+                     f"{shards} batch shards of the mesh")
+  if len(n_current) == 1:
+    cur = [micro]
+  else:
+    split = str(config.continual.joint_split)
+    if split not in ("proportional", "equal"):
+      raise ValueError(f"config.continual.joint_split must be 'proportional' or 'equal', got {split!r}")
+    cur = split_batch(micro, n_current if split == "proportional" else [1] * len(n_current), shards)
+  if not sources:
+    return cur, []
+  ratio = float(config.continual.buffer_batch_ratio)
+  n_buf = sum(s.num_examples for s in sources)
+  if ratio < 0:
+    ratio = n_buf / float(sum(n_current))
+  total = min(max(int(round(ratio * micro)), shards), micro)
+  split = str(config.continual.buffer_split)
+  if split not in ("proportional", "equal"):
+    raise ValueError(f"config.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
+  weights = [s.num_examples for s in sources] if split == "proportional" else [1] * len(sources)
+  return cur, split_batch(total, weights, shards)
+
+
+def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,
+              stop_at: tuple[int, int] | None = None, last: bool = False) -> tuple[bool, dict, dict[int, float]]:
+  """Trains (or resumes) one stage and ends it; returns (finished, stage_info, losses of the steps run)."""
+  from invcoss_jax import data as data_lib
+
+  c = config.continual
+  method = str(c.method)
+  cfg = stage_config(config, stage)
+  os.makedirs(stage.workdir, exist_ok=True)
+  ckpt_lib.write_config(stage.workdir, cfg)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  shards = mesh_lib.num_batch_shards(mesh)
+
+  for d in stage.data:
+    guard.check_config(d, what=f"{stage.name} (its own data)")
+  n_current = [int(data_lib.num_examples(d)) for d in stage.data]
+  shapes = [tuple(int(s) for s in data_lib.image_shape(d)) for d in stage.data]
+
+  # --- model, hand-over, teacher ---
+  model = models.build_mae(cfg.model)
+  fresh = models.init_mae_params(model, _key(config, stage.index, 0), _dummy_shapes(model.cfg))
+  prev = earlier[-1] if earlier else None
+  prev_params = None
+  if prev is not None:
+    _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
+    params = params_lib.hand_over(prev_params, fresh, reinit_decoder=bool(c.reinit_decoder),
+                                  where=f"hand-over {prev.name} -> {stage.name}")
+  elif str(config.get("init_from", "") or ""):
+    _, _, start_params = ckpt_lib.load_trained_stage(config.init_from)
+    params = params_lib.hand_over(start_params, fresh, reinit_decoder=bool(c.reinit_decoder),
+                                  where=f"config.init_from={config.init_from!r} -> {stage.name}")
+  else:
+    params = fresh
+
+  sources = buffer_sources(config, cfg, stage, earlier, model, prev_params, mesh)
+  cur_sizes, buf_sizes = _batch_plan(config, cfg, stage, n_current, sources, shards)
+
+  # --- length, optimiser ---
+  k = int(cfg.train.get("grad_accum_steps", 1))
+  length = optim.run_length(cfg, sum(n_current))
+  retrain = 0
+  if method == "packnet":
+    retrain = int(round(float(c.packnet.retrain_fraction) * length.total_steps))
+    length = dataclasses.replace(length, total_steps=length.total_steps + retrain)
+  tx, schedule = optim.make_optimizer(cfg.train, length)
+  total = length.total_micro_steps
+  boundary = total - retrain * k  # packnet: prune after this step, then retrain
+
+  # --- method constants ---
+  spec = LossSpec(mask_ratio=float(cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
+                  distill_weight=float(c.distill_weight), buffer_mae_weight=float(c.buffer_mae_weight),
+                  ewc_weight=float(c.ewc.weight) if method == "ewc" and prev is not None else 0.0,
+                  cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0)
+  consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)
+  if method in TEACHER_METHODS and prev is not None:
+    consts["teacher"] = prev_params
+  predictor, aux = None, {}
+  if spec.cassle_weight > 0:
+    predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))
+    aux = {"predictor": predictor.init(_key(config, stage.index, 2), jnp.zeros((1, 1, model.cfg.width)))["params"]}
+  if spec.ewc_weight > 0:
+    saved = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))
+    consts["ewc_anchor"], consts["ewc_fisher"] = saved["anchor"], saved["fisher"]
+  ranks = {len(s) - 1 for s in shapes}
+  owners_before = None
+  if method == "packnet":
+    owners_before = (params_lib.load_tree_npz(os.path.join(prev.workdir, PACKNET_FILE))["owners"]
+                     if prev is not None else packnet.initial_owners(params))
+    consts["trainable"] = packnet.trainable_mask(params, owners_before, ranks=ranks, stage_index=stage.index,
+                                                 retrain=False)
+
+  state, shardings = create_state(params, aux, tx, _key(config, stage.index, 1), mesh, cfg.mesh)
+  consts_shardings = mesh_lib.shardings_from_config(mesh, consts, cfg.mesh)
+  consts = jax.device_put(consts, consts_shardings)
+  step_fn = jit_train_step(make_train_step(model, spec, tx, schedule, grad_accum_steps=k, predictor=predictor),
+                           shardings, consts_shardings, mesh)
+
+  # --- data streams ---
+  seed = int(config.seed)
+  current = []
+  for j, (m, d, b, shape) in enumerate(zip(stage.modalities, stage.data, cur_sizes, shapes)):
+    it = data_lib.make_train_iterator(d, global_batch_size=b, seed=seed + 7919 * stage.index + j)
+    current.append(Stream(f"current/{m}", it, b, shape))
+  buffer = []
+  for j, (s, b) in enumerate(zip(sources, buf_sizes)):
+    it = data_lib.make_train_iterator(s.data, global_batch_size=b, seed=seed + 7919 * stage.index + 101 + j)
+    buffer.append(Stream(f"buffer/{s.name}", it, b, s.image_shape, mixup=bool(c.mixup)))
+  streams = StageStreams(current, buffer, seed=seed, stage_index=stage.index)
+
+  logging.info("%s: %d steps (%d examples of %s; per step %s current + %s buffer from %s), mesh %s", stage.name,
+               total, sum(n_current), shapes, cur_sizes, buf_sizes, [s.name for s in sources], dict(mesh.shape))
+  writer = writers.create_writer(stage.workdir)
+  manager = ckpt_lib.make_manager(stage.workdir, cfg.checkpoint)
+  losses: dict[int, float] = {}
+  stopped = False
+  try:
+    with jax.set_mesh(mesh):
+      if manager.latest_step() is not None:
+        state, _ = ckpt_lib.restore(manager, abstract_state(state, shardings), streams)
+      start = int(jax.device_get(state.step))
+      if start:
+        logging.info("%s: resuming at step %d of %d", stage.name, start, total)
+
+      def enter_retrain(state, consts):
+        """PackNet: prune at the boundary (idempotent) and train only the kept weights afterwards."""
+        host = jax.device_get(state.params)
+        pruned, owners, counts = packnet.prune(host, owners_before, ranks=ranks, stage_index=stage.index,
+                                               prune_fraction=float(c.packnet.prune_fraction), last_stage=last)
+        params_lib.save_tree_npz(os.path.join(stage.workdir, PACKNET_FILE), owners=owners)
+        logging.info("%s: PackNet kept %d weights, released %d", stage.name, counts["kept"], counts["released"])
+        state = state.replace(params=jax.device_put(pruned, shardings.params))
+        mask = packnet.trainable_mask(pruned, owners, ranks=ranks, stage_index=stage.index, retrain=True)
+        return state, dict(consts, trainable=jax.device_put(mask, consts_shardings["trainable"]))
+
+      if method == "packnet" and start >= boundary:
+        state, consts = enter_retrain(state, consts)
+      pending: list[tuple[int, Any]] = []
+      last_step, last_time = start, time.perf_counter()
+      log_every = max(1, int(cfg.logging.log_every_steps))
+      for step in range(start + 1, total + 1):
+        batch = mesh_lib.put_batch(mesh, streams.next_batch(step))
+        state, metrics = step_fn(state, batch, consts)
+        pending.append((step, metrics))
+        stop_here = stop_at is not None and tuple(stop_at) == (stage.index, step)
+        if step % log_every == 0 or step == total or step == start + 1 or stop_here:
+          fetched = jax.device_get(pending)
+          pending = []
+          now = time.perf_counter()
+          for s, m in fetched:
+            losses[s] = float(m["loss"])
+          if not all(np.isfinite(float(m["loss"])) for _, m in fetched):
+            raise FloatingPointError(f"{stage.name}: non-finite training loss at step {step}")
+          scalars = {f"train/{name}": float(np.mean([float(m[name]) for _, m in fetched])) for name in fetched[-1][1]}
+          scalars["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
+          writer.write_scalars(step, scalars)
+          last_step, last_time = step, now
+        ckpt_lib.save(manager, step, state, streams, cfg, force=stop_here or step == total)
+        if method == "packnet" and step == boundary:
+          state, consts = enter_retrain(state, consts)
+        if stop_here:
+          stopped = True
+          break
+      manager.wait_until_finished()
+  finally:
+    manager.close()
+    writer.flush()
+    streams.close()
+
+  if stopped:
+    writer.close()
+    return False, {}, losses
+  try:
+    info = finish_stage(config, cfg, stage, model, state.params, n_current, shapes, total, prev=prev, last=last,
+                        writer=writer)
+  finally:
+    writer.close()
+  return True, info, losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End of a stage: everything that needs D_T happens here, before it is retired.
+
+
+def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
+                 total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
+  """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.inversion import job as inv_job
+
+  c = config.continual
+  method = str(c.method)
+  d = stage.data[0]
+  seq = method != "joint"
+  stats_file = os.path.join(stage.workdir, cfg.inversion.stats_file)
+  if seq and (bool(c.statistics_after_stage) or method == "invcoss") and not os.path.isfile(stats_file):
+    inv_job.run_stats(cfg, stage.workdir, params=params)
+
+  if method in REAL_BUFFER_METHODS and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
+    _write_real_buffer(config, cfg, stage, model, params, n_current[0])
+
+  if method == "ewc" and not last and not os.path.isfile(os.path.join(stage.workdir, EWC_FILE)):
+    host = jax.device_get(params)
+    enc, _ = params_lib.split_params(host)
+    batches = data_lib.make_eval_iterator(d, batch_size=int(c.ewc.fisher_batch_size), process_index=0,
+                                          process_count=1)
+    fisher, used = ewc.empirical_fisher(model, host, batches, mask_ratio=float(cfg.train.mask_ratio),
+                                        rng=_key(config, stage.index, 3),
+                                        num_examples=int(c.ewc.fisher_num_examples),
+                                        batch_size=int(c.ewc.fisher_batch_size))
+    previous = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))["fisher"] if prev else None
+    fisher = ewc.online_update(previous, fisher, float(c.ewc.gamma))
+    params_lib.save_tree_npz(os.path.join(stage.workdir, EWC_FILE), anchor=enc, fisher=fisher)
+    logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
+
+  synth_summary = os.path.join(stage.workdir, inv_job.SUMMARY_FILE)
+  wants_synthetic = (method == "invcoss" and c.invert_with == "own"
+                     and (not last or bool(c.get("synthesize_last_stage", True))))
+  if wants_synthetic and not os.path.isfile(synth_summary):
+    inv_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    inv_cfg.init_from = stage.workdir
+    inv_cfg.seed = int(config.seed) + 1009 * stage.index
+    inv_job.run_invert(inv_cfg, stage.workdir)
+
+  storage = stage_storage(config, cfg, stage, n_current, shapes)
+  if writer is not None:
+    writer.write_scalars(total_steps, {f"storage/{k}": float(v) for k, v in storage.items()
+                                       if isinstance(v, (int, float))})
+  info = dict(name=stage.name, index=stage.index, modalities=list(stage.modalities), method=method,
+              num_examples=n_current, image_shapes=[list(s) for s in shapes], steps=int(total_steps),
+              data=[dict(name=str(x.name), path=str(x.path), split=str(x.split)) for x in stage.data],
+              storage=storage, done=True)
+  write_info(stage, info)
+  logging.info("%s finished: retains %d bytes (%s)", stage.name, storage["retained_bytes"], storage["retained_kind"])
+  return info
+
+
+def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None:
+  """er: a random buffer_fraction of the stage; medcoss: the k-means buffer (main_buffer_kmean.py)."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.inversion import job as inv_job
+  c = config.continual
+  d = stage.data[0]
+  fraction = float(c.buffer_fraction)
+
+  def eval_batches(batch_size):
+    return data_lib.make_eval_iterator(d, batch_size=batch_size, process_index=0, process_count=1)
+
+  if c.method == "er":
+    idx = buffers.random_indices(n, fraction, seed=int(config.seed) + stage.index)
+    extra = {}
+  else:
+    feats = buffers.encoder_features(model, jax.device_get(params), eval_batches(int(c.kmeans.batch_size)),
+                                     kind=str(c.kmeans.feature))
+    idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
+                                     seed=int(config.seed) + stage.index, n_init=int(c.kmeans.n_init),
+                                     max_iter=int(c.kmeans.max_iter))
+    extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
+  images = buffers.gather_examples(eval_batches(int(c.kmeans.batch_size)), idx)
+  if jax.process_index() == 0:
+    inv_job.write_shards(os.path.join(stage.workdir, BUFFER_DIR), images, int(cfg.inversion.shard_size))
+    atomic_write_json(os.path.join(stage.workdir, BUFFER_INFO), dict(
+        method=str(c.method), num_examples=int(len(images)), fraction=fraction, indices=[int(i) for i in idx],
+        image_shape=list(images.shape[1:]), **extra))
+
+
+def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, Any]:
+  """Bytes the stage leaves for later stages, per kind (uncompressed files on disk), and what a real replay
+  buffer of config.continual.buffer_fraction would take (float32 model layout) - the analogue of Fig. 6a."""
+  method = str(config.continual.method)
+  w = stage.workdir
+  out = dict(
+      statistics_bytes=folder_bytes(os.path.join(w, cfg.inversion.stats_file)),
+      real_buffer_bytes=folder_bytes(os.path.join(w, BUFFER_DIR)),
+      synthetic_bytes=folder_bytes(os.path.join(w, "synthetic")) + folder_bytes(os.path.join(w, REPLAY_DIR)),
+      ewc_bytes=folder_bytes(os.path.join(w, EWC_FILE)),
+      packnet_bytes=folder_bytes(os.path.join(w, PACKNET_FILE)),
+      real_buffer_equivalent_bytes=int(sum(
+          buffers.buffer_size(n, float(config.continual.buffer_fraction)) * math.prod(s) * 4
+          for n, s in zip(n_current, shapes))))
+  kind = {"invcoss": "statistics", "er": "real_buffer", "medcoss": "real_buffer", "ewc": "ewc",
+          "packnet": "packnet"}.get(method)
+  out["retained_kind"] = kind or "none"
+  out["retained_bytes"] = int(out[f"{kind}_bytes"]) if kind else 0
+  return out

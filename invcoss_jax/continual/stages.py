@@ -1,0 +1,108 @@
+"""The stages of a continual sequence: their order, workdirs, configs and what each one left behind.
+
+Stage k (1-based) of modality m lives in `workdir/stage_<k>_<m>/`, a normal stage workdir (config.json,
+checkpoints/, statistics.npz, synthetic/ or buffer/, TensorBoard events) plus `stage_info.json`, written last:
+its presence with `done: true` marks the stage finished. `joint` has one stage, `stage_1_joint`, over every
+modality of `config.continual.order`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from invcoss_jax.continual.config import METHODS
+from invcoss_jax.io_utils import atomic_write_json
+
+STAGE_INFO = "stage_info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  index: int  # 1-based position in the sequence
+  modality: str  # the stage's modality, or 'joint'
+  workdir: str
+  modalities: tuple[str, ...]  # the modalities of its current data (several for 'joint')
+  data: tuple[ml_collections.ConfigDict, ...]  # one data section per modality
+
+  @property
+  def name(self) -> str:
+    return f"stage_{self.index}_{self.modality}"
+
+
+def check_method(config: ml_collections.ConfigDict) -> str:
+  method = str(config.continual.method)
+  if method not in METHODS:
+    raise ValueError(f"config.continual.method={method!r}: expected one of {list(METHODS)}")
+  return method
+
+
+def plan_stages(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Stage]:
+  """The stages of `config.continual.order` (one 'joint' stage for method joint)."""
+  c = config.continual
+  order = tuple(str(m) for m in c.order)
+  if not order:
+    raise ValueError("config.continual.order is empty: expected modalities such as ('xray', 'ct', 'mri', 'path')")
+  if len(set(order)) != len(order):
+    raise ValueError(f"config.continual.order={order} repeats a modality: each stage needs its own data")
+  missing = [m for m in order if m not in c.datasets]
+  if missing:
+    raise ValueError(f"config.continual.order names {missing}, which config.continual.datasets lacks "
+                     f"(it has {sorted(c.datasets)})")
+  workdir = os.path.abspath(os.fspath(workdir))
+  data = tuple(_data_section(c.datasets[m], m) for m in order)
+  if check_method(config) == "joint":
+    return [Stage(1, "joint", os.path.join(workdir, "stage_1_joint"), order, data)]
+  return [Stage(k, m, os.path.join(workdir, f"stage_{k}_{m}"), (m,), (d,))
+          for k, (m, d) in enumerate(zip(order, data), start=1)]
+
+
+def _data_section(d: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict(d.to_dict())
+  if not d.get("modality"):
+    d.modality = modality
+  return d
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
+  """The job config as this stage's config.json: its data section (the first modality's for 'joint'),
+  and synthetic sets sized like the replay buffers (config.continual.buffer_fraction)."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.mode = "continual"
+  cfg.data = ml_collections.ConfigDict(stage.data[0].to_dict())
+  cfg.inversion.buffer_fraction = float(config.continual.buffer_fraction)
+  return cfg
+
+
+def read_info(stage: Stage) -> dict[str, Any] | None:
+  path = os.path.join(stage.workdir, STAGE_INFO)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
+
+
+def is_done(stage: Stage) -> bool:
+  info = read_info(stage)
+  return bool(info and info.get("done"))
+
+
+def write_info(stage: Stage, info: dict[str, Any]) -> None:
+  atomic_write_json(os.path.join(stage.workdir, STAGE_INFO), info)
+
+
+def folder_bytes(path: str) -> int:
+  """Bytes of a file, or of every file under a folder (0 if absent)."""
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total

@@ -1,0 +1,214 @@
+"""The composite train step of continual pre-training (Eq. 4) for every method.
+
+One step sees sub-batches grouped by image shape (`streams.StageStreams`):
+- `current`: data of the stage (MAE loss; several modalities for `joint`),
+- `buffer`: replay samples of earlier stages (feature distillation to the frozen previous model: both encode
+  the sample under the same mask, MSE over the encoder output tokens, MedCoSS's L_reg).
+The 2D and 3D sub-batches go through their own tokenizer inside the one compiled step. Each term is a mean
+over its samples (per-group means weighted by group size), and the terms are summed:
+
+  loss = L_task(current) + distill_weight * L_reg(buffer) + buffer_mae_weight * L_task(buffer)
+         + cassle_weight * L_cassle(current) + ewc_weight * EWC(encoder side).
+
+Masks come from explicit noise (`draw_noises`), folded from the state's key and step, so a resumed run
+draws the same masks and a test can recompute every term with separate model calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from invcoss_jax import models
+from invcoss_jax.continual import losses
+from invcoss_jax.continual.params import split_params
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train.state import TrainState
+
+
+class ContinualState(TrainState):
+  """TrainState plus `aux`: trainable parameters outside the MAE (CaSSLe's predictor; {} otherwise).
+
+  `params` stays the MAE tree alone, so `train.checkpoint.load_trained_stage` reads a stage as usual; the
+  optimiser state covers {'mae': params, 'aux': aux}."""
+  aux: Any
+
+
+class DistillPredictor(nn.Module):
+  """CaSSLe's predictor g: Linear(D -> hidden) - norm - ReLU - Linear(-> D), applied per token.
+
+  LayerNorm replaces CaSSLe's BatchNorm so the state needs no batch statistics (the ViT has none either)."""
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    d = tokens.shape[-1]
+    h = nn.Dense(self.hidden_dim, name="fc1")(tokens.astype(jnp.float32))
+    h = nn.relu(nn.LayerNorm(name="norm")(h))
+    return nn.Dense(d, name="fc2")(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static weights and ratios of the composite loss (from config.train / config.continual)."""
+  mask_ratio: float = 0.75
+  distill_mask_ratio: float = 0.75
+  distill_weight: float = 1.0
+  buffer_mae_weight: float = 0.0
+  ewc_weight: float = 0.0
+  cassle_weight: float = 0.0
+
+
+def num_patches(model_cfg: models.ViTConfig, image_shape) -> int:
+  """Tokens (without CLS) of one example of per-example shape `image_shape`."""
+  rank = len(image_shape) - 1
+  return math.prod(models.grid_shape(tuple(image_shape[:-1]), model_cfg.patch_size(rank)))
+
+
+def draw_noises(rng: jax.Array, batch: dict, model_cfg: models.ViTConfig) -> dict[str, tuple[jax.Array, ...]]:
+  """Uniform masking noise (B, L) for every sub-batch; group g of role r uses fold_in(rng, offset_r + g)."""
+  out = {}
+  for role, offset in (("current", 0), ("buffer", 1000)):
+    out[role] = tuple(
+        jax.random.uniform(jax.random.fold_in(rng, offset + g), (x.shape[0], num_patches(model_cfg, x.shape[1:])))
+        for g, x in enumerate(batch.get(role, ())))
+  return out
+
+
+def mae_forward(model: models.MAE, params, images, noise, *, mask_ratio: float, train: bool, rng=None):
+  """(MAE loss, encoder output tokens) of one pass with the mask fixed by `noise` (= MAE.__call__'s loss)."""
+  rank = models.spatial_rank(images)
+  grid = models.grid_shape(images.shape[1:-1], model.cfg.patch_size(rank))
+
+  def fwd(m: models.MAE, x, n):
+    tokens, mask, ids_restore = m.encode(x, mask_ratio=mask_ratio, train=train, noise=n)
+    pred = m.decode(tokens, ids_restore, grid, train=train)
+    loss, _ = m.loss(x, pred, mask)
+    return loss, tokens
+
+  rngs = {"dropout": rng, "masking": rng} if rng is not None else None
+  return model.apply({"params": params}, images, noise, method=fwd, rngs=rngs)
+
+
+def encode_tokens(model: models.MAE, params, images, noise, *, mask_ratio: float, train: bool, rng=None):
+  """Encoder output tokens (B, 1 + L_keep, D) with the mask fixed by `noise`."""
+  rngs = {"dropout": rng, "masking": rng} if rng is not None else None
+  tokens, _, _ = model.apply({"params": params}, images, mask_ratio=mask_ratio, train=train, noise=noise,
+                             method=models.MAE.encode, rngs=rngs)
+  return tokens
+
+
+def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, noises: dict, consts: dict,
+                   rng: jax.Array, predictor: DistillPredictor | None = None) -> tuple[jax.Array, dict]:
+  """(total loss, {term: value}) of one composite step; see the module doc.
+
+  consts: 'teacher' (the frozen previous MAE parameters, or None), 'ewc_anchor' / 'ewc_fisher' (encoder-side
+  trees, or None). `rng` seeds drop-path (one fold per forward pass)."""
+  teacher = consts.get("teacher")
+  current, buffer = batch.get("current", ()), batch.get("buffer", ())
+  terms: dict[str, jax.Array] = {}
+  calls = itertools.count()
+
+  def key():  # a distinct drop-path key for every forward pass
+    return jax.random.fold_in(rng, next(calls))
+
+  task, cassle = [], []
+  for x, noise in zip(current, noises["current"]):
+    loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.mask_ratio, train=True, rng=key())
+    task.append(loss)
+    if spec.cassle_weight > 0:
+      if teacher is None or predictor is None:
+        raise ValueError("cassle needs the frozen previous model and a predictor")
+      target = encode_tokens(model, teacher, x, noise, mask_ratio=spec.mask_ratio, train=False)
+      cassle.append(losses.feature_distillation(predictor.apply({"params": aux["predictor"]}, tokens), target))
+  sizes = [x.shape[0] for x in current]
+  total = terms["task"] = losses.sample_weighted_mean(task, sizes)
+  if spec.cassle_weight > 0:
+    terms["cassle"] = losses.sample_weighted_mean(cassle, sizes)
+    total = total + spec.cassle_weight * terms["cassle"]
+
+  if buffer:
+    if teacher is None:
+      raise ValueError("buffer samples are distilled to the frozen previous model, but consts['teacher'] is None")
+    reg, buf_task = [], []
+    for x, noise in zip(buffer, noises["buffer"]):
+      if spec.buffer_mae_weight > 0:
+        loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.distill_mask_ratio, train=True,
+                                   rng=key())
+        buf_task.append(loss)
+      else:
+        tokens = encode_tokens(model, params, x, noise, mask_ratio=spec.distill_mask_ratio, train=True, rng=key())
+      target = encode_tokens(model, teacher, x, noise, mask_ratio=spec.distill_mask_ratio, train=False)
+      reg.append(losses.feature_distillation(tokens, target))
+    bsizes = [x.shape[0] for x in buffer]
+    terms["distill"] = losses.sample_weighted_mean(reg, bsizes)
+    total = total + spec.distill_weight * terms["distill"]
+    if spec.buffer_mae_weight > 0:
+      terms["buffer_task"] = losses.sample_weighted_mean(buf_task, bsizes)
+      total = total + spec.buffer_mae_weight * terms["buffer_task"]
+
+  if spec.ewc_weight > 0:
+    anchor, fisher = consts.get("ewc_anchor"), consts.get("ewc_fisher")
+    if anchor is not None:
+      enc, _ = split_params(params)
+      terms["ewc"] = losses.ewc_penalty(enc, anchor, fisher)
+      total = total + spec.ewc_weight * terms["ewc"]
+  return total, terms
+
+
+def make_train_step(model: models.MAE, spec: LossSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    *, grad_accum_steps: int = 1, predictor: DistillPredictor | None = None) -> Callable:
+  """The pure step (state, batch, consts) -> (state, metrics).
+
+  consts may also hold 'trainable': a tree like `params` of 0/1 multipliers of the updates (PackNet's masks;
+  frozen entries stay bit-exact, weight decay included)."""
+
+  def train_step(state: ContinualState, batch: dict, consts: dict):
+    noise_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    noises = draw_noises(noise_rng, batch, model.cfg)
+
+    def loss_fn(trainable):
+      return composite_loss(model, spec, trainable["mae"], trainable["aux"], batch, noises, consts, drop_rng,
+                            predictor)
+
+    trainable = {"mae": state.params, "aux": state.aux}
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    mask = consts.get("trainable")
+    if mask is not None:
+      updates = dict(updates, mae=jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates["mae"], mask))
+    new = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "learning_rate": schedule(state.step // grad_accum_steps),
+               **{f"loss_{k}": v for k, v in terms.items()}}
+    return state.replace(step=state.step + 1, params=new["mae"], aux=new["aux"], opt_state=opt_state), metrics
+
+  return train_step
+
+
+def create_state(params, aux, tx: optax.GradientTransformation, rng: jax.Array, mesh: jax.sharding.Mesh,
+                 mesh_cfg) -> tuple[ContinualState, Any]:
+  """The state built directly in its sharded layout (as train.state.create_train_state); returns
+  (state, state shardings)."""
+
+  def init(p, a, r):
+    return ContinualState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init({"mae": p, "aux": a}),
+                          rng=r, aux=a)
+
+  abstract = jax.eval_shape(init, params, aux, rng)
+  shardings = mesh_lib.shardings_from_config(mesh, abstract, mesh_cfg)
+  state = jax.jit(init, out_shardings=shardings)(params, aux, rng)
+  return state, shardings
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, consts_shardings: Any,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """jit with explicit shardings (batch split over the batch axes); the old state is donated."""
+  return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.data_sharding(mesh), consts_shardings),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))

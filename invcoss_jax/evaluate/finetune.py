@@ -1,0 +1,408 @@
+"""Fine-tunes a (pre-trained) ViT encoder with a task head for one seed and reports test metrics.
+
+The downstream model is the MAE's encoder (`MAE.encode`, no masking, patch tokens in raster order)
+plus a head from `heads.py`. Protocols: `finetune` trains every weight; `linear` freezes the encoder
+(stop_gradient on its tokens and no optimiser update). Model selection: the parameters scoring best on
+the validation split (acc + auc + f1 for classification as MedCoSS, Dice for segmentation) are the
+ones evaluated on the test split.
+
+Evaluation runs in one process (any number of local devices); training batches are split over the
+mesh's batch axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from invcoss_jax import models
+from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
+from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train import optim
+from invcoss_jax.train.state import TrainState, create_train_state
+
+# Keys of the encoder's parameter tree that a pre-trained stage provides; the rest (MAE decoder,
+# mask token) is not part of the downstream model.
+PROTOCOLS = ("finetune", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class DownstreamModel:
+  """ViT encoder + head. Parameters: `{'backbone': <MAE encoder params>, 'head': <head params>}`."""
+  backbone: models.MAE
+  head: nn.Module
+  kind: str
+  freeze_backbone: bool = False
+  blocks: tuple[int, ...] = ()  # segmentation: 1-based encoder blocks feeding the decoder
+
+  def _tokens(self, backbone_params, images, train: bool, rng):
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    (tokens, _, _), state = self.backbone.apply(
+        {"params": backbone_params}, images, train=train and not self.freeze_backbone,
+        method=models.MAE.encode, mutable=["intermediates"], rngs=rngs)
+    feats = []
+    if self.kind == SEGMENTATION:
+      blocks = models.block_tokens(state["intermediates"])
+      # The last block's tokens pass the encoder's final norm, as UNETR's bottleneck (MONAI).
+      feats = [tokens if b == len(blocks) else blocks[b - 1] for b in self.blocks]
+    if self.freeze_backbone:
+      tokens = jax.lax.stop_gradient(tokens)
+      feats = [jax.lax.stop_gradient(f) for f in feats]
+    return tokens, feats
+
+  def init(self, rng: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    backbone = self.backbone.init({"params": rng}, images, method=models.MAE.encode)["params"]
+    tokens, feats = self._tokens(backbone, images, False, None)
+    head_rng = jax.random.fold_in(rng, 1)
+    if self.kind == CLASSIFICATION:
+      head = self.head.init(head_rng, tokens)["params"]
+    else:
+      head = self.head.init(head_rng, images, feats)["params"]
+    return {"backbone": backbone, "head": head}
+
+  def apply(self, params, images: jnp.ndarray, *, train: bool = False, rng: jax.Array | None = None):
+    """Logits: `(B, num_classes)` or `(B, *spatial, channels)`, float32."""
+    tokens, feats = self._tokens(params["backbone"], images, train, rng)
+    if self.kind == CLASSIFICATION:
+      return self.head.apply({"params": params["head"]}, tokens)
+    return self.head.apply({"params": params["head"]}, images, feats)
+
+
+def check_task(task: ml_collections.ConfigDict, name: str) -> None:
+  """Clear errors for options the fine-tuning reads."""
+  where = f"config.evaluate.tasks.{name}"
+  if task.kind not in (CLASSIFICATION, SEGMENTATION):
+    raise ValueError(f"{where}.kind={task.kind!r}: expected {CLASSIFICATION!r} or {SEGMENTATION!r}")
+  if int(task.num_classes) < 2:
+    raise ValueError(f"{where}.num_classes={task.num_classes}: expected >= 2 (segmentation counts background)")
+  if task.kind == SEGMENTATION and task.seg_loss not in ("dice_bce", "dice_ce"):
+    raise ValueError(f"{where}.seg_loss={task.seg_loss!r}: expected 'dice_bce' or 'dice_ce'")
+  if int(task.batch_size) < 1 or int(task.eval_batch_size) < 1:
+    raise ValueError(f"{where}: batch_size and eval_batch_size must be >= 1")
+  if int(task.steps) <= 0 and float(task.epochs) <= 0:
+    raise ValueError(f"{where}: set steps > 0 or epochs > 0")
+  fmt_path = str(task.data.get("path", "") or "")
+  if task.data.get("name") == "folder" and not fmt_path:
+    raise ValueError(f"{where}.data.path is empty: point it at your copy of the {name} dataset "
+                     f"(format {task.data.get('format')!r}), e.g. --{where}.data.path=/data/{name}")
+  if fmt_path and not os.path.exists(fmt_path):
+    raise FileNotFoundError(f"{where}.data.path={fmt_path!r} does not exist: expected the {name} "
+                            f"dataset ({task.data.get('format')!r} files) there")
+
+
+def output_channels(task: ml_collections.ConfigDict) -> int:
+  if task.kind == CLASSIFICATION:
+    return int(task.num_classes)
+  # Sigmoid heads predict one channel per foreground class, softmax heads every class.
+  return int(task.num_classes) - 1 if task.seg_loss == "dice_bce" else int(task.num_classes)
+
+
+def build_model(task: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
+                protocol: str, image_shape: tuple[int, ...]) -> DownstreamModel:
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"config.evaluate.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  backbone = models.build_mae(model_cfg)
+  vit = backbone.cfg
+  dtype = vit.compute_dtype
+  if task.kind == CLASSIFICATION:
+    head = heads.ClassificationHead(output_channels(task), mlp_dim=int(task.mlp_dim), dtype=dtype)
+    return DownstreamModel(backbone, head, CLASSIFICATION, protocol == "linear")
+  rank = len(image_shape) - 1
+  patch = tuple(vit.patch_size(rank))
+  levels = len(heads.upsampling_plan(patch))
+  blocks = tuple(heads.feature_blocks(vit.depth, levels, tuple(task.unetr_blocks)))
+  head = heads.UNETR(output_channels(task), patch, feature_size=int(task.unetr_feature_size), dtype=dtype)
+  return DownstreamModel(backbone, head, SEGMENTATION, protocol == "linear", blocks)
+
+
+def merge_pretrained(params: dict[str, Any], pretrained: Any | None, source: str = "") -> tuple[dict, list[str]]:
+  """Replaces the backbone's sub-trees by the pre-trained ones of the same name; returns (params, names).
+
+  A sub-tree the checkpoint lacks (e.g. the 3D tokenizer of a 2D-only stage) keeps its fresh
+  initialisation, with a warning. Shapes must match exactly.
+  """
+  if pretrained is None:
+    return params, []
+  backbone = dict(params["backbone"])
+  loaded = []
+  for key, fresh in params["backbone"].items():
+    if key not in pretrained:
+      logging.warning("%s has no %r: it keeps its random initialisation", source or "checkpoint", key)
+      continue
+    got = pretrained[key]
+    if jax.tree.structure(got) != jax.tree.structure(fresh):
+      raise ValueError(f"{source}: parameter tree {key!r} differs from the model's: "
+                       f"{jax.tree.structure(got)} vs {jax.tree.structure(fresh)}")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(fresh)):
+      if a.shape != b.shape:
+        raise ValueError(f"{source}: parameter {key!r} has shape {a.shape}, the model expects {b.shape} "
+                         "(the fine-tuning model config must be the pre-trained one)")
+    backbone[key] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), got)
+    loaded.append(key)
+  return {"backbone": backbone, "head": params["head"]}, loaded
+
+
+def make_schedule(task: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up, then MedCoSS's poly decay lr * (1 - t/T)^power to 0."""
+  warmup = min(int(task.warmup_steps), max(total_steps - 1, 0))
+  poly = optax.polynomial_schedule(init_value=float(task.lr), end_value=0.0, power=float(task.lr_power),
+                                   transition_steps=max(total_steps - warmup, 1))
+  if warmup == 0:
+    return poly
+  ramp = optax.linear_schedule(0.0, float(task.lr), warmup)
+  return optax.join_schedules([ramp, poly], [warmup])
+
+
+def make_optimizer(task: ml_collections.ConfigDict, total_steps: int, params: Any,
+                   freeze_backbone: bool) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(task, total_steps)
+  adamw = optax.adamw(schedule, b1=float(task.b1), b2=float(task.b2), weight_decay=float(task.weight_decay),
+                      mask=optim.weight_decay_mask)
+  if not freeze_backbone:
+    return adamw, schedule
+  labels = {"backbone": jax.tree.map(lambda _: "frozen", params["backbone"]),
+            "head": jax.tree.map(lambda _: "train", params["head"])}
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def loss_fn_for(task: ml_collections.ConfigDict) -> Callable:
+  if task.kind == CLASSIFICATION:
+    return losses.classification_loss
+  return losses.dice_bce_loss if task.seg_loss == "dice_bce" else losses.dice_ce_loss
+
+
+def make_train_step(model: DownstreamModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_fn: Callable) -> Callable:
+  """(state, batch{'image', 'target'}) -> (state, metrics); drop-path keys fold the step in."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+      logits = model.apply(params, batch["image"], train=True, rng=rng)
+      return loss_fn(logits, batch["target"])
+
+    loss, grads = jax.value_and_grad(objective)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+            {"loss": loss, "learning_rate": schedule(state.step)})
+
+  return train_step
+
+
+def _flip_tta(predict: Callable, images: jnp.ndarray, flips: bool) -> jnp.ndarray:
+  if not flips:
+    return predict(images)
+  spatial = range(1, images.ndim - 1)
+  subsets = [s for r in range(len(spatial) + 1) for s in itertools.combinations(spatial, r)]
+  total = 0.0
+  for axes in subsets:
+    x = jnp.flip(images, axes) if axes else images
+    y = predict(x)
+    total = total + (jnp.flip(y, axes) if axes else y)
+  return total / len(subsets)
+
+
+def make_predict(model: DownstreamModel, task: ml_collections.ConfigDict) -> Callable:
+  """(params, images) -> probabilities (softmax for classification, per the loss for segmentation)."""
+
+  def predict(params, images):
+    def probs(x):
+      logits = model.apply(params, x, train=False)
+      if task.kind == CLASSIFICATION:
+        return jax.nn.softmax(logits)
+      return losses.segmentation_probs(logits, task.seg_loss)
+    if task.kind == CLASSIFICATION:
+      return probs(images)
+    return _flip_tta(probs, images, bool(task.tta_flips))
+
+  return predict
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  if x.shape[0] == n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
+
+
+def _labels_of(batch: dict[str, np.ndarray]) -> np.ndarray:
+  return np.asarray(batch["label"]).reshape(-1).astype(np.int64)
+
+
+def _mask_of(batch: dict[str, np.ndarray], image_ndim: int) -> np.ndarray:
+  m = np.asarray(batch["mask"])
+  return m[..., 0] if m.ndim == image_ndim else m
+
+
+def evaluate_split(predict_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]],
+                   task: ml_collections.ConfigDict, *, window: tuple[int, ...], batch_size: int,
+                   put: Callable[[np.ndarray], Any]) -> dict[str, float]:
+  """Metrics over a finite iterator of NumPy batches (ragged last batch allowed).
+
+  Classification: metrics of the pooled predictions. Segmentation: per-case metrics (sliding
+  window over inputs larger than `window`), averaged over cases as MedCoSS does.
+  """
+  if task.kind == CLASSIFICATION:
+    all_probs, all_labels = [], []
+    for batch in batches:
+      images = np.asarray(batch["image"], np.float32)
+      n = images.shape[0]
+      probs = np.asarray(predict_fn(params, put(_pad_rows(images, batch_size))))[:n]
+      all_probs.append(probs)
+      all_labels.append(_labels_of(batch))
+    if not all_probs:
+      raise ValueError(f"evaluation split of data.name={task.data.get('name')!r} yielded no examples")
+    return metrics.classification_metrics(np.concatenate(all_labels), np.concatenate(all_probs))
+
+  per_case: list[dict[str, float]] = []
+  window_fn = lambda x: np.asarray(predict_fn(params, put(x)))
+  for batch in batches:
+    images = np.asarray(batch["image"], np.float32)
+    masks = _mask_of(batch, images.ndim)
+    probs = sliding_window.sliding_window_inference(
+        window_fn, images, window, overlap=float(task.overlap), sigma_scale=float(task.sigma_scale),
+        batch_size=batch_size)
+    pred = losses.probs_to_labels(probs, task.seg_loss)
+    spacings = batch.get("spacing")
+    for i in range(images.shape[0]):
+      spacing = (np.asarray(spacings[i], np.float64) if spacings is not None
+                 else (tuple(task.spacing) or None))
+      per_case.append(metrics.segmentation_metrics(pred[i], masks[i], int(task.num_classes),
+                                                   spacing=spacing, dice_smooth=float(task.dice_smooth)))
+  if not per_case:
+    raise ValueError(f"evaluation split of data.name={task.data.get('name')!r} yielded no examples")
+  return {k: float(np.mean([c[k] for c in per_case])) for k in per_case[0]}
+
+
+def whole_case_batches(cases) -> Iterable[dict[str, np.ndarray]]:
+  """Batches of one whole case each (cases differ in shape): image, mask and spacing."""
+  for k in range(len(cases)):
+    case = cases[k]
+    if "mask" not in case:
+      raise ValueError(f"case {case.get('case_id', k)!r} has no label map: segmentation needs data.label_path")
+    yield {"image": case["image"][None], "mask": case["mask"][None], "spacing": case["spacing"][None]}
+
+
+def selection_score(task: ml_collections.ConfigDict, m: dict[str, float]) -> float:
+  """Validation score for model selection (higher is better)."""
+  if task.kind == CLASSIFICATION:
+    return float(m["acc"] + np.nan_to_num(m["auc"]) + m["f1"])
+  return float(m["dsc"])
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+  test: dict[str, float]
+  best_val: dict[str, float]
+  best_step: int
+  history: list[dict[str, Any]]
+  total_steps: int
+  loaded: list[str]
+  params: Any = None
+
+
+def finetune(task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
+             seed: int, protocol: str = "finetune", pretrained: Any | None = None, source: str = "",
+             mesh_cfg: ml_collections.ConfigDict | None = None, max_steps: int = -1,
+             batch_shards: bool = True, keep_params: bool = False) -> FinetuneResult:
+  """Fine-tunes on `task` with `seed` (initialisation, data order, drop-path) and tests the model
+  selected on validation. `pretrained`: MAE parameters to start the encoder from (None: scratch)."""
+  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
+
+  check_task(task, task_name)
+  if jax.process_count() > 1:
+    raise NotImplementedError("downstream evaluation runs in a single process (any number of local "
+                              f"devices); this job has {jax.process_count()} processes")
+  train_data = ml_collections.ConfigDict(task.data.to_dict())
+  train_data.split = task.train_split
+  image_shape = tuple(int(s) for s in data_lib.image_shape(train_data))
+  n_train = int(data_lib.num_examples(train_data, split=task.train_split))
+  batch = int(task.batch_size)
+  steps_per_epoch = max(1, n_train // batch)
+  total = int(task.steps) if int(task.steps) > 0 else int(round(float(task.epochs) * steps_per_epoch))
+  if max_steps > 0:
+    total = min(total, max_steps)
+  eval_every = int(task.eval_every) if int(task.eval_every) > 0 else steps_per_epoch
+  window = tuple(int(w) for w in task.window) or image_shape[:-1]
+
+  if batch_shards:
+    mesh = mesh_lib.make_mesh(mesh_cfg if mesh_cfg is not None else {"axes": [("data", -1)]})
+  else:
+    mesh = mesh_lib.make_mesh({"axes": [("data", 1)]}, jax.local_devices()[:1])
+  mesh_lib.check_global_batch(mesh, batch, f"config.evaluate.tasks.{task_name}.batch_size")
+  mesh_lib.check_global_batch(mesh, int(task.eval_batch_size), f"config.evaluate.tasks.{task_name}.eval_batch_size")
+
+  model = build_model(task, model_cfg, protocol, image_shape)
+  rng = jax.random.PRNGKey(int(seed))
+  init_rng, state_rng = jax.random.split(rng)
+  params = model.init(init_rng, image_shape)
+  params, loaded = merge_pretrained(params, pretrained, source)
+  tx, schedule = make_optimizer(task, total, params, model.freeze_backbone)
+  loss_fn = loss_fn_for(task)
+
+  def target_of(b):
+    if task.kind == CLASSIFICATION:
+      return _labels_of(b).astype(np.int32)
+    return _mask_of(b, np.ndim(b["image"])).astype(np.int32)
+
+  logging.info("fine-tuning %s (%s, %s) seed %d: %d steps of batch %d, %d train examples of shape %s, "
+               "pre-trained %s", task_name, task.kind, protocol, seed, total, batch, n_train, image_shape,
+               loaded or "nothing")
+  history: list[dict[str, Any]] = []
+  best = (-math.inf, None, 0, {})
+  with jax.set_mesh(mesh):
+    state, shardings = create_train_state(lambda r: params, tx, state_rng, mesh, params=params)
+    step_fn = jax.jit(make_train_step(model, tx, schedule, loss_fn),
+                      in_shardings=(shardings, mesh_lib.data_sharding(mesh)),
+                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    predict = jax.jit(make_predict(model, task), in_shardings=(shardings.params, mesh_lib.data_sharding(mesh)),
+                      out_shardings=mesh_lib.replicated(mesh))
+    put = lambda x: mesh_lib.put_batch(mesh, np.asarray(x, np.float32))
+
+    def run_eval(split):
+      if task.kind == SEGMENTATION and bool(task.get("eval_whole_cases", False)):
+        it = whole_case_batches(data_lib.make_case_source(task.data, split))
+      else:
+        it = data_lib.make_eval_iterator(task.data, batch_size=int(task.eval_batch_size), split=split)
+      return evaluate_split(predict, state.params, it, task, window=window,
+                            batch_size=int(task.eval_batch_size), put=put)
+
+    train_iter = data_lib.make_train_iterator(train_data, global_batch_size=batch, seed=int(seed))
+    losses_since = []
+    for step in range(1, total + 1):
+      local = next(train_iter)
+      device_batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32),
+                                               "target": target_of(local)})
+      state, m = step_fn(state, device_batch)
+      losses_since.append(m["loss"])
+      if step % eval_every == 0 or step == total:
+        train_loss = float(np.mean(jax.device_get(losses_since)))
+        losses_since = []
+        if not np.isfinite(train_loss):
+          raise FloatingPointError(f"non-finite fine-tuning loss on {task_name} at step {step}")
+        val = run_eval(task.val_split)
+        score = selection_score(task, val)
+        history.append({"step": step, "train_loss": train_loss, "val": val, "score": score})
+        logging.info("%s seed %d step %d: train loss %.4f, val %s", task_name, seed, step, train_loss,
+                     {k: round(v, 4) for k, v in val.items() if "_" not in k})
+        if score > best[0]:
+          best = (score, jax.device_get(state.params), step, val)
+    _, best_params, best_step, best_val = best
+    state = state.replace(params=jax.device_put(best_params, shardings.params))
+    test = run_eval(task.test_split)
+  return FinetuneResult(test=test, best_val=best_val, best_step=best_step, history=history, total_steps=total,
+                        loaded=loaded, params=state.params if keep_params else None)

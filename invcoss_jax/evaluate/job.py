@@ -1,0 +1,135 @@
+"""The `evaluate` and `forgetting` jobs (config.mode), what `main.py` runs.
+
+evaluate: fine-tunes `config.init_from` (a trained stage's workdir; empty = from scratch) on
+  `config.evaluate.task` once per seed and writes `seed_<s>/metrics.json`, `results.json`,
+  `results.csv` and `results.md` (Table 1 layout). A rerun on the same workdir reuses the seeds
+  already finished with the same settings.
+forgetting: the same for every stage of one or more continual runs on every configured task, then
+  the stage x task matrix (`forgetting.json`, `.csv`, `.png`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from invcoss_jax import io_utils
+from invcoss_jax.evaluate import finetune as finetune_lib
+from invcoss_jax.evaluate import forgetting as forgetting_lib
+from invcoss_jax.evaluate import report
+from invcoss_jax.evaluate.config import task_config
+from invcoss_jax.train import checkpoint as ckpt_lib
+
+SEED_METRICS = "metrics.json"
+
+
+def resolve_task(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`config.evaluate.tasks[name]` if present, else the task's defaults."""
+  tasks = config.evaluate.get("tasks", None)
+  if tasks is not None and name in tasks:
+    return tasks[name]
+  return task_config(name)
+
+
+def load_backbone(config: ml_collections.ConfigDict, init_from: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """(model config, pre-trained MAE params or None). A checkpoint brings its own model config."""
+  if init_from:
+    stage_config, _, params = ckpt_lib.load_trained_stage(init_from)
+    model_cfg = ml_collections.ConfigDict(stage_config.model.to_dict())
+  else:
+    model_cfg, params = ml_collections.ConfigDict(config.model.to_dict()), None
+  if float(config.evaluate.drop_path) >= 0:
+    model_cfg.drop_path = float(config.evaluate.drop_path)
+  return model_cfg, params
+
+
+def _fingerprint(*parts: Any) -> str:
+  blob = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: str | os.PathLike, *,
+                  init_from: str, method: str, backbone: tuple | None = None) -> dict[str, Any]:
+  """Fine-tunes `init_from` on one task for every seed in `workdir`; returns the results record."""
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  task = resolve_task(config, task_name)
+  protocol = str(config.evaluate.protocol)
+  model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
+  cap = int(config.get("total_steps", -1))
+  per_seed: dict[int, dict[str, float]] = {}
+  details: dict[str, Any] = {}
+  for seed in config.evaluate.seeds:
+    seed = int(seed)
+    fp = _fingerprint(task.to_dict(), protocol, model_cfg.to_dict(), os.path.abspath(init_from) if init_from
+                      else "", seed, cap, float(config.evaluate.drop_path))
+    path = os.path.join(workdir, f"seed_{seed}", SEED_METRICS)
+    if os.path.exists(path):
+      with open(path) as f:
+        done = json.load(f)
+      if done.get("fingerprint") == fp:
+        logging.info("%s: seed %d already evaluated in %s", task_name, seed, path)
+        per_seed[seed] = done["test"]
+        details[str(seed)] = {k: done[k] for k in ("best_step", "total_steps")}
+        continue
+      logging.info("%s: %s was written with other settings; evaluating again", task_name, path)
+    res = finetune_lib.finetune(task, task_name, model_cfg, seed=seed, protocol=protocol, pretrained=pretrained,
+                                source=init_from, mesh_cfg=config.mesh, max_steps=cap,
+                                batch_shards=bool(config.evaluate.batch_shards))
+    io_utils.atomic_write_json(path, dict(fingerprint=fp, task=task_name, seed=seed, test=res.test,
+                                          best_val=res.best_val, best_step=res.best_step,
+                                          total_steps=res.total_steps, history=res.history,
+                                          loaded=res.loaded))
+    per_seed[seed] = res.test
+    details[str(seed)] = dict(best_step=res.best_step, total_steps=res.total_steps)
+  record = report.make_record(task=task_name, kind=str(task.kind), method=method, protocol=protocol,
+                              init_from=init_from, per_seed=per_seed, extra=dict(selection=details))
+  report.write_results(workdir, record)
+  return record
+
+
+def default_method_name(config: ml_collections.ConfigDict) -> str:
+  if config.evaluate.method_name:
+    return str(config.evaluate.method_name)
+  return os.path.basename(os.path.normpath(config.init_from)) if config.init_from else "TFS"
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """mode='evaluate': the results record (also written to `workdir`)."""
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.write_config(workdir, config)
+  return evaluate_task(config, str(config.evaluate.task), workdir, init_from=str(config.init_from or ""),
+                       method=default_method_name(config))
+
+
+def run_forgetting(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """mode='forgetting': every stage of every run in `config.evaluate.forgetting.runs` on every task of
+  `config.evaluate.forgetting.tasks`; returns the matrix (also written to `workdir`)."""
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.write_config(workdir, config)
+  runs = forgetting_lib.parse_runs(list(config.evaluate.forgetting.runs), str(config.init_from or ""))
+  tasks = [str(t) for t in (config.evaluate.forgetting.tasks or (config.evaluate.task,))]
+  kinds = {t: str(resolve_task(config, t).kind) for t in tasks}
+  stages_of = {method: forgetting_lib.find_stages(path) for method, path in runs}  # fail before training
+  matrix: dict[str, Any] = dict(tasks=tasks, kinds=kinds, seeds=[int(s) for s in config.evaluate.seeds],
+                                protocol=str(config.evaluate.protocol), methods={})
+  for method, path in runs:
+    stages = []
+    for k, modality, stage_dir in stages_of[method]:
+      backbone = load_backbone(config, stage_dir)
+      entry = dict(stage=k, modality=modality, workdir=stage_dir, tasks={})
+      for task in tasks:
+        out = os.path.join(workdir, forgetting_lib.safe_name(method), os.path.basename(stage_dir), task)
+        rec = evaluate_task(config, task, out, init_from=stage_dir, method=method, backbone=backbone)
+        entry["tasks"][task] = dict(mean=rec["mean"], std=rec["std"])
+      stages.append(entry)
+    matrix["methods"][method] = dict(workdir=path, stages=stages)
+  forgetting_lib.write_matrix(workdir, matrix)
+  return matrix

@@ -1,0 +1,191 @@
+"""Inversion losses against NumPy references and finite differences; the term registry and objective."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from invcoss_jax.inversion import losses
+from invcoss_jax.inversion.config import inversion_config
+
+
+def fd_check(fn, x, direction_seed=0, eps=1e-2, rtol=2e-2):
+  """Directional derivative of `fn` at `x`: central differences (float32, step eps) vs jax.grad."""
+  x = np.asarray(x, np.float32)
+  d = np.random.default_rng(direction_seed).normal(size=x.shape).astype(np.float32)
+  f = jax.jit(fn)
+  g = np.asarray(jax.jit(jax.grad(fn))(jnp.asarray(x)), np.float64)
+  analytic = float(np.sum(g * d))
+  numeric = (float(f(jnp.asarray(x + eps * d))) - float(f(jnp.asarray(x - eps * d)))) / (2 * eps)
+  np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- L_norm
+
+def np_l_norm(mean, var, tm, tv):
+  return sum(np.linalg.norm((mean[l] - tm[l]).ravel()) + np.linalg.norm((var[l] - tv[l]).ravel())
+             for l in range(mean.shape[0]))
+
+
+def test_l_norm_matches_numpy_and_finite_differences():
+  rng = np.random.default_rng(0)
+  mean, tm = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  var, tv = rng.uniform(0.1, 2.0, size=(2, 3, 5, 4)).astype(np.float32)
+  got = float(losses.l_norm(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv)))
+  np.testing.assert_allclose(got, np_l_norm(mean, var, tm, tv), rtol=1e-5)
+  # Plain (not squared) norms: scaling every difference by 2 doubles the loss.
+  got2 = float(losses.l_norm(jnp.asarray(tm + 2 * (mean - tm)), jnp.asarray(tv + 2 * (var - tv)),
+                             jnp.asarray(tm), jnp.asarray(tv)))
+  np.testing.assert_allclose(got2, 2 * got, rtol=1e-5)
+  fd_check(lambda m: losses.l_norm(m, jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv)), mean)
+  # At a perfect match the loss is 0 with a finite (zero) gradient, not NaN.
+  g = jax.grad(lambda m: losses.l_norm(m, jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv)))(jnp.asarray(tm))
+  assert float(losses.l_norm(jnp.asarray(tm), jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv))) == 0.0
+  assert np.all(np.asarray(g) == 0.0)
+  with pytest.raises(ValueError, match="input shape"):
+    losses.l_norm(jnp.asarray(mean[:, :2]), jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv))
+
+
+# ---------------------------------------------------------------------------------------------- L_task
+
+def test_l_task_matches_numpy_and_finite_differences():
+  rng = np.random.default_rng(1)
+  pred, target = rng.normal(size=(2, 3, 6, 8)).astype(np.float32)
+  mask = (rng.uniform(size=(3, 6)) < 0.75).astype(np.float32)
+  per_patch = ((pred - target) ** 2).mean(-1)
+  expected = (per_patch * mask).sum() / mask.sum()
+  got = float(losses.l_task(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  fd_check(lambda p: losses.l_task(p, jnp.asarray(target), jnp.asarray(mask)), pred)
+  # Visible patches do not count.
+  pred2 = pred + 10.0 * (1 - mask)[..., None]
+  np.testing.assert_allclose(float(losses.l_task(jnp.asarray(pred2), jnp.asarray(target), jnp.asarray(mask))),
+                             expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- L_img
+
+def np_tv(x, reduction):
+  axes = range(1, x.ndim - 1)
+  if reduction == "mean":
+    return sum(np.abs(np.diff(x, axis=a)).mean() for a in axes)
+  return sum(np.abs(np.diff(x, axis=a)).sum() for a in axes) / x.shape[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 7, 3), (2, 4, 5, 6, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_l_img_matches_numpy_2d_and_3d(shape, reduction):
+  x = np.random.default_rng(2).uniform(size=shape).astype(np.float32)
+  got = float(losses.l_img(jnp.asarray(x), reduction))
+  np.testing.assert_allclose(got, np_tv(x, reduction), rtol=1e-5)
+  if reduction == "sum":
+    fd_check(lambda v: losses.l_img(v, reduction), x, eps=1e-3)
+
+
+def test_l_img_3d_counts_depth_differences():
+  x = np.zeros((1, 3, 4, 4, 1), np.float32)
+  x[:, 1] = 1.0  # changes along depth only
+  assert float(losses.l_img(jnp.asarray(x), "sum")) == pytest.approx(2 * 16)
+  assert float(losses.l_img(jnp.asarray(x[:, 0]), "sum")) == 0.0
+  with pytest.raises(ValueError, match="img_reduction"):
+    losses.l_img(jnp.asarray(x), "median")
+  with pytest.raises(ValueError, match="B,H,W,C"):
+    losses.l_img(jnp.zeros((3, 4)), "mean")
+
+
+# ---------------------------------------------------------------------------------------------- L_rep
+
+def np_l_rep(h, pool, valid):
+  hn = h / np.linalg.norm(h, axis=1, keepdims=True)
+  pn = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+  cos = hn @ pn.T
+  v = valid.astype(bool)
+  return (cos[:, v] ** 2).mean()
+
+
+def test_l_rep_matches_numpy_and_finite_differences():
+  rng = np.random.default_rng(3)
+  h = rng.normal(size=(4, 8)).astype(np.float32)
+  pool = rng.normal(size=(6, 8)).astype(np.float32)
+  valid = np.array([1, 1, 1, 1, 0, 0], np.float32)
+  pool[4:] = 1e3  # empty slots hold garbage that must not count
+  got = float(losses.l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.asarray(valid)))
+  np.testing.assert_allclose(got, np_l_rep(h, pool, valid), rtol=1e-5)
+  fd_check(lambda v: losses.l_rep(v, jnp.asarray(pool), jnp.asarray(valid)), h, eps=1e-3)
+  assert float(losses.l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.zeros(6))) == 0.0  # empty pool
+  # Scale invariance of cosine similarity.
+  np.testing.assert_allclose(float(losses.l_rep(jnp.asarray(3 * h), jnp.asarray(pool), jnp.asarray(valid))),
+                             got, rtol=1e-5)
+
+
+def test_mean_pairwise_cosine_matches_numpy():
+  f = np.random.default_rng(4).normal(size=(5, 3)).astype(np.float32)
+  u = f / np.linalg.norm(f, axis=1, keepdims=True)
+  s = u @ u.T
+  expected = (s.sum() - np.trace(s)) / 20
+  np.testing.assert_allclose(float(losses.mean_pairwise_cosine(jnp.asarray(f))), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(losses.mean_pairwise_cosine(jnp.ones((4, 3)))), 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def _fake_ctx():
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.uniform(size=(2, 4, 4, 3)).astype(np.float32))
+  m = types.SimpleNamespace(mean=jnp.ones((1, 2, 3)), var=jnp.ones((1, 2, 3)))
+  t = types.SimpleNamespace(mean=jnp.zeros((1, 2, 3)), var=jnp.ones((1, 2, 3)))
+  return types.SimpleNamespace(images=images, feature_moments=m, target_stats=t)
+
+
+def test_objective_is_weighted_sum_and_zero_weight_skips_term():
+  cfg = inversion_config()
+  cfg.loss_weights = ml_collections.ConfigDict(dict(norm=2.0, img=0.5, rep=0.0))  # rep would need a pool
+  ctx = _fake_ctx()
+  total, terms = losses.objective(ctx, cfg)
+  assert set(terms) == {"norm", "img"}
+  np.testing.assert_allclose(float(terms["norm"]), np.sqrt(6.0), rtol=1e-6)
+  np.testing.assert_allclose(float(terms["img"]), np_tv(np.asarray(ctx.images), "mean"), rtol=1e-5)
+  np.testing.assert_allclose(float(total), 2 * float(terms["norm"]) + 0.5 * float(terms["img"]), rtol=1e-6)
+
+
+def test_registering_a_new_term_needs_no_engine_edit():
+  @losses.register_loss_term("test_brightness")
+  def brightness(ctx, inv_cfg):
+    return jnp.mean(ctx.images) * inv_cfg.get("brightness_scale", 1.0)
+
+  assert "test_brightness" in losses.registered_loss_terms()
+  cfg = inversion_config()
+  cfg.loss_weights = ml_collections.ConfigDict(dict(img=0.0, test_brightness=3.0))
+  ctx = _fake_ctx()
+  total, terms = losses.objective(ctx, cfg)
+  assert set(terms) == {"test_brightness"}
+  np.testing.assert_allclose(float(total), 3 * float(np.mean(np.asarray(ctx.images))), rtol=1e-6)
+  with pytest.raises(ValueError, match="already registered"):
+    losses.register_loss_term("test_brightness")(lambda ctx, cfg: 0.0)
+
+
+def test_registry_errors_are_clear():
+  cfg = inversion_config()
+  cfg.loss_weights = ml_collections.ConfigDict(dict(nrom=1.0))
+  with pytest.raises(ValueError, match="'nrom', which is not registered.*'norm'"):
+    losses.objective(_fake_ctx(), cfg)
+  cfg.loss_weights = ml_collections.ConfigDict(dict(norm=0.0))
+  with pytest.raises(ValueError, match="switches every term off"):
+    losses.objective(_fake_ctx(), cfg)
+
+  @losses.register_loss_term("test_vector")
+  def vector(ctx, inv_cfg):
+    return jnp.ones(3)
+
+  cfg.loss_weights = ml_collections.ConfigDict(dict(test_vector=1.0))
+  with pytest.raises(ValueError, match="'test_vector' must return a scalar"):
+    losses.objective(_fake_ctx(), cfg)
+
+
+def test_paper_default_weights():
+  w = inversion_config().loss_weights
+  assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1)
+  assert set(w) <= set(losses.registered_loss_terms())

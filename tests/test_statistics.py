@@ -1,0 +1,163 @@
+"""Feature statistics (App. B.2, Eq. 9): exact merging for any batching, across devices, on real images."""
+
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from invcoss_jax import models
+from invcoss_jax.inversion import statistics
+from invcoss_jax.parallel import mesh as mesh_lib
+
+
+def tiny_mae(image_size=28, patch=7):
+  cfg = models.model_config("micro")
+  cfg.update(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
+             patch_size_2d=(patch, patch))
+  model = models.build_mae(cfg)
+  params = jax.jit(lambda k: models.init_mae_params(model, k, [(image_size, image_size, 3)]))(jax.random.key(0))
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def xrays(shared_data):
+  """40 real chest X-rays (PneumoniaMNIST train split), grey -> 3 channels, [0, 1]."""
+  with np.load(shared_data / "xray" / "pneumoniamnist.npz") as f:
+    x = f["train_images"][:40]
+  return np.repeat(x[..., None], 3, axis=-1).astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def model_and_reference(xrays):
+  """A tiny MAE and the NumPy (float64) statistics of its block tokens over all 40 images at once."""
+  model, params = tiny_mae()
+  blocks, _ = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, xrays)
+  tokens = np.stack([np.asarray(t, np.float64) for t in blocks])  # (blocks, N, T, D)
+  return model, params, tokens.mean(axis=1), tokens.var(axis=1)
+
+
+def _np_moments(x):
+  return x.shape[0], x.mean(0), x.var(0)
+
+
+def test_batch_moments_match_numpy_with_padding_weights():
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, (9, 5, 4))
+  m = statistics.batch_moments(x, axis=0, dtype=np.float64)
+  n, mean, var = _np_moments(x)
+  np.testing.assert_allclose(m.count, n)
+  np.testing.assert_allclose(m.mean, mean, rtol=1e-12)
+  np.testing.assert_allclose(m.var, var, rtol=1e-12)
+  # Padded rows with weight 0 are ignored (JAX path, float32).
+  padded = np.concatenate([x, 100.0 * np.ones((3, 5, 4))]).astype(np.float32)
+  w = np.r_[np.ones(9), np.zeros(3)]
+  mj = statistics.batch_moments(jnp.asarray(padded), axis=0, weights=jnp.asarray(w))
+  assert float(mj.count) == 9
+  np.testing.assert_allclose(mj.mean, mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mj.var, var, rtol=1e-5, atol=1e-5)
+  # Another axis.
+  ma = statistics.batch_moments(x, axis=1, dtype=np.float64)
+  np.testing.assert_allclose(ma.var, x.var(1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [[23], [8, 8, 7], [1, 1, 1, 20]])
+def test_merge_moments_exact_for_any_batching(sizes):
+  rng = np.random.default_rng(1)
+  x = rng.normal(-1.0, 2.0, (sum(sizes), 3, 6)) + rng.normal(0, 5, (1, 3, 6))
+  _, mean, var = _np_moments(x)
+  for dtype, xp, tol in [(np.float64, np, 1e-12), (np.float32, jnp, 2e-5)]:
+    total, start = None, 0
+    for s in sizes:
+      part = xp.asarray(x[start:start + s].astype(dtype))
+      m = statistics.batch_moments(part, dtype=dtype)
+      total = m if total is None else statistics.merge_moments(total, m)
+      start += s
+    assert float(total.count) == len(x)
+    np.testing.assert_allclose(np.asarray(total.mean), mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(total.var), var, rtol=tol * 10, atol=tol * 10)
+
+
+def test_merge_moments_with_empty_side_returns_other():
+  a = statistics.FeatureStats(count=np.float64(0), mean=np.zeros(3), var=np.zeros(3))
+  b = statistics.batch_moments(np.arange(12.0).reshape(4, 3), dtype=np.float64)
+  for m in (statistics.merge_moments(a, b), statistics.merge_moments(b, a)):
+    np.testing.assert_allclose(m.mean, b.mean)
+    np.testing.assert_allclose(m.var, b.var)
+    assert m.count == 4
+
+
+@pytest.mark.parametrize("batch_size", [40, 16, 7])
+def test_compute_statistics_equals_numpy_over_whole_dataset(model_and_reference, xrays, batch_size):
+  model, params, mean, var = model_and_reference
+  batches = ({"image": xrays[i:i + batch_size]} for i in range(0, len(xrays), batch_size))
+  stats = statistics.compute_statistics(model, params, batches)
+  assert stats.count == len(xrays)
+  assert stats.mean.shape == (2, 1 + 16, 32) and stats.mean.dtype == np.float64
+  np.testing.assert_allclose(stats.mean, mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats.var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_compute_statistics_across_four_devices(model_and_reference, xrays):
+  model, params, mean, var = model_and_reference
+  mesh = mesh_lib.make_mesh({"axes": [("data", 4)]}, devices=jax.devices()[:4])
+  # Batches of 10 are padded to 12 (3 rows per device); the last batch is ragged too.
+  batches = (xrays[i:i + 10] for i in range(0, 40, 10))
+  stats = statistics.compute_statistics(model, params, batches, mesh=mesh)
+  assert stats.count == 40
+  np.testing.assert_allclose(stats.mean, mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats.var, var, rtol=1e-4, atol=1e-5)
+  ragged = statistics.compute_statistics(model, params, [xrays[:9], xrays[9:40]], mesh=mesh)
+  np.testing.assert_allclose(ragged.var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_compute_statistics_rejects_bad_batches(model_and_reference, xrays):
+  model, params, *_ = model_and_reference
+  with pytest.raises(ValueError, match="empty"):
+    statistics.compute_statistics(model, params, [])
+  with pytest.raises(ValueError, match="key 'image'"):
+    statistics.compute_statistics(model, params, [{"images": xrays}])
+  with pytest.raises(ValueError, match="shape"):
+    statistics.compute_statistics(model, params, [xrays[0]])
+
+
+def test_save_load_round_trip_and_size(tmp_path, model_and_reference):
+  model, params, mean, var = model_and_reference
+  stats = statistics.FeatureStats(count=np.float64(40), mean=mean, var=var)
+  path = tmp_path / "statistics.npz"
+  file_bytes = statistics.save_statistics(path, stats)
+  back = statistics.load_statistics(path)
+  assert back.count == 40 and back.mean.dtype == np.float32
+  np.testing.assert_array_equal(back.mean, mean.astype(np.float32))
+  np.testing.assert_array_equal(back.var, var.astype(np.float32))
+  nbytes = statistics.statistics_nbytes(stats)
+  assert nbytes == 2 * mean.size * 4 + 8
+  assert nbytes < file_bytes < nbytes + 2048  # uncompressed arrays plus the zip/npy headers
+  assert [p.name for p in tmp_path.iterdir()] == ["statistics.npz"]  # no temporary left behind
+  statistics.check_statistics(back, model, params, (28, 28, 3))
+  with pytest.raises(ValueError, match="do not fit the model"):
+    statistics.check_statistics(back, model, params, (56, 56, 3))
+
+
+def test_load_statistics_errors_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    statistics.load_statistics(tmp_path / "missing.npz")
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match="bad.npz.*not a readable"):
+    statistics.load_statistics(bad)
+  keys = tmp_path / "keys.npz"
+  np.savez(keys, mean=np.zeros((1, 2, 3)))
+  with pytest.raises(ValueError, match="keys.npz.*lacks \\['count', 'var'\\]"):
+    statistics.load_statistics(keys)
+  shape = tmp_path / "shape.npz"
+  np.savez(shape, count=np.int64(3), mean=np.zeros((2, 3)), var=np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="shape.npz.*num_blocks"):
+    statistics.load_statistics(shape)
+  neg = tmp_path / "neg.npz"
+  np.savez(neg, count=np.int64(3), mean=np.zeros((1, 2, 3)), var=-np.ones((1, 2, 3)))
+  with pytest.raises(ValueError, match="neg.npz.*negative"):
+    statistics.load_statistics(neg)
+  assert zipfile.is_zipfile(neg) and not os.path.exists(tmp_path / "neg.npz.npz")

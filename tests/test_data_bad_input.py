@@ -116,6 +116,7 @@ def test_truncated_whole_slide_image(tmp_path):
     read_all(c)
 
 
+@pytest.mark.needs_shared
 def test_images_without_labels_and_labels_without_images(shared_data, warnings_of_data):
   """The real hippocampus folder: image 118 has no label; labels 010 and 281 have no image."""
   root = shared_data / "mri" / "hippocampus"
@@ -141,6 +142,7 @@ def test_label_without_image_in_a_small_copy(tmp_path):
     data.make_source(c)
 
 
+@pytest.mark.needs_shared
 def test_4d_where_3d_is_expected(shared_data, tmp_path):
   four_d = shared_data / "mri" / "nibabel_testdata" / "example4d.nii.gz"
   with pytest.raises(data.DataError, match=r"example4d.nii.gz: expected a 3D volume, got a 4D array "
@@ -175,6 +177,7 @@ def test_nan_and_inf_voxels(tmp_path, warnings_of_data):
   assert any("replaced by 0" in r.getMessage() for r in warnings_of_data.records)
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize("case", ["184", "205", "210", "212"])
 def test_intensity_outliers_are_bounded_by_the_percentile_clip(case, shared_data, tmp_path):
   """Volumes stored up to 1.7e6 (others below 1e4): the [0.2, 99.8] percentile clip and the z-score
@@ -242,3 +245,17 @@ def test_label_values_outside_mask_values(tmp_path):
   c = mri_cfg(root / "images", label_path=str(root / "labels"), split="all", mask_values=(0, 1))
   with pytest.raises(data.DataError, match=r"labels/.*label map holds values \[2\] not in data.mask_values"):
     read_all(c)
+
+
+@pytest.mark.needs_shared
+def test_truncated_dicom_slice(shared_data, tmp_path):
+  os.makedirs(tmp_path / "dcm")
+  for name in ("pydicom_CT_small.dcm", "imageio_dicom_file01_CT.dcm"):
+    shutil.copy(shared_data / "ct" / "dicom" / name, tmp_path / "dcm" / name)
+  truncate(tmp_path / "dcm" / "imageio_dicom_file01_CT.dcm", 20000)  # pixel data cut
+  c = make_cfg("folder", format="dicom", modality="ct", spatial_dims=2, image_size=64, split="all",
+               path=str(tmp_path / "dcm"))
+  with pytest.raises(data.DataError, match="imageio_dicom_file01_CT.dcm: cannot"):
+    read_all(c)
+  c.lenient = True
+  assert sum(b["image"].shape[0] for b in read_all(c)) == 1

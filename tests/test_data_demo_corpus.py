@@ -55,6 +55,7 @@ def test_manifest_matches_the_files_and_package_data_patterns():
   assert "data/demo/*" in (REPO / "pyproject.toml").read_text()
 
 
+@pytest.mark.needs_shared
 def test_rebuild_from_shared_data_is_byte_identical(shared_data, tmp_path):
   spec = importlib.util.spec_from_file_location("build_demo_corpus", REPO / "scripts" / "build_demo_corpus.py")
   mod = importlib.util.module_from_spec(spec)

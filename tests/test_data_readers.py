@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from invcoss_jax import data
-from invcoss_jax.data import transforms as T
 
 DEMO = data.DEMO_ROOT
 CT_SMALL = os.path.join(DEMO, "ct_organs", "images", "totalseg_ct_small.nii.gz")
@@ -48,6 +47,7 @@ def test_nifti_is_read_in_lps_depth_first():
     assert data.nifti_header(path).shape == vol.shape
 
 
+@pytest.mark.needs_shared
 def test_nifti_las_file_is_reoriented(shared_data):
   import nibabel as nib
   path = shared_data / "mri" / "nibabel_testdata" / "anatomical.nii"
@@ -61,6 +61,7 @@ def test_nifti_las_file_is_reoriented(shared_data):
 # ------------------------------------------------------------------------------------------- DICOM
 
 
+@pytest.mark.needs_shared
 def test_dicom_single_slice_in_hounsfield_units(shared_data):
   import pydicom
   path = shared_data / "ct" / "dicom" / "pydicom_CT_small.dcm"
@@ -71,6 +72,7 @@ def test_dicom_single_slice_in_hounsfield_units(shared_data):
   assert hu.dtype == np.float32 and spacing == pytest.approx((0.661468, 0.661468))
 
 
+@pytest.mark.needs_shared
 def test_dicom_slices_as_2d_ct(shared_data):
   c = make_cfg("folder", format="dicom", modality="ct", spatial_dims=2, image_size=128, split="all",
                path=str(shared_data / "ct" / "dicom"))
@@ -102,6 +104,7 @@ def _write_series(template, vol, spacing, folder, rng):
     ds.save_as(os.path.join(folder, f"slice_{name_idx:03d}.dcm"))
 
 
+@pytest.mark.needs_shared
 def test_dicom_series_equals_the_nifti_it_came_from(shared_data, tmp_path):
   vol, spacing = data.read_nifti(CT_SMALL)
   rng = np.random.default_rng(0)
@@ -122,10 +125,13 @@ def test_dicom_series_equals_the_nifti_it_came_from(shared_data, tmp_path):
 # --------------------------------------------------------------------------------------------- WSI
 
 
-@pytest.mark.parametrize("which", ["cmu", "tcga"])
-def test_wsi_region_reads_stitch_tiles_exactly(which, shared_data):
+@pytest.mark.parametrize("which", ["cmu", pytest.param("tcga", marks=pytest.mark.needs_shared)])
+def test_wsi_region_reads_stitch_tiles_exactly(which, request):
   import tifffile
-  path = CMU_SVS if which == "cmu" else str(shared_data / "pathology" / "wsi" / "tcga-cr-7395-01a-01-ts1.svs")
+  if which == "cmu":  # JPEG tiles, in the demo corpus
+    path = CMU_SVS
+  else:  # JPEG 2000 tiles, two pyramid levels
+    path = str(request.getfixturevalue("shared_data") / "pathology" / "wsi" / "tcga-cr-7395-01a-01-ts1.svs")
   slide = data.Slide(path)
   level = slide.num_levels - 1
   full = tifffile.TiffFile(path).series[0].levels[level].asarray()[..., :3]
@@ -154,6 +160,7 @@ def test_wsi_tissue_tiles_have_tissue():
   assert all(mask[y:y + 256, x:x + 256].mean() < 0.6 for y, x in rejected)
 
 
+@pytest.mark.needs_shared
 def test_wsi_pipeline_tiles(shared_data):
   c = make_cfg("folder", format="wsi", modality="path", image_size=64, split="all",
                path=str(shared_data / "pathology" / "wsi"))

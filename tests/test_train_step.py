@@ -54,32 +54,37 @@ def _setup(model_cfg, grad_accum_steps=1, num_devices=4, **train):
   return model, mesh, state, step
 
 
-def test_bf16_compute_keeps_float32_params_and_loss(xray_batch):
-  _, mesh, s32, step32 = _setup(_model_cfg())
-  _, _, s16, step16 = _setup(_model_cfg(dtype="bfloat16"))
-  batch = mesh_lib.put_batch(mesh, xray_batch)
+@pytest.fixture(scope="module")
+def baseline(xray_batch):
+  """The float32 model's first step from the initial state (kept before the state is donated)."""
+  model, mesh, state, step = _setup(_model_cfg())
+  init_params = jax.device_get(state.params)
   with jax.set_mesh(mesh):
-    s32, m32 = step32(s32, batch)
-    s16, m16 = step16(s16, batch)
-  assert m16["loss"].dtype == jnp.float32 and m32["loss"].dtype == jnp.float32
+    state, metrics = step(state, mesh_lib.put_batch(mesh, xray_batch))
+  return model, init_params, jax.device_get(metrics)
+
+
+def test_bf16_compute_keeps_float32_params_and_loss(xray_batch, baseline):
+  _, _, m32 = baseline
+  _, mesh, s16, step16 = _setup(_model_cfg(dtype="bfloat16"))
+  with jax.set_mesh(mesh):
+    s16, m16 = step16(s16, mesh_lib.put_batch(mesh, xray_batch))
+  assert m16["loss"].dtype == jnp.float32 and m16["grad_norm"].dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state) if x.ndim > 0)
-  # Same masks (same key and step): bf16 only perturbs the arithmetic.
+  # Same initial parameters and masks (same key and step): bf16 only perturbs the arithmetic.
   assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=3e-2)
   assert float(m16["loss"]) != float(m32["loss"])
 
 
-def test_remat_changes_nothing_but_memory(xray_batch):
-  _, mesh, s0, step0 = _setup(_model_cfg())
-  _, _, s1, step1 = _setup(_model_cfg(remat=True))
-  batch = mesh_lib.put_batch(mesh, xray_batch)
+def test_remat_gives_the_same_loss_and_gradients(xray_batch, baseline):
+  _, _, m0 = baseline
+  _, mesh, s1, step1 = _setup(_model_cfg(remat=True))
   with jax.set_mesh(mesh):
-    for _ in range(2):
-      s0, m0 = step0(s0, batch)
-      s1, m1 = step1(s1, batch)
+    s1, m1 = step1(s1, mesh_lib.put_batch(mesh, xray_batch))
   np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
-               s1.params, s0.params)
+  np.testing.assert_allclose(float(m1["grad_norm"]), float(m0["grad_norm"]), rtol=1e-5)
+  assert float(m0["grad_norm"]) > 0
 
 
 def test_accumulation_updates_every_k_steps_and_old_state_is_donated(xray_batch):
@@ -89,7 +94,9 @@ def test_accumulation_updates_every_k_steps_and_old_state_is_donated(xray_batch)
   old = state
   with jax.set_mesh(mesh):
     state, m1 = step(state, batch)
-    assert old.params["cls_token"].is_deleted()  # donated to the new state
+    # The old state was donated to the new one. (Parameters fetched to the host above stay alive:
+    # a zero-copy NumPy view blocks their donation, so check what was not fetched.)
+    assert old.step.is_deleted() and all(x.is_deleted() for x in jax.tree.leaves(old.opt_state))
     mid = jax.device_get(state.params)
     state, m2 = step(state, batch)
     state, m3 = step(state, batch)
@@ -101,10 +108,10 @@ def test_accumulation_updates_every_k_steps_and_old_state_is_donated(xray_batch)
   assert float(m1["learning_rate"]) == float(m2["learning_rate"]) > float(m3["learning_rate"]) > 0
 
 
-def test_reconstruction_grid(xray_batch):
-  model, mesh, state, _ = _setup(_model_cfg(), num_devices=1)
+def test_reconstruction_grid(xray_batch, baseline):
+  model, params, _ = baseline
   images = jnp.asarray(xray_batch["image"][:3])
-  mask_px, recon = jax.device_get(make_reconstruct(model, 0.75)(state.params, images, jax.random.PRNGKey(1)))
+  mask_px, recon = jax.device_get(make_reconstruct(model, 0.75)(params, images, jax.random.PRNGKey(1)))
   assert mask_px.shape == recon.shape == (3, *IMAGE)
   # 12 of 16 patches masked; visible pixels are the input's own.
   np.testing.assert_allclose(mask_px.mean(axis=(1, 2, 3)), 0.75)

@@ -63,6 +63,7 @@ def make_loss_fn(model: models.MAE, mask_ratio: float, num_masks: int) -> Callab
       out = model.apply({"params": params}, images, mask_ratio=mask_ratio, train=False, noise=noise)
       return per_sample_masked_mse(out["pred"], out["target"], out["mask"])
 
-    return jnp.mean(jnp.stack([one_mask(m) for m in range(num_masks)]), axis=0)
+    # lax.map: one traced model pass whatever num_masks (short compiles), masks evaluated in sequence.
+    return jnp.mean(jax.lax.map(one_mask, jnp.arange(num_masks)), axis=0)
 
   return losses

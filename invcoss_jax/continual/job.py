@@ -274,7 +274,9 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
 
   # --- model, hand-over, teacher ---
   model = models.build_mae(cfg.model)
-  fresh = models.init_mae_params(model, _key(config, stage.index, 0), _dummy_shapes(model.cfg))
+  # Jitted: eager initialisation would compile every operation on its own (tens of seconds on a CPU).
+  fresh = jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))(
+      _key(config, stage.index, 0))
   prev = earlier[-1] if earlier else None
   prev_params = None
   if prev is not None:
@@ -313,7 +315,8 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   predictor, aux = None, {}
   if spec.cassle_weight > 0:
     predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))
-    aux = {"predictor": predictor.init(_key(config, stage.index, 2), jnp.zeros((1, 1, model.cfg.width)))["params"]}
+    aux = {"predictor": jax.jit(predictor.init)(_key(config, stage.index, 2),
+                                                jnp.zeros((1, 1, model.cfg.width)))["params"]}
   if spec.ewc_weight > 0:
     saved = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))
     consts["ewc_anchor"], consts["ewc_fisher"] = saved["anchor"], saved["fisher"]

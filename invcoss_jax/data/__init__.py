@@ -8,9 +8,9 @@ from invcoss_jax.data.catalog import Case, split_indices
 from invcoss_jax.data.config import data_config
 from invcoss_jax.data.errors import DataError, SkipLog
 from invcoss_jax.data.image_io import npz_array_info, read_image
-from invcoss_jax.data.pipeline import (CaseSource, image_shape, make_case_source, make_eval_iterator,
-                                       make_preprocessor, make_source, make_train_iterator,
-                                       num_examples, volume_geometry)
+from invcoss_jax.data.datasets import CaseSource, make_case_source, make_source, num_examples
+from invcoss_jax.data.pipeline import make_eval_iterator, make_train_iterator
+from invcoss_jax.data.preprocessing import image_shape, make_preprocessor, volume_geometry
 from invcoss_jax.data.registry import DATASETS, DEMO_ROOT, known_names, num_classes, resolve
 from invcoss_jax.data.sources import (DicomSliceSource, ImageFolderSource, NpzSource, TfdsSource,
                                       VolumeSource, WsiTileSource, check_finite, remap_mask)
@@ -22,3 +22,62 @@ from invcoss_jax.data.transforms import (Natural2D, Preprocessed, Slice2D, Volum
 from invcoss_jax.data.volume_io import (VolumeHeader, dicom_series_header, nifti_header,
                                         read_dicom_series, read_dicom_slice, read_nifti)
 from invcoss_jax.data.wsi import Slide, TileGrid, tissue_mask, tissue_tiles
+
+__all__ = [
+    "Case",
+    "CaseSource",
+    "DATASETS",
+    "DEMO_ROOT",
+    "DataError",
+    "DicomSliceSource",
+    "ImageFolderSource",
+    "Natural2D",
+    "NpzSource",
+    "Preprocessed",
+    "SkipLog",
+    "Slice2D",
+    "Slide",
+    "TfdsSource",
+    "TileGrid",
+    "Volume3D",
+    "VolumeGeometry",
+    "VolumeHeader",
+    "VolumeSource",
+    "WsiTileSource",
+    "check_finite",
+    "data_config",
+    "dicom_series_header",
+    "hu_to_unit",
+    "image_shape",
+    "known_names",
+    "make_case_source",
+    "make_eval_iterator",
+    "make_preprocessor",
+    "make_source",
+    "make_train_iterator",
+    "nifti_header",
+    "npz_array_info",
+    "num_classes",
+    "num_examples",
+    "percentile_zscore",
+    "random_flip",
+    "random_resized_crop_box",
+    "read_dicom_series",
+    "read_dicom_slice",
+    "read_image",
+    "read_nifti",
+    "remap_mask",
+    "resample",
+    "resample_to_spacing",
+    "resize_2d",
+    "resolve",
+    "split_indices",
+    "target_grid_shape",
+    "tissue_mask",
+    "tissue_tiles",
+    "to_channels",
+    "to_unit_range",
+    "volume_geometry",
+    "window_map",
+    "window_starts",
+]

@@ -21,14 +21,23 @@ def data_config() -> ml_collections.ConfigDict:
   c.modality = ""  # xray | ct | mri | path; '' = the registered name's modality
   c.spatial_dims = 0  # 0 = from the modality (2 for xray/path, 3 for ct/mri); 2 reads CT/MRI slices
   # Splits of data without split folders/keys: fractions of cases (train, val[, test]), shuffled by
-  # `split_seed`. split_by='depth' instead cuts every volume into contiguous slabs with these fractions
-  # (for single-volume datasets; slabs share no voxel).
+  # `split_seed` (within each class when there are class labels). With train/ (and test/) folders but
+  # no val/, (train, val) fractions carve the validation set out of train/. split_by='depth' instead
+  # cuts every volume into contiguous slabs with these fractions (single-volume datasets; the slabs
+  # share no voxel).
   c.split_fractions = ()
   c.split_seed = 0
   c.split_by = ""  # case | depth; '' = the registered name's, else case
-  c.image_suffix = ""  # case id = file stem without this suffix (e.g. '_0000' in nnU-Net layouts)
-  c.label_suffix = ""  # label file stem = case id + this suffix (e.g. '_seg')
+  # Image/label pairing by case id: image file `{image_prefix}{id}{image_suffix}.ext`, label map
+  # `{label_prefix}{id}{label_suffix}.ext` (nnU-Net: image_suffix='_0000'; LiTS: image_prefix='volume-',
+  # label_prefix='segmentation-'; QaTa-COV19: label_prefix='mask_').
+  c.image_prefix = ""
+  c.image_suffix = ""
+  c.label_prefix = ""
+  c.label_suffix = ""
+  c.class_subfolders = False  # class labels from sub-folder names (sorted), ImageFolder layout
   c.mask_values = ()  # label-map values mapped to 0..K-1 in this order; () keeps the values
+  c.mask_binarize = False  # label map -> (value > 0): 0/255 masks, instance maps (GlaS)
   c.num_classes = 0  # classes of 'label' (classification) or 'mask' (segmentation); 0 = registered/none
 
   # Output sizes.
@@ -116,5 +125,4 @@ def data_config() -> ml_collections.ConfigDict:
   # Folders of 2D images.
   c.images = ml_collections.ConfigDict()
   c.images.extensions = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-  c.images.class_subfolders = False  # labels from sub-folder names (sorted), ImageFolder layout
   return c

@@ -55,7 +55,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 _FILLED = ("format", "modality", "split_fractions", "split_by", "mask_values", "num_classes",
-           "image_suffix", "label_suffix")
+           "image_prefix", "image_suffix", "label_prefix", "label_suffix")
 
 
 def known_names() -> list[str]:

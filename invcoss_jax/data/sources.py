@@ -9,7 +9,6 @@ Under `lenient=True` a record that cannot be read is logged once and returned as
 from __future__ import annotations
 
 import collections
-import os
 import threading
 from typing import Any, Callable, Sequence
 
@@ -51,9 +50,12 @@ class LruCache:
     self.__init__(state["size"])
 
 
-def remap_mask(mask: np.ndarray, values: Sequence[int], path: str) -> np.ndarray:
-  """Label-map values -> their index in `values` (so arbitrary label ids become 0..K-1)."""
+def remap_mask(mask: np.ndarray, values: Sequence[int], path: str, binarize: bool = False) -> np.ndarray:
+  """Label-map values -> their index in `values` (so arbitrary label ids become 0..K-1), or with
+  `binarize` foreground (> 0) -> 1."""
   mask = np.asarray(mask)
+  if binarize:
+    return (mask > 0).astype(np.int32)
   if not values:
     return mask.astype(np.int32)
   values = np.asarray(values, np.int64)
@@ -142,10 +144,11 @@ class ImageFolderSource(_Base):
   """2D image files, with an optional class label (sub-folder) and label-map file per image."""
 
   def __init__(self, cases: Sequence[Case], *, skips: SkipLog, lenient: bool = False,
-               mask_values: Sequence[int] = ()):
+               mask_values: Sequence[int] = (), mask_binarize: bool = False):
     super().__init__(skips, lenient)
     self.cases = list(cases)
     self.mask_values = tuple(int(v) for v in mask_values)
+    self.mask_binarize = bool(mask_binarize)
     self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
     self.has_masks = bool(self.cases) and all(c.label_path is not None for c in self.cases)
 
@@ -166,7 +169,7 @@ class ImageFolderSource(_Base):
         if mask.shape != rec["image"].shape[:2]:
           raise DataError(case.label_path, f"label map of shape {mask.shape}: expected the image's "
                           f"{rec['image'].shape[:2]} ({case.path})")
-        rec["mask"] = remap_mask(mask, self.mask_values, case.label_path)
+        rec["mask"] = remap_mask(mask, self.mask_values, case.label_path, self.mask_binarize)
       return rec
 
     return self._guard(case.path, read)
@@ -175,24 +178,28 @@ class ImageFolderSource(_Base):
 class DicomSliceSource(_Base):
   """Single DICOM slices as 2D images in modality units (CT: Hounsfield units)."""
 
-  def __init__(self, files: Sequence[str], *, skips: SkipLog, lenient: bool = False,
+  def __init__(self, cases: Sequence[Case], *, skips: SkipLog, lenient: bool = False,
                nonfinite: str = "error"):
     super().__init__(skips, lenient)
-    self.files = list(files)
+    self.cases = list(cases)
     self.nonfinite = nonfinite
+    self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
 
   def __len__(self) -> int:
-    return len(self.files)
+    return len(self.cases)
 
   def __getitem__(self, i: int):
-    path = self.files[i]
+    case = self.cases[i]
 
     def read():
-      image, spacing = volume_io.read_dicom_slice(path)
-      return {"image": check_finite(image, path, self.nonfinite),
-              "spacing": np.asarray(spacing, np.float32)}
+      image, spacing = volume_io.read_dicom_slice(case.path)
+      rec = {"image": check_finite(image, case.path, self.nonfinite),
+             "spacing": np.asarray(spacing, np.float32)}
+      if self.has_labels:
+        rec["label"] = np.int32(case.label)
+      return rec
 
-    return self._guard(path, read)
+    return self._guard(case.path, read)
 
 
 class VolumeSource(_Base):
@@ -205,8 +212,10 @@ class VolumeSource(_Base):
 
   def __init__(self, cases: Sequence[Case], *, reader: str, geometry: VolumeGeometry, skips: SkipLog,
                lenient: bool = False, cache_size: int = 2, mask_values: Sequence[int] = (),
-               nonfinite: str = "error", slab: Callable[[int], tuple[int, int]] | None = None):
+               mask_binarize: bool = False, nonfinite: str = "error",
+               slab: Callable[[int], tuple[int, int]] | None = None):
     super().__init__(skips, lenient)
+    self.mask_binarize = bool(mask_binarize)
     if reader not in ("nifti", "dicom"):
       raise ValueError(f"reader {reader!r}: expected 'nifti' or 'dicom'")
     self.reader = reader
@@ -246,6 +255,7 @@ class VolumeSource(_Base):
       index.extend((k, s) for s in starts)
     self.index = np.asarray(index, np.int64).reshape(-1, 2)
     self.has_masks = bool(self.cases) and all(c.label_path is not None for c in self.cases)
+    self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
 
   def _header(self, path: str) -> volume_io.VolumeHeader:
     if self.reader == "nifti":
@@ -270,7 +280,7 @@ class VolumeSource(_Base):
         raw, _ = volume_io.read_nifti(case.label_path, dtype=np.float64)
         if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
           raise DataError(case.label_path, "expected an integer label map")
-        mask = remap_mask(raw.astype(np.int64), self.mask_values, case.label_path)
+        mask = remap_mask(raw.astype(np.int64), self.mask_values, case.label_path, self.mask_binarize)
       z0, z1 = self.slabs[k]
       if (z0, z1) != (0, vol.shape[0]):
         vol = vol[z0:z1]
@@ -285,6 +295,8 @@ class VolumeSource(_Base):
     def read():
       vol, mask, spacing = self.read_case(k)
       rec = {"image": vol, "spacing": np.asarray(spacing, np.float32), "start": np.int32(start)}
+      if self.has_labels:
+        rec["label"] = np.int32(self.cases[k].label)
       if mask is not None:
         rec["mask"] = mask
       return rec
@@ -296,10 +308,13 @@ class WsiTileSource(_Base):
   """Tissue tiles of whole-slide images (level, tile size and kept tiles fixed at indexing)."""
 
   def __init__(self, slides: Sequence[Slide], grids: Sequence[TileGrid], *, skips: SkipLog,
-               lenient: bool = False):
+               lenient: bool = False, labels: Sequence[int] | None = None):
+    """labels: a class per slide (e.g. its project folder), given to each of its tiles."""
     super().__init__(skips, lenient)
     self.slides = list(slides)
     self.grids = list(grids)
+    self.labels = None if labels is None else [int(v) for v in labels]
+    self.has_labels = self.labels is not None
     self.index = np.asarray([(s, t) for s, g in enumerate(self.grids) for t in range(len(g.yx))],
                             np.int64).reshape(-1, 2)
 
@@ -310,8 +325,14 @@ class WsiTileSource(_Base):
     s, t = (int(v) for v in self.index[i])
     slide, grid = self.slides[s], self.grids[s]
     y, x = (int(v) for v in grid.yx[t])
-    return self._guard(slide.path, lambda: {
-        "image": slide.read_region(grid.level, y, x, grid.tile_size, grid.tile_size)})
+
+    def read():
+      rec = {"image": slide.read_region(grid.level, y, x, grid.tile_size, grid.tile_size)}
+      if self.has_labels:
+        rec["label"] = np.int32(self.labels[s])
+      return rec
+
+    return self._guard(slide.path, read)
 
 
 class TfdsSource(_Base):
@@ -322,8 +343,10 @@ class TfdsSource(_Base):
 
   def __init__(self, data_source, *, image_key: str, label_key: str = "", mask_key: str = "",
                spacing_key: str = "", what: str, mask_values: Sequence[int] = (),
-               skips: SkipLog, lenient: bool = False, nonfinite: str = "error"):
+               mask_binarize: bool = False, skips: SkipLog, lenient: bool = False,
+               nonfinite: str = "error"):
     super().__init__(skips, lenient)
+    self.mask_binarize = bool(mask_binarize)
     self.data_source = data_source
     self.image_key, self.label_key = image_key, label_key
     self.mask_key, self.spacing_key = mask_key, spacing_key
@@ -352,7 +375,8 @@ class TfdsSource(_Base):
       if self.has_labels:
         rec["label"] = np.asarray(ex[self.label_key]).astype(np.int32)
       if self.has_masks:
-        rec["mask"] = remap_mask(np.asarray(ex[self.mask_key]), self.mask_values, where)
+        rec["mask"] = remap_mask(np.asarray(ex[self.mask_key]), self.mask_values, where,
+                                 self.mask_binarize)
       if self.spacing_key:
         rec["spacing"] = np.asarray(ex[self.spacing_key], np.float32)
       return rec

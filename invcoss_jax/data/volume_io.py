@@ -124,7 +124,8 @@ def _dicom_rescaled(ds, path: str) -> np.ndarray:
 
 
 def read_dicom_slice(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]]:
-  """One DICOM slice as an (H, W) float32 array after the modality LUT, and its (row, col) spacing."""
+  """One DICOM slice as an (H, W) float32 array after the modality LUT (CT: Hounsfield units;
+  MONOCHROME1 inverted so that high values are bright), and its (row, col) spacing."""
   import pydicom  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   try:
@@ -133,6 +134,8 @@ def read_dicom_slice(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, 
     raise DataError(path, f"cannot read the DICOM file ({type(e).__name__}: {e}); expected a "
                     "readable DICOM slice") from e
   arr = _dicom_rescaled(ds, path)
+  if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    arr = (arr.min() + arr.max()) - arr  # MONOCHROME1 shows low values bright (some X-rays)
   spacing = tuple(float(s) for s in ds.get("PixelSpacing", (1.0, 1.0)))
   return arr, (spacing[0], spacing[1])
 

@@ -1,7 +1,7 @@
 """Flax MAE encoder -> timm `VisionTransformer` state dict (safetensors), loadable in PyTorch with one call.
 
-    model = timm.models.vision_transformer.VisionTransformer(**meta["timm_kwargs"],
-                                                             norm_layer=partial(nn.LayerNorm, eps=meta["layer_norm_eps"]))
+    model = timm.models.vision_transformer.VisionTransformer(
+        **meta["timm_kwargs"], norm_layer=partial(nn.LayerNorm, eps=meta["layer_norm_eps"]))
     model.load_state_dict(safetensors.torch.load_file("encoder_2d.safetensors"))
 
 Keys: `cls_token`, `pos_embed` (1, 1 + N, D) with a zero CLS row, `patch_embed.proj.{weight,bias}`,
@@ -80,7 +80,7 @@ def timm_state_dict(params: Any, model_cfg: ml_collections.ConfigDict | ViTConfi
   if cfg.layer_scale_init > 0:
     timm_kwargs["init_values"] = cfg.layer_scale_init
   if not cfg.final_norm:
-    timm_kwargs["final_norm"] = False  # timm >= 1.0.15; older timm: replace model.norm by nn.Identity()
+    timm_kwargs["final_norm"] = False  # recent timm; without that argument: model.norm = nn.Identity()
   meta = dict(timm_kwargs=timm_kwargs, layer_norm_eps=cfg.ln_eps, image_size=list(image_size),
               spatial_rank=rank, source="invcoss_jax")
   return state_dict, meta

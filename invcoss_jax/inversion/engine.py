@@ -15,6 +15,7 @@ generator); it is never returned.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -114,16 +115,18 @@ def render(generator: nn.Module | None, out_act: str, opt_vars: dict, state: dic
 
 
 def make_batch_optimizer(model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict,
-                         out_act: str, num_steps: int, image_shape, feature_dim: int):
-  """A compiled function optimising one batch for `num_steps` steps (one lax.scan).
+                         out_act: str, max_steps: int, image_shape, feature_dim: int):
+  """A compiled function optimising one batch for up to `max_steps` steps (one loop in one program).
 
-  run(opt_vars, state, frozen, key, attempt) -> dict(opt_vars, state, images, features, totals (steps,),
-  terms {name: (steps,)}, final_total, final_terms); `frozen` = dict(params, stats, pool, pool_count) holds the
-  teacher's parameters and everything not optimised. Step i's loss is that of the variables before update i;
-  the scan runs one extra step whose update is dropped, so the final loss, images and features come from the
-  same compiled step (one copy of the model in the program, which halves compile time).
+  run(opt_vars, state, frozen, key, attempt, num_steps) -> dict(opt_vars, state, images, features,
+  totals (max_steps + 1,), terms {name: (max_steps + 1,)}); `frozen` = dict(params, stats, pool, pool_count)
+  holds the teacher's parameters and everything not optimised. `num_steps` <= max_steps is traced, so the 3D
+  schedule's 2000- and 500-step batches share one program. Entry i < num_steps of the histories is the loss
+  of the variables before update i; entry num_steps is the loss of the final variables (that last pass
+  evaluates only, and also yields the final images and features).
   """
   tx = make_optimizer(inv_cfg)
+  names = tuple(losses.active_terms(inv_cfg))
 
   def loss_fn(opt_vars, state, frozen, key, attempt):
     images, new_state = render(generator, out_act, opt_vars, state)
@@ -135,25 +138,25 @@ def make_batch_optimizer(model, generator: nn.Module | None, inv_cfg: ml_collect
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def run(opt_vars, state, frozen, key, attempt):
-    def step(carry, xs):
-      i, k = xs
-      v, opt_state, st, _, _ = carry
-      (total, (terms, new_st, images, features)), grads = grad_fn(v, st, frozen, k, attempt)
+  def run(opt_vars, state, frozen, key, attempt, num_steps):
+    def body(i, carry):
+      v, opt_state, st, _, _, totals, terms = carry
+      (total, (values, new_st, images, features)), grads = grad_fn(v, st, frozen, jax.random.fold_in(key, i),
+                                                                   attempt)
       updates, new_opt_state = tx.update(grads, opt_state, v)
       new = (optax.apply_updates(v, updates), new_opt_state, new_st)
-      # The extra last step only evaluates: its update is dropped.
+      # The last pass (i == num_steps) only evaluates: its update is dropped.
       v, opt_state, st = jax.tree.map(lambda a, b: jnp.where(i < num_steps, a, b), new, (v, opt_state, st))
-      return (v, opt_state, st, images, features), (total, terms)
+      totals = totals.at[i].set(total)
+      terms = {n: terms[n].at[i].set(values[n]) for n in names}
+      return v, opt_state, st, images, features, totals, terms
 
-    batch = jax.tree.leaves(opt_vars["latents"])[0].shape[0]
-    init = (opt_vars, tx.init(opt_vars), state, jnp.zeros((batch, *image_shape), jnp.float32),
-            jnp.zeros((batch, feature_dim), jnp.float32))
-    xs = (jnp.arange(num_steps + 1), jax.random.split(key, num_steps + 1))
-    (v, _, st, images, features), (totals, terms) = jax.lax.scan(step, init, xs)
-    return dict(opt_vars=v, state=st, images=images, features=features, totals=totals[:-1],
-                terms={k: t[:-1] for k, t in terms.items()}, final_total=totals[-1],
-                final_terms={k: t[-1] for k, t in terms.items()})
+    batch = opt_vars["latents"].shape[0]
+    history = jnp.full((max_steps + 1,), jnp.nan, jnp.float32)
+    carry = (opt_vars, tx.init(opt_vars), state, jnp.zeros((batch, *image_shape), jnp.float32),
+             jnp.zeros((batch, feature_dim), jnp.float32), history, {n: history for n in names})
+    v, _, st, images, features, totals, terms = jax.lax.fori_loop(0, num_steps + 1, body, carry)
+    return dict(opt_vars=v, state=st, images=images, features=features, totals=totals, terms=terms)
 
   return jax.jit(run)
 
@@ -170,6 +173,33 @@ def _cached(key: tuple, build):
       _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = build()
   return _COMPILED[key]
+
+
+# Options only the host loop reads: changing them must not recompile the inner loop.
+_HOST_ONLY = ("max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size", "stats_batch_size",
+              "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d", "schedule_3d")
+
+
+def _program_config_json(inv_cfg: ml_collections.ConfigDict) -> str:
+  d = inv_cfg.to_dict()
+  for k in _HOST_ONLY:
+    d.pop(k, None)
+  return json.dumps(d, sort_keys=True, default=str)
+
+
+def _seed_words(rng: jax.Array) -> list[int]:
+  data = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  return [int(w) for w in np.asarray(data).ravel()]
+
+
+def _rbg_key(words: list[int]) -> jax.Array:
+  """A key of XLA's RngBitGenerator ('rbg'), derived on the host from `words`.
+
+  The generator initialisation and the L_task masking draw from rbg keys: threefry programs compile about
+  4-10x slower on CPU, and these draws need no reproducibility across shardings.
+  """
+  data = np.random.SeedSequence(words).generate_state(4, np.uint32)
+  return jax.random.wrap_key_data(jnp.asarray(data), impl="rbg")
 
 
 def _finite(out: dict) -> bool:
@@ -218,10 +248,14 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     params = put_rep(params)
     target = put_rep(target)
 
-  cfg_key = (model, generator, inv_cfg.to_json(), out_act, image_shape, feature_dim,
+  cfg_key = (model, generator, _program_config_json(inv_cfg), out_act, image_shape, feature_dim,
              tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
+  max_steps = max(int(sched.init_steps), int(sched.steps))
+  runner = _cached(("run", max_steps) + cfg_key, lambda: make_batch_optimizer(
+      model, generator, inv_cfg, out_act, max_steps, image_shape, feature_dim))
   init_fn = _cached(("init", generator, image_shape, batch_size, latent_dim), lambda: jax.jit(
       lambda k: init_variables(generator, image_shape, batch_size, latent_dim, k)))
+  seed = _seed_words(rng)
   kept_images, kept_features, batches, discarded = [], [], [], []
   carried = None  # (generator params, generator state) carried to the next batch
   global_step = 0
@@ -230,19 +264,21 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   for b in range(num_batches):
     reinit = carried is None or b % int(sched.reinit_every) == 0
     for attempt in range(int(inv_cfg.max_retries) + 1):
-      key = jax.random.fold_in(jax.random.fold_in(rng, b), attempt)
-      k_init, k_run = jax.random.split(key)
+      k_init, k_run = (_rbg_key(seed + [b, attempt, i]) for i in (0, 1))
       fresh = reinit or attempt > 0  # a retry also gets a new generator
       opt_vars, state = init_fn(k_init)
       if not fresh:
         opt_vars["generator"], state = carried
       steps = int(sched.init_steps) if fresh else int(sched.steps)
-      runner = _cached(("run", steps) + cfg_key, lambda: make_batch_optimizer(
-          model, generator, inv_cfg, out_act, steps, image_shape, feature_dim))
       opt_vars = {"generator": put_rep(opt_vars["generator"]), "latents": put_batch(opt_vars["latents"])}
       frozen = dict(params=params, stats=target, pool=put_rep(jnp.asarray(pool)),
                     pool_count=jnp.asarray(pool_count, jnp.int32))
-      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32)))
+      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32),
+                                  jnp.asarray(steps, jnp.int32)))
+      # Histories: steps losses during the optimisation, then the final one.
+      out["totals"], out["final_total"] = out["totals"][:steps], out["totals"][steps]
+      out["final_terms"] = {k: v[steps] for k, v in out["terms"].items()}
+      out["terms"] = {k: v[:steps] for k, v in out["terms"].items()}
       if _finite(out):
         break
       logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "

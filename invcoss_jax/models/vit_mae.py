@@ -167,7 +167,9 @@ class Transformer(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
       # 'linear' grows to drop_path at the last block (MAE, timm); 'constant' uses it everywhere (MedCoSS).
-      rate = self.drop_path if self.drop_path_schedule == "constant" else self.drop_path * i / max(self.depth - 1, 1)
+      rate = self.drop_path
+      if self.drop_path_schedule == "linear":
+        rate = self.drop_path * i / max(self.depth - 1, 1)
       x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=rate,
                     layer_scale_init=self.layer_scale_init, ln_eps=self.ln_eps, dtype=self.dtype,
                     sow_tokens=self.sow_tokens, name=f"block_{i}")(x, train)
@@ -262,8 +264,9 @@ class MAE(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)
     x = Transformer(depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
-                    drop_path_schedule=cfg.drop_path_schedule, layer_scale_init=cfg.layer_scale_init, ln_eps=cfg.ln_eps, final_norm=cfg.final_norm,
-                    dtype=cfg.compute_dtype, remat=cfg.remat, sow_tokens=True, name="encoder")(x, train)
+                    drop_path_schedule=cfg.drop_path_schedule, layer_scale_init=cfg.layer_scale_init,
+                    ln_eps=cfg.ln_eps, final_norm=cfg.final_norm, dtype=cfg.compute_dtype, remat=cfg.remat,
+                    sow_tokens=True, name="encoder")(x, train)
     return x, mask, ids_restore
 
   @nn.compact

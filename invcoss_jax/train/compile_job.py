@@ -16,7 +16,7 @@ cannot be changed in a process that has already used JAX). Figures from the CPU 
 compiler's buffer assignment: they plan a GPU/TPU run to within its fusion and layout differences; on an
 accelerator host compile there for that backend's own figures.
 
-FLOPs: XLA counts the body of a while loop once, so the inversion program (one `lax.scan` over the
+FLOPs: XLA counts the body of a while loop once, so the inversion program (one `fori_loop` over the
 inner steps) reports the FLOPs of one inner step, which is what the table shows (tests/test_scale_compile.py
 checks this). Memory is per device; `peak` = arguments + outputs + temporaries - aliased (donated) bytes.
 """
@@ -218,7 +218,8 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   rank = engine.spatial_rank_of(shape)
   inv = config.inversion
   sched = engine.schedule_for(inv, rank)
-  batch, latent_dim, steps = int(sched.batch_size), int(sched.latent_dim), int(sched.init_steps)
+  batch, latent_dim = int(sched.batch_size), int(sched.latent_dim)
+  steps = max(int(sched.init_steps), int(sched.steps))
   shards = mesh_lib.num_batch_shards(mesh)
   if batch % shards:
     raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch} must be divisible by the {shards} "
@@ -243,7 +244,8 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   rep = mesh_lib.replicated(mesh)
   key_struct = _key_struct()
   args.append(jax.ShapeDtypeStruct(key_struct.shape, key_struct.dtype, sharding=rep))
-  args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+  args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # attempt
+  args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # num_steps (traced)
   runner = engine.make_batch_optimizer(model, generator, inv, out_act, steps, shape, feature_dim)
   with jax.set_mesh(mesh):
     lowered = runner.lower(*args)

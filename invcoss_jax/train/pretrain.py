@@ -45,7 +45,8 @@ def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedul
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "learning_rate": schedule(state.step // grad_accum_steps)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step // grad_accum_steps)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -209,6 +210,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             raise FloatingPointError(f"non-finite training loss at step {step}: {step_losses[-1]}")
           writer.write_scalars(step, {
               "train/loss": float(np.mean(step_losses)),
+              "train/grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
               "train/learning_rate": float(fetched[-1][1]["learning_rate"]),
               "train/steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)})
           last_step, last_time = step, now

@@ -1,0 +1,151 @@
+"""config.mesh on the 4 simulated CPU devices: data parallel and fully sharded (parameters and optimiser state
+over 'fsdp') give the losses of one device, for the pre-training step and for the inversion step.
+
+tests/test_train_pretrain.py already covers the pre-training job on one device, data parallel over 4 and
+data2 x fsdp2; here: the pure fsdp mesh (every device one shard) and the inversion step on every layout.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from invcoss_jax import models
+from invcoss_jax.inversion import engine, statistics
+from invcoss_jax.inversion.config import inversion_config
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.parallel.config import mesh_config
+from invcoss_jax.train import optim
+from invcoss_jax.train.compile_job import place_inversion_args
+from invcoss_jax.train.config import train_config
+from invcoss_jax.train.pretrain import jit_train_step, make_train_step
+from invcoss_jax.train.state import create_train_state
+
+IMAGE = (32, 32, 3)
+
+
+def _mesh_cfg(axes, shard_params=False, num_devices=-1):
+  c = mesh_config()
+  c.axes = axes
+  c.shard_params = shard_params
+  c.num_devices = num_devices
+  c.fsdp_min_size = 256  # the micro model's kernels are small: shard everything but biases and norms
+  return c
+
+
+LAYOUTS = {
+    "one_device": _mesh_cfg([("data", -1)], num_devices=1),
+    "data_parallel": _mesh_cfg([("data", -1)]),
+    "fsdp": _mesh_cfg([("fsdp", -1)], shard_params=True),
+    "data2_fsdp2": _mesh_cfg([("data", 2), ("fsdp", 2)], shard_params=True),
+}
+
+
+@pytest.fixture(scope="module")
+def xray_images():
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.data.config import data_config
+  d = data_config()
+  d.name = "demo_xray"
+  d.image_size = IMAGE[0]
+  images = np.asarray(next(data_lib.make_train_iterator(d, global_batch_size=16, seed=0))["image"])
+  assert images.shape == (16, *IMAGE) and images.dtype == np.float32
+  return images
+
+
+def _micro():
+  mc = models.model_config("micro")
+  mc.patch_size_2d = (8, 8)
+  return models.build_mae(mc)
+
+
+def _assert_really_sharded(tree, n):
+  """Some leaves are split n ways over 'fsdp' (each device holds 1/n of them)."""
+  split = [x for x in jax.tree.leaves(tree) if "fsdp" in str(x.sharding.spec)]
+  assert split, "no parameter was sharded over 'fsdp'"
+  for x in split:
+    assert sum(s.data.size for s in x.addressable_shards) * n == x.size * len(x.sharding.device_set)
+
+
+def _pretrain_losses(mesh_cfg, images, steps=3):
+  config = ml_collections.ConfigDict(dict(total_steps=10, train=train_config()))
+  config.train.update(global_batch_size=16, base_lr=0.05, warmup_epochs=0)
+  tx, sched = optim.make_optimizer(config.train, optim.run_length(config, None))
+  model = _micro()
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  with jax.set_mesh(mesh):
+    state, shardings = create_train_state(lambda r: models.init_mae_params(model, r, [IMAGE]), tx,
+                                          jax.random.PRNGKey(0), mesh, shard_params=mesh_cfg.shard_params,
+                                          fsdp_min_size=mesh_cfg.fsdp_min_size)
+    step = jit_train_step(make_train_step(model, tx, sched, mask_ratio=0.75), shardings, mesh)
+    losses = []
+    for _ in range(steps):
+      state, metrics = step(state, mesh_lib.put_batch(mesh, {"image": images}))
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), state
+
+
+def test_pretrain_step_fully_sharded_matches_one_device(xray_images):
+  ref, _ = _pretrain_losses(LAYOUTS["one_device"], xray_images)
+  fsdp, state = _pretrain_losses(LAYOUTS["fsdp"], xray_images)
+  assert ref[-1] < ref[0]  # the steps really train
+  np.testing.assert_allclose(fsdp, ref, rtol=2e-5, atol=2e-6)
+  _assert_really_sharded(state.params, 4)
+  _assert_really_sharded(state.opt_state, 4)
+
+
+@pytest.fixture(scope="module")
+def inversion_problem(xray_images):
+  """A micro MAE, the statistics of real demo X-rays under it, and one batch's initial variables."""
+  model = _micro()
+  params = models.init_mae_params(model, jax.random.PRNGKey(1), [IMAGE])
+  stats = statistics.compute_statistics(model, params, [xray_images[:8], xray_images[8:]])
+  inv = inversion_config()
+  inv.invunet.channels = (8, 16, 32)
+  inv.schedule_2d.update(batch_size=8, latent_dim=16, init_steps=3, steps=3)
+  generator = engine.build_generator(inv, IMAGE)
+  out_act = engine.output_activation(inv, 2)
+  feature_dim = int(stats.mean.shape[-1])
+  opt_vars, state = engine.init_variables(generator, IMAGE, 8, 16, jax.random.PRNGKey(2))
+  frozen = dict(params=params,
+                stats=statistics.FeatureStats(count=jnp.float32(stats.count), mean=jnp.asarray(stats.mean, jnp.float32),
+                                              var=jnp.asarray(stats.var, jnp.float32)),
+                pool=jnp.zeros((16, feature_dim), jnp.float32), pool_count=jnp.int32(0))
+  runner = engine.make_batch_optimizer(model, generator, inv, out_act, 3, IMAGE, feature_dim)
+  return runner, opt_vars, state, frozen
+
+
+def _invert(problem, layout):
+  runner, opt_vars, state, frozen = problem
+  mesh = mesh_lib.make_mesh(LAYOUTS[layout])
+  args = place_inversion_args(mesh, LAYOUTS[layout], opt_vars, state, frozen)
+  with jax.set_mesh(mesh):
+    out = runner(*args, jax.random.key(3), jnp.int32(0), jnp.int32(3))
+  return out, args
+
+
+@pytest.fixture(scope="module")
+def inversion_reference(inversion_problem):
+  out, _ = _invert(inversion_problem, "one_device")
+  return jax.device_get(out)
+
+
+@pytest.mark.parametrize("layout", ["data_parallel", "data2_fsdp2"])
+def test_inversion_step_same_losses_as_one_device(inversion_problem, inversion_reference, layout):
+  ref = inversion_reference
+  assert set(ref["terms"]) == {"norm", "task", "img", "rep"}
+  assert ref["totals"][-1] < ref["totals"][0]
+  out, args = _invert(inversion_problem, layout)
+  opt_vars, _, frozen = args
+  n_batch = mesh_lib.num_batch_shards(mesh_lib.make_mesh(LAYOUTS[layout]))
+  assert {s.data.shape[0] for s in opt_vars["latents"].addressable_shards} == {8 // n_batch}
+  if LAYOUTS[layout].shard_params:
+    _assert_really_sharded(frozen["params"], 2)
+    _assert_really_sharded(opt_vars["generator"], 2)
+    _assert_really_sharded(out["opt_vars"]["generator"], 2)  # the updated generator keeps its layout
+  out = jax.device_get(out)
+  np.testing.assert_allclose(out["totals"], ref["totals"], rtol=1e-4)
+  for name in ref["terms"]:
+    np.testing.assert_allclose(out["terms"][name], ref["terms"][name], rtol=2e-4, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(out["images"], ref["images"], atol=2e-4)

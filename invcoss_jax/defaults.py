@@ -8,6 +8,7 @@ from invcoss_jax.audit.config import audit_config
 from invcoss_jax.continual.config import continual_config
 from invcoss_jax.data.config import data_config
 from invcoss_jax.evaluate.config import evaluate_config
+from invcoss_jax.interop.config import interop_config
 from invcoss_jax.inversion.config import inversion_config
 from invcoss_jax.models.presets import model_config
 from invcoss_jax.parallel.config import mesh_config
@@ -29,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual = continual_config()
   c.evaluate = evaluate_config()
   c.audit = audit_config()
+  c.interop = interop_config()
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
   return c

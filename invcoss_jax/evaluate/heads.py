@@ -57,15 +57,30 @@ class ResBlock(nn.Module):
 
 
 class UpSample(nn.Module):
-  """Transposed convolution with kernel = stride = `factors` (an exact `factors`-fold upsampling)."""
+  """Exact `factors`-fold upsampling by a transposed convolution with kernel = stride = `factors`.
+
+  Such a convolution maps every input voxel to its own output block by one linear map, so it is
+  computed as a Dense layer to prod(factors) x features channels followed by a depth-to-space
+  reshape. It equals `nn.ConvTranspose(features, factors, strides=factors, padding='VALID')` with the
+  kernel flipped along its spatial axes (tests check this) and is much faster than XLA's 3D
+  transposed convolution on CPU.
+  """
   features: int
   factors: tuple[int, ...]
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    return nn.ConvTranspose(self.features, self.factors, strides=self.factors, padding="VALID",
-                            use_bias=False, dtype=self.dtype)(x)
+    nd = x.ndim - 2
+    factors = tuple(self.factors)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (*factors, x.shape[-1], self.features),
+                        jnp.float32)
+    # (B, *S, C) x (*f, C, F) -> (B, *S, *f, F) -> interleave each spatial axis with its factor.
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=[[x.ndim - 1], [nd]])
+    b, spatial = x.shape[0], x.shape[1:-1]
+    perm = [0] + [a for i in range(nd) for a in (1 + i, 1 + nd + i)] + [1 + 2 * nd]
+    y = jnp.transpose(y, perm)
+    return y.reshape(b, *(s * f for s, f in zip(spatial, factors)), self.features)
 
 
 def upsampling_plan(patch_size: Sequence[int]) -> list[tuple[int, ...]]:

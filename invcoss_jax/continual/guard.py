@@ -27,8 +27,11 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 
 
-class DataFreeViolation(PermissionError):
-  """Data of a finished stage was requested while the data-free guard is active."""
+class DataFreeViolation(RuntimeError):
+  """Data of a finished stage was requested while the data-free guard is active.
+
+  Not an OSError on purpose: readers that turn I/O errors into "bad file" errors (or skip bad files under
+  data.lenient) must not swallow it."""
 
 
 # Audit events whose first argument is a path that is read or listed.

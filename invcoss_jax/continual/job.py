@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,11 +116,13 @@ def _info_of(stage: Stage) -> dict[str, Any]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-        stop_at: tuple[int, int] | None = None) -> dict[str, Any]:
+        stop_at: tuple[int, int] | None = None,
+        after_stage: Callable[[Stage, dict], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) the continual sequence of `config` in `workdir`.
 
   `stop_at=(stage index, step)` ends the run after that train step of that stage with a checkpoint, as a
-  preempted job would; rerunning on the same workdir continues from there.
+  preempted job would; rerunning on the same workdir continues from there. `after_stage(stage, info)` is
+  called once a stage has ended and its data is retired (e.g. to delete the data at its site).
 
   Returns dict(method, workdir, stages [stage_info of each finished stage], losses {stage: {step: loss}} of
   the steps run now, stopped).
@@ -151,6 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       for d in stage.data:  # the stage ended: its data is off limits from now on
         guard.retire(stage.name, d)
       infos.append(info)
+      if after_stage is not None:
+        after_stage(stage, info)
   _write_storage(workdir, infos)
   return dict(method=method, workdir=workdir, stages=infos, losses=losses, stopped=False)
 
@@ -254,6 +258,27 @@ def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[B
   return cur, split_batch(total, weights, shards)
 
 
+def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE) -> tuple[dict, dict | None]:
+  """(stage's starting parameters, stage T-1's parameters or None).
+
+  Stage T starts from stage T-1's trunk and tokenizers (and decoder unless config.continual.reinit_decoder);
+  the first stage from config.init_from when set, else from a fresh initialisation."""
+  c = config.continual
+  # Jitted: eager initialisation would compile every operation on its own (tens of seconds on a CPU).
+  fresh = jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))(
+      _key(config, stage.index, 0))
+  if earlier:
+    prev = earlier[-1]
+    _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
+    return params_lib.hand_over(prev_params, fresh, reinit_decoder=bool(c.reinit_decoder),
+                                where=f"hand-over {prev.name} -> {stage.name}"), prev_params
+  if str(config.get("init_from", "") or ""):
+    _, _, start_params = ckpt_lib.load_trained_stage(config.init_from)
+    return params_lib.hand_over(start_params, fresh, reinit_decoder=bool(c.reinit_decoder),
+                                where=f"config.init_from={config.init_from!r} -> {stage.name}"), None
+  return fresh, None
+
+
 def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,
               stop_at: tuple[int, int] | None = None, last: bool = False) -> tuple[bool, dict, dict[int, float]]:
   """Trains (or resumes) one stage and ends it; returns (finished, stage_info, losses of the steps run)."""
@@ -274,21 +299,8 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
 
   # --- model, hand-over, teacher ---
   model = models.build_mae(cfg.model)
-  # Jitted: eager initialisation would compile every operation on its own (tens of seconds on a CPU).
-  fresh = jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))(
-      _key(config, stage.index, 0))
   prev = earlier[-1] if earlier else None
-  prev_params = None
-  if prev is not None:
-    _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
-    params = params_lib.hand_over(prev_params, fresh, reinit_decoder=bool(c.reinit_decoder),
-                                  where=f"hand-over {prev.name} -> {stage.name}")
-  elif str(config.get("init_from", "") or ""):
-    _, _, start_params = ckpt_lib.load_trained_stage(config.init_from)
-    params = params_lib.hand_over(start_params, fresh, reinit_decoder=bool(c.reinit_decoder),
-                                  where=f"config.init_from={config.init_from!r} -> {stage.name}")
-  else:
-    params = fresh
+  params, prev_params = initial_params(config, stage, earlier, model)
 
   sources = buffer_sources(config, cfg, stage, earlier, model, prev_params, mesh)
   cur_sizes, buf_sizes = _batch_plan(config, cfg, stage, n_current, sources, shards)

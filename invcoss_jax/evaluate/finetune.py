@@ -349,7 +349,7 @@ def finetune(task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_coll
   model = build_model(task, model_cfg, protocol, image_shape)
   rng = jax.random.PRNGKey(int(seed))
   init_rng, state_rng = jax.random.split(rng)
-  params = model.init(init_rng, image_shape)
+  params = jax.jit(lambda r: model.init(r, image_shape))(init_rng)  # jitted: eager init compiles op by op
   params, loaded = merge_pretrained(params, pretrained, source)
   tx, schedule = make_optimizer(task, total, params, model.freeze_backbone)
   loss_fn = loss_fn_for(task)

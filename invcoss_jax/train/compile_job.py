@@ -35,7 +35,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from invcoss_jax import io_utils
 
@@ -313,6 +312,12 @@ def _device_counts(compile_cfg: ml_collections.ConfigDict) -> list[int]:
   return counts
 
 
+def _check_programs(compile_cfg: ml_collections.ConfigDict) -> None:
+  for program in compile_cfg.programs:
+    if program not in PROGRAMS:
+      raise ValueError(f"config.compile.programs: unknown program {program!r}; expected some of {list(PROGRAMS)}")
+
+
 def _variants(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
   names = [str(v) for v in config.compile.variants]
   if not names:
@@ -327,19 +332,25 @@ def _variants(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
   return out
 
 
-def compile_all(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """Every (device count, variant, program) row, compiled in this process (needs the devices)."""
+def compile_all(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[dict[str, Any]]:
+  """Every (device count, variant, program) row, compiled in this process (it needs the devices). Each row
+  is printed as it is done and, with `workdir`, the report so far is rewritten there (a long sweep keeps
+  what it finished)."""
   from invcoss_jax.parallel import mesh as mesh_lib
 
+  counts = _device_counts(config.compile)
+  _check_programs(config.compile)
+  variants = _variants(config)
   rows = []
-  for n in _device_counts(config.compile):
-    devices = jax.devices()[:n]
-    mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-    for _, cfg in _variants(config):
+  for n in counts:
+    mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:n])
+    for _, cfg in variants:
       for program in config.compile.programs:
         row = compile_program(cfg, str(program), mesh)
-        logging.info("compiled %s on %d device(s):\n%s", program, n, format_table([row]))
+        print(format_table([row], header=not rows), flush=True)
         rows.append(row)
+        if workdir is not None:
+          _write_report(workdir, rows)
   return rows
 
 
@@ -412,6 +423,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[d
   os.makedirs(workdir, exist_ok=True)
   config = with_compile_defaults(config)
   needed = max(_device_counts(config.compile))
+  _check_programs(config.compile)
+  _variants(config)  # checks the names before any compilation
   available = len(jax.devices())
   if needed > available:
     if jax.default_backend() != "cpu":
@@ -420,8 +433,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[d
                        f"CPU (JAX_PLATFORMS=cpu), where the job simulates the devices")
     rows = _run_in_child(config, workdir, needed)
   else:
-    rows = compile_all(config)
-    _write_report(workdir, rows)
+    rows = compile_all(config, workdir)
   print(format_table(rows), flush=True)
   return rows
 
@@ -433,7 +445,7 @@ def _child_main(argv: Sequence[str]) -> None:
   with open(argv[1]) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config = with_compile_defaults(config)
-  _write_report(argv[2], compile_all(config))
+  compile_all(config, argv[2])
 
 
 if __name__ == "__main__":

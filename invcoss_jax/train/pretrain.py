@@ -23,7 +23,7 @@ from invcoss_jax import models
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
-from invcoss_jax.train.state import TrainState, abstract_state, create_train_state
+from invcoss_jax.train.state import TrainState, abstract_train_state, create_train_state
 
 # Streams folded into the run's key, so each random use is independent of the others.
 _IMAGE_STREAM = 0x1A6E
@@ -172,12 +172,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   losses: dict[int, float] = {}
   try:
     with jax.set_mesh(mesh):
-      state, shardings = create_train_state(
-          lambda rng: models.init_mae_params(model, rng, [image_shape]), tx,
-          jax.random.PRNGKey(int(config.seed)), mesh, shard_params=bool(config.mesh.shard_params),
-          fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)))
+      init_args = dict(init_params=lambda rng: models.init_mae_params(model, rng, [image_shape]), tx=tx,
+                       rng=jax.random.PRNGKey(int(config.seed)), mesh=mesh,
+                       shard_params=bool(config.mesh.shard_params),
+                       fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)))
       if manager.latest_step() is not None:
-        state, _ = ckpt_lib.restore(manager, abstract_state(state, shardings), data_iter)
+        # Restored straight into this run's layout, which may differ from the saving run's.
+        target, shardings = abstract_train_state(**init_args)
+        state, _ = ckpt_lib.restore(manager, target, data_iter)
+      else:
+        state, shardings = create_train_state(**init_args)
       start = int(jax.device_get(state.step))
       if start == 0:
         parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")

@@ -22,6 +22,25 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
 
 
+def _state_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
+  def init(rng, params):
+    init_rng, state_rng = jax.random.split(rng)
+    p = init_params(init_rng) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
+  return init
+
+
+def abstract_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                         rng: jax.Array, mesh: Mesh, *, shard_params: bool = False,
+                         fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
+                         params: Any | None = None) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStructs carrying their shardings, the shardings) of the state, without computing
+  it: the target a checkpoint is restored into."""
+  shapes = jax.eval_shape(_state_init(init_params, tx), rng, params)
+  shardings = mesh_lib.param_shardings(mesh, shapes, shard_params, min_size=fsdp_min_size)
+  return abstract_state(shapes, shardings), shardings
+
+
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        rng: jax.Array, mesh: Mesh, *, shard_params: bool = False,
                        fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
@@ -32,19 +51,12 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   `init_params(rng) -> params` creates float32 parameters; `params`, if given, replaces them
   (e.g. weights carried over from an earlier stage) and is resharded to the same layout.
   """
-  init_rng, state_rng = jax.random.split(rng)
-
-  def init(init_rng, state_rng, given):
-    p = init_params(init_rng) if given is None else given
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
-
-  abstract = jax.eval_shape(init, init_rng, state_rng, params)
-  shardings = mesh_lib.param_shardings(mesh, abstract, shard_params, min_size=fsdp_min_size)
-  state = jax.jit(init, out_shardings=shardings)(init_rng, state_rng, params)
+  _, shardings = abstract_train_state(init_params, tx, rng, mesh, shard_params=shard_params,
+                                      fsdp_min_size=fsdp_min_size, params=params)
+  state = jax.jit(_state_init(init_params, tx), out_shardings=shardings)(rng, params)
   return state, shardings
 
 
-def abstract_state(state_or_shape: Any, shardings: Any) -> Any:
+def abstract_state(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the shardings, the target orbax restores into."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state_or_shape, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

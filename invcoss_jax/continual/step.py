@@ -203,6 +203,8 @@ def create_state(params, aux, tx: optax.GradientTransformation, rng: jax.Array, 
 
   abstract = jax.eval_shape(init, params, aux, rng)
   shardings = mesh_lib.shardings_from_config(mesh, abstract, mesh_cfg)
+  # Inputs (e.g. a previous stage's parameters, committed to one device) go to their final layout first.
+  params, aux, rng = jax.device_put((params, aux, rng), (shardings.params, shardings.aux, shardings.rng))
   state = jax.jit(init, out_shardings=shardings)(params, aux, rng)
   return state, shardings
 

@@ -1,0 +1,137 @@
+"""The `audit` job end to end on the demo X-ray stage: a pre-trained stage (the pretrain job), a "synthetic"
+set of unseen real images written as inversion shards, and the drawn `er` replay buffer as the leak."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from invcoss_jax import data as data_lib
+from invcoss_jax import jobs
+from invcoss_jax.audit import job as audit_job
+from invcoss_jax.inversion.job import write_shards
+from invcoss_jax.train.pretrain import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Q = 0.1
+
+
+def demo_config():
+  spec = importlib.util.spec_from_file_location("cfg_xray_audit", os.path.join(REPO, "configs", "xray.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("demo")
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stage"))
+  c = demo_config()
+  c.total_steps = 4
+  c.train.stats_after_pretrain = False
+  c.checkpoint.every_steps = 4
+  c.logging.image_every_steps = 0
+  pretrain(c, workdir)
+  return workdir
+
+
+def audit_config(stage_dir, synthetic_path, **audit):
+  c = demo_config()
+  c.mode = "audit"
+  c.init_from = stage_dir
+  c.audit.synthetic_path = synthetic_path
+  c.audit.max_members = 256
+  c.audit.num_bootstrap = 200
+  c.audit.memorisation_quantile = Q
+  c.audit.num_pairs = 4
+  c.audit.update(audit)
+  return c
+
+
+@pytest.fixture(scope="module")
+def unseen_as_synthetic(tmp_path_factory, stage):
+  """The test split's real images written by the inversion job's shard writer, into an `invert`-like
+  workdir: a set the stage never saw, so it must score the base rate."""
+  cfg = data_lib.data_config()
+  cfg.name, cfg.image_size = "demo_xray", 32
+  images = np.concatenate([b["image"] for b in data_lib.make_eval_iterator(
+      cfg, batch_size=128, split="test", process_index=0, process_count=1)])
+  invert_dir = str(tmp_path_factory.mktemp("invert"))
+  write_shards(os.path.join(invert_dir, "synthetic"), images, shard_size=100)
+  return invert_dir, images
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory, stage, unseen_as_synthetic):
+  workdir = str(tmp_path_factory.mktemp("audit"))
+  out = jobs.run(audit_config(stage, unseen_as_synthetic[0]), workdir)
+  return workdir, out
+
+
+def test_writes_json_summary_and_figures(audit):
+  workdir, out = audit
+  with open(os.path.join(workdir, "audit.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(out))
+  assert set(out["figures"]) == {"distances", "spectra", "membership", "closest_pairs_heldout",
+                                 "closest_pairs_synthetic", "closest_pairs_er_buffer"}
+  for name in out["figures"].values():
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+  with open(os.path.join(workdir, "audit.md")) as f:
+    md = f.read()
+  assert f"**{out['membership_inference']['auc']:.3f}**" in md and "| er_buffer | 75 | pixel |" in md
+  assert not [f for f in os.listdir(workdir) if f.startswith(".tmp")]  # atomic writes left nothing behind
+
+
+def test_sizes_and_sources(audit, unseen_as_synthetic):
+  _, out = audit
+  assert out["image_shape"] == [32, 32, 3]
+  assert out["train"]["num_examples"] == 1500 and out["heldout"]["num_examples"] == 250
+  syn, buf = out["sets"]["synthetic"], out["sets"]["er_buffer"]
+  assert syn["num_samples"] == len(unseen_as_synthetic[1]) == 250
+  assert buf["num_samples"] == buf["set_size"] == 75  # 5 % of 1500, method `er`
+  assert out["heldout_reference"]["pixel"]["to_train"]["count"] == 250
+
+
+def test_replay_buffer_is_fully_memorised(audit):
+  _, out = audit
+  buf = out["sets"]["er_buffer"]
+  assert buf["pixel"]["to_train"]["max"] == 0.0  # its samples are training images
+  assert buf["feature"]["to_train"]["max"] < 1e-5
+  for sp in ("pixel", "feature"):
+    assert buf[sp]["memorisation"]["rate"] == 1.0 and buf[sp]["memorisation"]["ci"][0] == 1.0
+    assert buf[sp]["median_ratio_train_over_heldout"] < 1e-3
+
+
+def test_unseen_real_images_score_the_base_rate(audit):
+  _, out = audit
+  m = out["sets"]["synthetic"]["pixel"]["memorisation"]
+  assert m["base_rate"] == Q and m["rate"] < 0.25 and m["ci"][0] < Q, m
+  assert out["sets"]["synthetic"]["pixel"]["to_train"]["min"] > 0.0
+  hf = out["sets"]["synthetic"]["high_frequency"]
+  assert 0.6 < hf["relative_to_training"] < 1.6  # real X-rays have X-ray spectra
+
+
+def test_membership_inference_of_a_barely_trained_stage_is_chance(audit):
+  _, out = audit
+  mia = out["membership_inference"]
+  assert mia["num_members"] == 256 and mia["num_nonmembers"] == 250 and mia["mask_ratio"] == 0.75
+  assert mia["ci"][0] < 0.5 < mia["ci"][1], mia
+  assert set(mia["tpr_at_fpr"]) == {"0.01", "0.1"}
+
+
+def test_clear_errors(stage, unseen_as_synthetic, tmp_path):
+  with pytest.raises(ValueError, match="config.init_from"):
+    audit_job.run(audit_config("", unseen_as_synthetic[0]), tmp_path)
+  c = audit_config(stage, unseen_as_synthetic[0])
+  c.audit.heldout_data.split = "train"
+  with pytest.raises(ValueError, match="overlaps the training split"):
+    audit_job.run(c, tmp_path)
+  with pytest.raises(FileNotFoundError, match="config.audit.synthetic_path"):
+    audit_job.run(audit_config(stage, str(tmp_path / "missing")), tmp_path)
+  c = audit_config(stage, unseen_as_synthetic[0])
+  c.audit.train_data.update({"no_such_field": 1})
+  with pytest.raises(ValueError, match="no_such_field"):
+    audit_job.run(c, tmp_path)

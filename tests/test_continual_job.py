@@ -1,0 +1,246 @@
+"""The continual job end to end on the embedded demo data (X-ray then CT, a tiny ViT, 2 steps per stage):
+a two-stage run of every method completes and leaves its artefacts, the stage hand-over carries the trunk,
+the data-free guard refuses an earlier stage's data (which the test then deletes), PackNet freezes earlier
+stages' weights, and a sequence stopped mid-stage resumes to the uninterrupted result."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from invcoss_jax import data as data_lib
+from invcoss_jax.continual import guard, job, packnet
+from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual.config import METHODS
+from invcoss_jax.continual.stages import plan_stages, read_info
+from invcoss_jax.train import checkpoint as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """Stages of different methods often compile the same program (every first stage, every buffer step):
+  a persistent compilation cache for this module only shares those compiles."""
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+  old = (jax.config.jax_persistent_cache_min_compile_time_secs, jax.config.jax_persistent_cache_min_entry_size_bytes)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[0])
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[1])
+  compilation_cache.reset_cache()
+
+
+def load_config(arg):
+  spec = importlib.util.spec_from_file_location("cfg_continual", os.path.join(REPO, "configs", "continual.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config(method: str, xray_path: str | None = None) -> ml_collections.ConfigDict:
+  c = load_config(f"demo,{method}")
+  c.continual.order = ("xray", "ct")
+  c.model.update(dict(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2))
+  for m in c.continual.datasets:
+    d = c.continual.datasets[m]
+    d.image_size, d.volume_shape = 16, (8, 16, 16)
+    d.ct.target_spacing = ()  # the file's 3 mm grid: no resampling in a test
+  if xray_path:  # a site copy of the demo X-rays the test may delete
+    x = c.continual.datasets.xray
+    x.name, x.format, x.path, x.modality = "folder", "npz", xray_path, "xray"
+  c.total_steps = STEPS
+  c.train.global_batch_size = 4
+  c.checkpoint.every_steps = 100
+  c.logging.log_every_steps = 1
+  c.continual.statistics_after_stage = method == "invcoss"
+  c.inversion.stats_batch_size = 128
+  c.inversion.num_samples = 8
+  c.inversion.invunet.channels = (4, 8)
+  for s in (c.inversion.schedule_2d, c.inversion.schedule_3d):
+    s.batch_size, s.steps, s.init_steps, s.latent_dim = 4, 2, 2, 8
+  c.continual.kmeans.batch_size = 128
+  c.continual.ewc.fisher_num_examples = 4
+  c.continual.ewc.fisher_batch_size = 4
+  c.continual.cassle.hidden_dim = 16
+  c.continual.packnet.retrain_fraction = 0.5  # one retraining step after pruning
+  return c
+
+
+def _copy_xray(folder) -> str:
+  src = data_lib.resolve(ml_collections.ConfigDict(dict(name="demo_xray"))).path
+  os.makedirs(folder, exist_ok=True)
+  dst = os.path.join(folder, os.path.basename(src))
+  shutil.copy(src, dst)
+  return dst
+
+
+class Runs:
+  """One uninterrupted two-stage run per method, made on first use and shared by the tests."""
+
+  def __init__(self, root):
+    self.root = root
+    self.cache = {}
+    self.guard_events = []
+
+  def __call__(self, method):
+    if method not in self.cache:
+      workdir = os.path.join(self.root, method)
+      xray = _copy_xray(os.path.join(self.root, f"site_xray_{method}")) if method == "invcoss" else None
+      config = tiny_config(method, xray)
+      hook = self._delete_site_data if method == "invcoss" else None
+      self.cache[method] = (config, workdir, job.run(config, workdir, after_stage=hook))
+    return self.cache[method]
+
+  def _delete_site_data(self, stage, info):
+    """After stage 1: every way of reading its data fails, then the data is deleted for good."""
+    if stage.index != 1:
+      return
+    path = stage.data[0].path
+    for name, touch in (("np.load", lambda: np.load(path)), ("open", lambda: open(path, "rb")),
+                        ("input layer", lambda: data_lib.make_train_iterator(stage.data[0], global_batch_size=4,
+                                                                             seed=0))):
+      try:
+        touch()
+        self.guard_events.append((name, "read"))
+      except guard.DataFreeViolation:
+        self.guard_events.append((name, "refused"))
+    shutil.rmtree(os.path.dirname(path))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return Runs(str(tmp_path_factory.mktemp("continual")))
+
+
+def _final_params(workdir):
+  return ckpt_lib.load_trained_stage(workdir)[2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_stage_run_of_each_method_completes(runs, method):
+  config, workdir, result = runs(method)
+  assert not result["stopped"]
+  names = [s["name"] for s in result["stages"]]
+  assert names == (["stage_1_joint"] if method == "joint" else ["stage_1_xray", "stage_2_ct"])
+  for info in result["stages"]:
+    stage_dir = os.path.join(workdir, info["name"])
+    assert info["done"] and info["method"] == method
+    assert os.path.isfile(os.path.join(stage_dir, "config.json"))
+    assert ckpt_lib.make_manager(stage_dir, read_only=True).latest_step() == info["steps"]
+    losses = result["losses"][info["name"]]
+    assert sorted(losses) == list(range(1, info["steps"] + 1)) and np.all(np.isfinite(list(losses.values())))
+  with open(os.path.join(workdir, "storage.json")) as f:
+    storage = json.load(f)
+  assert sorted(storage) == sorted(names)
+  first = storage[names[0]]
+  s1 = os.path.join(workdir, names[0])
+
+  if method == "joint":
+    info = result["stages"][0]
+    assert info["modalities"] == ["xray", "ct"] and info["image_shapes"] == [[16, 16, 3], [8, 16, 16, 1]]
+    assert first["retained_bytes"] == 0
+  elif method == "invcoss":
+    # Stage 1 retains only its statistics; its synthetic set is read back by the input layer.
+    assert first["retained_kind"] == "statistics"
+    assert first["retained_bytes"] == os.path.getsize(os.path.join(s1, "statistics.npz")) > 0
+    synth = job.npz_data_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
+    assert data_lib.num_examples(synth) == 8 and data_lib.image_shape(synth) == (16, 16, 3)
+    assert os.path.isfile(os.path.join(workdir, "stage_2_ct", "statistics.npz"))
+  elif method in ("er", "medcoss"):
+    with open(os.path.join(s1, job.BUFFER_INFO)) as f:
+      buf = json.load(f)
+    assert buf["num_examples"] == (75 if method == "er" else 75) and len(set(buf["indices"])) == 75
+    assert first["retained_kind"] == "real_buffer" and first["retained_bytes"] >= 75 * 16 * 16 * 3 * 4
+    assert first["real_buffer_equivalent_bytes"] == 75 * 16 * 16 * 3 * 4
+    if method == "medcoss":
+      assert buf["clusters"] == 15  # int(1500 * 0.01), 5 nearest each
+    assert not os.path.exists(os.path.join(workdir, "stage_2_ct", job.BUFFER_DIR))  # the last stage keeps nothing
+  elif method == "ewc":
+    saved = params_lib.load_tree_npz(os.path.join(s1, job.EWC_FILE))
+    assert set(saved) == {"anchor", "fisher"} and "decoder" not in saved["fisher"]
+    assert all(np.all(f >= 0) for f in jax.tree.leaves(saved["fisher"]))
+    assert any(np.any(f > 0) for f in jax.tree.leaves(saved["fisher"]))
+    assert first["retained_kind"] == "ewc" and first["retained_bytes"] > 0
+  elif method == "packnet":
+    owners1 = params_lib.load_tree_npz(os.path.join(s1, job.PACKNET_FILE))["owners"]
+    p1, p2 = params_lib.flatten(_final_params(s1)), params_lib.flatten(_final_params(os.path.join(workdir, "stage_2_ct")))
+    frozen = 0
+    for path, own in params_lib.flatten(owners1).items():
+      mine = own == 1
+      np.testing.assert_array_equal(np.asarray(p2[path])[mine], np.asarray(p1[path])[mine])  # frozen bit-exactly
+      frozen += int(mine.sum())
+      if packnet.is_prunable(path, own) and packnet.used_by(path, {2}):
+        assert np.all(np.asarray(p1[path])[own == 0] == 0)  # released weights were zeroed
+    assert frozen > 0
+    owners2 = params_lib.load_tree_npz(os.path.join(workdir, "stage_2_ct", job.PACKNET_FILE))["owners"]
+    assert all(np.all(o > 0) for p, o in params_lib.flatten(owners2).items() if packnet.used_by(p, {3}))
+
+
+def test_stage_hand_over_carries_the_trunk(runs):
+  config, workdir, _ = runs("seqssl")
+  stages = plan_stages(config, workdir)
+  from invcoss_jax import models
+  model = models.build_mae(config.model)
+  p1 = params_lib.flatten(_final_params(stages[0].workdir))
+  start = params_lib.flatten(job.initial_params(config, stages[1], stages[:1], model)[0])
+  assert set(start) == set(p1)
+  carried = [k for k in start if not params_lib.is_decoder_key(k.split("/")[0])]
+  assert any(k.startswith("encoder/") for k in carried) and "patch_embed_2d/kernel" in carried
+  for k in carried:
+    np.testing.assert_array_equal(np.asarray(start[k]), np.asarray(p1[k]))
+  decoder = [k for k in start if params_lib.is_decoder_key(k.split("/")[0])]
+  assert decoder and any(not np.array_equal(np.asarray(start[k]), np.asarray(p1[k])) for k in decoder)
+  config = ml_collections.ConfigDict(config.to_dict())  # the run is shared: change a copy
+  config.continual.reinit_decoder = False
+  kept = params_lib.flatten(job.initial_params(config, stages[1], stages[:1], model)[0])
+  for k in decoder:
+    np.testing.assert_array_equal(np.asarray(kept[k]), np.asarray(p1[k]))
+
+
+def test_data_free_guard_refuses_earlier_stage_data(runs):
+  config, workdir, result = runs("invcoss")
+  assert runs.guard_events == [("np.load", "refused"), ("open", "refused"), ("input layer", "refused")]
+  # The site's X-rays were deleted after stage 1, yet stage 2 (CT with the synthetic X-ray buffer) finished.
+  assert not os.path.exists(os.path.dirname(config.continual.datasets.xray.path))
+  assert read_info(plan_stages(config, workdir)[1])["done"]
+
+
+def test_resume_mid_sequence_matches_uninterrupted_run(runs, tmp_path):
+  config, ref_dir, ref = runs("er")
+  workdir = str(tmp_path / "resumed")
+  stopped = job.run(config, workdir, stop_at=(2, 1))
+  assert stopped["stopped"] and [s["name"] for s in stopped["stages"]] == ["stage_1_xray"]
+  stage2 = os.path.join(workdir, "stage_2_ct")
+  assert ckpt_lib.make_manager(stage2, read_only=True).latest_step() == 1 and read_info(
+      plan_stages(config, workdir)[1]) is None
+  resumed = job.run(config, workdir)
+  assert not resumed["stopped"] and "stage_1_xray" not in resumed["losses"]  # stage 1 is not redone
+  assert sorted(resumed["losses"]["stage_2_ct"]) == [2]
+  np.testing.assert_allclose(resumed["losses"]["stage_2_ct"][2], ref["losses"]["stage_2_ct"][2], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(_final_params(stage2)), jax.tree.leaves(_final_params(os.path.join(ref_dir, "stage_2_ct")))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_options_raise_clear_errors(tmp_path):
+  c = tiny_config("seqssl")
+  c.continual.method = "lwf"
+  with pytest.raises(ValueError, match="config.continual.method='lwf'"):
+    job.run(c, str(tmp_path / "a"))
+  c = tiny_config("seqssl")
+  c.continual.order = ("xray", "ultrasound")
+  with pytest.raises(ValueError, match="ultrasound"):
+    job.run(c, str(tmp_path / "b"))
+  c = tiny_config("seqssl")
+  c.continual.datasets.ct = ml_collections.ConfigDict(c.continual.datasets.xray.to_dict())
+  with pytest.raises(ValueError, match="same files"):
+    job.run(c, str(tmp_path / "c"))

@@ -1,5 +1,6 @@
 """Chunked nearest-neighbour search against a brute-force NumPy reference."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,13 +42,15 @@ def test_streaming_over_reference_chunks_equals_one_pass():
   rng = np.random.default_rng(2)
   q = rng.normal(size=(23, 8, 8, 1)).astype(np.float32)
   r = rng.normal(size=(70, 8, 8, 1)).astype(np.float32)
-  state = distances.init_neighbours(len(q))
-  assert np.all(np.isinf(state.distance)) and np.all(state.index == -1)
-  for start in range(0, len(r), 16):  # as the training split arrives, batch by batch
-    state = distances.update_neighbours(state, q, r[start:start + 16], ref_offset=start, query_chunk=5)
   ref_d, ref_i = brute_force(q, r)
-  np.testing.assert_allclose(state.distance, ref_d, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(state.index, ref_i)
+  for queries in (q, jnp.asarray(q)):  # NumPy, or kept on the device across calls
+    state = distances.init_neighbours(len(q))
+    assert np.all(np.isinf(state.distance)) and np.all(state.index == -1)
+    for start in range(0, len(r), 16):  # as the training split arrives, batch by batch
+      state = distances.update_neighbours(state, queries, r[start:start + 16], ref_offset=start, query_chunk=5,
+                                          ref_chunk=6)
+    np.testing.assert_allclose(state.distance, ref_d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(state.index, ref_i)
 
 
 def test_memory_bound_shrinks_blocks_without_changing_the_result():

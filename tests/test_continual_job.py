@@ -29,14 +29,16 @@ STEPS = 2
 def compilation_cache_dir(tmp_path_factory):
   """Stages of different methods often compile the same program (every first stage, every buffer step):
   a persistent compilation cache for this module only shares those compiles."""
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+         jax.config.jax_persistent_cache_min_entry_size_bytes)
   compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-  old = (jax.config.jax_persistent_cache_min_compile_time_secs, jax.config.jax_persistent_cache_min_entry_size_bytes)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # (re)initialise with this folder even if an earlier test compiled
   yield
-  jax.config.update("jax_compilation_cache_dir", None)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[0])
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[1])
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
   compilation_cache.reset_cache()
 
 

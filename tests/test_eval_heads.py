@@ -91,24 +91,27 @@ def _seg_task(loss="dice_ce", num_classes=3, blocks=()):
   return t
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_downstream_shapes_on_real_images(dims, xray_batch, mri_batch):
+@pytest.mark.parametrize("dims,loss,channels", [(2, "dice_bce", 2), (3, "dice_ce", 3)])
+def test_downstream_shapes_on_real_images(dims, loss, channels, xray_batch, mri_batch):
   images = np.asarray((xray_batch if dims == 2 else mri_batch)["image"])
   shape = images.shape[1:]
-  cls_task = task_config("pneumonia")
-  cls = finetune.build_model(cls_task, tiny_model(), "finetune", shape)
-  p = init(cls, shape, 0)
+  cls = finetune.build_model(task_config("pneumonia"), tiny_model(), "finetune", shape)
+  p = init(cls, shape)
   assert set(p) == {"backbone", "head"} and "decoder" not in p["backbone"]
   logits = apply(cls, p, images)
   assert logits.shape == (images.shape[0], 2) and logits.dtype == jnp.float32
 
-  for loss, channels in (("dice_ce", 3), ("dice_bce", 2)):
-    seg = finetune.build_model(_seg_task(loss), tiny_model(depth=4), "finetune", shape)
-    assert seg.blocks == (2, 3, 4)  # 3 decoder levels for 8-pixel patches, evenly spaced over 4 blocks
-    p = init(seg, shape, 0)
-    out = apply(seg, p, images)
-    assert out.shape == (*images.shape[:-1], channels) and out.dtype == jnp.float32
-    assert np.all(np.isfinite(out))
+  m = tiny_model(depth=2)
+  if dims == 3:
+    m.dtype = "bfloat16"  # compute only: parameters and logits stay float32
+  seg = finetune.build_model(_seg_task(loss), m, "finetune", shape)
+  assert seg.blocks == (1, 2, 2)  # 3 decoder levels for 8-pixel patches, spread over 2 blocks
+  p = init(seg, shape)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+  out = apply(seg, p, images)
+  # dice_bce: one sigmoid channel per foreground class; dice_ce: softmax over all 3 classes.
+  assert out.shape == (*images.shape[:-1], channels) and out.dtype == jnp.float32
+  assert np.all(np.isfinite(out))
 
 
 def test_unetr_uses_the_configured_blocks(xray_batch):
@@ -116,24 +119,15 @@ def test_unetr_uses_the_configured_blocks(xray_batch):
   shape = images.shape[1:]
   seg = finetune.build_model(_seg_task(blocks=(1, 2, 3)), tiny_model(depth=4), "finetune", shape)
   p = init(seg, shape, 0)
-  base = apply(seg, p, images)
+  run = jax.jit(seg.apply)
+  base = run(p, images)
   # Perturbing block 4 (not used) changes nothing; perturbing block 2 (a skip) changes the output.
   for block, changes in (("block_3", False), ("block_1", True)):
     q = jax.tree_util.tree_map(lambda x: x, p)
     fc2 = q["backbone"]["encoder"][block]["fc2"]
     fc2["bias"] = fc2["bias"] + 1.0
-    diff = float(jnp.abs(apply(seg, q, images) - base).max())
+    diff = float(jnp.abs(run(q, images) - base).max())
     assert (diff > 1e-4) == changes, (block, diff)
-
-
-def test_bfloat16_compute_returns_float32(mri_batch):
-  images = np.asarray(mri_batch["image"])
-  m = tiny_model()
-  m.dtype = "bfloat16"
-  seg = finetune.build_model(_seg_task(), m, "finetune", images.shape[1:])
-  p = init(seg, images.shape[1:], 0)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
-  assert apply(seg, p, images).dtype == jnp.float32
 
 
 def _np_softmax(x):
@@ -195,14 +189,19 @@ def test_linear_probe_freezes_the_encoder(xray_batch):
     assert moved(new.params["backbone"], params["backbone"]) == (not frozen), protocol
 
 
-def test_merge_pretrained_checks_shapes():
+def test_init_params_takes_pretrained_subtrees_and_checks_shapes():
   model = finetune.build_model(task_config("pneumonia"), tiny_model(depth=1), "finetune", (16, 16, 3))
-  params = init(model, (16, 16, 3), 0)
+  rng = jax.random.PRNGKey(0)
+  fresh, loaded = finetune.init_params(model, rng, (16, 16, 3))
+  assert loaded == [] and set(fresh) == {"backbone", "head"}
   other = init(model, (16, 16, 3), 1)["backbone"]
-  merged, loaded = finetune.merge_pretrained(params, dict(other, decoder={"x": jnp.zeros(1)}), "ckpt")
-  assert sorted(loaded) == sorted(params["backbone"])
-  np.testing.assert_array_equal(merged["backbone"]["cls_token"], other["cls_token"])
-  assert merged["head"] is params["head"]
+  partial = {k: v for k, v in other.items() if k != "cls_token"}
+  merged, loaded = finetune.init_params(model, rng, (16, 16, 3), dict(partial, decoder={"x": jnp.zeros(1)}), "ckpt")
+  assert sorted(loaded) == sorted(partial)
+  np.testing.assert_array_equal(merged["backbone"]["encoder"]["block_0"]["fc1"]["kernel"],
+                                other["encoder"]["block_0"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(merged["backbone"]["cls_token"], fresh["backbone"]["cls_token"])  # kept fresh
+  jax.tree.map(np.testing.assert_array_equal, merged["head"], fresh["head"])  # same seed, same head
   bad = dict(other, cls_token=jnp.zeros((1, 1, 8)))
   with pytest.raises(ValueError, match="cls_token"):
-    finetune.merge_pretrained(params, bad, "ckpt")
+    finetune.init_params(model, rng, (16, 16, 3), bad, "ckpt")

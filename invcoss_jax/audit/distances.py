@@ -32,13 +32,16 @@ def init_neighbours(num_queries: int) -> Neighbours:
                     index=np.full((num_queries,), -1, np.int64))
 
 
-def flatten_samples(x: np.ndarray | jax.Array, name: str = "samples") -> np.ndarray:
-  """(N, ...) -> (N, prod(...)) float32; images, volumes and feature vectors alike."""
-  x = np.asarray(x)
+def flatten_samples(x, name: str = "samples"):
+  """(N, ...) -> (N, prod(...)) float32; images, volumes and feature vectors alike. A jax.Array stays on its
+  device (queries kept there are not copied again for every reference chunk); anything else becomes NumPy."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)
   if x.ndim < 2:
     raise ValueError(f"{name} must have a leading sample axis and at least one feature axis, got shape "
                      f"{x.shape}")
-  return x.reshape(x.shape[0], -1).astype(np.float32, copy=False)
+  x = x.reshape(x.shape[0], -1)
+  return x.astype(jnp.float32) if isinstance(x, jax.Array) else x.astype(np.float32, copy=False)
 
 
 @functools.partial(jax.jit, static_argnames=("num_candidates",))
@@ -59,10 +62,12 @@ def _chunk_nearest(queries: jax.Array, refs: jax.Array, ref_valid: jax.Array,
   return jnp.take_along_axis(exact, j[:, None], axis=1)[:, 0], jnp.take_along_axis(cand, j[:, None], axis=1)[:, 0]
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+def _pad_rows(x, rows: int) -> jax.Array:
+  """x (NumPy or on device) padded with zero rows to `rows`, as a device array."""
+  x = jnp.asarray(x)
   if x.shape[0] == rows:
     return x
-  return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)], axis=0)
+  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
 def block_rows(requested: int, num_features: int, max_block_elements: int) -> int:
@@ -70,13 +75,13 @@ def block_rows(requested: int, num_features: int, max_block_elements: int) -> in
   return max(1, min(int(requested), int(max_block_elements) // max(1, int(num_features))))
 
 
-def update_neighbours(state: Neighbours, queries: np.ndarray, refs: np.ndarray, *, ref_offset: int,
+def update_neighbours(state: Neighbours, queries, refs, *, ref_offset: int,
                       query_chunk: int = 256, ref_chunk: int = 1024, num_candidates: int = 4,
                       max_block_elements: int = 2**24) -> Neighbours:
   """Folds the references `refs` (global indices `ref_offset ...`) into the running nearest neighbours.
 
   `queries` (Q, ...) and `refs` (R, ...) are flattened per sample; they must have the same number of
-  features. Work is split into (query_chunk x ref_chunk) blocks padded to fixed sizes, so one compiled
+  features. Pass queries as a jax.Array to keep them on the device across calls. Work is split into (query_chunk x ref_chunk) blocks padded to fixed sizes, so one compiled
   function serves every block; each block holds at most `max_block_elements` query or reference values
   (64 MiB of float32 by default), whatever the sample size. Ties keep the earlier reference.
   """
@@ -95,23 +100,34 @@ def update_neighbours(state: Neighbours, queries: np.ndarray, refs: np.ndarray, 
   qc = min(block_rows(query_chunk, q.shape[1], max_block_elements), q.shape[0])
   rc = min(block_rows(ref_chunk, r.shape[1], max_block_elements), r.shape[0])
   k = min(num_candidates, rc)
+  r_blocks = []
   for r0 in range(0, r.shape[0], rc):
     r_blk = r[r0:r0 + rc]
-    valid = np.arange(rc) < r_blk.shape[0]
-    r_dev = jnp.asarray(_pad_rows(r_blk, rc))
-    valid_dev = jnp.asarray(valid)
-    for q0 in range(0, q.shape[0], qc):
-      q_blk = q[q0:q0 + qc]
-      n = q_blk.shape[0]
-      d, j = jax.device_get(_chunk_nearest(jnp.asarray(_pad_rows(q_blk, qc)), r_dev, valid_dev, k))
-      d, j = np.asarray(d[:n], np.float32), np.asarray(j[:n], np.int64)
-      better = d < distance[q0:q0 + n]
-      distance[q0:q0 + n] = np.where(better, d, distance[q0:q0 + n])
-      index[q0:q0 + n] = np.where(better, j + ref_offset + r0, index[q0:q0 + n])
+    r_blocks.append((r0, _pad_rows(r_blk, rc), jnp.asarray(np.arange(rc) < r_blk.shape[0])))
+  # Running minima stay on the device (dispatch is asynchronous); one transfer at the end.
+  per_query_block = []
+  for q0 in range(0, q.shape[0], qc):
+    q_dev = _pad_rows(q[q0:q0 + qc], qc)
+    best_d, best_j = None, None
+    for r0, r_dev, valid in r_blocks:
+      d, j = _chunk_nearest(q_dev, r_dev, valid, k)
+      j = j + r0
+      if best_d is None:
+        best_d, best_j = d, j
+      else:  # strict: ties keep the earlier reference
+        better = d < best_d
+        best_d, best_j = jnp.where(better, d, best_d), jnp.where(better, j, best_j)
+    per_query_block.append((q0, best_d, best_j))
+  for q0, d, j in jax.device_get(per_query_block):
+    n = min(qc, q.shape[0] - q0)
+    d, j = np.asarray(d[:n], np.float32), np.asarray(j[:n], np.int64)
+    better = d < distance[q0:q0 + n]
+    distance[q0:q0 + n] = np.where(better, d, distance[q0:q0 + n])
+    index[q0:q0 + n] = np.where(better, j + ref_offset, index[q0:q0 + n])
   return Neighbours(distance, index)
 
 
-def nearest_neighbours(queries: np.ndarray, refs: np.ndarray, **chunking) -> Neighbours:
+def nearest_neighbours(queries, refs, **chunking) -> Neighbours:
   """The nearest reference of every query (Euclidean on flattened samples): `Neighbours(distance, index)`."""
   q = flatten_samples(queries, "queries")
   return update_neighbours(init_neighbours(q.shape[0]), q, refs, ref_offset=0, **chunking)

@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -207,8 +208,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   mask_ratio = float(a.mia_mask_ratio) if float(a.mia_mask_ratio) >= 0 else float(stage_cfg.train.mask_ratio)
   loss_fn = forward.make_loss_fn(model, mask_ratio, int(a.mia_num_masks))
   for s in sets.values():
-    s["features"] = batched(feature_fn, params, s["images"], bs)
-    s["vectors"] = {"pixel": s["images"], "feature": s["features"]}
+    # Query vectors live on the device for the whole pass: no copy per training batch.
+    s["vectors"] = {"pixel": jnp.asarray(distances.flatten_samples(s["images"])),
+                    "feature": jnp.asarray(batched(feature_fn, params, s["images"], bs))}
 
   # --- One pass over the training split: every training image is a reference. ---
   member_idx = subset(n_train, int(a.max_members), rng)

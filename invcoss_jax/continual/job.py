@@ -15,6 +15,7 @@ every data stream); finished stages are recognised by their stage_info.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -102,6 +103,13 @@ def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
   depend on the image size)."""
   return [tuple(2 * p for p in model_cfg.patch_size_2d) + (model_cfg.channels_2d,),
           tuple(2 * p for p in model_cfg.patch_size_3d) + (model_cfg.channels_3d,)]
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(model: models.MAE):
+  """The jitted initialisation of every tokenizer and head (one compile per model; eager initialisation would
+  compile every operation on its own, tens of seconds on a CPU)."""
+  return jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))
 
 
 def _info_of(stage: Stage) -> dict[str, Any]:
@@ -264,9 +272,7 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
   Stage T starts from stage T-1's trunk and tokenizers (and decoder unless config.continual.reinit_decoder);
   the first stage from config.init_from when set, else from a fresh initialisation."""
   c = config.continual
-  # Jitted: eager initialisation would compile every operation on its own (tens of seconds on a CPU).
-  fresh = jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))(
-      _key(config, stage.index, 0))
+  fresh = _init_fn(model)(_key(config, stage.index, 0))
   if earlier:
     prev = earlier[-1]
     _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)

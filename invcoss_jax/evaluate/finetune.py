@@ -62,16 +62,27 @@ class DownstreamModel:
       feats = [jax.lax.stop_gradient(f) for f in feats]
     return tokens, feats
 
-  def init(self, rng: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  def init_backbone(self, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
     images = jnp.zeros((1, *image_shape), jnp.float32)
-    backbone = self.backbone.init({"params": rng}, images, method=models.MAE.encode)["params"]
-    tokens, feats = self._tokens(backbone, images, False, None)
-    head_rng = jax.random.fold_in(rng, 1)
+    return self.backbone.init({"params": rng}, images, method=models.MAE.encode)["params"]
+
+  def init_head(self, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
+    """Head parameters; only the shapes of the encoder's tokens are needed, not its weights."""
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    abstract = jax.eval_shape(lambda r: self.init_backbone(r, image_shape), rng)
+    tokens, feats = jax.eval_shape(lambda p: self._tokens(p, images, False, None), abstract)
+    tokens = jnp.zeros(tokens.shape, tokens.dtype)
+    feats = [jnp.zeros(f.shape, f.dtype) for f in feats]
+    # An RBG key seeded by `rng`: XLA compiles a threefry hash for every parameter (about half a
+    # second each on CPU, most of a UNETR's set-up time); RBG is far cheaper to compile.
+    key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
     if self.kind == CLASSIFICATION:
-      head = self.head.init(head_rng, tokens)["params"]
-    else:
-      head = self.head.init(head_rng, images, feats)["params"]
-    return {"backbone": backbone, "head": head}
+      return self.head.init(key, tokens)["params"]
+    return self.head.init(key, images, feats)["params"]
+
+  def init(self, rng: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"backbone": self.init_backbone(rng, image_shape),
+            "head": self.init_head(jax.random.fold_in(rng, 1), image_shape)}
 
   def apply(self, params, images: jnp.ndarray, *, train: bool = False, rng: jax.Array | None = None):
     """Logits: `(B, num_classes)` or `(B, *spatial, channels)`, float32."""
@@ -128,31 +139,35 @@ def build_model(task: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
   return DownstreamModel(backbone, head, SEGMENTATION, protocol == "linear", blocks)
 
 
-def merge_pretrained(params: dict[str, Any], pretrained: Any | None, source: str = "") -> tuple[dict, list[str]]:
-  """Replaces the backbone's sub-trees by the pre-trained ones of the same name; returns (params, names).
-
-  A sub-tree the checkpoint lacks (e.g. the 3D tokenizer of a 2D-only stage) keeps its fresh
-  initialisation, with a warning. Shapes must match exactly.
-  """
-  if pretrained is None:
-    return params, []
-  backbone = dict(params["backbone"])
-  loaded = []
-  for key, fresh in params["backbone"].items():
+def init_params(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, ...],
+                pretrained: Any | None = None, source: str = "") -> tuple[dict[str, Any], list[str]]:
+  """Fresh head; encoder sub-trees from `pretrained` where it has them (shapes must match), freshly
+  initialised otherwise (e.g. the 3D tokenizer of a 2D-only stage, with a warning). Returns
+  (params, names of the pre-trained sub-trees used)."""
+  abstract = jax.eval_shape(lambda r: model.init_backbone(r, image_shape), rng)
+  pretrained = pretrained or {}
+  loaded, fresh = [], []
+  for key, want in abstract.items():
     if key not in pretrained:
-      logging.warning("%s has no %r: it keeps its random initialisation", source or "checkpoint", key)
+      fresh.append(key)
       continue
     got = pretrained[key]
-    if jax.tree.structure(got) != jax.tree.structure(fresh):
+    if jax.tree.structure(got) != jax.tree.structure(want):
       raise ValueError(f"{source}: parameter tree {key!r} differs from the model's: "
-                       f"{jax.tree.structure(got)} vs {jax.tree.structure(fresh)}")
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(fresh)):
-      if a.shape != b.shape:
-        raise ValueError(f"{source}: parameter {key!r} has shape {a.shape}, the model expects {b.shape} "
-                         "(the fine-tuning model config must be the pre-trained one)")
-    backbone[key] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), got)
+                       f"{jax.tree.structure(got)} vs {jax.tree.structure(want)}")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"{source}: parameter {key!r} has shape {tuple(a.shape)}, the model expects "
+                         f"{tuple(b.shape)} (the fine-tuning model config must be the pre-trained one)")
     loaded.append(key)
-  return {"backbone": backbone, "head": params["head"]}, loaded
+  backbone = {k: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pretrained[k]) for k in loaded}
+  if fresh:
+    if loaded:
+      logging.warning("%s has no %s: initialised randomly", source or "the checkpoint", fresh)
+    init = jax.jit(lambda r: model.init_backbone(r, image_shape))(rng)  # jitted: eager init compiles per op
+    backbone.update({k: init[k] for k in fresh})
+  head = jax.jit(lambda r: model.init_head(r, image_shape))(jax.random.fold_in(rng, 1))
+  return {"backbone": {k: backbone[k] for k in abstract}, "head": head}, loaded
 
 
 def make_schedule(task: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -315,94 +330,121 @@ class FinetuneResult:
   params: Any = None
 
 
+class Finetuner:
+  """Fine-tuning of one task with one model config: data, model, optimiser and the compiled train and
+  predict steps are built once and shared by every seed (and every checkpoint of that architecture).
+
+  `run(seed, pretrained)` fine-tunes from `pretrained` MAE parameters (None: from scratch) with `seed`
+  (head initialisation, data order, drop-path) and tests the model selected on validation.
+  """
+
+  def __init__(self, task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
+               protocol: str = "finetune", mesh_cfg: ml_collections.ConfigDict | None = None,
+               max_steps: int = -1, batch_shards: bool = True):
+    from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
+
+    check_task(task, task_name)
+    if jax.process_count() > 1:
+      raise NotImplementedError("downstream evaluation runs in a single process (any number of local "
+                                f"devices); this job has {jax.process_count()} processes")
+    self.data_lib = data_lib
+    self.task, self.task_name, self.protocol = task, task_name, protocol
+    self.train_data = ml_collections.ConfigDict(task.data.to_dict())
+    self.train_data.split = task.train_split
+    self.image_shape = tuple(int(s) for s in data_lib.image_shape(self.train_data))
+    self.n_train = int(data_lib.num_examples(self.train_data, split=task.train_split))
+    self.batch = int(task.batch_size)
+    self.eval_batch = int(task.eval_batch_size)
+    steps_per_epoch = max(1, self.n_train // self.batch)
+    total = int(task.steps) if int(task.steps) > 0 else int(round(float(task.epochs) * steps_per_epoch))
+    self.total = min(total, max_steps) if max_steps > 0 else total
+    self.eval_every = int(task.eval_every) if int(task.eval_every) > 0 else steps_per_epoch
+    self.window = tuple(int(w) for w in task.window) or self.image_shape[:-1]
+
+    if batch_shards:
+      self.mesh = mesh_lib.make_mesh(mesh_cfg if mesh_cfg is not None else {"axes": [("data", -1)]})
+    else:
+      self.mesh = mesh_lib.make_mesh({"axes": [("data", 1)]}, jax.local_devices()[:1])
+    where = f"config.evaluate.tasks.{task_name}"
+    mesh_lib.check_global_batch(self.mesh, self.batch, f"{where}.batch_size")
+    mesh_lib.check_global_batch(self.mesh, self.eval_batch, f"{where}.eval_batch_size")
+
+    self.model = build_model(task, model_cfg, protocol, self.image_shape)
+    abstract = jax.eval_shape(lambda r: self.model.init(r, self.image_shape), jax.random.PRNGKey(0))
+    self.tx, self.schedule = make_optimizer(task, self.total, abstract, self.model.freeze_backbone)
+    with jax.set_mesh(self.mesh):
+      abstract_state = jax.eval_shape(
+          lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
+                               rng=jax.random.PRNGKey(0)), abstract)
+    self.shardings = mesh_lib.param_shardings(self.mesh, abstract_state, False)
+    data_sharding = mesh_lib.data_sharding(self.mesh)
+    self.step_fn = jax.jit(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
+                           in_shardings=(self.shardings, data_sharding),
+                           out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)), donate_argnums=(0,))
+    self.predict = jax.jit(make_predict(self.model, task), in_shardings=(self.shardings.params, data_sharding),
+                           out_shardings=mesh_lib.replicated(self.mesh))
+
+  def _target(self, b: dict[str, np.ndarray]) -> np.ndarray:
+    if self.task.kind == CLASSIFICATION:
+      return _labels_of(b).astype(np.int32)
+    return _mask_of(b, np.ndim(b["image"])).astype(np.int32)
+
+  def evaluate(self, params: Any, split: str) -> dict[str, float]:
+    """Metrics of `params` on `split` (whole cases for 3D segmentation with eval_whole_cases)."""
+    task = self.task
+    if task.kind == SEGMENTATION and bool(task.get("eval_whole_cases", False)):
+      batches = whole_case_batches(self.data_lib.make_case_source(task.data, split))
+    else:
+      batches = self.data_lib.make_eval_iterator(task.data, batch_size=self.eval_batch, split=split)
+    put = lambda x: mesh_lib.put_batch(self.mesh, np.asarray(x, np.float32))
+    with jax.set_mesh(self.mesh):
+      return evaluate_split(self.predict, params, batches, task, window=self.window,
+                            batch_size=self.eval_batch, put=put)
+
+  def run(self, seed: int, pretrained: Any | None = None, source: str = "",
+          keep_params: bool = False) -> FinetuneResult:
+    task, name = self.task, self.task_name
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(seed)))
+    params, loaded = init_params(self.model, init_rng, self.image_shape, pretrained, source)
+    logging.info("fine-tuning %s (%s, %s) seed %d: %d steps of batch %d, %d train examples of shape %s, "
+                 "pre-trained %s", name, task.kind, self.protocol, seed, self.total, self.batch, self.n_train,
+                 self.image_shape, loaded or "nothing")
+    history: list[dict[str, Any]] = []
+    best = (-math.inf, None, 0, {})
+    with jax.set_mesh(self.mesh):
+      state, _ = create_train_state(lambda r: params, self.tx, state_rng, self.mesh, params=params)
+      train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
+                                                     seed=int(seed))
+      losses_since = []
+      for step in range(1, self.total + 1):
+        local = next(train_iter)
+        batch = mesh_lib.put_batch(self.mesh, {"image": np.asarray(local["image"], np.float32),
+                                               "target": self._target(local)})
+        state, m = self.step_fn(state, batch)
+        losses_since.append(m["loss"])
+        if step % self.eval_every == 0 or step == self.total:
+          train_loss = float(np.mean(jax.device_get(losses_since)))
+          losses_since = []
+          if not np.isfinite(train_loss):
+            raise FloatingPointError(f"non-finite fine-tuning loss on {name} at step {step}")
+          val = self.evaluate(state.params, task.val_split)
+          score = selection_score(task, val)
+          history.append({"step": step, "train_loss": train_loss, "val": val, "score": score})
+          logging.info("%s seed %d step %d: train loss %.4f, val %s", name, seed, step, train_loss,
+                       {k: round(v, 4) for k, v in val.items() if "_" not in k})
+          if score > best[0]:
+            best = (score, jax.device_get(state.params), step, val)
+      _, best_params, best_step, best_val = best
+      params = jax.device_put(best_params, self.shardings.params)
+    test = self.evaluate(params, task.test_split)
+    return FinetuneResult(test=test, best_val=best_val, best_step=best_step, history=history,
+                          total_steps=self.total, loaded=loaded, params=params if keep_params else None)
+
+
 def finetune(task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
              seed: int, protocol: str = "finetune", pretrained: Any | None = None, source: str = "",
              mesh_cfg: ml_collections.ConfigDict | None = None, max_steps: int = -1,
              batch_shards: bool = True, keep_params: bool = False) -> FinetuneResult:
-  """Fine-tunes on `task` with `seed` (initialisation, data order, drop-path) and tests the model
-  selected on validation. `pretrained`: MAE parameters to start the encoder from (None: scratch)."""
-  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
-
-  check_task(task, task_name)
-  if jax.process_count() > 1:
-    raise NotImplementedError("downstream evaluation runs in a single process (any number of local "
-                              f"devices); this job has {jax.process_count()} processes")
-  train_data = ml_collections.ConfigDict(task.data.to_dict())
-  train_data.split = task.train_split
-  image_shape = tuple(int(s) for s in data_lib.image_shape(train_data))
-  n_train = int(data_lib.num_examples(train_data, split=task.train_split))
-  batch = int(task.batch_size)
-  steps_per_epoch = max(1, n_train // batch)
-  total = int(task.steps) if int(task.steps) > 0 else int(round(float(task.epochs) * steps_per_epoch))
-  if max_steps > 0:
-    total = min(total, max_steps)
-  eval_every = int(task.eval_every) if int(task.eval_every) > 0 else steps_per_epoch
-  window = tuple(int(w) for w in task.window) or image_shape[:-1]
-
-  if batch_shards:
-    mesh = mesh_lib.make_mesh(mesh_cfg if mesh_cfg is not None else {"axes": [("data", -1)]})
-  else:
-    mesh = mesh_lib.make_mesh({"axes": [("data", 1)]}, jax.local_devices()[:1])
-  mesh_lib.check_global_batch(mesh, batch, f"config.evaluate.tasks.{task_name}.batch_size")
-  mesh_lib.check_global_batch(mesh, int(task.eval_batch_size), f"config.evaluate.tasks.{task_name}.eval_batch_size")
-
-  model = build_model(task, model_cfg, protocol, image_shape)
-  rng = jax.random.PRNGKey(int(seed))
-  init_rng, state_rng = jax.random.split(rng)
-  params = jax.jit(lambda r: model.init(r, image_shape))(init_rng)  # jitted: eager init compiles op by op
-  params, loaded = merge_pretrained(params, pretrained, source)
-  tx, schedule = make_optimizer(task, total, params, model.freeze_backbone)
-  loss_fn = loss_fn_for(task)
-
-  def target_of(b):
-    if task.kind == CLASSIFICATION:
-      return _labels_of(b).astype(np.int32)
-    return _mask_of(b, np.ndim(b["image"])).astype(np.int32)
-
-  logging.info("fine-tuning %s (%s, %s) seed %d: %d steps of batch %d, %d train examples of shape %s, "
-               "pre-trained %s", task_name, task.kind, protocol, seed, total, batch, n_train, image_shape,
-               loaded or "nothing")
-  history: list[dict[str, Any]] = []
-  best = (-math.inf, None, 0, {})
-  with jax.set_mesh(mesh):
-    state, shardings = create_train_state(lambda r: params, tx, state_rng, mesh, params=params)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, loss_fn),
-                      in_shardings=(shardings, mesh_lib.data_sharding(mesh)),
-                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-    predict = jax.jit(make_predict(model, task), in_shardings=(shardings.params, mesh_lib.data_sharding(mesh)),
-                      out_shardings=mesh_lib.replicated(mesh))
-    put = lambda x: mesh_lib.put_batch(mesh, np.asarray(x, np.float32))
-
-    def run_eval(split):
-      if task.kind == SEGMENTATION and bool(task.get("eval_whole_cases", False)):
-        it = whole_case_batches(data_lib.make_case_source(task.data, split))
-      else:
-        it = data_lib.make_eval_iterator(task.data, batch_size=int(task.eval_batch_size), split=split)
-      return evaluate_split(predict, state.params, it, task, window=window,
-                            batch_size=int(task.eval_batch_size), put=put)
-
-    train_iter = data_lib.make_train_iterator(train_data, global_batch_size=batch, seed=int(seed))
-    losses_since = []
-    for step in range(1, total + 1):
-      local = next(train_iter)
-      device_batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32),
-                                               "target": target_of(local)})
-      state, m = step_fn(state, device_batch)
-      losses_since.append(m["loss"])
-      if step % eval_every == 0 or step == total:
-        train_loss = float(np.mean(jax.device_get(losses_since)))
-        losses_since = []
-        if not np.isfinite(train_loss):
-          raise FloatingPointError(f"non-finite fine-tuning loss on {task_name} at step {step}")
-        val = run_eval(task.val_split)
-        score = selection_score(task, val)
-        history.append({"step": step, "train_loss": train_loss, "val": val, "score": score})
-        logging.info("%s seed %d step %d: train loss %.4f, val %s", task_name, seed, step, train_loss,
-                     {k: round(v, 4) for k, v in val.items() if "_" not in k})
-        if score > best[0]:
-          best = (score, jax.device_get(state.params), step, val)
-    _, best_params, best_step, best_val = best
-    state = state.replace(params=jax.device_put(best_params, shardings.params))
-    test = run_eval(task.test_split)
-  return FinetuneResult(test=test, best_val=best_val, best_step=best_step, history=history, total_steps=total,
-                        loaded=loaded, params=state.params if keep_params else None)
+  """One fine-tuning run (see `Finetuner`)."""
+  return Finetuner(task, task_name, model_cfg, protocol=protocol, mesh_cfg=mesh_cfg, max_steps=max_steps,
+                   batch_shards=batch_shards).run(seed, pretrained, source, keep_params=keep_params)

@@ -53,15 +53,28 @@ def _fingerprint(*parts: Any) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def make_finetuner(config: ml_collections.ConfigDict, task_name: str,
+                   model_cfg: ml_collections.ConfigDict) -> finetune_lib.Finetuner:
+  return finetune_lib.Finetuner(resolve_task(config, task_name), task_name, model_cfg,
+                                protocol=str(config.evaluate.protocol), mesh_cfg=config.mesh,
+                                max_steps=int(config.get("total_steps", -1)),
+                                batch_shards=bool(config.evaluate.batch_shards))
+
+
 def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: str | os.PathLike, *,
-                  init_from: str, method: str, backbone: tuple | None = None) -> dict[str, Any]:
-  """Fine-tunes `init_from` on one task for every seed in `workdir`; returns the results record."""
+                  init_from: str, method: str, backbone: tuple | None = None,
+                  finetuners: dict | None = None) -> dict[str, Any]:
+  """Fine-tunes `init_from` on one task for every seed in `workdir`; returns the results record.
+
+  `finetuners` caches the compiled fine-tuning per (task, model config) across calls.
+  """
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   task = resolve_task(config, task_name)
   protocol = str(config.evaluate.protocol)
   model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
   cap = int(config.get("total_steps", -1))
+  finetuners = {} if finetuners is None else finetuners
   per_seed: dict[int, dict[str, float]] = {}
   details: dict[str, Any] = {}
   for seed in config.evaluate.seeds:
@@ -78,9 +91,10 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
         details[str(seed)] = {k: done[k] for k in ("best_step", "total_steps")}
         continue
       logging.info("%s: %s was written with other settings; evaluating again", task_name, path)
-    res = finetune_lib.finetune(task, task_name, model_cfg, seed=seed, protocol=protocol, pretrained=pretrained,
-                                source=init_from, mesh_cfg=config.mesh, max_steps=cap,
-                                batch_shards=bool(config.evaluate.batch_shards))
+    key = (task_name, model_cfg.to_json())
+    if key not in finetuners:
+      finetuners[key] = make_finetuner(config, task_name, model_cfg)
+    res = finetuners[key].run(seed, pretrained, init_from)
     io_utils.atomic_write_json(path, dict(fingerprint=fp, task=task_name, seed=seed, test=res.test,
                                           best_val=res.best_val, best_step=res.best_step,
                                           total_steps=res.total_steps, history=res.history,
@@ -120,6 +134,7 @@ def run_forgetting(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   stages_of = {method: forgetting_lib.find_stages(path) for method, path in runs}  # fail before training
   matrix: dict[str, Any] = dict(tasks=tasks, kinds=kinds, seeds=[int(s) for s in config.evaluate.seeds],
                                 protocol=str(config.evaluate.protocol), methods={})
+  finetuners: dict = {}  # compiled once per task and architecture, shared by every stage and run
   for method, path in runs:
     stages = []
     for k, modality, stage_dir in stages_of[method]:
@@ -127,7 +142,8 @@ def run_forgetting(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       entry = dict(stage=k, modality=modality, workdir=stage_dir, tasks={})
       for task in tasks:
         out = os.path.join(workdir, forgetting_lib.safe_name(method), os.path.basename(stage_dir), task)
-        rec = evaluate_task(config, task, out, init_from=stage_dir, method=method, backbone=backbone)
+        rec = evaluate_task(config, task, out, init_from=stage_dir, method=method, backbone=backbone,
+                            finetuners=finetuners)
         entry["tasks"][task] = dict(mean=rec["mean"], std=rec["std"])
       stages.append(entry)
     matrix["methods"][method] = dict(workdir=path, stages=stages)

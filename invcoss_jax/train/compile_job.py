@@ -183,8 +183,9 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     captured["shardings"] = shardings
     return state
 
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # abstract: the mesh's devices may be compile-only
   with jax.set_mesh(mesh):
-    state = jax.eval_shape(abstract_create, jax.random.PRNGKey(0))
+    state = jax.eval_shape(abstract_create, key)
     shardings = captured["shardings"]
     step = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
                                           grad_accum_steps=length.grad_accum_steps), shardings, mesh)
@@ -226,7 +227,7 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   model = models.build_mae(config.model)
   generator = engine.build_generator(inv, shape)
   out_act = engine.output_activation(inv, rank)
-  key = jax.random.PRNGKey(0)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   params = jax.eval_shape(lambda k: models.init_mae_params(model, k, [shape]), key)
   blocks, tokens = jax.eval_shape(lambda p, x: statistics.encoder_forward(model, p, x), params,
                                   jax.ShapeDtypeStruct((1, *shape), jnp.float32))

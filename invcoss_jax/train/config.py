@@ -27,6 +27,10 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Step counts in `checkpoint` and `logging` are train steps: micro-batches when grad_accum_steps > 1
+# (config.total_steps counts optimiser updates).
+
+
 def checkpoint_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 1000

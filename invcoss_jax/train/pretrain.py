@@ -102,20 +102,16 @@ def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
   return it, n, shape
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def walk(prefix, d):
-    for k, v in d.items():
-      name = f"{prefix}{k}"
-      if isinstance(v, dict):
-        walk(name + ".", v)
-      elif isinstance(v, (bool, int, float, str)):
-        out[name] = v
-      else:
-        out[name] = str(v)
-
-  walk("", ckpt_lib.config_to_dict(config))
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The run's defining options for TensorBoard's HParams view (the whole config is config.json)."""
+  out = {"seed": int(config.seed), "total_steps": int(config.total_steps),
+         "data.name": str(config.data.get("name", "")), "data.modality": str(config.data.get("modality", ""))}
+  for section in ("model", "train"):
+    for k, v in config[section].items():
+      if isinstance(v, (bool, int, float, str)):
+        out[f"{section}.{k}"] = v
+      elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+        out[f"{section}.{k}"] = "x".join(str(x) for x in v)
   return out
 
 
@@ -185,7 +181,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       start = int(jax.device_get(state.step))
       if start == 0:
         parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")
-        writer.write_hparams(_flat_hparams(config))
+        writer.write_hparams(_hparams(config))
       else:
         logging.info("resuming at step %d of %d", start, total)
 
@@ -221,8 +217,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         if image_every > 0 and step % image_every == 0 and jax.process_index() == 0:
           _write_images(writer, reconstruct, state, local["image"][:num_images], config, step)
         ckpt_lib.save(manager, step, state, data_iter, config)
-      if pending:  # An empty loop leaves nothing; a non-empty one ends with a flush above.
-        losses.update({s: float(m["loss"]) for s, m in jax.device_get(pending)})
       if step > start and manager.latest_step() != step:
         ckpt_lib.save(manager, step, state, data_iter, config, force=True)
       manager.wait_until_finished()

@@ -59,6 +59,7 @@ def test_memory_bound_shrinks_blocks_without_changing_the_result():
   r = rng.normal(size=(31, 300)).astype(np.float32)
   assert distances.block_rows(1024, 300, 900) == 3
   assert distances.block_rows(1024, 10**9, 900) == 1
+  assert [distances.block_rows(1024, 8, 2**20, n) for n in (1, 5, 64, 65, 5000)] == [1, 8, 64, 128, 1024]
   tight = distances.nearest_neighbours(q, r, max_block_elements=900)
   ref_d, ref_i = brute_force(q, r)
   np.testing.assert_allclose(tight.distance, ref_d, rtol=1e-5)

@@ -67,6 +67,9 @@ def test_radial_profile_of_white_noise_is_flat_and_finds_a_plane_wave():
   np.testing.assert_allclose(mean / mean.mean(), 1.0, atol=0.1)  # white noise: equal power per bin
   _, wave = spectrum.radial_profile(plane_wave((64, 64), (16, 0)), num_bins=8)  # rho = 0.5 -> bin 3
   assert np.argmax(wave[0]) == 3 and np.all(np.delete(wave[0], 3) < 1e-12 * wave[0, 3])
+  # Bins finer than the grid's frequency spacing (1/8 on 16 samples) hold no frequency: NaN, not 0.
+  _, fine = spectrum.radial_profile(np.random.default_rng(5).normal(size=(1, 16, 16, 1)), num_bins=32)
+  assert np.isnan(fine[0, 0]) and np.isfinite(fine[0, 3])
 
 
 def test_bad_inputs_raise():

@@ -65,6 +65,7 @@ def tiny_config(method: str, xray_path: str | None = None) -> ml_collections.Con
   c.checkpoint.every_steps = 100
   c.logging.log_every_steps = 1
   c.continual.statistics_after_stage = method == "invcoss"
+  c.continual.synthesize_last_stage = False  # nothing reads the last stage's synthetic set here
   c.inversion.stats_batch_size = 128
   c.inversion.num_samples = 8
   c.inversion.invunet.channels = (4, 8)
@@ -220,8 +221,11 @@ def test_data_free_guard_refuses_earlier_stage_data(runs):
 def test_resume_mid_sequence_matches_uninterrupted_run(runs, tmp_path):
   config, ref_dir, ref = runs("er")
   workdir = str(tmp_path / "resumed")
+  # Stage 1 as the reference run left it (finished, with its buffer), then stage 2 stops after step 1.
+  shutil.copytree(os.path.join(ref_dir, "stage_1_xray"), os.path.join(workdir, "stage_1_xray"))
   stopped = job.run(config, workdir, stop_at=(2, 1))
   assert stopped["stopped"] and [s["name"] for s in stopped["stages"]] == ["stage_1_xray"]
+  assert "stage_1_xray" not in stopped["losses"]
   stage2 = os.path.join(workdir, "stage_2_ct")
   assert ckpt_lib.make_manager(stage2, read_only=True).latest_step() == 1 and read_info(
       plan_stages(config, workdir)[1]) is None

@@ -21,7 +21,7 @@ def _run(*args, timeout=240):
 def test_demo_preset_end_to_end(tmp_path):
   workdir = tmp_path / "xray_demo"
   p = _run("--config=configs/xray.py:demo", "--config.total_steps=3", "--config.seed=7",
-           "--config.logging.image_every_steps=3", f"--workdir={workdir}")
+           f"--workdir={workdir}")
   assert p.returncode == 0, p.stderr[-4000:]
   with open(workdir / "config.json") as f:
     config = json.load(f)

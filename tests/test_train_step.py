@@ -1,5 +1,5 @@
-"""The jitted train step on real demo X-rays: bf16 compute (with rematerialisation) keeping float32
-parameters and loss, gradient accumulation, donation; and the reconstruction image grid."""
+"""The jitted train step on real demo X-rays: gradient accumulation and donation; the image grid.
+(bf16/remat and the reconstructions are checked against the reference run in test_train_pretrain.)"""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.parallel.config import mesh_config
 from invcoss_jax.train import optim, writers
 from invcoss_jax.train.config import train_config
-from invcoss_jax.train.pretrain import jit_train_step, make_reconstruct, make_train_step
+from invcoss_jax.train.pretrain import jit_train_step, make_train_step
 from invcoss_jax.train.state import create_train_state
 
 IMAGE = (32, 32, 3)
@@ -54,32 +54,6 @@ def _setup(model_cfg, grad_accum_steps=1, num_devices=4, **train):
   return model, mesh, state, step
 
 
-@pytest.fixture(scope="module")
-def baseline(xray_batch):
-  """The float32 model's first step from the initial state (kept before the state is donated)."""
-  model, mesh, state, step = _setup(_model_cfg())
-  init_params = jax.device_get(state.params)
-  with jax.set_mesh(mesh):
-    state, metrics = step(state, mesh_lib.put_batch(mesh, xray_batch))
-  return model, init_params, jax.device_get(metrics)
-
-
-def test_bf16_compute_with_remat_keeps_float32_params_and_loss(xray_batch, baseline):
-  _, _, m32 = baseline
-  _, mesh, s16, step16 = _setup(_model_cfg(dtype="bfloat16", remat=True))
-  with jax.set_mesh(mesh):
-    s16, m16 = step16(s16, mesh_lib.put_batch(mesh, xray_batch))
-  assert m16["loss"].dtype == jnp.float32 and m16["grad_norm"].dtype == jnp.float32
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state) if x.ndim > 0)
-  # Same initial parameters and masks (same key and step): bf16 only perturbs the arithmetic, and
-  # rematerialised blocks give the same gradients.
-  assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=3e-2)
-  assert float(m16["loss"]) != float(m32["loss"])
-  assert float(m16["grad_norm"]) == pytest.approx(float(m32["grad_norm"]), rel=5e-2)
-  assert float(m32["grad_norm"]) > 0
-
-
 def test_accumulation_updates_every_k_steps_and_old_state_is_donated(xray_batch):
   _, mesh, state, step = _setup(_model_cfg(), grad_accum_steps=2, warmup_epochs=0)
   batch = mesh_lib.put_batch(mesh, {"image": xray_batch["image"][:4]})  # micro-batch 8 / 2
@@ -99,23 +73,6 @@ def test_accumulation_updates_every_k_steps_and_old_state_is_donated(xray_batch)
   assert int(state.step) == 3 and int(state.opt_state.gradient_step) == 1
   # The logged lr is the one of the update the micro-batch belongs to.
   assert float(m1["learning_rate"]) == float(m2["learning_rate"]) > float(m3["learning_rate"]) > 0
-
-
-def test_reconstruction_grid(xray_batch, baseline):
-  model, params, _ = baseline
-  images = jnp.asarray(xray_batch["image"][:3])
-  mask_px, recon = jax.device_get(make_reconstruct(model, 0.75)(params, images, jax.random.PRNGKey(1)))
-  assert mask_px.shape == recon.shape == (3, *IMAGE)
-  # 12 of 16 patches masked; visible pixels are the input's own.
-  np.testing.assert_allclose(mask_px.mean(axis=(1, 2, 3)), 0.75)
-  visible = mask_px == 0
-  np.testing.assert_allclose(recon[visible], np.asarray(images)[visible], atol=1e-6)
-  grid = writers.mae_image_grid(np.asarray(images), mask_px, recon)
-  assert grid.shape == (3 * (32 + 2) + 2, 3 * (32 + 2) + 2, 3) and grid.dtype == np.float32
-  assert 0.0 <= grid.min() and grid.max() <= 1.0
-  # First panel of row 0 is the input scaled to [0, 1] by its own range.
-  x = np.asarray(images[0])
-  np.testing.assert_allclose(grid[2:34, 2:34], (x - x.min()) / (x.max() - x.min()), atol=1e-6)
 
 
 def test_grid_shows_the_middle_slice_of_volumes():

@@ -64,15 +64,21 @@ def _chunk_nearest(queries: jax.Array, refs: jax.Array, ref_valid: jax.Array,
 
 def _pad_rows(x, rows: int) -> jax.Array:
   """x (NumPy or on device) padded with zero rows to `rows`, as a device array."""
-  x = jnp.asarray(x)
   if x.shape[0] == rows:
-    return x
-  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+    return jnp.asarray(x)
+  if isinstance(x, jax.Array):
+    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+  return jnp.asarray(np.pad(x, ((0, rows - x.shape[0]), (0, 0))))
 
 
-def block_rows(requested: int, num_features: int, max_block_elements: int) -> int:
-  """Rows of a chunk: `requested`, fewer when `rows * num_features` would exceed `max_block_elements`."""
-  return max(1, min(int(requested), int(max_block_elements) // max(1, int(num_features))))
+def block_rows(requested: int, num_features: int, max_block_elements: int, available: int | None = None) -> int:
+  """Rows of a chunk: `requested`, fewer when `rows * num_features` would exceed `max_block_elements`, and
+  no more than the power of two at or above `available` rows (so a small or ragged set is padded to one of
+  a few sizes: few compilations, little waste)."""
+  rows = max(1, min(int(requested), int(max_block_elements) // max(1, int(num_features))))
+  if available is not None:
+    rows = min(rows, 1 << max(0, int(available) - 1).bit_length())
+  return rows
 
 
 def update_neighbours(state: Neighbours, queries, refs, *, ref_offset: int,
@@ -97,8 +103,8 @@ def update_neighbours(state: Neighbours, queries, refs, *, ref_offset: int,
   distance, index = state.distance.copy(), state.index.copy()
   if r.shape[0] == 0 or q.shape[0] == 0:
     return Neighbours(distance, index)
-  qc = min(block_rows(query_chunk, q.shape[1], max_block_elements), q.shape[0])
-  rc = min(block_rows(ref_chunk, r.shape[1], max_block_elements), r.shape[0])
+  qc = block_rows(query_chunk, q.shape[1], max_block_elements, q.shape[0])
+  rc = block_rows(ref_chunk, r.shape[1], max_block_elements, r.shape[0])
   k = min(num_candidates, rc)
   r_blocks = []
   for r0 in range(0, r.shape[0], rc):

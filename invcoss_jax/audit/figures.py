@@ -43,25 +43,36 @@ def _save(fig, path: str) -> None:
   plt.close(fig)
 
 
-def closest_pairs(path: str, panels: Sequence[dict], title: str) -> None:
+def closest_pairs(path: str, panels: Sequence[dict], title: str, pad: int = 4) -> None:
   """One column pair per panel: rows of (query, its nearest training image), closest first.
 
-  Each panel is dict(name, queries (k, h, w, C), neighbours (k, h, w, C), distances (k,), indices (k,)).
-  A pair is shown on one intensity scale (the pair's joint range) so copies look identical.
+  Each panel is dict(name, queries (k, h, w, C), neighbours (k, h, w, C), distances (k,), indices (k,),
+  query_indices (k,)). A pair is shown on one intensity scale (the pair's joint range) so copies look
+  identical. The pairs are composed into one image (one axes: fast to draw), a caption over each cell.
   """
+  h, w = panels[0]["queries"].shape[1:3]
   rows = max(len(p["distances"]) for p in panels)
-  fig, axes = plt.subplots(rows, 2 * len(panels), figsize=(2.2 * 2 * len(panels), 2.3 * rows), squeeze=False)
-  for ax in axes.ravel():
-    ax.axis("off")
+  cols = 2 * len(panels)
+  grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.float32)
+  texts = []
   for j, p in enumerate(panels):
     for i in range(len(p["distances"])):
       q, n = p["queries"][i], p["neighbours"][i]
       lo, hi = float(min(q.min(), n.min())), float(max(q.max(), n.max()))
-      axes[i, 2 * j].imshow(_display(q, lo, hi), interpolation="nearest")
-      axes[i, 2 * j + 1].imshow(_display(n, lo, hi), interpolation="nearest")
-      axes[i, 2 * j].set_title(f"{p['name']}: query {p['query_indices'][i]}", fontsize=7)
-      axes[i, 2 * j + 1].set_title(f"train {p['indices'][i]}, d={p['distances'][i]:.3g}", fontsize=7)
-  fig.suptitle(title, fontsize=9)
+      for c, (img, label) in enumerate(((q, f"{p['name']} query {p['query_indices'][i]}"),
+                                        (n, f"train {p['indices'][i]}, d={p['distances'][i]:.3g}"))):
+        y0, x0 = pad + i * (h + pad), pad + (2 * j + c) * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = _display(img, lo, hi)
+        texts.append((x0, y0, label))
+  scale = max(1.0, 96.0 / max(h, w))  # draw small images at least ~96 px per cell
+  fig = plt.figure(figsize=(grid.shape[1] * scale / 100.0, grid.shape[0] * scale / 100.0 + 0.4))
+  ax = fig.add_axes((0, 0, 1, grid.shape[0] * scale / 100.0 / fig.get_figheight()))
+  ax.imshow(grid, interpolation="nearest")
+  ax.axis("off")
+  for x0, y0, label in texts:
+    ax.text(x0, y0 + 1, label, fontsize=6, color="yellow", va="top", ha="left",
+            bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+  fig.suptitle(title, fontsize=8, y=1.0)
   _save(fig, path)
 
 

@@ -52,7 +52,8 @@ def high_frequency_energy_ratio(x: np.ndarray, cutoff: float = 0.5) -> np.ndarra
 def radial_profile(x: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
   """(bin centres (num_bins,), mean power per radius bin (B, num_bins)) over `0 < rho <= 1`, for plots.
 
-  Bins beyond the axis Nyquist (the grid's corners) are left out so every bin is a full shell.
+  Bins beyond the axis Nyquist (the grid's corners) are left out so every bin is a full shell; a bin that
+  holds no frequency of the grid (finer bins than the grid's frequency spacing) is NaN.
   """
   if num_bins < 1:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
@@ -65,4 +66,4 @@ def radial_profile(x: np.ndarray, num_bins: int = 32) -> tuple[np.ndarray, np.nd
   counts = np.bincount(which[keep], minlength=num_bins).astype(np.float64)
   sums = np.stack([np.bincount(which[keep], weights=row[keep], minlength=num_bins) for row in flat])
   centres = 0.5 * (edges[1:] + edges[:-1])
-  return centres, sums / np.maximum(counts, 1.0)
+  return centres, np.where(counts > 0, sums / np.maximum(counts, 1.0), np.nan)

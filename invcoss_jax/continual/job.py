@@ -394,6 +394,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
       pending: list[tuple[int, Any]] = []
       last_step, last_time = start, time.perf_counter()
       log_every = max(1, int(cfg.logging.log_every_steps))
+      save_every = max(1, int(cfg.checkpoint.every_steps))
       for step in range(start + 1, total + 1):
         batch = mesh_lib.put_batch(mesh, streams.next_batch(step))
         state, metrics = step_fn(state, batch, consts)
@@ -411,7 +412,8 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
           scalars["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
           writer.write_scalars(step, scalars)
           last_step, last_time = step, now
-        ckpt_lib.save(manager, step, state, streams, cfg, force=stop_here or step == total)
+        if step % save_every == 0 or step == total or stop_here:
+          ckpt_lib.save(manager, step, state, streams, cfg, force=True)
         if method == "packnet" and step == boundary:
           state, consts = enter_retrain(state, consts)
         if stop_here:

@@ -13,6 +13,7 @@ mesh's batch axes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -31,7 +32,7 @@ from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import optim
-from invcoss_jax.train.state import TrainState, create_train_state
+from invcoss_jax.train.state import TrainState
 
 # Keys of the encoder's parameter tree that a pre-trained stage provides; the rest (MAE decoder,
 # mask token) is not part of the downstream model.
@@ -160,14 +161,27 @@ def init_params(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, 
         raise ValueError(f"{source}: parameter {key!r} has shape {tuple(a.shape)}, the model expects "
                          f"{tuple(b.shape)} (the fine-tuning model config must be the pre-trained one)")
     loaded.append(key)
-  backbone = {k: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pretrained[k]) for k in loaded}
+  # Host copies: a checkpoint restored onto one device must not pin the fine-tuning to that device.
+  backbone = {k: jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(pretrained[k])) for k in loaded}
   if fresh:
     if loaded:
       logging.warning("%s has no %s: initialised randomly", source or "the checkpoint", fresh)
-    init = jax.jit(lambda r: model.init_backbone(r, image_shape))(rng)  # jitted: eager init compiles per op
+    init = _init_backbone(model, rng, image_shape)
     backbone.update({k: init[k] for k in fresh})
-  head = jax.jit(lambda r: model.init_head(r, image_shape))(jax.random.fold_in(rng, 1))
+  head = _init_head(model, jax.random.fold_in(rng, 1), image_shape)
   return {"backbone": {k: backbone[k] for k in abstract}, "head": head}, loaded
+
+
+# Jitted (eager initialisation compiles op by op) and cached per (model, image shape): the model is
+# a hashable frozen dataclass, so every seed and checkpoint of one architecture shares the compilation.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_backbone(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, ...]):
+  return model.init_backbone(rng, image_shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_head(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, ...]):
+  return model.init_head(rng, image_shape)
 
 
 def make_schedule(task: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -377,6 +391,9 @@ class Finetuner:
           lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
                                rng=jax.random.PRNGKey(0)), abstract)
     self.shardings = mesh_lib.param_shardings(self.mesh, abstract_state, False)
+    self.init_state = jax.jit(
+        lambda p, r: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p), rng=r),
+        out_shardings=self.shardings)
     data_sharding = mesh_lib.data_sharding(self.mesh)
     self.step_fn = jax.jit(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
                            in_shardings=(self.shardings, data_sharding),
@@ -412,7 +429,7 @@ class Finetuner:
     history: list[dict[str, Any]] = []
     best = (-math.inf, None, 0, {})
     with jax.set_mesh(self.mesh):
-      state, _ = create_train_state(lambda r: params, self.tx, state_rng, self.mesh, params=params)
+      state = self.init_state(params, state_rng)
       train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
                                                      seed=int(seed))
       losses_since = []

@@ -1,0 +1,411 @@
+r"""Step throughput, compile time, memory and model FLOPs utilisation of the JAX pre-training and inversion
+steps, next to the same steps in PyTorch (benchmarks/torch_reference.py), measured in one session.
+
+  python benchmarks/bench.py --models=base --dims=2d --programs=pretrain,invert --torch \
+      --out=benchmarks/results/cpu_base.json
+
+First the f32 matmul peak of the current device is measured (JAX, and PyTorch for reference); then for each
+(model, dimension, program) both implementations are built, warmed up, and timed in interleaved rounds
+(JAX, PyTorch, JAX, PyTorch, ...), so a machine whose load changes affects both alike; the table reports the
+medians over the rounds. images/s is examples per optimisation step time (inversion: synthetic images in the
+batch per inner step). FLOPs per step are XLA's count for the compiled JAX step (the same model runs in
+PyTorch), MFU = FLOPs per step / median step time / measured matmul peak. Memory: the device's peak bytes in use
+on GPU/TPU, the compiled program's planned peak (arguments + outputs + temporaries - aliased) on CPU.
+
+The JAX steps are the package's own: `train.pretrain.make_train_step` + `jit_train_step` and
+`inversion.engine.make_batch_optimizer` (its whole inner loop is one compiled program; a timed call runs
+`--steps` inner steps). Inputs are real demo images (X-rays for 2D, the demo CT for 3D) at the requested size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+GIB = 2.0**30
+
+
+@dataclasses.dataclass
+class Case:
+  model: str
+  dim: str  # '2d' | '3d'
+  program: str  # 'pretrain' | 'invert'
+  batch: int
+  image_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Built:
+  """A ready step: run(n) runs n optimisation steps and returns the seconds they took (work finished)."""
+  run: Callable[[int], float]
+  flops_per_step: float = float("nan")
+  compile_s: float = float("nan")
+  memory_bytes: float = float("nan")
+  memory_source: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration of a case
+
+
+def model_config(preset: str, dtype: str, remat: bool, patch_3d: int):
+  from invcoss_jax import models
+  mc = models.model_config(preset)
+  mc.dtype, mc.remat = dtype, remat
+  mc.patch_size_3d = (patch_3d,) * 3
+  return mc
+
+
+def inversion_config(args, case: Case):
+  from invcoss_jax.inversion.config import inversion_config as defaults
+  inv = defaults()
+  sched = inv.schedule_2d if case.dim == "2d" else inv.schedule_3d
+  sched.batch_size = case.batch
+  inv.pool_size = max(case.batch, int(args.pool_size))
+  if args.invunet_channels:
+    inv.invunet.channels = tuple(int(c) for c in args.invunet_channels.split(","))
+  return inv
+
+
+def real_images(case: Case) -> np.ndarray:
+  """A batch of real demo images at the case's shape (X-rays for 2D, CT windows for 3D)."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.data.config import data_config
+  d = data_config()
+  if case.dim == "2d":
+    d.name = "demo_xray"
+    d.image_size = case.image_shape[0]
+  else:
+    d.name = "demo_ct"
+    d.volume_shape = tuple(case.image_shape[:3])
+  images = np.asarray(next(data_lib.make_train_iterator(d, global_batch_size=case.batch, seed=0))["image"],
+                      np.float32)
+  if images.shape != (case.batch, *case.image_shape):
+    raise ValueError(f"the demo data gave {images.shape}, expected {(case.batch, *case.image_shape)}")
+  return images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peaks
+
+
+def jax_matmul_peak(n: int, reps: int) -> float:
+  """Best f32 matmul FLOP/s of the default JAX device over `reps` timed (n x n) @ (n x n) products."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n**3 / best
+
+
+def torch_matmul_peak(n: int, reps: int) -> float:
+  import torch
+  a = torch.randn(n, n)
+  a @ a
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JAX steps
+
+
+def _memory(compiled, devices) -> tuple[float, str]:
+  stats = [d.memory_stats() for d in devices] if devices[0].platform != "cpu" else []
+  if stats and stats[0] and "peak_bytes_in_use" in stats[0]:
+    return float(max(s["peak_bytes_in_use"] for s in stats)), "device peak"
+  m = compiled.memory_analysis()
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes), "XLA plan"
+
+
+def jax_pretrain(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
+  import ml_collections
+  from invcoss_jax import models
+  from invcoss_jax.parallel import mesh as mesh_lib
+  from invcoss_jax.parallel.config import mesh_config
+  from invcoss_jax.train import optim
+  from invcoss_jax.train.config import train_config
+  from invcoss_jax.train.pretrain import jit_train_step, make_train_step
+  from invcoss_jax.train.state import create_train_state
+
+  config = ml_collections.ConfigDict(dict(total_steps=1000, train=train_config()))
+  config.train.global_batch_size = case.batch
+  tx, sched = optim.make_optimizer(config.train, optim.run_length(config, None))
+  mc = model_config(case.model, args.dtype, args.remat, args.patch_3d)
+  model = models.build_mae(mc)
+  mesh = mesh_lib.make_mesh(mesh_config())
+  with jax.set_mesh(mesh):
+    state, shardings = create_train_state(lambda r: models.init_mae_params(model, r, [case.image_shape]), tx,
+                                          jax.random.PRNGKey(0), mesh)
+    step = jit_train_step(make_train_step(model, tx, sched, mask_ratio=0.75), shardings, mesh)
+    batch = mesh_lib.put_batch(mesh, {"image": images})
+    t = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+  params = jax.device_get(state.params)  # the PyTorch model starts from the same weights
+  holder = {"state": state}
+
+  def run(n: int) -> float:
+    with jax.set_mesh(mesh):
+      t = time.perf_counter()
+      for _ in range(n):
+        holder["state"], metrics = compiled(holder["state"], batch)
+      jax.block_until_ready(metrics["loss"])
+      return time.perf_counter() - t
+
+  run(1)
+  memory, source = _memory(compiled, list(mesh.devices.flat))
+  flops = float(compiled.cost_analysis()["flops"]) * mesh.devices.size
+  return Built(run, flops, compile_s, memory, source), (mc, params)
+
+
+def jax_invert(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
+  from invcoss_jax import models
+  from invcoss_jax.inversion import engine, statistics
+
+  mc = model_config(case.model, args.dtype, args.remat, args.patch_3d)
+  model = models.build_mae(mc)
+  params = models.init_mae_params(model, jax.random.PRNGKey(0), [case.image_shape])
+  stats = statistics.compute_statistics(model, params, [images])
+  inv = inversion_config(args, case)
+  rank = 2 if case.dim == "2d" else 3
+  generator = engine.build_generator(inv, case.image_shape)
+  out_act = engine.output_activation(inv, rank)
+  latent_dim = int((inv.schedule_2d if rank == 2 else inv.schedule_3d).latent_dim)
+  feature_dim = int(stats.mean.shape[-1])
+  opt_vars, gen_state = engine.init_variables(generator, case.image_shape, case.batch, latent_dim,
+                                              jax.random.PRNGKey(1))
+  frozen = dict(params=params, stats=statistics.FeatureStats(count=jnp.float32(stats.count),
+                                                             mean=jnp.asarray(stats.mean, jnp.float32),
+                                                             var=jnp.asarray(stats.var, jnp.float32)),
+                pool=jnp.zeros((int(inv.pool_size), feature_dim), jnp.float32), pool_count=jnp.int32(0))
+  steps = int(args.steps)
+  runner = engine.make_batch_optimizer(model, generator, inv, out_act, steps, case.image_shape, feature_dim)
+  call_args = (opt_vars, gen_state, frozen, jax.random.key(2), jnp.int32(0), jnp.int32(steps - 1))
+  t = time.perf_counter()
+  compiled = runner.lower(*call_args).compile()
+  compile_s = time.perf_counter() - t
+
+  def run(n: int) -> float:
+    # One call runs `steps` inner steps (steps - 1 updates and the final evaluating pass), each a full
+    # forward and backward pass; n is rounded up to whole calls.
+    calls = max(1, -(-n // steps))
+    t = time.perf_counter()
+    for _ in range(calls):
+      out = compiled(*call_args)
+    jax.block_until_ready(out["totals"])
+    return (time.perf_counter() - t) * n / (calls * steps)
+
+  run(steps)
+  memory, source = _memory(compiled, jax.devices()[:1])
+  flops = float(compiled.cost_analysis()["flops"])  # one loop body = one inner step
+  return Built(run, flops, compile_s, memory, source), (mc, params, stats, inv, latent_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch steps
+
+
+def torch_pretrain(case: Case, args, images: np.ndarray, jax_side) -> Built:
+  import torch
+  import torch_reference as tr
+  from invcoss_jax import models
+  from invcoss_jax.train.config import train_config
+
+  mc, params = jax_side
+  model = tr.MAE(models.ViTConfig.from_config(mc), case.image_shape)
+  tr.load_flax_params(model, params)
+  tcfg = train_config()
+  tcfg.global_batch_size = case.batch
+  step = tr.make_pretrain_step(model, tcfg, 0.75)
+  x = tr.to_channels_first(images)
+  gen = torch.Generator().manual_seed(0)
+  num = int(np.prod(model.grid))
+
+  def run(n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+      step(x, torch.rand(case.batch, num, generator=gen))
+    return time.perf_counter() - t
+
+  run(1)
+  return Built(run)
+
+
+def torch_invert(case: Case, args, images: np.ndarray, jax_side) -> Built:
+  import torch
+  import torch_reference as tr
+  from invcoss_jax import models
+
+  mc, params, stats, inv, latent_dim = jax_side
+  teacher = tr.MAE(models.ViTConfig.from_config(mc), case.image_shape)
+  tr.load_flax_params(teacher, params)
+  torch.manual_seed(0)
+  rank = len(case.image_shape) - 1
+  from invcoss_jax.inversion import engine
+  generator = tr.InvUNet(case.image_shape, latent_dim, tuple(inv.invunet.channels), inv.invunet.activation,
+                         engine.output_activation(inv, rank))
+  latents = torch.randn(case.batch, latent_dim)
+  step = tr.make_inversion_step(teacher, generator, latents, torch.from_numpy(np.asarray(stats.mean, np.float32)),
+                                torch.from_numpy(np.asarray(stats.var, np.float32)),
+                                torch.zeros(int(inv.pool_size), int(stats.mean.shape[-1])), inv)
+
+  def run(n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+      step()
+    return time.perf_counter() - t
+
+  run(1)
+  return Built(run)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The session
+
+
+def conditions() -> dict[str, Any]:
+  import torch
+  cpu = ""
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
+              cpu=cpu, cpu_count=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
+              torch_threads=torch.get_num_threads(), backend=jax.default_backend(),
+              device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+              xla_flags=os.environ.get("XLA_FLAGS", ""), loadavg_start=os.getloadavg())
+
+
+def measure_case(case: Case, args, peak: float) -> dict[str, Any]:
+  images = real_images(case)
+  build_jax = jax_pretrain if case.program == "pretrain" else jax_invert
+  build_torch = torch_pretrain if case.program == "pretrain" else torch_invert
+  j, side = build_jax(case, args, images)
+  t = build_torch(case, args, images, side) if args.torch else None
+  jax_times, torch_times = [], []
+  for _ in range(int(args.rounds)):  # interleaved: JAX, PyTorch, JAX, PyTorch, ...
+    jax_times.append(j.run(int(args.steps)) / int(args.steps))
+    if t is not None:
+      torch_times.append(t.run(int(args.steps)) / int(args.steps))
+  jt = statistics.median(jax_times)
+  row = dict(dataclasses.asdict(case), image_shape=list(case.image_shape), dtype=args.dtype, remat=args.remat,
+             steps_per_round=int(args.steps), rounds=int(args.rounds), jax_step_s=jax_times,
+             jax_images_per_s=case.batch / jt, flops_per_step=j.flops_per_step,
+             jax_mfu=j.flops_per_step / jt / peak, compile_s=j.compile_s, memory_bytes=j.memory_bytes,
+             memory_source=j.memory_source)
+  if torch_times:
+    tt = statistics.median(torch_times)
+    row.update(torch_step_s=torch_times, torch_images_per_s=case.batch / tt,
+               torch_mfu=j.flops_per_step / tt / peak, speedup=tt / jt)
+  return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  cols = ("model", "dim", "program", "batch", "shape", "JAX img/s", "PyTorch img/s", "JAX/PyTorch", "JAX MFU",
+          "PyTorch MFU", "GFLOP/step", "compile s", "memory GiB")
+  out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+  for r in rows:
+    f = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")
+    out.append("| " + " | ".join([
+        r["model"], r["dim"], r["program"], str(r["batch"]), "x".join(map(str, r["image_shape"])),
+        f("jax_images_per_s", "{:.2f}"), f("torch_images_per_s", "{:.2f}"), f("speedup", "{:.2f}x"),
+        f("jax_mfu", "{:.1%}"), f("torch_mfu", "{:.1%}"), f"{r['flops_per_step'] / 1e9:.1f}",
+        f"{r['compile_s']:.1f}", f"{r['memory_bytes'] / GIB:.2f} ({r['memory_source']})"]) + " |")
+  return "\n".join(out)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--models", default="micro,tiny,small,base", help="comma-separated presets")
+  p.add_argument("--dims", default="2d,3d")
+  p.add_argument("--programs", default="pretrain,invert")
+  p.add_argument("--image_size", type=int, default=224, help="2D side")
+  p.add_argument("--volume_shape", default="16,192,192", help="3D (D,H,W)")
+  p.add_argument("--patch_3d", type=int, default=16)
+  p.add_argument("--batch_pretrain_2d", type=int, default=8)
+  p.add_argument("--batch_pretrain_3d", type=int, default=4)
+  p.add_argument("--batch_invert_2d", type=int, default=8)
+  p.add_argument("--batch_invert_3d", type=int, default=4)
+  p.add_argument("--invunet_channels", default="", help="override config.inversion.invunet.channels")
+  p.add_argument("--pool_size", type=int, default=256, help="L_rep's feature pool")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved JAX/PyTorch rounds; medians are reported")
+  p.add_argument("--matmul_size", type=int, default=2048)
+  p.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
+  p.add_argument("--out", default="", help="JSON file for the results")
+  args = p.parse_args(argv)
+  if args.steps < 1 or args.rounds < 1:
+    p.error("--steps and --rounds must be >= 1")
+  return args
+
+
+def cases(args) -> list[Case]:
+  vol = tuple(int(s) for s in args.volume_shape.split(","))
+  shapes = {"2d": (args.image_size, args.image_size, 3), "3d": (*vol, 1)}
+  out = []
+  for model in args.models.split(","):
+    for dim in args.dims.split(","):
+      for program in args.programs.split(","):
+        if dim not in shapes or program not in ("pretrain", "invert"):
+          raise SystemExit(f"unknown --dims {dim!r} or --programs {program!r}")
+        out.append(Case(model, dim, program, int(getattr(args, f"batch_{program}_{dim}")), shapes[dim]))
+  return out
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  info = conditions()
+  jax_peaks, torch_peaks = [], []
+  for _ in range(int(args.rounds)):  # interleaved too
+    jax_peaks.append(jax_matmul_peak(args.matmul_size, 5))
+    if args.torch:
+      torch_peaks.append(torch_matmul_peak(args.matmul_size, 5))
+  peak = statistics.median(jax_peaks)
+  print(f"f32 matmul peak ({args.matmul_size}^2, median of {args.rounds} rounds, best of 5 each): "
+        f"JAX {peak / 1e9:.1f} GFLOP/s" + (f", PyTorch {statistics.median(torch_peaks) / 1e9:.1f} GFLOP/s"
+                                           if torch_peaks else ""), flush=True)
+  rows = []
+  for case in cases(args):
+    rows.append(measure_case(case, args, peak))
+    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+  info["loadavg_end"] = os.getloadavg()
+  result = dict(conditions=info, args=vars(args), matmul_peak_flops=dict(jax=jax_peaks, torch=torch_peaks,
+                                                                          jax_median=peak), rows=rows)
+  print(format_table(rows))
+  if args.out:
+    from invcoss_jax.io_utils import atomic_write_json
+    atomic_write_json(args.out, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()

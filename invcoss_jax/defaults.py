@@ -34,3 +34,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
   return c
+
+
+def load_config_file(spec: str, *, search_dirs: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file the way `--config=` does, for notebooks and tests.
+
+  `spec` is `path/to/file.py[:preset]`; a relative path is looked up in the working directory, then in
+  `search_dirs`, then next to the package (a source checkout's `configs/`).
+  """
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidates = [path] + [os.path.join(d, path) for d in (*search_dirs, repo)]
+  found = next((c for c in candidates if os.path.isfile(c)), None)
+  if found is None:
+    raise FileNotFoundError(f"config file {path!r} not found (looked in: {', '.join(candidates)})")
+  name = "invcoss_config_" + os.path.splitext(os.path.basename(found))[0]
+  module_spec = importlib.util.spec_from_file_location(name, found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -5,6 +5,7 @@ Intentionally short: flags in, `jobs.run(config, workdir)` out; `config.mode` se
 
 from __future__ import annotations
 
+import logging
 import os
 
 from absl import app, flags
@@ -25,9 +26,18 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", f"{name}_{preset}" if preset else name)
 
 
+class _QuietLibraries(logging.Filter):
+  """Keeps orbax's per-save INFO chatter (dozens of lines per checkpoint) out of the run log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   from invcoss_jax import jobs  # Imported after flag parsing: jobs import jax lazily per mode.
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)

@@ -156,7 +156,7 @@ def _check_options(a: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Audits the stage in `config.init_from`; writes audit.json, audit.md and the figures into `workdir`
-  and returns what audit.json holds."""
+  (process 0) and returns what audit.json holds."""
   from invcoss_jax import data as data_lib
   from invcoss_jax.train.checkpoint import load_trained_stage
 
@@ -167,10 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                      "config.json) for config.mode='audit'")
   a = config.audit
   _check_options(a)
-  bs, seed = int(a.batch_size), int(a.seed)
-  rng = np.random.default_rng(seed)
-  chunking = dict(query_chunk=int(a.query_chunk), ref_chunk=int(a.ref_chunk),
-                  max_block_elements=int(a.max_block_elements))
+  rng = np.random.default_rng(int(a.seed))
 
   stage_cfg, model, params = load_trained_stage(stage_dir)
   train_data = stage_data_section(stage_cfg.data, a.train_data, "config.audit.train_data")
@@ -181,18 +178,76 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     raise ValueError(f"config.audit.heldout_data gives images of shape {data_lib.image_shape(heldout_data)}, "
                      f"the training split {shape}: both must have the model's input shape")
   n_train = data_lib.num_examples(train_data)
-  n_heldout = data_lib.num_examples(heldout_data)
 
-  # --- Query sets in memory: held-out images, the synthetic set, the replay buffer. ---
-  heldout_idx = subset(n_heldout, int(a.max_heldout), rng)
-  sets: dict[str, dict[str, Any]] = {HELDOUT: dict(
-      images=gather(heldout_data, heldout_idx, bs), indices=heldout_idx,
-      source=f"{data_lib.resolve(heldout_data).path} (split {heldout_data.split!r})", size=n_heldout)}
+  sets = _query_sets(a, stage_cfg.data, train_data, heldout_data, stage_dir, n_train, shape, rng)
+  feature_fn = forward.make_feature_fn(model, str(a.feature), bool(a.normalize_features))
+  mask_ratio = float(a.mia_mask_ratio) if float(a.mia_mask_ratio) >= 0 else float(stage_cfg.train.mask_ratio)
+  loss_fn = forward.make_loss_fn(model, mask_ratio, int(a.mia_num_masks))
+  for s in sets.values():
+    # Query vectors live on the device for the whole pass: no copy per training batch.
+    s["vectors"] = {"pixel": jnp.asarray(distances.flatten_samples(s["images"])),
+                    "feature": jnp.asarray(batched(feature_fn, params, s["images"], int(a.batch_size)))}
+  members = subset(n_train, int(a.max_members), rng)
+  stream = _stream_training(a, train_data, sets, members, feature_fn, loss_fn, params)
+
+  # Membership inference: training (members) vs held-out (non-members) images.
+  heldout = sets[HELDOUT]
+  heldout_losses = batched(loss_fn, params, heldout["images"], int(a.batch_size),
+                           example_keys(int(a.seed), _HELDOUT_STREAM, heldout["indices"])).astype(np.float64)
+  member_scores, nonmember_scores = -stream["member_losses"], -heldout_losses
+  mia = membership.bootstrap_auc(member_scores, nonmember_scores, num_bootstrap=int(a.num_bootstrap),
+                                 level=float(a.ci_level), seed=int(a.seed))
+  mia.update(tpr_at_fpr={f"{f:g}": membership.tpr_at_fpr(member_scores, nonmember_scores, float(f))
+                         for f in a.tpr_at_fpr},
+             mean_loss_members=float(stream["member_losses"].mean()),
+             mean_loss_nonmembers=float(heldout_losses.mean()), mask_ratio=mask_ratio,
+             num_masks=int(a.mia_num_masks))
+
+  # Distances (pixel ones as RMS differences per value), memorisation, high-frequency energy of every set.
+  pixel_scale = 1.0 / np.sqrt(float(np.prod(shape)))
+  to_train = {key: st.distance.astype(np.float64) * (pixel_scale if key[1] == "pixel" else 1.0)
+              for key, st in stream["neighbours"].items()}
+  thresholds = {sp: memorisation.memorisation_threshold(to_train[(HELDOUT, sp)], float(a.memorisation_quantile))
+                for sp in SPACES}
+  train_hf = stream["member_hf"]
+  results = {name: _set_results(a, name, s, heldout, to_train, train_hf.mean(), pixel_scale)
+             for name, s in sets.items()}
+  out = dict(
+      stage=os.path.abspath(stage_dir), workdir=os.path.abspath(workdir), image_shape=list(shape),
+      train=dict(source=f"{data_lib.resolve(train_data).path} (split {train_data.split!r})", num_examples=n_train),
+      heldout=dict(source=heldout["source"], num_examples=int(heldout["size"])),
+      membership_inference=mia,
+      memorisation_thresholds=dict(quantile=float(a.memorisation_quantile), **thresholds),
+      high_frequency=dict(cutoff=float(a.hf_cutoff), training=dict(
+          mean=float(train_hf.mean()), median=float(np.median(train_hf)), num_samples=int(train_hf.size))),
+      sets={k: v for k, v in results.items() if k != HELDOUT},
+      heldout_reference=results[HELDOUT],
+      units=dict(pixel="root-mean-square difference per value, in the model's input range",
+                 feature=f"Euclidean distance between {'L2-normalised ' if a.normalize_features else ''}"
+                         f"'{a.feature}' encoder features"),
+      config=a.to_dict())
+  if jax.process_index() == 0:
+    _write_outputs(a, workdir, out, sets, stream, to_train, thresholds, heldout_losses)
+  logging.info("audit of %s: MIA AUC %.3f %s; memorisation (pixel) %s", stage_dir, mia["auc"], mia["ci"],
+               {k: v["pixel"]["memorisation"]["rate"] for k, v in out["sets"].items()})
+  return out
+
+
+def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train: int,
+                shape: tuple[int, ...], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+  """The sets held in memory: held-out queries, the synthetic set and the replay buffer (if any), each
+  dict(images, indices (within its source), size (of its source), source (words))."""
+  from invcoss_jax import data as data_lib
+  bs = int(a.batch_size)
+  n_heldout = data_lib.num_examples(heldout_data)
+  idx = subset(n_heldout, int(a.max_heldout), rng)
+  sets = {HELDOUT: dict(images=gather(heldout_data, idx, bs), indices=idx, size=n_heldout,
+                        source=f"{data_lib.resolve(heldout_data).path} (split {heldout_data.split!r})")}
   synthetic_dir = shard_folder(str(a.synthetic_path or os.path.join(stage_dir, "synthetic")),
                                "config.audit.synthetic_path")
-  sets["synthetic"] = _npz_set(stage_cfg.data, synthetic_dir, int(a.max_synthetic), rng, bs, shape)
+  sets["synthetic"] = _npz_set(stage_data, synthetic_dir, int(a.max_synthetic), rng, bs, shape)
   if a.buffer_path:
-    sets["er_buffer"] = _npz_set(stage_cfg.data, shard_folder(str(a.buffer_path), "config.audit.buffer_path"),
+    sets["er_buffer"] = _npz_set(stage_data, shard_folder(str(a.buffer_path), "config.audit.buffer_path"),
                                  int(a.max_buffer), rng, bs, shape)
   elif float(a.buffer_fraction) > 0:
     size = max(1, int(round(float(a.buffer_fraction) * n_train)))
@@ -203,127 +258,100 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                                     f"{float(a.buffer_fraction):g} of the split)")
   for name, s in sets.items():
     logging.info("audit: %s: %d samples in memory (%s)", name, len(s["images"]), s["source"])
+  return sets
 
-  feature_fn = forward.make_feature_fn(model, str(a.feature), bool(a.normalize_features))
-  mask_ratio = float(a.mia_mask_ratio) if float(a.mia_mask_ratio) >= 0 else float(stage_cfg.train.mask_ratio)
-  loss_fn = forward.make_loss_fn(model, mask_ratio, int(a.mia_num_masks))
-  for s in sets.values():
-    # Query vectors live on the device for the whole pass: no copy per training batch.
-    s["vectors"] = {"pixel": jnp.asarray(distances.flatten_samples(s["images"])),
-                    "feature": jnp.asarray(batched(feature_fn, params, s["images"], bs))}
 
-  # --- One pass over the training split: every training image is a reference. ---
-  member_idx = subset(n_train, int(a.max_members), rng)
-  member_pos = {int(i): p for p, i in enumerate(member_idx)}
-  member_losses = np.full((len(member_idx),), np.nan, np.float64)
+def _stream_training(a, train_data, sets, members: np.ndarray, feature_fn, loss_fn, params) -> dict[str, Any]:
+  """One pass over the training split: every training image is a reference of every set's nearest-neighbour
+  search (pixel and feature space); the `members` also get their attack loss and spectra."""
+  from invcoss_jax import data as data_lib
+  bs, cutoff, bins = int(a.batch_size), float(a.hf_cutoff), int(a.spectrum_bins)
+  chunking = dict(query_chunk=int(a.query_chunk), ref_chunk=int(a.ref_chunk),
+                  max_block_elements=int(a.max_block_elements))
+  member_pos = {int(i): p for p, i in enumerate(members)}
+  member_losses = np.full((len(members),), np.nan, np.float64)
   member_hf, member_profiles = [], []
-  states = {(name, sp): distances.init_neighbours(len(s["images"])) for name, s in sets.items() for sp in SPACES}
-  th = figures.thumbnail(sets[HELDOUT]["images"][:1], int(a.thumbnail_size)).shape[1:]
-  neighbour_thumbs = {key: np.zeros((len(sets[key[0]]["images"]), *th), np.float32) for key in states}
+  neighbours = {(n, sp): distances.init_neighbours(len(s["images"])) for n, s in sets.items() for sp in SPACES}
+  thumb_shape = figures.thumbnail(sets[HELDOUT]["images"][:1], int(a.thumbnail_size)).shape[1:]
+  # The current nearest training image of every query, as a thumbnail (for the closest-pairs figures).
+  thumbs = {key: np.zeros((len(sets[key[0]]["images"]), *thumb_shape), np.float32) for key in neighbours}
   offset = 0
   for batch in data_lib.make_eval_iterator(train_data, batch_size=bs, process_index=0, process_count=1):
     x = np.asarray(batch["image"], np.float32)
-    b = len(x)
     refs = {"pixel": x, "feature": batched(feature_fn, params, x, bs)}
-    thumbs = figures.thumbnail(x, int(a.thumbnail_size))
-    for (name, sp), old in states.items():
+    batch_thumbs = figures.thumbnail(x, int(a.thumbnail_size))
+    for (name, sp), old in neighbours.items():
       new = distances.update_neighbours(old, sets[name]["vectors"][sp], refs[sp], ref_offset=offset, **chunking)
       changed = new.index != old.index
-      neighbour_thumbs[(name, sp)][changed] = thumbs[new.index[changed] - offset]
-      states[(name, sp)] = new
-    rows = [r for r in range(b) if offset + r in member_pos]
-    if rows:
-      idx = np.asarray([offset + r for r in rows])
-      losses = batched(loss_fn, params, x[rows], bs, example_keys(seed, _MEMBER_STREAM, idx))
-      member_losses[[member_pos[int(i)] for i in idx]] = losses
-      member_hf.append(spectrum.high_frequency_energy_ratio(x[rows], float(a.hf_cutoff)))
-      member_profiles.append(spectrum.radial_profile(x[rows], int(a.spectrum_bins))[1])
-    offset += b
-  if offset != n_train:
-    raise RuntimeError(f"the training split yielded {offset} examples, num_examples said {n_train}")
-  logging.info("audit: streamed %d training images", n_train)
+      thumbs[(name, sp)][changed] = batch_thumbs[new.index[changed] - offset]
+      neighbours[(name, sp)] = new
+    rows = np.asarray([r for r in range(len(x)) if offset + r in member_pos], np.int64)
+    if rows.size:
+      member_losses[[member_pos[int(offset + r)] for r in rows]] = batched(
+          loss_fn, params, x[rows], bs, example_keys(int(a.seed), _MEMBER_STREAM, offset + rows))
+      member_hf.append(spectrum.high_frequency_energy_ratio(x[rows], cutoff))
+      member_profiles.append(spectrum.radial_profile(x[rows], bins)[1])
+    offset += len(x)
+  if offset != data_lib.num_examples(train_data) or np.isnan(member_losses).any():
+    raise RuntimeError(f"the training split yielded {offset} examples, fewer than it has")
+  logging.info("audit: streamed %d training images", offset)
+  return dict(neighbours=neighbours, thumbs=thumbs, member_losses=member_losses,
+              member_hf=np.concatenate(member_hf), member_profile=np.concatenate(member_profiles).mean(0))
 
-  # --- Membership inference: training (members) vs held-out (non-members) images. ---
-  heldout = sets[HELDOUT]
-  heldout_losses = batched(loss_fn, params, heldout["images"], bs,
-                           example_keys(seed, _HELDOUT_STREAM, heldout["indices"])).astype(np.float64)
-  mia = membership.bootstrap_auc(-member_losses, -heldout_losses, num_bootstrap=int(a.num_bootstrap),
-                                 level=float(a.ci_level), seed=seed)
-  mia.update(
-      tpr_at_fpr={f"{f:g}": membership.tpr_at_fpr(-member_losses, -heldout_losses, float(f))
-                  for f in a.tpr_at_fpr},
-      mean_loss_members=float(member_losses.mean()), mean_loss_nonmembers=float(heldout_losses.mean()),
-      mask_ratio=mask_ratio, num_masks=int(a.mia_num_masks))
 
-  # --- Distances, memorisation, high-frequency energy of every set. ---
-  pixel_scale = 1.0 / np.sqrt(float(np.prod(shape)))  # pixel distances as RMS differences per value
-  to_train = {key: st.distance.astype(np.float64) * (pixel_scale if key[1] == "pixel" else 1.0)
-              for key, st in states.items()}
-  thresholds = {sp: memorisation.memorisation_threshold(to_train[(HELDOUT, sp)], float(a.memorisation_quantile))
-                for sp in SPACES}
-  cutoff = float(a.hf_cutoff)
-  train_hf = np.concatenate(member_hf)
-  centres = spectrum.radial_profile(heldout["images"][:1], int(a.spectrum_bins))[0]
-  profiles = {"training": np.concatenate(member_profiles).mean(0)}
-  results: dict[str, Any] = {}
-  for name, s in sets.items():
-    r: dict[str, Any] = dict(source=s["source"], num_samples=int(len(s["images"])), set_size=int(s["size"]))
-    for sp in SPACES:
-      d = to_train[(name, sp)]
-      entry = dict(to_train=distances.summarize_distances(d))
-      if name != HELDOUT:
-        to_heldout = distances.nearest_neighbours(s["vectors"][sp], heldout["vectors"][sp], **chunking).distance
-        to_heldout = to_heldout.astype(np.float64) * (pixel_scale if sp == "pixel" else 1.0)
-        entry["to_heldout"] = distances.summarize_distances(to_heldout)
-        entry["median_ratio_train_over_heldout"] = float(np.median(d / np.maximum(to_heldout, 1e-12)))
-        entry["memorisation"] = memorisation.bootstrap_memorisation(
-            d, to_train[(HELDOUT, sp)], float(a.memorisation_quantile), num_bootstrap=int(a.num_bootstrap),
-            level=float(a.ci_level), seed=seed)
-      r[sp] = entry
-    hf = spectrum.high_frequency_energy_ratio(s["images"], cutoff)
-    r["high_frequency"] = dict(mean=float(hf.mean()), median=float(np.median(hf)),
-                               relative_to_training=float(hf.mean() / max(train_hf.mean(), 1e-30)))
-    profiles[name] = spectrum.radial_profile(s["images"], int(a.spectrum_bins))[1].mean(0)
-    results[name] = r
+def _set_results(a, name: str, s: dict, heldout: dict, to_train: dict, train_hf_mean: float,
+                 pixel_scale: float) -> dict[str, Any]:
+  """Distances, memorisation rates and high-frequency energy of one set (the held-out set: its distances and
+  energy only, it defines the threshold)."""
+  chunking = dict(query_chunk=int(a.query_chunk), ref_chunk=int(a.ref_chunk),
+                  max_block_elements=int(a.max_block_elements))
+  r: dict[str, Any] = dict(source=s["source"], num_samples=int(len(s["images"])), set_size=int(s["size"]))
+  for sp in SPACES:
+    d = to_train[(name, sp)]
+    entry: dict[str, Any] = dict(to_train=distances.summarize_distances(d))
+    if name != HELDOUT:
+      to_heldout = distances.nearest_neighbours(s["vectors"][sp], heldout["vectors"][sp], **chunking).distance
+      to_heldout = to_heldout.astype(np.float64) * (pixel_scale if sp == "pixel" else 1.0)
+      entry["to_heldout"] = distances.summarize_distances(to_heldout)
+      entry["median_ratio_train_over_heldout"] = float(np.median(d / np.maximum(to_heldout, 1e-12)))
+      entry["memorisation"] = memorisation.bootstrap_memorisation(
+          d, to_train[(HELDOUT, sp)], float(a.memorisation_quantile), num_bootstrap=int(a.num_bootstrap),
+          level=float(a.ci_level), seed=int(a.seed))
+    r[sp] = entry
+  hf = spectrum.high_frequency_energy_ratio(s["images"], float(a.hf_cutoff))
+  r["high_frequency"] = dict(mean=float(hf.mean()), median=float(np.median(hf)),
+                             relative_to_training=float(hf.mean() / max(train_hf_mean, 1e-30)))
+  return r
 
-  out = dict(
-      stage=os.path.abspath(stage_dir), workdir=os.path.abspath(workdir), image_shape=list(shape),
-      train=dict(source=f"{data_lib.resolve(train_data).path} (split {train_data.split!r})", num_examples=n_train),
-      heldout=dict(source=heldout["source"], num_examples=n_heldout),
-      membership_inference=mia,
-      memorisation_thresholds=dict(quantile=float(a.memorisation_quantile), **thresholds),
-      high_frequency=dict(cutoff=cutoff, training=dict(mean=float(train_hf.mean()),
-                                                       median=float(np.median(train_hf)),
-                                                       num_samples=int(train_hf.size))),
-      sets={k: v for k, v in results.items() if k != HELDOUT},
-      heldout_reference=results[HELDOUT],
-      units=dict(pixel="root-mean-square difference per value, in the model's input range",
-                 feature=f"Euclidean distance between {'L2-normalised ' if a.normalize_features else ''}"
-                         f"'{a.feature}' encoder features"),
-      config=a.to_dict())
 
-  # --- Figures and reports. ---
+def _write_outputs(a, workdir: str, out: dict, sets: dict, stream: dict, to_train: dict, thresholds: dict,
+                   heldout_losses: np.ndarray) -> None:
+  """The figures, then audit.json and audit.md (all atomic); records the figure names in `out`."""
   os.makedirs(workdir, exist_ok=True)
   paths = figures.figure_paths(workdir, list(sets))
+  k = int(a.num_pairs)
   for name, s in sets.items():
     panels = []
     for sp in SPACES:
-      order = np.argsort(to_train[(name, sp)], kind="stable")[:int(a.num_pairs)]
+      order = np.argsort(to_train[(name, sp)], kind="stable")[:k]
       panels.append(dict(name=sp, queries=figures.thumbnail(s["images"][order], int(a.thumbnail_size)),
-                         neighbours=neighbour_thumbs[(name, sp)][order], distances=to_train[(name, sp)][order],
-                         indices=states[(name, sp)].index[order], query_indices=np.asarray(s["indices"])[order]))
+                         neighbours=stream["thumbs"][(name, sp)][order], distances=to_train[(name, sp)][order],
+                         indices=stream["neighbours"][(name, sp)].index[order],
+                         query_indices=np.asarray(s["indices"])[order]))
     figures.closest_pairs(paths[f"closest_pairs_{name}"], panels,
                           f"{name}: closest pairs to a training image (left query, right training image)")
   figures.distance_histograms(paths["distances"], {sp: {n: to_train[(n, sp)] for n in sets} for sp in SPACES},
                               thresholds, float(a.memorisation_quantile))
-  figures.spectra(paths["spectra"], centres, profiles, cutoff)
-  figures.membership_losses(paths["membership"], member_losses, heldout_losses, mia["auc"], mia["ci"])
-  out["figures"] = {k: os.path.basename(v) for k, v in paths.items()}
+  bins = int(a.spectrum_bins)
+  centres = spectrum.radial_profile(sets[HELDOUT]["images"][:1], bins)[0]
+  profiles = {"training": stream["member_profile"]}
+  profiles.update({n: spectrum.radial_profile(s["images"], bins)[1].mean(0) for n, s in sets.items()})
+  figures.spectra(paths["spectra"], centres, profiles, float(a.hf_cutoff))
+  mia = out["membership_inference"]
+  figures.membership_losses(paths["membership"], stream["member_losses"], heldout_losses, mia["auc"], mia["ci"])
+  out["figures"] = {key: os.path.basename(v) for key, v in paths.items()}
   atomic_write_json(os.path.join(workdir, AUDIT_FILE), out)
   atomic_write(os.path.join(workdir, SUMMARY_FILE), report.markdown(out))
-  logging.info("audit of %s: MIA AUC %.3f %s; memorisation (pixel) %s", stage_dir, mia["auc"], mia["ci"],
-               {k: v["pixel"]["memorisation"]["rate"] for k, v in out["sets"].items()})
-  return out
 
 
 def _npz_set(stage_data, folder: str, cap: int, rng: np.random.Generator, batch_size: int,

@@ -106,10 +106,11 @@ def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _init_fn(model: models.MAE):
-  """The jitted initialisation of every tokenizer and head (one compile per model; eager initialisation would
-  compile every operation on its own, tens of seconds on a CPU)."""
-  return jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model.cfg)))
+def _init_fn(model_cfg: models.ViTConfig):
+  """The jitted initialisation of every tokenizer and head (one compile per model configuration; eager
+  initialisation would compile every operation on its own, tens of seconds on a CPU)."""
+  model = models.build_mae(model_cfg)
+  return jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model_cfg)))
 
 
 def _info_of(stage: Stage) -> dict[str, Any]:
@@ -149,6 +150,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   with guard.active():
     for i, stage in enumerate(stages):
       info = read_info(stage)
+      if info and info.get("method", method) != method:
+        raise ValueError(f"{stage.workdir} holds a stage of method {info.get('method')!r} but "
+                         f"config.continual.method={method!r}: use another workdir for another method")
       if not (info and info.get("done")):
         logging.info("continual (%s): %s", method, stage.name)
         done, info, stage_losses = run_stage(config, stage, stages[:i], guard, stop_at=stop_at,
@@ -272,7 +276,7 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
   Stage T starts from stage T-1's trunk and tokenizers (and decoder unless config.continual.reinit_decoder);
   the first stage from config.init_from when set, else from a fresh initialisation."""
   c = config.continual
-  fresh = _init_fn(model)(_key(config, stage.index, 0))
+  fresh = _init_fn(model.cfg)(_key(config, stage.index, 0))
   if earlier:
     prev = earlier[-1]
     _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
@@ -329,7 +333,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
                   cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0)
   consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)
   if method in TEACHER_METHODS and prev is not None:
-    consts["teacher"] = prev_params
+    consts["teacher"] = params_lib.split_params(prev_params)[0]  # the frozen encoder (the decoder is not used)
   predictor, aux = None, {}
   if spec.cassle_weight > 0:
     predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))

@@ -70,11 +70,14 @@ def _data_section(d: ml_collections.ConfigDict, modality: str) -> ml_collections
 
 def stage_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
   """The job config as this stage's config.json: its data section (the first modality's for 'joint'),
-  and synthetic sets sized like the replay buffers (config.continual.buffer_fraction)."""
+  synthetic sets sized like the replay buffers (config.continual.buffer_fraction), and for 'joint' with
+  config.total_steps > 0 as many steps as the whole sequence (total_steps per stage x stages)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.mode = "continual"
   cfg.data = ml_collections.ConfigDict(stage.data[0].to_dict())
   cfg.inversion.buffer_fraction = float(config.continual.buffer_fraction)
+  if stage.modality == "joint" and int(cfg.total_steps) > 0:
+    cfg.total_steps = int(cfg.total_steps) * len(stage.modalities)
   return cfg
 
 

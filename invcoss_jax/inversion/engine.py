@@ -114,51 +114,88 @@ def render(generator: nn.Module | None, out_act: str, opt_vars: dict, state: dic
   return generator.apply(variables, opt_vars["latents"], train=True), state
 
 
-def make_batch_optimizer(model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict,
-                         out_act: str, max_steps: int, image_shape, feature_dim: int):
-  """A compiled function optimising one batch for up to `max_steps` steps (one loop in one program).
+def inner_loop_mode(inv_cfg: ml_collections.ConfigDict) -> str:
+  """'compiled' (the whole batch in one compiled loop) or 'stepwise' (one compiled step per call).
 
-  run(opt_vars, state, frozen, key, attempt, num_steps) -> dict(opt_vars, state, images, features,
+  'auto' picks 'stepwise' on CPU: XLA:CPU leaves the weight-gradient convolutions inside a compiled loop in
+  a layout its fast kernels do not take (measured 10-30x slower per step), while a loop-free step program
+  gets them; on GPU/TPU 'auto' is 'compiled'.
+  """
+  mode = inv_cfg.inner_loop
+  if mode == "auto":
+    return "stepwise" if jax.default_backend() == "cpu" else "compiled"
+  if mode not in ("compiled", "stepwise"):
+    raise ValueError(f"config.inversion.inner_loop must be 'auto', 'compiled' or 'stepwise', got {mode!r}")
+  return mode
+
+
+class BatchOptimizer:
+  """Optimises one batch for up to `max_steps` steps with compiled programs.
+
+  `__call__(opt_vars, state, frozen, key, attempt, num_steps)` -> dict(opt_vars, state, images, features,
   totals (max_steps + 1,), terms {name: (max_steps + 1,)}); `frozen` = dict(params, stats, pool, pool_count)
   holds the teacher's parameters and everything not optimised. `num_steps` <= max_steps is traced, so the 3D
   schedule's 2000- and 500-step batches share one program. Entry i < num_steps of the histories is the loss
   of the variables before update i; entry num_steps is the loss of the final variables (that last pass
   evaluates only, and also yields the final images and features).
+  mode 'compiled' runs the whole loop as one `lax.fori_loop` program; 'stepwise' runs the same loop body as
+  one jitted program per step (its carry donated), see `inner_loop_mode`.
   """
-  tx = make_optimizer(inv_cfg)
-  names = tuple(losses.active_terms(inv_cfg))
 
-  def loss_fn(opt_vars, state, frozen, key, attempt):
-    images, new_state = render(generator, out_act, opt_vars, state)
-    ctx = InversionContext(images=images, model=model, params=frozen["params"], target_stats=frozen["stats"],
-                           rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], config=inv_cfg,
-                           attempt=attempt)
-    total, terms = losses.objective(ctx, inv_cfg)
-    return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
+  def __init__(self, model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict, out_act: str,
+               max_steps: int, image_shape, feature_dim: int, mode: str):
+    self.max_steps, self.mode = max_steps, mode
+    self.image_shape, self.feature_dim = tuple(image_shape), feature_dim
+    self.tx = make_optimizer(inv_cfg)
+    self.names = tuple(losses.active_terms(inv_cfg))
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def loss_fn(opt_vars, state, frozen, key, attempt):
+      images, new_state = render(generator, out_act, opt_vars, state)
+      ctx = InversionContext(images=images, model=model, params=frozen["params"], target_stats=frozen["stats"],
+                             rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], config=inv_cfg,
+                             attempt=attempt)
+      total, terms = losses.objective(ctx, inv_cfg)
+      return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
 
-  def run(opt_vars, state, frozen, key, attempt, num_steps):
-    def body(i, carry):
-      v, opt_state, st, _, _, totals, terms = carry
-      (total, (values, new_st, images, features)), grads = grad_fn(v, st, frozen, jax.random.fold_in(key, i),
-                                                                   attempt)
-      updates, new_opt_state = tx.update(grads, opt_state, v)
-      new = (optax.apply_updates(v, updates), new_opt_state, new_st)
-      # The last pass (i == num_steps) only evaluates: its update is dropped.
-      v, opt_state, st = jax.tree.map(lambda a, b: jnp.where(i < num_steps, a, b), new, (v, opt_state, st))
-      totals = totals.at[i].set(total)
-      terms = {n: terms[n].at[i].set(values[n]) for n in names}
-      return v, opt_state, st, images, features, totals, terms
+    self._grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    self._init = jax.jit(self._init_carry)
+    self._loop = jax.jit(self._run_loop)
+    self._step = jax.jit(self._body, donate_argnums=(1,))
 
+  def _init_carry(self, opt_vars, state):
     batch = opt_vars["latents"].shape[0]
-    history = jnp.full((max_steps + 1,), jnp.nan, jnp.float32)
-    carry = (opt_vars, tx.init(opt_vars), state, jnp.zeros((batch, *image_shape), jnp.float32),
-             jnp.zeros((batch, feature_dim), jnp.float32), history, {n: history for n in names})
-    v, _, st, images, features, totals, terms = jax.lax.fori_loop(0, num_steps + 1, body, carry)
-    return dict(opt_vars=v, state=st, images=images, features=features, totals=totals, terms=terms)
+    history = jnp.full((self.max_steps + 1,), jnp.nan, jnp.float32)
+    return (opt_vars, self.tx.init(opt_vars), state, jnp.zeros((batch, *self.image_shape), jnp.float32),
+            jnp.zeros((batch, self.feature_dim), jnp.float32), history, {n: history for n in self.names})
 
-  return jax.jit(run)
+  def _body(self, i, carry, frozen, key, attempt, num_steps):
+    v, opt_state, st, _, _, totals, terms = carry
+    (total, (values, new_st, images, features)), grads = self._grad_fn(v, st, frozen, jax.random.fold_in(key, i),
+                                                                       attempt)
+    updates, new_opt_state = self.tx.update(grads, opt_state, v)
+    new = (optax.apply_updates(v, updates), new_opt_state, new_st)
+    # The last pass (i == num_steps) only evaluates: its update is dropped.
+    v, opt_state, st = jax.tree.map(lambda a, b: jnp.where(i < num_steps, a, b), new, (v, opt_state, st))
+    totals = totals.at[i].set(total)
+    terms = {n: terms[n].at[i].set(values[n]) for n in self.names}
+    return v, opt_state, st, images, features, totals, terms
+
+  def _run_loop(self, carry, frozen, key, attempt, num_steps):
+    return jax.lax.fori_loop(0, num_steps + 1, lambda i, c: self._body(i, c, frozen, key, attempt, num_steps),
+                             carry)
+
+  def __call__(self, opt_vars, state, frozen, key, attempt, num_steps: int) -> dict:
+    if not 1 <= num_steps <= self.max_steps:
+      raise ValueError(f"num_steps={num_steps} must be in [1, {self.max_steps}]")
+    carry = self._init(opt_vars, state)
+    attempt, n = jnp.asarray(attempt, jnp.int32), jnp.asarray(num_steps, jnp.int32)
+    if self.mode == "compiled":
+      carry = self._loop(carry, frozen, key, attempt, n)
+    else:
+      for i in range(num_steps + 1):
+        carry = self._step(jnp.asarray(i, jnp.int32), carry, frozen, key, attempt, n)
+    v, _, st, images, features, totals, terms = carry
+    return dict(opt_vars=v, state=st, images=images, features=features, totals=totals, terms=terms)
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -176,8 +213,8 @@ def _cached(key: tuple, build):
 
 
 # Options only the host loop reads: changing them must not recompile the inner loop.
-_HOST_ONLY = ("max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size", "stats_batch_size",
-              "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d", "schedule_3d")
+_HOST_ONLY = ("inner_loop", "max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size",
+              "stats_batch_size", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d", "schedule_3d")
 
 
 def _program_config_json(inv_cfg: ml_collections.ConfigDict) -> str:
@@ -251,8 +288,9 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   cfg_key = (model, generator, _program_config_json(inv_cfg), out_act, image_shape, feature_dim,
              tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
   max_steps = max(int(sched.init_steps), int(sched.steps))
-  runner = _cached(("run", max_steps) + cfg_key, lambda: make_batch_optimizer(
-      model, generator, inv_cfg, out_act, max_steps, image_shape, feature_dim))
+  mode = inner_loop_mode(inv_cfg)
+  runner = _cached(("run", max_steps, mode) + cfg_key, lambda: BatchOptimizer(
+      model, generator, inv_cfg, out_act, max_steps, image_shape, feature_dim, mode))
   init_fn = _cached(("init", generator, image_shape, batch_size, latent_dim), lambda: jax.jit(
       lambda k: init_variables(generator, image_shape, batch_size, latent_dim, k)))
   seed = _seed_words(rng)
@@ -273,8 +311,7 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
       opt_vars = {"generator": put_rep(opt_vars["generator"]), "latents": put_batch(opt_vars["latents"])}
       frozen = dict(params=params, stats=target, pool=put_rep(jnp.asarray(pool)),
                     pool_count=jnp.asarray(pool_count, jnp.int32))
-      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, jnp.asarray(attempt, jnp.int32),
-                                  jnp.asarray(steps, jnp.int32)))
+      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, attempt, steps))
       # Histories: steps losses during the optimisation, then the final one.
       out["totals"], out["final_total"] = out["totals"][:steps], out["totals"][steps]
       out["final_terms"] = {k: v[steps] for k, v in out["terms"].items()}

@@ -80,6 +80,7 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (small state, scalars, metrics)."""
   return NamedSharding(mesh, P())
 
 
@@ -114,11 +115,13 @@ def param_shardings(mesh: Mesh, abstract_params: Any, shard_params: bool, *,
 
 def shardings_from_config(mesh: Mesh, abstract_tree: Any,
                           mesh_cfg: ml_collections.ConfigDict) -> Any:
+  """`param_shardings` with `shard_params` and `fsdp_min_size` read from `config.mesh`."""
   return param_shardings(mesh, abstract_tree, bool(mesh_cfg.shard_params),
                          min_size=int(mesh_cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))
 
 
 def check_global_batch(mesh: Mesh, global_batch_size: int, option: str = "config.train.global_batch_size"):
+  """A clear error, naming `option`, when the batch cannot be split evenly over the mesh."""
   shards = num_batch_shards(mesh)
   if global_batch_size % shards or global_batch_size % jax.process_count():
     raise ValueError(f"{option}={global_batch_size} must be divisible by the {shards} batch shards "

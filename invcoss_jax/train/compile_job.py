@@ -64,6 +64,10 @@ def compile_config() -> ml_collections.ConfigDict:
   # (the paper: as many features as synthetic samples, a 5 % buffer of the stage's data).
   c.pool_size = 16384
   c.device_memory_gib = 80.0  # the budget the `fits` column compares the per-device peak with
+  # '' compiles for this host's backend (on CPU with simulated devices). A Cloud TPU topology such as
+  # 'v5p:2x2x2' compiles deviceless for that TPU: XLA's TPU compiler and memory plan, no TPU needed, only the
+  # libtpu package (pip install 'jax[tpu]').
+  c.target = ""
   return c
 
 
@@ -297,7 +301,8 @@ def compile_program(config: ml_collections.ConfigDict, program: str, mesh: jax.s
   row = dict(program=program, devices=devices, mesh={k: int(v) for k, v in mesh.shape.items()},
              shard_params=bool(config.mesh.shard_params), dtype=str(config.model.dtype),
              remat=bool(config.model.remat), model=str(config.model.get("preset", "")), **facts,
-             lower_s=t1 - t0, compile_s=t2 - t1, backend=jax.default_backend(), **_memory(compiled),
+             lower_s=t1 - t0, compile_s=t2 - t1, backend=mesh.devices.flat[0].platform,
+             device_kind=mesh.devices.flat[0].device_kind, **_memory(compiled),
              **{f"{k}_per_device": v for k, v in _cost(compiled).items()})
   row["flops_per_step_total"] = row["flops_per_device"] * devices
   budget = float(config.compile.device_memory_gib) * GIB
@@ -333,6 +338,19 @@ def _variants(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collectio
   return out
 
 
+def target_devices(compile_cfg: ml_collections.ConfigDict) -> list:
+  """The devices to compile for: this backend's, or the compile-only devices of `config.compile.target`."""
+  target = str(compile_cfg.get("target", "") or "")
+  if not target:
+    return list(jax.devices())
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(target, platform="tpu").devices)
+  except Exception as e:  # libtpu missing, or a name it does not know
+    raise ValueError(f"config.compile.target={target!r}: cannot describe this TPU topology ({e}); expected a name "
+                     "such as 'v5p:2x2x1' or 'v5e:2x2', with libtpu installed (pip install 'jax[tpu]')") from e
+
+
 def compile_all(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[dict[str, Any]]:
   """Every (device count, variant, program) row, compiled in this process (it needs the devices). Each row
   is printed as it is done and, with `workdir`, the report so far is rewritten there (a long sweep keeps
@@ -342,9 +360,12 @@ def compile_all(config: ml_collections.ConfigDict, workdir: str | None = None) -
   counts = _device_counts(config.compile)
   _check_programs(config.compile)
   variants = _variants(config)
+  devices = target_devices(config.compile)
+  if max(counts) > len(devices):
+    raise ValueError(f"config.compile.num_devices asks for {max(counts)} devices; the target has {len(devices)}")
   rows = []
   for n in counts:
-    mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:n])
+    mesh = mesh_lib.make_mesh(config.mesh, devices=devices[:n])
     for _, cfg in variants:
       for program in config.compile.programs:
         row = compile_program(cfg, str(program), mesh)
@@ -427,7 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[d
   _check_programs(config.compile)
   _variants(config)  # checks the names before any compilation
   available = len(jax.devices())
-  if needed > available:
+  if needed > available and not config.compile.target:
     if jax.default_backend() != "cpu":
       raise ValueError(f"config.compile.num_devices asks for {needed} devices but this {jax.default_backend()} "
                        f"host has {available}; compile for at most {available} here, or plan larger meshes on "

@@ -127,6 +127,21 @@ def _run_stats(config: ml_collections.ConfigDict, workdir: str, params: Any):
   return inversion_job.run_stats(config, workdir, params=params)
 
 
+def _torch_init_params(config: ml_collections.ConfigDict, init_args: dict[str, Any]) -> Any | None:
+  """Host parameters initialised as usual, then overwritten from `config.init_from_torch` (MAE, timm or
+  MedCoSS PyTorch weights); None when no PyTorch checkpoint is configured."""
+  path = str(config.get("init_from_torch", "") or "")
+  if not path:
+    return None
+  from invcoss_jax import interop  # Imported only when used: torch is needed only for .pth files.
+
+  init_rng, _ = jax.random.split(init_args["rng"])  # the same stream create_train_state initialises from
+  params = jax.device_get(init_args["init_params"](init_rng))
+  layout = str(config.get("interop", {}).get("torch_layout", "auto"))
+  logging.info("initialising from PyTorch weights %s (layout %s)", path, layout)
+  return interop.load_torch_into_params(path, params, config.model, layout=layout)
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
              stop_at_step: int | None = None) -> dict[str, Any]:
   """Pre-trains (or resumes) the MAE of one stage in `workdir`.
@@ -177,7 +192,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         target, shardings = abstract_train_state(**init_args)
         state, _ = ckpt_lib.restore(manager, target, data_iter)
       else:
-        state, shardings = create_train_state(**init_args)
+        state, shardings = create_train_state(**init_args, params=_torch_init_params(config, init_args))
       start = int(jax.device_get(state.step))
       if start == 0:
         parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")

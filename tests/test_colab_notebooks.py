@@ -1,0 +1,53 @@
+"""The Colab notebooks run end to end on the CPU (nbclient), with the small preset they pick there, and leave the
+artefacts they describe."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLAB = os.path.join(REPO, "colab")
+
+
+def _execute(name, workdir, monkeypatch, timeout=900):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  # The kernel inherits this environment: a CPU with one device, as a Colab CPU runtime has.
+  monkeypatch.setenv("INVCOSS_NOTEBOOK_WORKDIR", str(workdir))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                          resources={"metadata": {"path": COLAB}}).execute()
+  return nb
+
+
+def _text(nb) -> str:
+  out = []
+  for cell in nb.cells:
+    for o in cell.get("outputs", []):
+      out.append(o.get("text", "") if o.get("output_type") == "stream" else "")
+  return "".join(out)
+
+
+def test_pretrain_and_invert_notebook(tmp_path, monkeypatch):
+  nb = _execute("01_pretrain_and_invert.ipynb", tmp_path, monkeypatch)
+  text = _text(nb)
+  assert "cpu: 1 x cpu" in text
+  loss = re.search(r"loss ([0-9.]+) -> ([0-9.]+)", text)
+  assert loss and float(loss.group(2)) < float(loss.group(1)), text
+  assert (tmp_path / "xray_stage" / "statistics.npz").is_file()
+  with open(tmp_path / "xray_inverted" / "inversion.json") as f:
+    summary = json.load(f)
+  assert summary["l_norm_end"] < summary["l_norm_start"]
+  images = np.load(tmp_path / "xray_inverted" / "synthetic" / "shard_00000.npz")["images"]
+  assert images.shape == (16, 32, 32, 3) and images.dtype == np.float32
+  assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0
+  assert (tmp_path / "real_vs_synthetic.png").stat().st_size > 10_000
+  # Both grids were drawn (an image output in the last code cell).
+  assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+             for o in nb.cells[-2].get("outputs", []))

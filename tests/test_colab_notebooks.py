@@ -19,7 +19,6 @@ def _execute(name, workdir, monkeypatch, timeout=900):
   monkeypatch.setenv("INVCOSS_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
   nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
   nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                           resources={"metadata": {"path": COLAB}}).execute()

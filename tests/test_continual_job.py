@@ -15,7 +15,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from invcoss_jax import data as data_lib
-from invcoss_jax.continual import guard, job, packnet
+from invcoss_jax.continual import guard, job, packnet, stages
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.continual.stages import plan_stages, read_info
@@ -158,26 +158,26 @@ def test_two_stage_run_of_each_method_completes(runs, method):
     # Stage 1 retains only its statistics; its synthetic set is read back by the input layer.
     assert first["retained_kind"] == "statistics"
     assert first["retained_bytes"] == os.path.getsize(os.path.join(s1, "statistics.npz")) > 0
-    synth = job.npz_data_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
+    synth = stages.npz_data_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
     assert data_lib.num_examples(synth) == 8 and data_lib.image_shape(synth) == (16, 16, 3)
     assert os.path.isfile(os.path.join(workdir, "stage_2_ct", "statistics.npz"))
   elif method in ("er", "medcoss"):
-    with open(os.path.join(s1, job.BUFFER_INFO)) as f:
+    with open(os.path.join(s1, stages.BUFFER_INFO)) as f:
       buf = json.load(f)
     assert buf["num_examples"] == (75 if method == "er" else 75) and len(set(buf["indices"])) == 75
     assert first["retained_kind"] == "real_buffer" and first["retained_bytes"] >= 75 * 16 * 16 * 3 * 4
     assert first["real_buffer_equivalent_bytes"] == 75 * 16 * 16 * 3 * 4
     if method == "medcoss":
       assert buf["clusters"] == 15  # int(1500 * 0.01), 5 nearest each
-    assert not os.path.exists(os.path.join(workdir, "stage_2_ct", job.BUFFER_DIR))  # the last stage keeps nothing
+    assert not os.path.exists(os.path.join(workdir, "stage_2_ct", stages.BUFFER_DIR))  # the last stage keeps nothing
   elif method == "ewc":
-    saved = params_lib.load_tree_npz(os.path.join(s1, job.EWC_FILE))
+    saved = params_lib.load_tree_npz(os.path.join(s1, stages.EWC_FILE))
     assert set(saved) == {"anchor", "fisher"} and "decoder" not in saved["fisher"]
     assert all(np.all(f >= 0) for f in jax.tree.leaves(saved["fisher"]))
     assert any(np.any(f > 0) for f in jax.tree.leaves(saved["fisher"]))
     assert first["retained_kind"] == "ewc" and first["retained_bytes"] > 0
   elif method == "packnet":
-    owners1 = params_lib.load_tree_npz(os.path.join(s1, job.PACKNET_FILE))["owners"]
+    owners1 = params_lib.load_tree_npz(os.path.join(s1, stages.PACKNET_FILE))["owners"]
     p1, p2 = params_lib.flatten(_final_params(s1)), params_lib.flatten(_final_params(os.path.join(workdir, "stage_2_ct")))
     frozen = 0
     for path, own in params_lib.flatten(owners1).items():
@@ -187,7 +187,7 @@ def test_two_stage_run_of_each_method_completes(runs, method):
       if packnet.is_prunable(path, own) and packnet.used_by(path, {2}):
         assert np.all(np.asarray(p1[path])[own == 0] == 0)  # released weights were zeroed
     assert frozen > 0
-    owners2 = params_lib.load_tree_npz(os.path.join(workdir, "stage_2_ct", job.PACKNET_FILE))["owners"]
+    owners2 = params_lib.load_tree_npz(os.path.join(workdir, "stage_2_ct", stages.PACKNET_FILE))["owners"]
     assert all(np.all(o > 0) for p, o in params_lib.flatten(owners2).items() if packnet.used_by(p, {3}))
 
 

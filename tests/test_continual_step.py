@@ -5,12 +5,11 @@ empirical Fisher equals a per-example reference loop."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from invcoss_jax import data as data_lib
 from invcoss_jax import models
-from invcoss_jax.continual import ewc, losses, step
+from invcoss_jax.continual import ewc, step
 from invcoss_jax.continual.params import split_params
 from invcoss_jax.parallel import mesh as mesh_lib
 

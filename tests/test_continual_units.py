@@ -42,7 +42,7 @@ def test_kmeans_buffer_picks_the_members_nearest_each_centroid():
   # 100 points per blob (25 radii x 4 directions), radii distinct so "nearest" is unambiguous.
   radii = [rng.permutation(np.linspace(0.5, 20.0, 25)) for _ in centers]
   feats, radius, blob = _blobs(rng, centers, radii)
-  n = len(feats)  # 400: clusters = int(400 * 0.01) = 4, per cluster int(400 * 0.05 // 4) = 5
+  assert len(feats) == 400  # clusters = int(400 * 0.01) = 4, per cluster int(400 * 0.05 // 4) = 5
   idx, km = buffers.kmeans_indices(feats, cluster_fraction=0.01, fraction=0.05, seed=0, n_init=4)
   assert km.n_clusters == 4 and len(idx) == 20 and len(set(idx.tolist())) == 20
   np.testing.assert_allclose(np.sort(km.cluster_centers_, axis=0), np.sort(np.asarray(centers), axis=0), atol=1e-6)

@@ -12,6 +12,8 @@ from invcoss_jax.models.cmi_generator import CMIGenerator
 from invcoss_jax.models.invunet import InvUNet
 
 SMALL = (4, 8, 16, 32, 64)
+# XLA's RngBitGenerator keys: initialisers compile ~4x faster than with threefry on CPU.
+RBG0 = jax.random.key(0, impl="rbg")
 
 
 def abstract_init(module, latent_dim, batch=2):
@@ -76,7 +78,7 @@ def test_cmi_baseline_sizes_at_224():
 def small_2d():
   gen = InvUNet(image_shape=(32, 32, 3), channels=SMALL)
   z = jax.random.normal(jax.random.key(1), (4, 16))
-  variables = jax.jit(lambda k: gen.init(k, z, train=True))(jax.random.key(0))
+  variables = jax.jit(lambda k: gen.init(k, z, train=True))(RBG0)
   return gen, z, variables
 
 
@@ -102,7 +104,7 @@ def test_invunet_2d_output_range_and_functional_batchnorm(small_2d):
 def test_invunet_3d_tanh_range_and_batch_independence():
   gen = InvUNet(image_shape=(8, 16, 16, 1), channels=(4, 8, 16))
   z = jax.random.normal(jax.random.key(2), (3, 8))
-  variables = jax.jit(lambda k: gen.init(k, z, train=True))(jax.random.key(0))
+  variables = jax.jit(lambda k: gen.init(k, z, train=True))(RBG0)
   apply = jax.jit(lambda v, z: gen.apply(v, z, train=True))
   out = np.asarray(apply(variables, z))
   assert out.shape == (3, 8, 16, 16, 1) and np.all(np.abs(out) < 1)
@@ -121,8 +123,8 @@ def test_cmi_generator_runs_in_2d_and_3d():
   for shape, lo in [((16, 16, 3), 0.0), ((4, 8, 8, 1), -1.0)]:
     gen = CMIGenerator(image_shape=shape, ngf=4)
     z = jax.random.normal(jax.random.key(3), (2, 8))
-    variables = gen.init(jax.random.key(0), z, train=True)
-    out = np.asarray(gen.apply(variables, z, train=True, mutable=["batch_stats"])[0])
+    variables = jax.jit(lambda k: gen.init(k, z, train=True))(RBG0)
+    out = np.asarray(jax.jit(lambda v: gen.apply(v, z, train=True, mutable=["batch_stats"])[0])(variables))
     assert out.shape == (2, *shape) and np.all((out > lo) & (out < 1))
 
 

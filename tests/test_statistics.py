@@ -18,7 +18,8 @@ def tiny_mae(image_size=28, patch=7):
   cfg.update(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
              patch_size_2d=(patch, patch))
   model = models.build_mae(cfg)
-  params = jax.jit(lambda k: models.init_mae_params(model, k, [(image_size, image_size, 3)]))(jax.random.key(0))
+  init = jax.jit(lambda k: models.init_mae_params(model, k, [(image_size, image_size, 3)]))
+  params = init(jax.random.key(0, impl="rbg"))  # rbg initialisers compile ~4x faster than threefry on CPU
   return model, params
 
 

@@ -9,6 +9,8 @@ import ml_collections
 from invcoss_jax.data.config import data_config
 
 METHODS = ("invcoss", "seqssl", "er", "medcoss", "ewc", "cassle", "packnet", "joint")
+REAL_BUFFER_METHODS = ("er", "medcoss")  # keep real samples of every stage
+TEACHER_METHODS = ("invcoss", "er", "medcoss", "cassle")  # distil to the frozen previous model
 MODALITIES = ("xray", "ct", "mri", "path")
 # Paper Sec. 4.1 / App. E without the report stage: X-ray, CT, MRI, pathology; the alternative order is
 # Path., MRI, (Report,) CT, X-ray.

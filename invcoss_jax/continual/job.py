@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import json
 import os
 import time
 from typing import Any, Callable
@@ -28,11 +28,14 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax import models
-from invcoss_jax.continual import buffers, ewc, packnet
+from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
-from invcoss_jax.continual.stages import (Stage, check_method, folder_bytes, plan_stages, read_info, stage_config,
-                                          write_info)
+from invcoss_jax.continual.stage_end import finish_stage
+from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
+                                          STORAGE_FILE, SYNTHETIC_DIR, Stage, check_method, npz_data_section,
+                                          plan_stages, read_info, stage_config, stage_key)
 from invcoss_jax.continual.step import (DistillPredictor, LossSpec, create_state, jit_train_step,
                                         make_train_step)
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
@@ -41,17 +44,6 @@ from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
 from invcoss_jax.train.state import abstract_state
-
-BUFFER_DIR = "buffer"  # er / medcoss: the real samples kept of the stage (npz shards, key `images`)
-BUFFER_INFO = "buffer.json"
-REPLAY_DIR = "replay"  # invcoss with invert_with='latest': stage T's re-synthesised sets of earlier stages
-EWC_FILE = "ewc.npz"
-PACKNET_FILE = "packnet.npz"
-STORAGE_FILE = "storage.json"  # in the sequence workdir: bytes each stage retains, per kind
-SEQUENCE_FILE = "continual.json"
-
-REAL_BUFFER_METHODS = ("er", "medcoss")
-TEACHER_METHODS = ("invcoss", "er", "medcoss", "cassle")  # methods distilling to the frozen previous model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,36 +58,6 @@ class BufferSource:
 
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers.
-
-
-def _key(config, *folds: int) -> jax.Array:
-  k = jax.random.PRNGKey(int(config.seed))
-  for f in folds:
-    k = jax.random.fold_in(k, int(f))
-  return k
-
-
-def _resolved(data_cfg):
-  from invcoss_jax.data import registry
-  return registry.resolve(data_cfg)
-
-
-def npz_data_section(source_data: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
-  """The data section reading a folder of npz shards (key `images`) written for a stage of `source_data`."""
-  from invcoss_jax.data.config import data_config
-  r = _resolved(source_data)
-  d = data_config()
-  d.name = "folder"
-  d.format = "npz"
-  d.path = os.path.abspath(folder)
-  d.modality = r.modality
-  d.spatial_dims = int(r.spatial_dims)
-  d.image_size = int(r.image_size)
-  d.volume_shape = tuple(int(s) for s in r.volume_shape)
-  d.preprocessed = True
-  d.augment = False
-  d.num_workers = int(r.num_workers)
-  return d
 
 
 def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
@@ -196,7 +158,7 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
       n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh)
       kind = "synthetic"
     elif method == "invcoss":
-      folder = os.path.join(t.workdir, "synthetic")
+      folder = os.path.join(t.workdir, SYNTHETIC_DIR)
       summary = os.path.join(t.workdir, "inversion.json")
       if not os.path.isfile(summary):
         raise FileNotFoundError(f"{summary} not found: {t.name} ended without its synthetic set "
@@ -213,7 +175,6 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
 
 
 def _read_json(path: str) -> dict:
-  import json
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: the stage that writes it did not finish")
   with open(path) as f:
@@ -233,7 +194,7 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
       int(info["num_examples"][0]), float(config.continual.buffer_fraction))
   shape = tuple(int(s) for s in info["image_shapes"][0])
   images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
-                                                 rng=_key(config, 0x5E7, stage.index, t.index), num_samples=n,
+                                                 rng=stage_key(config, 0x5E7, stage.index, t.index), num_samples=n,
                                                  mesh=mesh)
   inv_job.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
@@ -276,7 +237,7 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
   Stage T starts from stage T-1's trunk and tokenizers (and decoder unless config.continual.reinit_decoder);
   the first stage from config.init_from when set, else from a fresh initialisation."""
   c = config.continual
-  fresh = _init_fn(model.cfg)(_key(config, stage.index, 0))
+  fresh = _init_fn(model.cfg)(stage_key(config, stage.index, 0))
   if earlier:
     prev = earlier[-1]
     _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
@@ -337,7 +298,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   predictor, aux = None, {}
   if spec.cassle_weight > 0:
     predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))
-    aux = {"predictor": jax.jit(predictor.init)(_key(config, stage.index, 2),
+    aux = {"predictor": jax.jit(predictor.init)(stage_key(config, stage.index, 2),
                                                 jnp.zeros((1, 1, model.cfg.width)))["params"]}
   if spec.ewc_weight > 0:
     saved = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))
@@ -350,7 +311,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
     consts["trainable"] = packnet.trainable_mask(params, owners_before, ranks=ranks, stage_index=stage.index,
                                                  retrain=False)
 
-  state, shardings = create_state(params, aux, tx, _key(config, stage.index, 1), mesh, cfg.mesh)
+  state, shardings = create_state(params, aux, tx, stage_key(config, stage.index, 1), mesh, cfg.mesh)
   consts_shardings = mesh_lib.shardings_from_config(mesh, consts, cfg.mesh)
   consts = jax.device_put(consts, consts_shardings)
   step_fn = jit_train_step(make_train_step(model, spec, tx, schedule, grad_accum_steps=k, predictor=predictor),
@@ -438,110 +399,3 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   finally:
     writer.close()
   return True, info, losses
-
-
-# ----------------------------------------------------------------------------------------------------------
-# End of a stage: everything that needs D_T happens here, before it is retired.
-
-
-def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
-                 total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
-  """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.inversion import job as inv_job
-
-  c = config.continual
-  method = str(c.method)
-  d = stage.data[0]
-  seq = method != "joint"
-  stats_file = os.path.join(stage.workdir, cfg.inversion.stats_file)
-  if seq and (bool(c.statistics_after_stage) or method == "invcoss") and not os.path.isfile(stats_file):
-    inv_job.run_stats(cfg, stage.workdir, params=params)
-
-  if method in REAL_BUFFER_METHODS and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
-    _write_real_buffer(config, cfg, stage, model, params, n_current[0])
-
-  if method == "ewc" and not last and not os.path.isfile(os.path.join(stage.workdir, EWC_FILE)):
-    host = jax.device_get(params)
-    enc, _ = params_lib.split_params(host)
-    batches = data_lib.make_eval_iterator(d, batch_size=int(c.ewc.fisher_batch_size), process_index=0,
-                                          process_count=1)
-    fisher, used = ewc.empirical_fisher(model, host, batches, mask_ratio=float(cfg.train.mask_ratio),
-                                        rng=_key(config, stage.index, 3),
-                                        num_examples=int(c.ewc.fisher_num_examples),
-                                        batch_size=int(c.ewc.fisher_batch_size))
-    previous = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))["fisher"] if prev else None
-    fisher = ewc.online_update(previous, fisher, float(c.ewc.gamma))
-    params_lib.save_tree_npz(os.path.join(stage.workdir, EWC_FILE), anchor=enc, fisher=fisher)
-    logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
-
-  synth_summary = os.path.join(stage.workdir, inv_job.SUMMARY_FILE)
-  wants_synthetic = (method == "invcoss" and c.invert_with == "own"
-                     and (not last or bool(c.get("synthesize_last_stage", True))))
-  if wants_synthetic and not os.path.isfile(synth_summary):
-    inv_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    inv_cfg.init_from = stage.workdir
-    inv_cfg.seed = int(config.seed) + 1009 * stage.index
-    inv_job.run_invert(inv_cfg, stage.workdir)
-
-  storage = stage_storage(config, cfg, stage, n_current, shapes)
-  if writer is not None:
-    writer.write_scalars(total_steps, {f"storage/{k}": float(v) for k, v in storage.items()
-                                       if isinstance(v, (int, float))})
-  info = dict(name=stage.name, index=stage.index, modalities=list(stage.modalities), method=method,
-              num_examples=n_current, image_shapes=[list(s) for s in shapes], steps=int(total_steps),
-              data=[dict(name=str(x.name), path=str(x.path), split=str(x.split)) for x in stage.data],
-              storage=storage, done=True)
-  write_info(stage, info)
-  logging.info("%s finished: retains %d bytes (%s)", stage.name, storage["retained_bytes"], storage["retained_kind"])
-  return info
-
-
-def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None:
-  """er: a random buffer_fraction of the stage; medcoss: the k-means buffer (main_buffer_kmean.py)."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.inversion import job as inv_job
-  c = config.continual
-  d = stage.data[0]
-  fraction = float(c.buffer_fraction)
-
-  def eval_batches(batch_size):
-    return data_lib.make_eval_iterator(d, batch_size=batch_size, process_index=0, process_count=1)
-
-  if c.method == "er":
-    idx = buffers.random_indices(n, fraction, seed=int(config.seed) + stage.index)
-    extra = {}
-  else:
-    feats = buffers.encoder_features(model, jax.device_get(params), eval_batches(int(c.kmeans.batch_size)),
-                                     kind=str(c.kmeans.feature))
-    idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
-                                     seed=int(config.seed) + stage.index, n_init=int(c.kmeans.n_init),
-                                     max_iter=int(c.kmeans.max_iter))
-    extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
-  images = buffers.gather_examples(eval_batches(int(c.kmeans.batch_size)), idx)
-  if jax.process_index() == 0:
-    inv_job.write_shards(os.path.join(stage.workdir, BUFFER_DIR), images, int(cfg.inversion.shard_size))
-    atomic_write_json(os.path.join(stage.workdir, BUFFER_INFO), dict(
-        method=str(c.method), num_examples=int(len(images)), fraction=fraction, indices=[int(i) for i in idx],
-        image_shape=list(images.shape[1:]), **extra))
-
-
-def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, Any]:
-  """Bytes the stage leaves for later stages, per kind (uncompressed files on disk), and what a real replay
-  buffer of config.continual.buffer_fraction would take (float32 model layout) - the analogue of Fig. 6a."""
-  method = str(config.continual.method)
-  w = stage.workdir
-  out = dict(
-      statistics_bytes=folder_bytes(os.path.join(w, cfg.inversion.stats_file)),
-      real_buffer_bytes=folder_bytes(os.path.join(w, BUFFER_DIR)),
-      synthetic_bytes=folder_bytes(os.path.join(w, "synthetic")) + folder_bytes(os.path.join(w, REPLAY_DIR)),
-      ewc_bytes=folder_bytes(os.path.join(w, EWC_FILE)),
-      packnet_bytes=folder_bytes(os.path.join(w, PACKNET_FILE)),
-      real_buffer_equivalent_bytes=int(sum(
-          buffers.buffer_size(n, float(config.continual.buffer_fraction)) * math.prod(s) * 4
-          for n, s in zip(n_current, shapes))))
-  kind = {"invcoss": "statistics", "er": "real_buffer", "medcoss": "real_buffer", "ewc": "ewc",
-          "packnet": "packnet"}.get(method)
-  out["retained_kind"] = kind or "none"
-  out["retained_bytes"] = int(out[f"{kind}_bytes"]) if kind else 0
-  return out

@@ -19,6 +19,14 @@ from invcoss_jax.continual.config import METHODS
 from invcoss_jax.io_utils import atomic_write_json
 
 STAGE_INFO = "stage_info.json"
+BUFFER_DIR = "buffer"  # er / medcoss: the real samples kept of the stage (npz shards, key `images`)
+BUFFER_INFO = "buffer.json"
+REPLAY_DIR = "replay"  # invcoss with invert_with='latest': stage T's re-synthesised sets of earlier stages
+EWC_FILE = "ewc.npz"
+PACKNET_FILE = "packnet.npz"
+STORAGE_FILE = "storage.json"  # in the sequence workdir: bytes each stage retains, per kind
+SEQUENCE_FILE = "continual.json"
+SYNTHETIC_DIR = "synthetic"  # invcoss, invert_with='own': the stage's synthetic set (inversion.job)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,15 @@ class Stage:
   @property
   def name(self) -> str:
     return f"stage_{self.index}_{self.modality}"
+
+
+def stage_key(config: ml_collections.ConfigDict, *folds: int):
+  """PRNGKey(config.seed) folded with `folds` (stage index, purpose): every random use of a stage."""
+  import jax
+  k = jax.random.PRNGKey(int(config.seed))
+  for f in folds:
+    k = jax.random.fold_in(k, int(f))
+  return k
 
 
 def check_method(config: ml_collections.ConfigDict) -> str:
@@ -109,3 +126,26 @@ def folder_bytes(path: str) -> int:
   for root, _, files in os.walk(path):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   return total
+
+
+def _resolved(data_cfg):
+  from invcoss_jax.data import registry
+  return registry.resolve(data_cfg)
+
+
+def npz_data_section(source_data: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
+  """The data section reading a folder of npz shards (key `images`) written for a stage of `source_data`."""
+  from invcoss_jax.data.config import data_config
+  r = _resolved(source_data)
+  d = data_config()
+  d.name = "folder"
+  d.format = "npz"
+  d.path = os.path.abspath(folder)
+  d.modality = r.modality
+  d.spatial_dims = int(r.spatial_dims)
+  d.image_size = int(r.image_size)
+  d.volume_shape = tuple(int(s) for s in r.volume_shape)
+  d.preprocessed = True
+  d.augment = False
+  d.num_workers = int(r.num_workers)
+  return d

@@ -111,10 +111,12 @@ def _hippocampus():
 def _ct_organs():
   t = _base(SEGMENTATION, 42, "demo_ct_organs", "ct")
   t.data.volume_shape = (16, 64, 64)
-  t.batch_size, t.epochs, t.lr = 2, 20, 1e-4
-  t.eval_batch_size = 2
+  t.batch_size, t.epochs, t.lr = 4, 20, 1e-4
+  t.eval_batch_size = 4
   t.seg_loss = "dice_ce"
-  t.dice_smooth = 1.0
+  # 41 organs, most absent from any one slab: an organ missing from both prediction and label
+  # counts as correct (Dice 1, HD95 0) rather than as a failure.
+  t.dice_smooth = 0.0
   return t
 
 

@@ -34,8 +34,6 @@ from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import optim
 from invcoss_jax.train.state import TrainState
 
-# Keys of the encoder's parameter tree that a pre-trained stage provides; the rest (MAE decoder,
-# mask token) is not part of the downstream model.
 PROTOCOLS = ("finetune", "linear")
 
 
@@ -50,11 +48,14 @@ class DownstreamModel:
 
   def _tokens(self, backbone_params, images, train: bool, rng):
     rngs = {"dropout": rng} if (train and rng is not None) else {}
-    (tokens, _, _), state = self.backbone.apply(
-        {"params": backbone_params}, images, train=train and not self.freeze_backbone,
-        method=models.MAE.encode, mutable=["intermediates"], rngs=rngs)
+    # A frozen encoder runs in inference mode (no drop-path); block tokens only for the decoder.
+    encode = functools.partial(self.backbone.apply, {"params": backbone_params}, images,
+                               train=train and not self.freeze_backbone, method=models.MAE.encode, rngs=rngs)
     feats = []
-    if self.kind == SEGMENTATION:
+    if self.kind == CLASSIFICATION:
+      tokens, _, _ = encode()
+    else:
+      (tokens, _, _), state = encode(mutable=["intermediates"])
       blocks = models.block_tokens(state["intermediates"])
       # The last block's tokens pass the encoder's final norm, as UNETR's bottleneck (MONAI).
       feats = [tokens if b == len(blocks) else blocks[b - 1] for b in self.blocks]
@@ -106,12 +107,12 @@ def check_task(task: ml_collections.ConfigDict, name: str) -> None:
     raise ValueError(f"{where}: batch_size and eval_batch_size must be >= 1")
   if int(task.steps) <= 0 and float(task.epochs) <= 0:
     raise ValueError(f"{where}: set steps > 0 or epochs > 0")
-  fmt_path = str(task.data.get("path", "") or "")
-  if task.data.get("name") == "folder" and not fmt_path:
+  path = str(task.data.get("path", "") or "")
+  if task.data.get("name") == "folder" and not path:
     raise ValueError(f"{where}.data.path is empty: point it at your copy of the {name} dataset "
                      f"(format {task.data.get('format')!r}), e.g. --{where}.data.path=/data/{name}")
-  if fmt_path and not os.path.exists(fmt_path):
-    raise FileNotFoundError(f"{where}.data.path={fmt_path!r} does not exist: expected the {name} "
+  if path and not os.path.exists(path):
+    raise FileNotFoundError(f"{where}.data.path={path!r} does not exist: expected the {name} "
                             f"dataset ({task.data.get('format')!r} files) there")
 
 

@@ -214,7 +214,8 @@ def _cached(key: tuple, build):
 
 # Options only the host loop reads: changing them must not recompile the inner loop.
 _HOST_ONLY = ("inner_loop", "max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size",
-              "stats_batch_size", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d", "schedule_3d")
+              "stats_batch_size", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d",
+              "schedule_3d")
 
 
 def _program_config_json(inv_cfg: ml_collections.ConfigDict) -> str:

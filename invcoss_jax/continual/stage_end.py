@@ -1,0 +1,126 @@
+"""The end of a stage: everything that needs the stage's data happens here, before the data is retired.
+
+1. the statistics pass (App. B.2; every sequential method, so the storage log can compare),
+2. what the method keeps of the stage: a real buffer (er: random; medcoss: k-means), the Fisher information
+   (ewc), the synthetic set (invcoss, invert_with='own'),
+3. the storage log and `stage_info.json` (done), written last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from invcoss_jax.continual import buffers, ewc
+from invcoss_jax.continual.config import REAL_BUFFER_METHODS
+from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SYNTHETIC_DIR,
+                                          Stage, folder_bytes, stage_key, write_info)
+from invcoss_jax.io_utils import atomic_write_json
+
+def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
+                 total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
+  """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.inversion import job as inv_job
+
+  c = config.continual
+  method = str(c.method)
+  d = stage.data[0]
+  seq = method != "joint"
+  stats_file = os.path.join(stage.workdir, cfg.inversion.stats_file)
+  if seq and (bool(c.statistics_after_stage) or method == "invcoss") and not os.path.isfile(stats_file):
+    inv_job.run_stats(cfg, stage.workdir, params=params)
+
+  if method in REAL_BUFFER_METHODS and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
+    _write_real_buffer(config, cfg, stage, model, params, n_current[0])
+
+  if method == "ewc" and not last and not os.path.isfile(os.path.join(stage.workdir, EWC_FILE)):
+    host = jax.device_get(params)
+    enc, _ = params_lib.split_params(host)
+    batches = data_lib.make_eval_iterator(d, batch_size=int(c.ewc.fisher_batch_size), process_index=0,
+                                          process_count=1)
+    fisher, used = ewc.empirical_fisher(model, host, batches, mask_ratio=float(cfg.train.mask_ratio),
+                                        rng=stage_key(config, stage.index, 3),
+                                        num_examples=int(c.ewc.fisher_num_examples),
+                                        batch_size=int(c.ewc.fisher_batch_size))
+    previous = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))["fisher"] if prev else None
+    fisher = ewc.online_update(previous, fisher, float(c.ewc.gamma))
+    params_lib.save_tree_npz(os.path.join(stage.workdir, EWC_FILE), anchor=enc, fisher=fisher)
+    logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
+
+  synth_summary = os.path.join(stage.workdir, inv_job.SUMMARY_FILE)
+  wants_synthetic = (method == "invcoss" and c.invert_with == "own"
+                     and (not last or bool(c.get("synthesize_last_stage", True))))
+  if wants_synthetic and not os.path.isfile(synth_summary):
+    inv_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    inv_cfg.init_from = stage.workdir
+    inv_cfg.seed = int(config.seed) + 1009 * stage.index
+    inv_job.run_invert(inv_cfg, stage.workdir)
+
+  storage = stage_storage(config, cfg, stage, n_current, shapes)
+  if writer is not None:
+    writer.write_scalars(total_steps, {f"storage/{k}": float(v) for k, v in storage.items()
+                                       if isinstance(v, (int, float))})
+  info = dict(name=stage.name, index=stage.index, modalities=list(stage.modalities), method=method,
+              num_examples=n_current, image_shapes=[list(s) for s in shapes], steps=int(total_steps),
+              data=[dict(name=str(x.name), path=str(x.path), split=str(x.split)) for x in stage.data],
+              storage=storage, done=True)
+  write_info(stage, info)
+  logging.info("%s finished: retains %d bytes (%s)", stage.name, storage["retained_bytes"], storage["retained_kind"])
+  return info
+
+
+def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None:
+  """er: a random buffer_fraction of the stage; medcoss: the k-means buffer (main_buffer_kmean.py)."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.inversion import job as inv_job
+  c = config.continual
+  d = stage.data[0]
+  fraction = float(c.buffer_fraction)
+
+  def eval_batches(batch_size):
+    return data_lib.make_eval_iterator(d, batch_size=batch_size, process_index=0, process_count=1)
+
+  if c.method == "er":
+    idx = buffers.random_indices(n, fraction, seed=int(config.seed) + stage.index)
+    extra = {}
+  else:
+    feats = buffers.encoder_features(model, jax.device_get(params), eval_batches(int(c.kmeans.batch_size)),
+                                     kind=str(c.kmeans.feature))
+    idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
+                                     seed=int(config.seed) + stage.index, n_init=int(c.kmeans.n_init),
+                                     max_iter=int(c.kmeans.max_iter))
+    extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
+  images = buffers.gather_examples(eval_batches(int(c.kmeans.batch_size)), idx)
+  if jax.process_index() == 0:
+    inv_job.write_shards(os.path.join(stage.workdir, BUFFER_DIR), images, int(cfg.inversion.shard_size))
+    atomic_write_json(os.path.join(stage.workdir, BUFFER_INFO), dict(
+        method=str(c.method), num_examples=int(len(images)), fraction=fraction, indices=[int(i) for i in idx],
+        image_shape=list(images.shape[1:]), **extra))
+
+
+def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, Any]:
+  """Bytes the stage leaves for later stages, per kind (uncompressed files on disk), and what a real replay
+  buffer of config.continual.buffer_fraction would take (float32 model layout) - the analogue of Fig. 6a."""
+  method = str(config.continual.method)
+  w = stage.workdir
+  out = dict(
+      statistics_bytes=folder_bytes(os.path.join(w, cfg.inversion.stats_file)),
+      real_buffer_bytes=folder_bytes(os.path.join(w, BUFFER_DIR)),
+      synthetic_bytes=folder_bytes(os.path.join(w, SYNTHETIC_DIR)) + folder_bytes(os.path.join(w, REPLAY_DIR)),
+      ewc_bytes=folder_bytes(os.path.join(w, EWC_FILE)),
+      packnet_bytes=folder_bytes(os.path.join(w, PACKNET_FILE)),
+      real_buffer_equivalent_bytes=int(sum(
+          buffers.buffer_size(n, float(config.continual.buffer_fraction)) * math.prod(s) * 4
+          for n, s in zip(n_current, shapes))))
+  kind = {"invcoss": "statistics", "er": "real_buffer", "medcoss": "real_buffer", "ewc": "ewc",
+          "packnet": "packnet"}.get(method)
+  out["retained_kind"] = kind or "none"
+  out["retained_bytes"] = int(out[f"{kind}_bytes"]) if kind else 0
+  return out

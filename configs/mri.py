@@ -45,6 +45,12 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 100
     c.logging.log_every_steps = 10
     c.logging.image_every_steps = 100
+    # Inversion of the demo stage: 16 synthetic windows in 2 batches of 8; 100 steps for the fresh
+    # generator, 50 for the second batch, which keeps it (re-initialised every 10 batches).
+    c.inversion.num_samples = 16
+    c.inversion.schedule_3d.batch_size = 8
+    c.inversion.schedule_3d.steps = 50
+    c.inversion.schedule_3d.init_steps = 100
   elif arg:
     raise ValueError(f"configs/mri.py: unknown preset {arg!r}; expected nothing or 'demo'")
   return c

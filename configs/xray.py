@@ -46,6 +46,11 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 100
     c.logging.log_every_steps = 10
     c.logging.image_every_steps = 100
+    # Inversion of the demo stage: 64 synthetic images in 2 batches of 32, 200 steps each.
+    c.inversion.num_samples = 64
+    c.inversion.schedule_2d.batch_size = 32
+    c.inversion.schedule_2d.steps = 200
+    c.inversion.schedule_2d.init_steps = 200
   elif arg:
     raise ValueError(f"configs/xray.py: unknown preset {arg!r}; expected nothing or 'demo'")
   return c

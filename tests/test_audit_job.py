@@ -164,3 +164,20 @@ def test_clear_errors(stage, unseen_as_synthetic, tmp_path):
   c.audit.train_data.update({"no_such_field": 1})
   with pytest.raises(ValueError, match="no_such_field"):
     audit_job.run(c, tmp_path)
+
+
+def test_shard_folder_accepts_shards_or_an_invert_workdir(unseen_as_synthetic, tmp_path):
+  invert_dir, _ = unseen_as_synthetic
+  shards = os.path.join(invert_dir, "synthetic")
+  assert audit_job.shard_folder(invert_dir, "opt") == shards == audit_job.shard_folder(shards, "opt")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="opt=.*holds no .npz shards"):
+    audit_job.shard_folder(str(tmp_path / "empty"), "opt")
+
+
+def test_subset_is_all_or_a_sorted_sample_without_repeats():
+  rng = np.random.default_rng(0)
+  np.testing.assert_array_equal(audit_job.subset(5, 0, rng), np.arange(5))
+  np.testing.assert_array_equal(audit_job.subset(5, 9, rng), np.arange(5))
+  s = audit_job.subset(100, 10, rng)
+  assert len(np.unique(s)) == 10 and np.all(np.diff(s) > 0) and s.max() < 100

@@ -165,3 +165,17 @@ def test_per_image_loss_does_not_depend_on_the_batch(overfit):
   np.testing.assert_allclose(np.asarray(loss_fn(trained, x[::-1], keys[::-1]))[::-1], whole, rtol=1e-5)
   # Other keys draw other masks.
   assert not np.allclose(np.asarray(loss_fn(trained, x, example_keys(1, 1, np.arange(N)))), whole)
+
+
+def test_feature_fn_is_the_normalised_mean_patch_token():
+  model = tiny_mae()
+  x = demo_xrays(4)
+  params = models.init_mae_params(model, jax.random.PRNGKey(2), [x.shape[1:]])
+  tokens, _, _ = model.apply({"params": params}, x, mask_ratio=0.0, train=False, method=models.MAE.encode)
+  mean = np.asarray(tokens)[:, 1:].mean(axis=1)
+  got = np.asarray(forward.make_feature_fn(model, "mean", normalize=True)(params, x))
+  np.testing.assert_allclose(got, mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+  cls = np.asarray(forward.make_feature_fn(model, "cls", normalize=False)(params, x))
+  np.testing.assert_allclose(cls, np.asarray(tokens)[:, 0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="config.audit.feature"):
+    forward.make_feature_fn(model, "max")

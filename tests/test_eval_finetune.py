@@ -56,8 +56,8 @@ def pneumonia_run(tmp_path_factory):
 def test_short_finetune_beats_chance_on_held_out_data(pneumonia_run):
   _, workdir, record = pneumonia_run
   test = record["per_seed"]["0"]
-  # Chance AUC is 0.5 and the test split is 234 normal / 16 pneumonia; seed 0 reaches 0.92 (val 0.96),
-  # other seeds 0.85-0.93, so 0.75 leaves a wide margin.
+  # Chance AUC is 0.5 and the test split is 234 normal / 16 pneumonia. Measured test AUC: seed 0 0.84
+  # (val 0.97); seeds 1, 2, 10, 100: 0.88-0.93 (val 0.92-0.97, val acc 0.79-0.89): wide margins.
   assert test["auc"] > 0.75, test
   with open(os.path.join(workdir, "seed_0", "metrics.json")) as f:
     seed = json.load(f)
@@ -137,6 +137,7 @@ def test_hippocampus_segmentation_whole_cases(tmp_path):
   c = tiny_eval_config("hippocampus")
   t = c.evaluate.tasks.hippocampus
   t.data.volume_shape = (16, 24, 16)
+  t.data.split_fractions = (0.8, 0.1, 0.1)  # 4 validation and 4 test cases of the 40
   t.batch_size, t.eval_batch_size, t.steps, t.eval_every = 2, 1, 2, 2
   t.unetr_feature_size = 4
   t.window = (48, 64, 48)  # covers every demo case (up to 43 x 59 x 47): one padded window per case
@@ -190,6 +191,7 @@ def test_forgetting_matrix_over_two_continual_runs(tmp_path):
   c = tiny_eval_config("forgetting")
   c.evaluate.forgetting.tasks = ("pneumonia",)
   c.evaluate.forgetting.runs = (f"InvCoSS={tmp_path / 'run_x'}", f"SeqSSL={tmp_path / 'run_y'}")
+  c.evaluate.forgetting.metrics = ("acc", "auc")
   pneumonia_task(c, steps=4, eval_every=4)
   out = tmp_path / "forgetting"
   matrix = jobs.run(c, out)
@@ -215,7 +217,7 @@ def test_forgetting_matrix_over_two_continual_runs(tmp_path):
     for k in ("acc", "auc", "f1"):
       assert float(r[f"pneumonia/{k}"]) == pytest.approx(st["tasks"]["pneumonia"]["mean"][k])
   with Image.open(out / "forgetting.png") as png:
-    assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 200
+    assert png.format == "PNG" and png.size[0] > 2 * png.size[1] > 400  # two panels side by side
     assert len(np.unique(np.asarray(png.convert("L")))) > 10  # something was drawn
 
 

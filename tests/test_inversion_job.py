@@ -95,7 +95,7 @@ def test_invert_job_outputs_read_back_by_the_input_layer(inverted):
   np.testing.assert_allclose(back, images, atol=1e-6)
   # Grid, summary and per-batch L_norm.
   grid = np.asarray(Image.open(workdir / "synthetic_grid.png"))
-  assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] > 4 * 32
+  assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3)  # 12 images of 32x32 in a 3x4 grid with 2-pixel gaps
   saved = json.loads((workdir / "inversion.json").read_text())
   assert saved["num_samples"] == 12 and saved["l_norm_end"] < saved["l_norm_start"]
   assert np.isfinite(saved["l_norm_synthetic_set"]) and saved["l_norm_synthetic_set"] > 0

@@ -1,7 +1,6 @@
 """benchmarks/: the PyTorch implementation computes what the JAX one computes (same weights, same masks: same MAE
 loss, same four inversion terms, same generator size), and the benchmark script runs and reports consistently."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -44,13 +43,14 @@ def xrays():
 def test_torch_mae_equals_the_jax_mae(shape, xrays):
   mc = _micro()
   model = models.build_mae(mc)
-  params = models.init_mae_params(model, jax.random.PRNGKey(0), [shape])
+  params = jax.jit(lambda k: models.init_mae_params(model, k, [shape]))(jax.random.PRNGKey(0))
   net = tr.MAE(models.ViTConfig.from_config(mc), shape)
   tr.load_flax_params(net, params)
   rng = np.random.default_rng(0)
   x = xrays[:4] if len(shape) == 3 else rng.uniform(-1, 1, size=(4, *shape)).astype(np.float32)
   noise = rng.uniform(size=(4, int(np.prod(net.grid)))).astype(np.float32)
-  out = model.apply({"params": params}, jnp.asarray(x), mask_ratio=0.75, noise=jnp.asarray(noise))
+  out = jax.jit(lambda p, x, n: model.apply({"params": p}, x, mask_ratio=0.75, noise=n))(
+      params, jnp.asarray(x), jnp.asarray(noise))
   with torch.no_grad():
     loss, pred, target, mask = net(tr.to_channels_first(x), torch.from_numpy(noise), 0.75)
   np.testing.assert_array_equal(mask.numpy(), np.asarray(out["mask"]))
@@ -63,7 +63,7 @@ def test_torch_inversion_terms_equal_the_jax_terms(xrays):
   mc = _micro()
   shape = (32, 32, 3)
   model = models.build_mae(mc)
-  params = models.init_mae_params(model, jax.random.PRNGKey(1), [shape])
+  params = jax.jit(lambda k: models.init_mae_params(model, k, [shape]))(jax.random.PRNGKey(1))
   stats = statistics.compute_statistics(model, params, [xrays])
   inv = inversion_config()
   # A "synthetic" batch: real images with a smooth perturbation (so the statistics do not match exactly).
@@ -71,12 +71,18 @@ def test_torch_inversion_terms_equal_the_jax_terms(xrays):
   feats = np.random.default_rng(0).normal(size=(6, mc.width)).astype(np.float32)
   target = statistics.FeatureStats(count=jnp.float32(stats.count), mean=jnp.asarray(stats.mean, jnp.float32),
                                    var=jnp.asarray(stats.var, jnp.float32))
-  ctx = InversionContext(images=jnp.asarray(images), model=model, params=params, target_stats=target,
-                         rng=jax.random.key(0), pool=jnp.asarray(feats), pool_count=jnp.int32(2), config=inv)
   noise = np.random.default_rng(1).uniform(size=(4, 16)).astype(np.float32)
-  out = model.apply({"params": params}, ctx.images, mask_ratio=0.75, noise=jnp.asarray(noise))
-  want = dict(norm=losses.norm_term(ctx, inv), task=losses.l_task(out["pred"], out["target"], out["mask"]),
-              img=losses.img_term(ctx, inv), rep=losses.rep_term(ctx, inv))
+
+  @jax.jit
+  def jax_terms(params, images, pool, noise):
+    # The engine's context (statistics, features, the pool with the batch in it), with the task's mask fixed.
+    ctx = InversionContext(images=images, model=model, params=params, target_stats=target, rng=jax.random.key(0),
+                           pool=pool, pool_count=jnp.int32(2), config=inv)
+    out = model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
+    return dict(norm=losses.norm_term(ctx, inv), task=losses.l_task(out["pred"], out["target"], out["mask"]),
+                img=losses.img_term(ctx, inv), rep=losses.rep_term(ctx, inv))
+
+  want = jax_terms(params, jnp.asarray(images), jnp.asarray(feats), jnp.asarray(noise))
 
   net = tr.MAE(models.ViTConfig.from_config(mc), shape)
   tr.load_flax_params(net, params)
@@ -104,9 +110,7 @@ def test_torch_invunet_has_the_jax_generators_size(shape, latent):
 
 
 def test_benchmark_script_reports_both_implementations(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "benchmarks", "bench.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  import bench  # benchmarks/ is on sys.path (above)
   out = tmp_path / "bench.json"
   result = bench.main(["--models=micro", "--dims=2d", "--programs=pretrain,invert", "--image_size=32",
                        "--batch_pretrain_2d=8", "--batch_invert_2d=4", "--invunet_channels=8,16,32",

@@ -112,7 +112,8 @@ def inversion_problem(xray_images):
                 stats=statistics.FeatureStats(count=jnp.float32(stats.count), mean=jnp.asarray(stats.mean, jnp.float32),
                                               var=jnp.asarray(stats.var, jnp.float32)),
                 pool=jnp.zeros((16, feature_dim), jnp.float32), pool_count=jnp.int32(0))
-  runner = engine.make_batch_optimizer(model, generator, inv, out_act, 3, IMAGE, feature_dim)
+  # The mode the engine picks on this backend ('stepwise' on CPU): one compiled step per inner step.
+  runner = engine.BatchOptimizer(model, generator, inv, out_act, 3, IMAGE, feature_dim, engine.inner_loop_mode(inv))
   return runner, opt_vars, state, frozen
 
 
@@ -121,7 +122,7 @@ def _invert(problem, layout):
   mesh = mesh_lib.make_mesh(LAYOUTS[layout])
   args = place_inversion_args(mesh, LAYOUTS[layout], opt_vars, state, frozen)
   with jax.set_mesh(mesh):
-    out = runner(*args, jax.random.key(3), jnp.int32(0), jnp.int32(3))
+    out = runner(*args, jax.random.key(3), 0, 3)
   return out, args
 
 

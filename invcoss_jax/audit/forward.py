@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from invcoss_jax import models
 from invcoss_jax.audit.membership import per_sample_masked_mse
 
+FEATURES = ("mean", "cls")
+
 
 def pooled_features(tokens: jax.Array, kind: str) -> jax.Array:
   """(B, D) float32 feature of each image from the encoder output `(B, 1 + L, D)`: 'mean' of the patch
@@ -27,7 +29,8 @@ def pooled_features(tokens: jax.Array, kind: str) -> jax.Array:
 
 def make_feature_fn(model: models.MAE, kind: str = "mean", normalize: bool = True) -> Callable:
   """(params, images) -> (B, D) float32 encoder features at mask ratio 0 (eval mode)."""
-  pooled_features(jnp.zeros((1, 2, 1)), kind)  # Validates `kind` now, not at the first batch.
+  if kind not in FEATURES:
+    raise ValueError(f"config.audit.feature must be one of {FEATURES}, got {kind!r}")
 
   @jax.jit
   def features(params, images):

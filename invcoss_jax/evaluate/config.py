@@ -37,6 +37,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   c.forgetting = ml_collections.ConfigDict()
   c.forgetting.runs = ()  # 'Method=/path/to/continual_workdir' entries; () = ('InvCoSS=' + init_from,)
   c.forgetting.tasks = ()  # task names; () = (task,)
+  c.forgetting.metrics = ()  # metrics plotted per task, e.g. ('acc', 'auc'); () = ACC or DSC
   return c
 
 

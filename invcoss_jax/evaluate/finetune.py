@@ -35,6 +35,8 @@ from invcoss_jax.train import optim
 from invcoss_jax.train.state import TrainState
 
 PROTOCOLS = ("finetune", "linear")
+# Besides biases and norm scales (rank <= 1), as in pre-training.
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,7 @@ def make_optimizer(task: ml_collections.ConfigDict, total_steps: int, params: An
                    freeze_backbone: bool) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = make_schedule(task, total_steps)
   adamw = optax.adamw(schedule, b1=float(task.b1), b2=float(task.b2), weight_decay=float(task.weight_decay),
-                      mask=optim.weight_decay_mask)
+                      mask=lambda p: optim.weight_decay_mask(p, NO_WEIGHT_DECAY))
   if not freeze_backbone:
     return adamw, schedule
   labels = {"backbone": jax.tree.map(lambda _: "frozen", params["backbone"]),

@@ -88,16 +88,24 @@ def matrix_csv(matrix: Mapping[str, Any]) -> str:
   return out.getvalue()
 
 
-def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """One panel per task (its headline metric, in %) over the stages, one line per method; PNG."""
+def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike, metrics: Sequence[str] = ()) -> None:
+  """One panel per (task, metric) over the stages, one line per method (error bars: std over seeds);
+  PNG. `metrics` () = each task's headline metric (ACC or DSC); HD95 is plotted as is, the others in %."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tasks = matrix["tasks"]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-  for ax, task in zip(axes[0], tasks):
-    metric = HEADLINE_METRIC[matrix["kinds"][task]]
+  panels = []
+  for task in matrix["tasks"]:
+    names = list(metrics) or [HEADLINE_METRIC[matrix["kinds"][task]]]
+    available = {k for m in matrix["methods"].values() for st in m["stages"] for k in st["tasks"][task]["mean"]}
+    panels += [(task, k) for k in names if k in available]
+  if not panels:
+    raise ValueError(f"forgetting plot: none of the metrics {list(metrics)} was computed for tasks "
+                     f"{matrix['tasks']}")
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (task, metric) in zip(axes[0], panels):
+    scale = 1.0 if metric.startswith("hd95") else 100.0
     labels = {}
     for method, m in matrix["methods"].items():
       xs, ys, es = [], [], []
@@ -106,13 +114,13 @@ def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike) -> None:
         if res is None or not math.isfinite(res["mean"].get(metric, float("nan"))):
           continue
         xs.append(st["stage"])
-        ys.append(100.0 * res["mean"][metric])
-        es.append(100.0 * res["std"].get(metric, 0.0))
+        ys.append(scale * res["mean"][metric])
+        es.append(scale * res["std"].get(metric, 0.0))
         labels.setdefault(st["stage"], f"{st['stage']}\n{st['modality']}")
       ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
     ax.set_xticks(sorted(labels), [labels[k] for k in sorted(labels)])
     ax.set_xlabel("pre-training stage")
-    ax.set_ylabel(f"{metric.upper()} (%)")
+    ax.set_ylabel(metric.upper() + ("" if scale == 1.0 else " (%)"))
     ax.set_title(DISPLAY_NAMES.get(task, task))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -122,10 +130,12 @@ def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
-def write_matrix(workdir: str | os.PathLike, matrix: Mapping[str, Any]) -> dict[str, str]:
+def write_matrix(workdir: str | os.PathLike, matrix: Mapping[str, Any],
+                 metrics: Sequence[str] = ()) -> dict[str, str]:
+  """forgetting.json, forgetting.csv and forgetting.png, atomically; returns their paths."""
   workdir = os.fspath(workdir)
   paths = {n: os.path.join(workdir, n) for n in (FORGETTING_JSON, FORGETTING_CSV, FORGETTING_PNG)}
   io_utils.atomic_write_json(paths[FORGETTING_JSON], matrix)
   io_utils.atomic_write(paths[FORGETTING_CSV], matrix_csv(matrix))
-  plot_matrix(matrix, paths[FORGETTING_PNG])
+  plot_matrix(matrix, paths[FORGETTING_PNG], metrics)
   return paths

@@ -48,6 +48,14 @@ def load_backbone(config: ml_collections.ConfigDict, init_from: str) -> tuple[ml
   return model_cfg, params
 
 
+def _checkpoint_steps(init_from: str) -> list[int]:
+  """The stage's checkpoint steps: results of an earlier, shorter run of the stage are not reused."""
+  folder = os.path.join(init_from, ckpt_lib.CHECKPOINT_DIR) if init_from else ""
+  if not folder or not os.path.isdir(folder):
+    return []
+  return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
 def _fingerprint(*parts: Any) -> str:
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -80,7 +88,7 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   for seed in config.evaluate.seeds:
     seed = int(seed)
     fp = _fingerprint(task.to_dict(), protocol, model_cfg.to_dict(), os.path.abspath(init_from) if init_from
-                      else "", seed, cap, float(config.evaluate.drop_path))
+                      else "", _checkpoint_steps(init_from), seed, cap, float(config.evaluate.drop_path))
     path = os.path.join(workdir, f"seed_{seed}", SEED_METRICS)
     if os.path.exists(path):
       with open(path) as f:
@@ -147,5 +155,5 @@ def run_forgetting(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         entry["tasks"][task] = dict(mean=rec["mean"], std=rec["std"])
       stages.append(entry)
     matrix["methods"][method] = dict(workdir=path, stages=stages)
-  forgetting_lib.write_matrix(workdir, matrix)
+  forgetting_lib.write_matrix(workdir, matrix, tuple(config.evaluate.forgetting.metrics))
   return matrix

@@ -3,8 +3,9 @@
 A generator (InvUNet, CMI's bottom-to-top generator, or none: the pixels themselves) and a batch of latents
 are optimised together so that the frozen MAE's block-token statistics of the generated batch match the
 stage's stored statistics (L_norm), the MAE reconstructs them (L_task), they are smooth (L_img) and their
-features stay away from every synthetic sample so far (L_rep). The whole inner loop of a batch is one
-compiled `lax.scan`; the generator's BatchNorm statistics are explicit state in its carry.
+features stay away from every synthetic sample so far (L_rep). The inner loop of a batch runs compiled: the
+whole loop as one program on GPU/TPU, one compiled step per call on CPU (`inner_loop_mode`); the generator's
+BatchNorm statistics are explicit state in its carry.
 
 Schedules (config.inversion.schedule_2d / schedule_3d): 2D batches of 320, 1000 steps, generator and 128-d
 latents re-initialised every batch; 3D batches of 48, 2000 steps after each generator initialisation and 500
@@ -240,6 +241,22 @@ def _rbg_key(words: list[int]) -> jax.Array:
   return jax.random.wrap_key_data(jnp.asarray(data), impl="rbg")
 
 
+def _batch_summary(out: dict, batch: int, steps: int, attempts: int, fresh: bool) -> dict[str, Any]:
+  """Loss terms of one batch at its first step and at the end."""
+  return dict(batch=batch, steps=steps, attempts=attempts, fresh_generator=fresh,
+              start=dict(total=float(out["totals"][0]), **{k: float(v[0]) for k, v in out["terms"].items()}),
+              end=dict(total=float(out["final_total"]), **{k: float(v) for k, v in out["final_terms"].items()}))
+
+
+def _write_curves(writer, out: dict, global_step: int, steps: int, log_every: int) -> None:
+  """Every loss term every `log_every` steps, then the final values, at global inner-step numbers."""
+  for i in range(0, steps, log_every):
+    writer.write_scalars(global_step + i, {"inversion/total": float(out["totals"][i]),
+                                           **{f"inversion/{k}": float(v[i]) for k, v in out["terms"].items()}})
+  writer.write_scalars(global_step + steps, {"inversion/total": float(out["final_total"]),
+                                             **{f"inversion/{k}": float(v) for k, v in out["final_terms"].items()}})
+
+
 def _finite(out: dict) -> bool:
   return bool(np.all(np.isfinite(out["totals"])) and np.isfinite(out["final_total"])
               and np.all(np.isfinite(out["images"])) and np.all(np.isfinite(out["features"])))
@@ -334,16 +351,9 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     pool[(pool_count + np.arange(keep)) % pool_size] = feats
     pool_count += keep
 
-    terms = {k: np.asarray(v) for k, v in out["terms"].items()}
-    batches.append(dict(batch=b, steps=steps, attempts=attempt + 1, fresh_generator=fresh,
-                        start=dict(total=float(out["totals"][0]), **{k: float(v[0]) for k, v in terms.items()}),
-                        end=dict(total=float(out["final_total"]),
-                                 **{k: float(v) for k, v in out["final_terms"].items()})))
+    batches.append(_batch_summary(out, b, steps, attempt + 1, fresh))
     if writer is not None:
-      for i in range(0, steps, log_every):
-        writer.write_scalars(global_step + i, {"inversion/total": float(out["totals"][i]),
-                                               **{f"inversion/{k}": float(v[i]) for k, v in terms.items()}})
-      writer.write_scalars(global_step + steps, {f"inversion/{k}": v for k, v in batches[-1]["end"].items()})
+      _write_curves(writer, out, global_step, steps, log_every)
     global_step += steps
     logging.info("inversion batch %d/%d: %d steps, loss %.4g -> %.4g (%s)", b + 1, num_batches, steps,
                  batches[-1]["start"]["total"], batches[-1]["end"]["total"],

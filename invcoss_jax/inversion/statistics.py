@@ -9,6 +9,7 @@ BatchNorm running statistics of classic model inversion (DeepInversion) as the t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zipfile
@@ -133,6 +134,16 @@ def _pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
   return x, weights
 
 
+@functools.lru_cache(maxsize=8)
+def _moments_fn(model):
+  """The compiled per-batch moments of `model`'s block tokens (kept: jobs compute statistics repeatedly)."""
+  @jax.jit
+  def moments_fn(params, images, weights):
+    blocks, _ = encoder_forward(model, params, images)
+    return block_token_moments([t.astype(jnp.float32) for t in blocks], weights=weights)
+  return moments_fn
+
+
 def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> FeatureStats:
   """Per-block token statistics of `model` over every example of `batches` (one pass, Eq. 9 merging).
 
@@ -146,11 +157,7 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> Featur
 
   shards = mesh_lib.num_batch_shards(mesh) if mesh is not None else 1
 
-  @jax.jit
-  def moments_fn(params, images, weights):
-    blocks, _ = encoder_forward(model, params, images)
-    return block_token_moments([t.astype(jnp.float32) for t in blocks], weights=weights)
-
+  moments_fn = _moments_fn(model)
   if mesh is not None:
     params = jax.device_put(params, mesh_lib.replicated(mesh))
   total = None

@@ -8,7 +8,7 @@ configuration fits.
 
 Nothing is allocated: parameters, optimiser state and batches are `jax.ShapeDtypeStruct`s carrying the
 shardings the real jobs use (`parallel.mesh`, `config.mesh`). The programs are the real ones:
-`train.pretrain.make_train_step` + `jit_train_step` and `inversion.engine.make_batch_optimizer`.
+`train.pretrain.make_train_step` + `jit_train_step` and `inversion.engine.BatchOptimizer`.
 
 More devices than the backend has: on CPU the job re-runs itself in a child process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (the flag is read when JAX starts its backend, so it
@@ -16,8 +16,8 @@ cannot be changed in a process that has already used JAX). Figures from the CPU 
 compiler's buffer assignment: they plan a GPU/TPU run to within its fusion and layout differences; on an
 accelerator host compile there for that backend's own figures.
 
-FLOPs: XLA counts the body of a while loop once, so the inversion program (one `fori_loop` over the
-inner steps) reports the FLOPs of one inner step, which is what the table shows (tests/test_scale_compile.py
+FLOPs: XLA counts the body of a while loop once, so the inversion program (`BatchOptimizer`'s compiled
+mode: one `fori_loop` over the inner steps, what GPUs and TPUs run) reports the FLOPs of one inner step, which is what the table shows (tests/test_scale_compile.py
 checks this). Memory is per device; `peak` = arguments + outputs + temporaries - aliased (donated) bytes.
 """
 
@@ -77,7 +77,7 @@ def compile_config() -> ml_collections.ConfigDict:
 
 def inversion_shardings(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any,
                         state: Any, frozen: Any) -> tuple[Any, Any, Any]:
-  """Shardings of `make_batch_optimizer`'s (opt_vars, state, frozen) on `mesh`.
+  """Shardings of the (opt_vars, state, frozen) arguments of an `inversion.engine.BatchOptimizer` on `mesh`.
 
   The latents (or, without a generator, the pixels) are split over the batch axes. The teacher's and the
   generator's parameters are replicated, or with `config.mesh.shard_params` split over 'fsdp' like the
@@ -212,6 +212,17 @@ def _pool_size(config: ml_collections.ConfigDict, batch: int) -> int:
   return max(size, batch)
 
 
+def inversion_program(optimizer, whole_loop: bool = True):
+  """The jitted program of an `inversion.engine.BatchOptimizer` from (opt_vars, state, frozen, key, attempt,
+  num_steps): with `whole_loop`, the fresh carry and the whole inner loop (the 'compiled' mode that GPUs and
+  TPUs run); otherwise one inner step from the fresh carry (one forward and backward pass and an Adam update:
+  the FLOPs of a step, and the program the 'stepwise' mode runs per step)."""
+  # BatchOptimizer's own pieces (its carry initialisation, loop and body), composed without running them.
+  if whole_loop:
+    return jax.jit(lambda v, st, fr, k, a, n: optimizer._run_loop(optimizer._init_carry(v, st), fr, k, a, n))
+  return jax.jit(lambda v, st, fr, k, a, n: optimizer._body(jnp.int32(0), optimizer._init_carry(v, st), fr, k, a, n))
+
+
 def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape: Sequence[int]):
   """(lowered batch optimisation of config.inversion's schedule for `image_shape`, facts) on `mesh`."""
   from invcoss_jax import models
@@ -250,9 +261,9 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   args.append(jax.ShapeDtypeStruct(key_struct.shape, key_struct.dtype, sharding=rep))
   args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # attempt
   args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # num_steps (traced)
-  runner = engine.make_batch_optimizer(model, generator, inv, out_act, steps, shape, feature_dim)
+  optimizer = engine.BatchOptimizer(model, generator, inv, out_act, steps, shape, feature_dim, "compiled")
   with jax.set_mesh(mesh):
-    lowered = runner.lower(*args)
+    lowered = inversion_program(optimizer, whole_loop=True).lower(*args)
   facts = dict(image_shape=list(shape), global_batch=batch, per_device_batch=batch // shards, steps=steps,
                generator=str(inv.generator),
                num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),

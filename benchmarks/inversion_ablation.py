@@ -1,0 +1,175 @@
+r"""Inversion measurements on the demo X-ray and MRI stages (the figures of issue 4's closing note).
+
+  .venv/bin/python benchmarks/inversion_ablation.py --workdir=/tmp/inversion_ablation
+  .venv/bin/python benchmarks/inversion_ablation.py --workdir=... --modalities=xray --steps=100
+
+Trains the demo stages (configs/<modality>.py:demo, `pretrain`, which ends with the statistics pass) into
+<workdir>/<modality> unless they are there, then inverts each with its `:demo` inversion settings and reports:
+  1. L_norm at the first and the last step of each batch (InvUNet, the paper's weights);
+  2. the mean pairwise cosine similarity of the synthetic images' features, alpha_rep = 0.1 vs 0;
+  3. InvUNet vs CMI's bottom-to-top generator (and its large variant) vs no generator: final L_norm + L_task
+     after the same number of steps, and the L_norm of the whole synthetic set;
+  4. the statistics' size vs a 5 % real replay buffer.
+For scale, the same measures on as many real examples as synthetic ones (the first ones of the stage's data):
+their features' mean pairwise cosine similarity and the L_norm of their statistics. For 3D, one more variant
+with an identity output (the demo MRI is z-scored, beyond the paper's tanh range). Every variant uses the same
+seed, batches and steps. Results go to <workdir>/inversion_ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from invcoss_jax import data as data_lib  # noqa: E402
+from invcoss_jax import jobs  # noqa: E402
+from invcoss_jax.inversion import engine, losses, statistics  # noqa: E402
+from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
+from invcoss_jax.train.checkpoint import load_trained_stage  # noqa: E402
+
+
+def demo_config(modality: str):
+  spec = importlib.util.spec_from_file_location(f"{modality}_config", REPO / "configs" / f"{modality}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("demo")
+
+
+def ensure_stage(modality: str, workdir: pathlib.Path) -> pathlib.Path:
+  stage = workdir / modality
+  if not (stage / "statistics.npz").exists():
+    t = time.time()
+    jobs.run(demo_config(modality), stage)
+    print(f"[{modality}] trained the demo stage in {time.time() - t:.0f} s", flush=True)
+  return stage
+
+
+def param_count(generator, latent_dim: int) -> int:
+  if generator is None:
+    return 0
+  shapes = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((2, latent_dim)), train=True))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
+
+
+def set_l_norm(model, params, images, stats) -> float:
+  """L_norm between the statistics of a whole image set and the stored ones."""
+  s = statistics.compute_statistics(model, params, [images[i:i + 64] for i in range(0, len(images), 64)])
+  return float(losses.l_norm(jnp.asarray(s.mean, jnp.float32), jnp.asarray(s.var, jnp.float32),
+                             jnp.asarray(stats.mean), jnp.asarray(stats.var)))
+
+
+def real_reference(model, params, stats, data_cfg, num: int, rep_feature: str) -> dict:
+  """Mean pairwise cosine of the features, and L_norm, of the first `num` real examples."""
+  images = []
+  for batch in data_lib.make_eval_iterator(data_cfg, batch_size=64):
+    images.append(batch["image"])
+    if sum(len(x) for x in images) >= num:
+      break
+  images = np.concatenate(images)[:num]
+  _, tokens = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, images)
+  from invcoss_jax.inversion.context import rep_features
+  feats = rep_features(tokens, rep_feature)
+  return dict(num=len(images), mean_pairwise_cosine=float(losses.mean_pairwise_cosine(feats)),
+              l_norm=set_l_norm(model, params, images, stats))
+
+
+def run_variant(name, model, params, stats, inv_cfg, image_shape, num_samples, seed):
+  rank = len(image_shape) - 1
+  t = time.time()
+  images, report = engine.synthesize_with_report(model, params, stats, inv_cfg, image_shape=image_shape,
+                                                 rng=jax.random.key(seed), num_samples=num_samples)
+  seconds = time.time() - t
+  set_norm = set_l_norm(model, params, images, stats)
+  sched = inv_cfg[f"schedule_{rank}d"]
+  row = dict(
+      variant=name, generator=inv_cfg.generator,
+      generator_params=param_count(engine.build_generator(inv_cfg, image_shape), int(sched.latent_dim)),
+      weights=dict(inv_cfg.loss_weights), steps=[b["steps"] for b in report["batches"]],
+      start=report["start"], end=report["end"],
+      real=real, norm_plus_task_end=report["end"].get("norm", 0.0) + report["end"].get("task", 0.0),
+      l_norm_synthetic_set=set_norm, mean_pairwise_cosine=report["mean_pairwise_cosine"],
+      discarded=len(report["discarded"]), seconds=seconds)
+  print(f"  {name:<18} gen {row['generator_params']:>9,d}  L_norm {row['start'].get('norm', float('nan')):8.3f}"
+        f" -> {row['end'].get('norm', float('nan')):8.3f}  norm+task {row['norm_plus_task_end']:8.3f}  "
+        f"set L_norm {set_norm:8.3f}  cos {row['mean_pairwise_cosine']:.4f}  {seconds:6.1f} s", flush=True)
+  return row
+
+
+def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) -> dict:
+  stage_cfg, model, params = load_trained_stage(stage)
+  stats = statistics.load_statistics(stage / "statistics.npz")
+  image_shape = tuple(data_lib.image_shape(stage_cfg.data))
+  rank = len(image_shape) - 1
+  base = demo_config(modality).inversion  # the :demo inversion settings
+  if steps:
+    base[f"schedule_{rank}d"].update(steps=steps, init_steps=steps)
+  num_samples = int(base.num_samples)
+  stats_summary = json.loads((stage / "statistics.json").read_text())
+  print(f"[{modality}] image {image_shape}, {num_samples} samples in batches of "
+        f"{base[f'schedule_{rank}d'].batch_size}, statistics {stats_summary['statistics_bytes']:,d} bytes vs "
+        f"5 % buffer {stats_summary['replay_buffer_bytes']['0.05']:,d} bytes", flush=True)
+
+  real = real_reference(model, params, stats, stage_cfg.data, num_samples, base.rep_feature)
+  print(f"  {'real examples':<18} {real['num']} of them: L_norm {real['l_norm']:8.3f}  cos "
+        f"{real['mean_pairwise_cosine']:.4f}", flush=True)
+  rows = []
+
+  def variant(name, **overrides):
+    cfg = base.copy_and_resolve_references()
+    for k, v in overrides.items():
+      if k == "rep":
+        cfg.loss_weights.rep = v
+      else:
+        cfg[k] = v
+    rows.append(run_variant(name, model, params, stats, cfg, image_shape, num_samples, seed))
+    return rows[-1]
+
+  invunet = variant("invunet")
+  no_rep = variant("invunet, rep=0", rep=0.0)
+  cmi = variant("cmi", generator="cmi")
+  cmi_large = variant("cmi_large", generator="cmi_large")
+  direct = variant("none", generator="none")
+  if rank == 3:
+    variant("invunet, identity", output_activation="identity")
+  return dict(
+      modality=modality, image_shape=list(image_shape), num_samples=num_samples,
+      statistics_bytes=stats_summary["statistics_bytes"],
+      replay_buffer_bytes_5pct=stats_summary["replay_buffer_bytes"]["0.05"],
+      buffer_over_statistics_5pct=stats_summary["replay_buffer_bytes"]["0.05"] / stats_summary["statistics_bytes"],
+      l_norm_start=invunet["start"]["norm"], l_norm_end=invunet["end"]["norm"],
+      cosine_rep_0_1=invunet["mean_pairwise_cosine"], cosine_rep_0=no_rep["mean_pairwise_cosine"],
+      real=real, norm_plus_task_end={r["variant"]: r["norm_plus_task_end"] for r in (invunet, cmi, cmi_large, direct)},
+      variants=rows)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="stages are trained into <workdir>/<modality> if absent")
+  p.add_argument("--modalities", default="xray,mri")
+  p.add_argument("--steps", type=int, default=0, help="steps per batch (0: the :demo preset's)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  workdir = pathlib.Path(args.workdir)
+  results = dict(backend=jax.default_backend(), devices=len(jax.devices()), modalities={})
+  for modality in args.modalities.split(","):
+    stage = ensure_stage(modality, workdir)
+    results["modalities"][modality] = measure(modality, stage, args.steps or None, args.seed)
+  atomic_write_json(workdir / "inversion_ablation.json", results)
+  print(f"wrote {workdir / 'inversion_ablation.json'}")
+
+
+if __name__ == "__main__":
+  main()

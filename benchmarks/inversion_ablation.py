@@ -99,7 +99,7 @@ def run_variant(name, model, params, stats, inv_cfg, image_shape, num_samples, s
       generator_params=param_count(engine.build_generator(inv_cfg, image_shape), int(sched.latent_dim)),
       weights=dict(inv_cfg.loss_weights), steps=[b["steps"] for b in report["batches"]],
       start=report["start"], end=report["end"],
-      real=real, norm_plus_task_end=report["end"].get("norm", 0.0) + report["end"].get("task", 0.0),
+      norm_plus_task_end=report["end"].get("norm", 0.0) + report["end"].get("task", 0.0),
       l_norm_synthetic_set=set_norm, mean_pairwise_cosine=report["mean_pairwise_cosine"],
       discarded=len(report["discarded"]), seconds=seconds)
   print(f"  {name:<18} gen {row['generator_params']:>9,d}  L_norm {row['start'].get('norm', float('nan')):8.3f}"
@@ -151,7 +151,8 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
       buffer_over_statistics_5pct=stats_summary["replay_buffer_bytes"]["0.05"] / stats_summary["statistics_bytes"],
       l_norm_start=invunet["start"]["norm"], l_norm_end=invunet["end"]["norm"],
       cosine_rep_0_1=invunet["mean_pairwise_cosine"], cosine_rep_0=no_rep["mean_pairwise_cosine"],
-      real=real, norm_plus_task_end={r["variant"]: r["norm_plus_task_end"] for r in (invunet, cmi, cmi_large, direct)},
+      real=real,
+      norm_plus_task_end={r["variant"]: r["norm_plus_task_end"] for r in (invunet, cmi, cmi_large, direct)},
       variants=rows)
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from invcoss_jax import jobs
 from invcoss_jax.evaluate import finetune, forgetting, job, report
-from invcoss_jax.evaluate.config import PAPER_TASKS
+from invcoss_jax.data.config import data_config
+from invcoss_jax.evaluate.config import DEMO_TASKS, PAPER_TASKS
 from invcoss_jax.train.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,12 +153,31 @@ def test_hippocampus_segmentation_whole_cases(tmp_path):
     assert split_metrics["hd95_mm"] == pytest.approx(split_metrics["hd95"])
 
 
-def test_paper_presets_need_a_data_path():
-  for task in PAPER_TASKS:
+def _keys(d, prefix=""):
+  out = set()
+  for k, v in d.items():
+    out.add(prefix + k)
+    if isinstance(v, dict):
+      out |= _keys(v, prefix + k + ".")
+  return out
+
+
+def test_presets_use_existing_data_options_and_paper_tasks_need_paths(tmp_path):
+  known = _keys(data_config().to_dict())
+  for task in PAPER_TASKS + DEMO_TASKS:
     c = load_config("evaluate", task)
-    assert c.evaluate.task == task and c.evaluate.tasks[task].data.path == ""
+    t = c.evaluate.tasks[task]
+    assert c.evaluate.task == task
+    assert _keys(t.data.to_dict()) <= known, _keys(t.data.to_dict()) - known  # no misspelt data option
+    if task in DEMO_TASKS:
+      continue
+    assert t.data.path == ""
     with pytest.raises(ValueError, match=f"config.evaluate.tasks.{task}.data.path is empty"):
-      finetune.Finetuner(c.evaluate.tasks[task], task, c.model)
+      finetune.Finetuner(t, task, c.model)
+    if t.kind == "segmentation":
+      t.data.path = str(tmp_path)
+      with pytest.raises(ValueError, match=f"config.evaluate.tasks.{task}.data.label_path is empty"):
+        finetune.Finetuner(t, task, c.model)
   assert load_config("evaluate", "hippocampus,linear").evaluate.protocol == "linear"
   with pytest.raises(ValueError, match="unknown preset"):
     load_config("evaluate", "pubmed")

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from invcoss_jax import data as data_lib
 from invcoss_jax import models
 from invcoss_jax.inversion import engine, losses, statistics
 from invcoss_jax.inversion.config import inversion_config
@@ -22,6 +23,13 @@ class RecordingWriter:
     self.scalars.append((int(step), dict(scalars)))
 
 
+def demo_xrays(num: int, size: int = 28) -> np.ndarray:
+  """The first `num` real chest X-rays of the embedded demo corpus, preprocessed by the input layer."""
+  d = data_lib.data_config()
+  d.update(name="demo_xray", image_size=size)
+  return next(iter(data_lib.make_eval_iterator(d, batch_size=num)))["image"]
+
+
 def tiny_mae(image_shape, patch):
   cfg = models.model_config("micro")
   cfg.update(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
@@ -32,11 +40,10 @@ def tiny_mae(image_shape, patch):
 
 
 @pytest.fixture(scope="module")
-def trained_xray(shared_data):
-  """A tiny MAE trained for 40 steps on real chest X-rays (PneumoniaMNIST, 28x28, 7x7 patches) and the
-  statistics of its block tokens over 256 training images."""
-  with np.load(shared_data / "xray" / "pneumoniamnist.npz") as f:
-    x = np.repeat(f["train_images"][:256, ..., None], 3, axis=-1).astype(np.float32) / 255.0
+def trained_xray():
+  """A tiny MAE trained for 40 steps on real chest X-rays (the embedded demo corpus at 28x28, 7x7 patches)
+  and the statistics of its block tokens over those 256 images."""
+  x = demo_xrays(256)
   model, params = tiny_mae((28, 28, 3), 7)
   tx = optax.adam(2e-3)
 

@@ -11,6 +11,13 @@ import pytest
 from invcoss_jax.inversion import losses
 from invcoss_jax.inversion.config import inversion_config
 
+# Jitted once per shape: op-by-op dispatch compiles every primitive separately (slow on a busy CPU).
+l_norm = jax.jit(losses.l_norm)
+l_task = jax.jit(losses.l_task)
+l_img = jax.jit(losses.l_img, static_argnums=1)
+l_rep = jax.jit(losses.l_rep)
+mean_pairwise_cosine = jax.jit(losses.mean_pairwise_cosine)
+
 
 def fd_check(fn, x, direction_seed=0, eps=1e-2, rtol=2e-2):
   """Directional derivative of `fn` at `x`: central differences (float32, step eps) vs jax.grad."""
@@ -34,16 +41,16 @@ def test_l_norm_matches_numpy_and_finite_differences():
   rng = np.random.default_rng(0)
   mean, tm = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
   var, tv = rng.uniform(0.1, 2.0, size=(2, 3, 5, 4)).astype(np.float32)
-  got = float(losses.l_norm(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv)))
+  got = float(l_norm(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv)))
   np.testing.assert_allclose(got, np_l_norm(mean, var, tm, tv), rtol=1e-5)
   # Plain (not squared) norms: scaling every difference by 2 doubles the loss.
-  got2 = float(losses.l_norm(jnp.asarray(tm + 2 * (mean - tm)), jnp.asarray(tv + 2 * (var - tv)),
+  got2 = float(l_norm(jnp.asarray(tm + 2 * (mean - tm)), jnp.asarray(tv + 2 * (var - tv)),
                              jnp.asarray(tm), jnp.asarray(tv)))
   np.testing.assert_allclose(got2, 2 * got, rtol=1e-5)
   fd_check(lambda m: losses.l_norm(m, jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv)), mean)
   # At a perfect match the loss is 0 with a finite (zero) gradient, not NaN.
-  g = jax.grad(lambda m: losses.l_norm(m, jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv)))(jnp.asarray(tm))
-  assert float(losses.l_norm(jnp.asarray(tm), jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv))) == 0.0
+  g = jax.jit(jax.grad(lambda m: losses.l_norm(m, jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv))))(tm)
+  assert float(l_norm(jnp.asarray(tm), jnp.asarray(tv), jnp.asarray(tm), jnp.asarray(tv))) == 0.0
   assert np.all(np.asarray(g) == 0.0)
   with pytest.raises(ValueError, match="input shape"):
     losses.l_norm(jnp.asarray(mean[:, :2]), jnp.asarray(var), jnp.asarray(tm), jnp.asarray(tv))
@@ -57,12 +64,12 @@ def test_l_task_matches_numpy_and_finite_differences():
   mask = (rng.uniform(size=(3, 6)) < 0.75).astype(np.float32)
   per_patch = ((pred - target) ** 2).mean(-1)
   expected = (per_patch * mask).sum() / mask.sum()
-  got = float(losses.l_task(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask)))
+  got = float(l_task(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask)))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   fd_check(lambda p: losses.l_task(p, jnp.asarray(target), jnp.asarray(mask)), pred)
   # Visible patches do not count.
   pred2 = pred + 10.0 * (1 - mask)[..., None]
-  np.testing.assert_allclose(float(losses.l_task(jnp.asarray(pred2), jnp.asarray(target), jnp.asarray(mask))),
+  np.testing.assert_allclose(float(l_task(jnp.asarray(pred2), jnp.asarray(target), jnp.asarray(mask))),
                              expected, rtol=1e-5)
 
 
@@ -79,7 +86,7 @@ def np_tv(x, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_l_img_matches_numpy_2d_and_3d(shape, reduction):
   x = np.random.default_rng(2).uniform(size=shape).astype(np.float32)
-  got = float(losses.l_img(jnp.asarray(x), reduction))
+  got = float(l_img(jnp.asarray(x), reduction))
   np.testing.assert_allclose(got, np_tv(x, reduction), rtol=1e-5)
   if reduction == "sum":
     fd_check(lambda v: losses.l_img(v, reduction), x, eps=1e-3)
@@ -88,8 +95,8 @@ def test_l_img_matches_numpy_2d_and_3d(shape, reduction):
 def test_l_img_3d_counts_depth_differences():
   x = np.zeros((1, 3, 4, 4, 1), np.float32)
   x[:, 1] = 1.0  # changes along depth only
-  assert float(losses.l_img(jnp.asarray(x), "sum")) == pytest.approx(2 * 16)
-  assert float(losses.l_img(jnp.asarray(x[:, 0]), "sum")) == 0.0
+  assert float(l_img(jnp.asarray(x), "sum")) == pytest.approx(2 * 16)
+  assert float(l_img(jnp.asarray(x[:, 0]), "sum")) == 0.0
   with pytest.raises(ValueError, match="img_reduction"):
     losses.l_img(jnp.asarray(x), "median")
   with pytest.raises(ValueError, match="B,H,W,C"):
@@ -112,12 +119,12 @@ def test_l_rep_matches_numpy_and_finite_differences():
   pool = rng.normal(size=(6, 8)).astype(np.float32)
   valid = np.array([1, 1, 1, 1, 0, 0], np.float32)
   pool[4:] = 1e3  # empty slots hold garbage that must not count
-  got = float(losses.l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.asarray(valid)))
+  got = float(l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.asarray(valid)))
   np.testing.assert_allclose(got, np_l_rep(h, pool, valid), rtol=1e-5)
   fd_check(lambda v: losses.l_rep(v, jnp.asarray(pool), jnp.asarray(valid)), h, eps=1e-3)
-  assert float(losses.l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.zeros(6))) == 0.0  # empty pool
+  assert float(l_rep(jnp.asarray(h), jnp.asarray(pool), jnp.zeros(6))) == 0.0  # empty pool
   # Scale invariance of cosine similarity.
-  np.testing.assert_allclose(float(losses.l_rep(jnp.asarray(3 * h), jnp.asarray(pool), jnp.asarray(valid))),
+  np.testing.assert_allclose(float(l_rep(jnp.asarray(3 * h), jnp.asarray(pool), jnp.asarray(valid))),
                              got, rtol=1e-5)
 
 
@@ -126,8 +133,8 @@ def test_mean_pairwise_cosine_matches_numpy():
   u = f / np.linalg.norm(f, axis=1, keepdims=True)
   s = u @ u.T
   expected = (s.sum() - np.trace(s)) / 20
-  np.testing.assert_allclose(float(losses.mean_pairwise_cosine(jnp.asarray(f))), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(losses.mean_pairwise_cosine(jnp.ones((4, 3)))), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(mean_pairwise_cosine(jnp.asarray(f))), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(mean_pairwise_cosine(jnp.ones((4, 3)))), 1.0, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -189,3 +196,26 @@ def test_paper_default_weights():
   w = inversion_config().loss_weights
   assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1)
   assert set(w) <= set(losses.registered_loss_terms())
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+def test_pool_with_batch_writes_the_batch_round_robin():
+  from invcoss_jax.inversion.context import InversionContext, rep_features
+  cfg = inversion_config()
+  pool = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+  feats = -np.ones((3, 2), np.float32)
+  for count, slots, filled in [(0, [0, 1, 2], 3), (1, [1, 2, 3], 4), (4, [4, 0, 1], 5)]:
+    ctx = InversionContext(images=None, model=None, params=None, target_stats=None, rng=None,
+                           pool=jnp.asarray(pool), pool_count=jnp.asarray(count), config=cfg)
+    ctx.__dict__["features"] = jnp.asarray(feats)  # what the encoder would give
+    new, valid = (np.asarray(a) for a in ctx.pool_with_batch)
+    expected = pool.copy()
+    expected[slots] = -1.0
+    np.testing.assert_array_equal(new, expected)
+    np.testing.assert_array_equal(valid, (np.arange(5) < filled).astype(np.float32))
+  tokens = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 3)).astype(np.float32))
+  np.testing.assert_allclose(rep_features(tokens, "mean"), np.asarray(tokens)[:, 1:].mean(1), rtol=1e-6)
+  np.testing.assert_array_equal(rep_features(tokens, "cls"), np.asarray(tokens)[:, 0])
+  with pytest.raises(ValueError, match="rep_feature"):
+    rep_features(tokens, "max")

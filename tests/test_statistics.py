@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from invcoss_jax import data as data_lib
 from invcoss_jax import models
 from invcoss_jax.inversion import statistics
 from invcoss_jax.parallel import mesh as mesh_lib
@@ -23,12 +24,17 @@ def tiny_mae(image_size=28, patch=7):
   return model, params
 
 
+def demo_xrays(num: int, size: int = 28) -> np.ndarray:
+  """The first `num` real chest X-rays of the embedded demo corpus, preprocessed by the input layer."""
+  d = data_lib.data_config()
+  d.update(name="demo_xray", image_size=size)
+  return next(iter(data_lib.make_eval_iterator(d, batch_size=num)))["image"]
+
+
 @pytest.fixture(scope="module")
-def xrays(shared_data):
-  """40 real chest X-rays (PneumoniaMNIST train split), grey -> 3 channels, [0, 1]."""
-  with np.load(shared_data / "xray" / "pneumoniamnist.npz") as f:
-    x = f["train_images"][:40]
-  return np.repeat(x[..., None], 3, axis=-1).astype(np.float32) / 255.0
+def xrays():
+  """40 real chest X-rays (28x28, grey -> 3 channels, [0, 1])."""
+  return demo_xrays(40)
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def _paper(kind, num_classes, modality, *, fmt, batch_size, epochs, lr, image_si
 
 def _chestxr():  # COVID-19 / pneumonia / normal; ImageFolder layout with train/val/test folders
   t = _paper(CLASSIFICATION, 3, "xray", fmt="images", batch_size=32, epochs=80, lr=5e-5)
-  t.data.images.class_subfolders = True
+  t.data.class_subfolders = True
   return t
 
 
@@ -179,7 +179,7 @@ def _la():  # left atrium, gadolinium-enhanced MRI
 
 def _nch():  # NCT-CRC-HE-100K (train) / CRC-VAL-HE-7K (test), 9 tissue classes
   t = _paper(CLASSIFICATION, 9, "path", fmt="images", batch_size=32, epochs=10, lr=1e-4)
-  t.data.images.class_subfolders = True
+  t.data.class_subfolders = True
   return t
 
 

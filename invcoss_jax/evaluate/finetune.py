@@ -113,6 +113,10 @@ def check_task(task: ml_collections.ConfigDict, name: str) -> None:
   if task.data.get("name") == "folder" and not path:
     raise ValueError(f"{where}.data.path is empty: point it at your copy of the {name} dataset "
                      f"(format {task.data.get('format')!r}), e.g. --{where}.data.path=/data/{name}")
+  if (task.kind == SEGMENTATION and task.data.get("name") == "folder"
+      and not str(task.data.get("label_path", "") or "")):
+    raise ValueError(f"{where}.data.label_path is empty: segmentation needs the folder of label maps "
+                     f"(masks) parallel to {where}.data.path")
   if path and not os.path.exists(path):
     raise FileNotFoundError(f"{where}.data.path={path!r} does not exist: expected the {name} "
                             f"dataset ({task.data.get('format')!r} files) there")

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from invcoss_jax.inversion import losses, statistics
-from invcoss_jax.inversion.context import InversionContext, rep_features
+from invcoss_jax.inversion.context import InversionContext
 from invcoss_jax.models.cmi_generator import CMIGenerator
 from invcoss_jax.models.invunet import InvUNet, default_output_activation, output_fn
 

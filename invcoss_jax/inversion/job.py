@@ -10,7 +10,6 @@ invert: `config.init_from` = a trained stage's workdir -> `workdir/synthetic/sha
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os

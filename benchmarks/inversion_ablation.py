@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import sys
 import time

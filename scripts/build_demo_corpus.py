@@ -4,7 +4,7 @@
     python scripts/build_demo_corpus.py --shared /work/shared/data [--out invcoss_jax/data/demo]
 
 What goes in (all four modalities, ~12 MB, only openly licensed files; see ATTRIBUTION.md there):
-  xray/pneumoniamnist_subset.npz   PneumoniaMNIST: the first 1500/250/250 train/val/test images+labels
+  xray/pneumoniamnist_subset.npz   PneumoniaMNIST: 1500/250/250 train/val/test images+labels, stratified by class
   ct/images/totalseg_ct.nii.gz     TotalSegmentator CT, larger field of view (copied as is)
   ct_organs/{images,labels}/totalseg_ct_small.nii.gz   the CT crop and its organ map (copied)
   mri/{images,labels}/hippocampus_*.nii.gz  40 MSD hippocampus cases: every 5th (by id) of the cases
@@ -48,7 +48,7 @@ copy or a subset of an openly licensed public dataset. Keep these lines with any
 
 | files | what | source | licence |
 |---|---|---|---|
-| xray/pneumoniamnist_subset.npz | PneumoniaMNIST chest X-rays 28x28, labels 0 normal / 1 pneumonia; first 1500/250/250 of train/val/test | MedMNIST v2 (Yang et al., Scientific Data 2023), from Kermany et al., Cell 2018 | CC BY 4.0 |
+| xray/pneumoniamnist_subset.npz | PneumoniaMNIST chest X-rays 28x28, labels 0 normal / 1 pneumonia; 1500/250/250 of train/val/test, stratified by class (first of each class in file order) | MedMNIST v2 (Yang et al., Scientific Data 2023), from Kermany et al., Cell 2018 | CC BY 4.0 |
 | ct/images/totalseg_ct.nii.gz, ct_organs/images/totalseg_ct_small.nii.gz, ct_organs/labels/totalseg_ct_small.nii.gz | abdominal CT (Hounsfield units, 3 mm) and its TotalSegmentator organ map (the label file is `totalseg_ct_small_seg.nii.gz` renamed) | TotalSegmentator test reference files (Wasserthal et al., Radiology: AI 2023) | Apache-2.0 |
 | mri/images/*.nii.gz, mri/labels/*.nii.gz | 40 brain MRI crops around the hippocampus with labels 0 background, 1 anterior, 2 posterior | Medical Segmentation Decathlon Task04_Hippocampus (Antonelli et al., Nature Communications 2022; Simpson et al. 2019) | CC BY-SA 4.0 (this subset is shared under the same licence) |
 | pathology/wsi/cmu-1-small-region.svs | H&E whole-slide image (Aperio SVS) | OpenSlide test data, CMU-1 | CC0 1.0 |
@@ -85,12 +85,24 @@ def _copy(src: str, dst: str) -> None:
   shutil.copyfile(src, dst)
 
 
+def stratified_first(labels: np.ndarray, n: int) -> np.ndarray:
+  """Indices of `n` examples keeping the split's class proportions: the first ones of each class in file
+  order (the shared file is not in the official order, so a plain prefix is heavily skewed)."""
+  labels = labels.reshape(-1)
+  classes, counts = np.unique(labels, return_counts=True)
+  quotas = np.floor(counts / counts.sum() * n).astype(int)
+  for i in np.argsort(-counts)[: n - quotas.sum()]:
+    quotas[i] += 1
+  return np.sort(np.concatenate([np.flatnonzero(labels == c)[:q] for c, q in zip(classes, quotas)]))
+
+
 def _xray(shared: str, out: str) -> None:
   with np.load(os.path.join(shared, "xray", "pneumoniamnist.npz")) as z:
     arrays = {}
     for split, n in XRAY_COUNTS.items():
-      arrays[f"{split}_images"] = z[f"{split}_images"][:n]
-      arrays[f"{split}_labels"] = z[f"{split}_labels"][:n]
+      idx = stratified_first(z[f"{split}_labels"], n)
+      arrays[f"{split}_images"] = z[f"{split}_images"][idx]
+      arrays[f"{split}_labels"] = z[f"{split}_labels"][idx]
   write_npz(os.path.join(out, "xray", "pneumoniamnist_subset.npz"), arrays)
 
 

@@ -57,16 +57,16 @@ def pneumonia_run(tmp_path_factory):
 def test_short_finetune_beats_chance_on_held_out_data(pneumonia_run):
   _, workdir, record = pneumonia_run
   test = record["per_seed"]["0"]
-  # Chance AUC is 0.5 and the test split is 234 normal / 16 pneumonia. Measured test AUC: seed 0 0.84
-  # (val 0.97); seeds 1, 2, 10, 100: 0.88-0.93 (val 0.92-0.97, val acc 0.79-0.89): wide margins.
-  assert test["auc"] > 0.75, test
+  # Chance AUC is 0.5; the demo test split is 93 normal / 157 pneumonia (stratified subset). Measured test AUC
+  # on the earlier, skewed subset: 0.84-0.93 over seeds 0, 1, 2, 10, 100 (val 0.92-0.97): wide margins.
+  assert test["auc"] > 0.75 and test["acc"] > 0.7, test  # test majority 0.628
   with open(os.path.join(workdir, "seed_0", "metrics.json")) as f:
     seed = json.load(f)
   assert [h["step"] for h in seed["history"]] == [100, 200, 300]
   assert seed["history"][-1]["train_loss"] < seed["history"][0]["train_loss"]
   best = max(seed["history"], key=lambda h: h["score"])
   assert seed["best_step"] == best["step"] and seed["best_val"] == best["val"]
-  assert best["val"]["auc"] > 0.85 and best["val"]["acc"] > 0.7  # val: 135 / 115, majority 0.54
+  assert best["val"]["auc"] > 0.85 and best["val"]["acc"] > 0.8, best["val"]  # val: 64 / 186, majority 0.744
   assert seed["loaded"] == []  # from scratch
 
 

@@ -104,9 +104,9 @@ def real_images(case: Case) -> np.ndarray:
 # Peaks
 
 
-def jax_matmul_peak(n: int, reps: int) -> float:
-  """Best f32 matmul FLOP/s of the default JAX device over `reps` timed (n x n) @ (n x n) products."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+def jax_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
+  """Best matmul FLOP/s of the default JAX device over `reps` timed (n x n) @ (n x n) products in `dtype`."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   best = float("inf")
@@ -117,9 +117,9 @@ def jax_matmul_peak(n: int, reps: int) -> float:
   return 2.0 * n**3 / best
 
 
-def torch_matmul_peak(n: int, reps: int) -> float:
+def torch_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
   import torch
-  a = torch.randn(n, n)
+  a = torch.randn(n, n).to(getattr(torch, dtype))
   a @ a
   best = float("inf")
   for _ in range(reps):
@@ -372,6 +372,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=3, help="steps per timed round")
   p.add_argument("--rounds", type=int, default=3, help="interleaved JAX/PyTorch rounds; medians are reported")
   p.add_argument("--matmul_size", type=int, default=2048)
+  p.add_argument("--peak_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="dtype of the matmul peak MFU is measured against (bf16 on GPU/TPU)")
   p.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
   p.add_argument("--out", default="", help="JSON file for the results")
   args = p.parse_args(argv)
@@ -398,11 +400,11 @@ def main(argv=None) -> dict[str, Any]:
   info = conditions()
   jax_peaks, torch_peaks = [], []
   for _ in range(int(args.rounds)):  # interleaved too
-    jax_peaks.append(jax_matmul_peak(args.matmul_size, 5))
+    jax_peaks.append(jax_matmul_peak(args.matmul_size, 5, args.peak_dtype))
     if args.torch:
-      torch_peaks.append(torch_matmul_peak(args.matmul_size, 5))
+      torch_peaks.append(torch_matmul_peak(args.matmul_size, 5, args.peak_dtype))
   peak = statistics.median(jax_peaks)
-  print(f"f32 matmul peak ({args.matmul_size}^2, median of {args.rounds} rounds, best of 5 each): "
+  print(f"{args.peak_dtype} matmul peak ({args.matmul_size}^2, median of {args.rounds} rounds, best of 5 each): "
         f"JAX {peak / 1e9:.1f} GFLOP/s" + (f", PyTorch {statistics.median(torch_peaks) / 1e9:.1f} GFLOP/s"
                                            if torch_peaks else ""), flush=True)
   rows = []

@@ -6,7 +6,8 @@ r"""Inversion measurements on the demo X-ray and MRI stages (the figures of issu
 Trains the demo stages (configs/<modality>.py:demo, `pretrain`, which ends with the statistics pass) into
 <workdir>/<modality> unless they are there, then inverts each with its `:demo` inversion settings and reports:
   1. L_norm at the first and the last step of each batch (InvUNet, the paper's weights);
-  2. the mean pairwise cosine similarity of the synthetic images' features, alpha_rep = 0.1 vs 0;
+  2. the mean pairwise cosine similarity of the synthetic images' features, alpha_rep = 0.1 vs 0 (and with
+     L_rep on the data-centred feature, rep_feature='centered_mean'), for the raw and the centred feature;
   3. InvUNet vs CMI's bottom-to-top generator (and its large variant) vs no generator: final L_norm + L_task
      after the same number of steps, and the L_norm of the whole synthetic set;
   4. the statistics' size vs a 5 % real replay buffer.
@@ -70,18 +71,25 @@ def set_l_norm(model, params, images, stats) -> float:
                              jnp.asarray(stats.mean), jnp.asarray(stats.var)))
 
 
-def real_reference(model, params, stats, data_cfg, num: int, rep_feature: str) -> dict:
-  """Mean pairwise cosine of the features, and L_norm, of the first `num` real examples."""
+def feature_cosines(model, params, images, stats) -> dict:
+  """Mean pairwise cosine similarity of the images' features: 'raw' = the mean patch token of the encoder
+  output (L_rep's default feature), 'centered' = the last block's mean patch token minus its real-data mean."""
+  from invcoss_jax.inversion.context import rep_features
+  blocks, tokens = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, images)
+  raw = rep_features(tokens, "mean")
+  centered = rep_features(tokens, "centered_mean", last_block=blocks[-1], target_stats=stats)
+  return dict(raw=float(losses.mean_pairwise_cosine(raw)), centered=float(losses.mean_pairwise_cosine(centered)))
+
+
+def real_reference(model, params, stats, data_cfg, num: int) -> dict:
+  """Feature cosines and L_norm of the first `num` real examples."""
   images = []
   for batch in data_lib.make_eval_iterator(data_cfg, batch_size=64):
     images.append(batch["image"])
     if sum(len(x) for x in images) >= num:
       break
   images = np.concatenate(images)[:num]
-  _, tokens = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, images)
-  from invcoss_jax.inversion.context import rep_features
-  feats = rep_features(tokens, rep_feature)
-  return dict(num=len(images), mean_pairwise_cosine=float(losses.mean_pairwise_cosine(feats)),
+  return dict(num=len(images), cosine=feature_cosines(model, params, images, stats),
               l_norm=set_l_norm(model, params, images, stats))
 
 
@@ -92,6 +100,7 @@ def run_variant(name, model, params, stats, inv_cfg, image_shape, num_samples, s
                                                  rng=jax.random.key(seed), num_samples=num_samples)
   seconds = time.time() - t
   set_norm = set_l_norm(model, params, images, stats)
+  cosine = feature_cosines(model, params, images, stats)
   sched = inv_cfg[f"schedule_{rank}d"]
   row = dict(
       variant=name, generator=inv_cfg.generator,
@@ -99,11 +108,12 @@ def run_variant(name, model, params, stats, inv_cfg, image_shape, num_samples, s
       weights=dict(inv_cfg.loss_weights), steps=[b["steps"] for b in report["batches"]],
       start=report["start"], end=report["end"],
       norm_plus_task_end=report["end"].get("norm", 0.0) + report["end"].get("task", 0.0),
-      l_norm_synthetic_set=set_norm, mean_pairwise_cosine=report["mean_pairwise_cosine"],
+      l_norm_synthetic_set=set_norm, cosine=cosine,
       discarded=len(report["discarded"]), seconds=seconds)
   print(f"  {name:<18} gen {row['generator_params']:>9,d}  L_norm {row['start'].get('norm', float('nan')):8.3f}"
         f" -> {row['end'].get('norm', float('nan')):8.3f}  norm+task {row['norm_plus_task_end']:8.3f}  "
-        f"set L_norm {set_norm:8.3f}  cos {row['mean_pairwise_cosine']:.4f}  {seconds:6.1f} s", flush=True)
+        f"set L_norm {set_norm:8.3f}  cos raw {cosine['raw']:.6f} centered {cosine['centered']:.4f}  "
+        f"{seconds:6.1f} s", flush=True)
   return row
 
 
@@ -121,16 +131,16 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
         f"{base[f'schedule_{rank}d'].batch_size}, statistics {stats_summary['statistics_bytes']:,d} bytes vs "
         f"5 % buffer {stats_summary['replay_buffer_bytes']['0.05']:,d} bytes", flush=True)
 
-  real = real_reference(model, params, stats, stage_cfg.data, num_samples, base.rep_feature)
-  print(f"  {'real examples':<18} {real['num']} of them: L_norm {real['l_norm']:8.3f}  cos "
-        f"{real['mean_pairwise_cosine']:.4f}", flush=True)
+  real = real_reference(model, params, stats, stage_cfg.data, num_samples)
+  print(f"  {'real examples':<18} {real['num']} of them: L_norm {real['l_norm']:8.3f}  cos raw "
+        f"{real['cosine']['raw']:.6f} centered {real['cosine']['centered']:.4f}", flush=True)
   rows = []
 
   def variant(name, **overrides):
     cfg = base.copy_and_resolve_references()
     for k, v in overrides.items():
-      if k == "rep":
-        cfg.loss_weights.rep = v
+      if k in cfg.loss_weights:
+        cfg.loss_weights[k] = v
       else:
         cfg[k] = v
     rows.append(run_variant(name, model, params, stats, cfg, image_shape, num_samples, seed))
@@ -138,6 +148,7 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
 
   invunet = variant("invunet")
   no_rep = variant("invunet, rep=0", rep=0.0)
+  centered_rep = variant("invunet, rep centred", rep_feature="centered_mean")
   cmi = variant("cmi", generator="cmi")
   cmi_large = variant("cmi_large", generator="cmi_large")
   direct = variant("none", generator="none")
@@ -149,7 +160,8 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
       replay_buffer_bytes_5pct=stats_summary["replay_buffer_bytes"]["0.05"],
       buffer_over_statistics_5pct=stats_summary["replay_buffer_bytes"]["0.05"] / stats_summary["statistics_bytes"],
       l_norm_start=invunet["start"]["norm"], l_norm_end=invunet["end"]["norm"],
-      cosine_rep_0_1=invunet["mean_pairwise_cosine"], cosine_rep_0=no_rep["mean_pairwise_cosine"],
+      cosine_rep_0_1=invunet["cosine"], cosine_rep_0=no_rep["cosine"],
+      cosine_rep_0_1_centered_feature=centered_rep["cosine"],
       real=real,
       norm_plus_task_end={r["variant"]: r["norm_plus_task_end"] for r in (invunet, cmi, cmi_large, direct)},
       variants=rows)

@@ -168,3 +168,17 @@ def test_load_statistics_errors_name_the_file(tmp_path):
   with pytest.raises(ValueError, match="neg.npz.*negative"):
     statistics.load_statistics(neg)
   assert zipfile.is_zipfile(neg) and not os.path.exists(tmp_path / "neg.npz.npz")
+
+
+def test_centered_rep_feature_has_zero_mean_over_the_data(model_and_reference, xrays):
+  """The 'centered_mean' L_rep feature subtracts the data mean exactly as the statistics give it."""
+  from invcoss_jax.inversion.context import rep_features
+  model, params, mean, var = model_and_reference
+  stats = statistics.FeatureStats(count=np.float64(40), mean=mean, var=var)
+  blocks, tokens = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, xrays)
+  feats = np.asarray(rep_features(tokens, "centered_mean", last_block=blocks[-1], target_stats=stats))
+  assert feats.shape == (40, 32)
+  np.testing.assert_allclose(feats.mean(0), 0.0, atol=1e-4)
+  assert np.abs(feats).mean() > 1e-2  # not trivially zero
+  with pytest.raises(ValueError, match="needs the last block"):
+    rep_features(tokens, "centered_mean")

@@ -22,7 +22,7 @@ import dataclasses
 import os
 import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import ml_collections
 
@@ -166,12 +166,6 @@ class DataFreeGuard:
       yield self
     finally:
       _ACTIVE.remove(self)
-
-
-def guarded(fn: Any, guard: DataFreeGuard, data_cfg: ml_collections.ConfigDict, what: str, *args, **kwargs):
-  """Calls an input-layer function `fn(data_cfg, *args, **kwargs)` after the guard's config check."""
-  guard.check_config(data_cfg, what=what)
-  return fn(data_cfg, *args, **kwargs)
 
 
 def check_disjoint(stages: Sequence[tuple[str, ml_collections.ConfigDict]]) -> None:

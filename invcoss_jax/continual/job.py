@@ -93,7 +93,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   `stop_at=(stage index, step)` ends the run after that train step of that stage with a checkpoint, as a
   preempted job would; rerunning on the same workdir continues from there. `after_stage(stage, info)` is
-  called once a stage has ended and its data is retired (e.g. to delete the data at its site).
+  called for every finished stage once its data is retired, also for stages finished by an earlier run
+  (e.g. to delete the data at its site).
 
   Returns dict(method, workdir, stages [stage_info of each finished stage], losses {stage: {step: loss}} of
   the steps run now, stopped).

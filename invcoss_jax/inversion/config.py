@@ -71,7 +71,9 @@ def inversion_config() -> ml_collections.ConfigDict:
   # L_img reduction: 'mean' = sum over axes of the mean absolute neighbour difference (scale-free, so
   # alpha_img = 0.1 is meaningful at any resolution); 'sum' = Eq. 8 literally (sum per image, batch mean).
   c.img_reduction = "mean"
-  c.rep_feature = "mean"  # L_rep feature: 'mean' patch token of the encoder output (as MedCoSS's buffer) | 'cls'
+  # L_rep feature: 'mean' patch token of the encoder output (as MedCoSS's buffer) | 'cls' | 'centered_mean'
+  # (last block's mean patch token minus its real-data mean, taken from the statistics; see context.py).
+  c.rep_feature = "mean"
   c.pool_size = -1  # persistent feature pool size; <= 0: the number of synthetic samples (Sec. 3.4)
 
   # --- Logging ---

@@ -16,17 +16,29 @@ import ml_collections
 from invcoss_jax.inversion import statistics
 
 
-def rep_features(tokens: jax.Array, kind: str) -> jax.Array:
-  """The L_rep feature of each image from the encoder output `(B, 1 + L, D)`.
+REP_FEATURES = ("mean", "cls", "centered_mean")
 
-  'mean': mean of the patch tokens (CLS excluded), the feature MedCoSS clusters its replay buffer on; an MAE
-  never trains its CLS token directly, so the mean token is the more informative default. 'cls': the CLS token.
+
+def rep_features(tokens: jax.Array, kind: str, *, last_block=None, target_stats=None) -> jax.Array:
+  """The L_rep feature `(B, D)` of each image.
+
+  'mean' (default): mean of the patch tokens (CLS excluded) of the encoder output `tokens` `(B, 1 + L, D)`,
+  the feature MedCoSS clusters its replay buffer on; an MAE never trains its CLS token directly, so the mean
+  token is more informative. 'cls': the CLS token of `tokens`. 'centered_mean': the mean patch token of the
+  last block's output `last_block` minus its mean over the real data, which the stored statistics give
+  exactly (the mean over positions of `target_stats.mean[-1, 1:]`): cosine similarities then measure
+  directions around the data mean rather than the component every image shares (data-free).
   """
   if kind == "mean":
     return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
   if kind == "cls":
     return tokens[:, 0].astype(jnp.float32)
-  raise ValueError(f"config.inversion.rep_feature must be 'mean' or 'cls', got {kind!r}")
+  if kind == "centered_mean":
+    if last_block is None or target_stats is None:
+      raise ValueError("rep_feature 'centered_mean' needs the last block's tokens and the stored statistics")
+    center = jnp.mean(jnp.asarray(target_stats.mean, jnp.float32)[-1, 1:], axis=0)
+    return jnp.mean(last_block[:, 1:].astype(jnp.float32), axis=1) - center
+  raise ValueError(f"config.inversion.rep_feature must be one of {list(REP_FEATURES)}, got {kind!r}")
 
 
 class InversionContext:
@@ -78,7 +90,8 @@ class InversionContext:
   @functools.cached_property
   def features(self) -> jax.Array:
     """`(B, F)` features of the synthetic images for L_rep (config.inversion.rep_feature)."""
-    return rep_features(self.tokens, self.config.rep_feature)
+    return rep_features(self.tokens, self.config.rep_feature, last_block=self.block_tokens[-1],
+                        target_stats=self.target_stats)
 
   @functools.cached_property
   def pool_with_batch(self) -> tuple[jax.Array, jax.Array]:

@@ -9,12 +9,14 @@ First the f32 matmul peak of the current device is measured (JAX, and PyTorch fo
 (JAX, PyTorch, JAX, PyTorch, ...), so a machine whose load changes affects both alike; the table reports the
 medians over the rounds. images/s is examples per optimisation step time (inversion: synthetic images in the
 batch per inner step). FLOPs per step are XLA's count for the compiled JAX step (the same model runs in
-PyTorch), MFU = FLOPs per step / median step time / measured matmul peak. Memory: the device's peak bytes in use
+PyTorch); MFU = FLOPs per step / step time / the matmul peak measured again just before that round (median
+over the rounds), so a machine whose load drifts is compared with itself. Memory: the device's peak bytes in use
 on GPU/TPU, the compiled program's planned peak (arguments + outputs + temporaries - aliased) on CPU.
 
 The JAX steps are the package's own: `train.pretrain.make_train_step` + `jit_train_step` and
 `inversion.engine.BatchOptimizer` in the inner-loop mode the engine picks for the backend (a timed call
-runs `--steps` inner steps). compile s of the inversion = first call minus a second identical call. Inputs are real demo images (X-rays for 2D, the demo CT for 3D) at the requested size.
+runs `--steps` inner steps); its compile time is the first call minus a second identical call. Inputs are
+real demo images (X-rays for 2D, the demo CT for 3D) at the requested size.
 """
 
 from __future__ import annotations
@@ -207,10 +209,10 @@ def jax_invert(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
   # The engine's own optimiser in the mode it picks for this backend ('stepwise' on CPU, 'compiled' elsewhere).
   mode = engine.inner_loop_mode(inv)
   optimizer = engine.BatchOptimizer(model, generator, inv, out_act, steps, case.image_shape, feature_dim, mode)
-  call_args = (opt_vars, gen_state, frozen, jax.random.key(2), 0, steps - 1)
+  call_args = (opt_vars, gen_state, frozen, jax.random.key(2), 0)
 
   def call(num_steps):
-    out = optimizer(*call_args[:-1], num_steps)
+    out = optimizer(*call_args, num_steps)
     jax.block_until_ready(out["totals"])
 
   t = time.perf_counter()
@@ -221,18 +223,18 @@ def jax_invert(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
   compile_s = first - (time.perf_counter() - t)
 
   def run(n: int) -> float:
-    # One call of `steps` - 1 updates runs `steps` inner steps (the last one only evaluates: a forward and
-    # backward pass all the same); n is rounded up to whole calls.
-    calls = max(1, -(-n // steps))
+    # A call with `steps` updates runs steps + 1 inner steps (the last one only evaluates: a forward and
+    # backward pass all the same); n is rounded up to whole calls and the time scaled back to n steps.
+    calls = max(1, -(-n // (steps + 1)))
     t = time.perf_counter()
     for _ in range(calls):
-      call(steps - 1)
-    return (time.perf_counter() - t) * n / (calls * steps)
+      call(steps)
+    return (time.perf_counter() - t) * n / (calls * (steps + 1))
 
   run(steps)
   from invcoss_jax.train.compile_job import inversion_program
   one_step = inversion_program(optimizer, whole_loop=False).lower(
-      opt_vars, gen_state, frozen, jax.random.key(2), jnp.int32(0), jnp.int32(steps - 1)).compile()
+      opt_vars, gen_state, frozen, jax.random.key(2), jnp.int32(0), jnp.int32(steps)).compile()
   memory, source = _memory(one_step, jax.devices()[:1])
   flops = float(one_step.cost_analysis()["flops"])  # one inner step
   return Built(run, flops, compile_s, memory, source), (mc, params, stats, inv, latent_dim)
@@ -315,27 +317,31 @@ def conditions() -> dict[str, Any]:
               xla_flags=os.environ.get("XLA_FLAGS", ""), loadavg_start=os.getloadavg())
 
 
-def measure_case(case: Case, args, peak: float) -> dict[str, Any]:
+def measure_case(case: Case, args) -> dict[str, Any]:
   images = real_images(case)
   build_jax = jax_pretrain if case.program == "pretrain" else jax_invert
   build_torch = torch_pretrain if case.program == "pretrain" else torch_invert
   j, side = build_jax(case, args, images)
   t = build_torch(case, args, images, side) if args.torch else None
-  jax_times, torch_times = [], []
-  for _ in range(int(args.rounds)):  # interleaved: JAX, PyTorch, JAX, PyTorch, ...
+  jax_times, torch_times, peaks = [], [], []
+  for _ in range(int(args.rounds)):  # interleaved: peak, JAX, PyTorch, peak, JAX, PyTorch, ...
+    # The peak is re-measured next to every round: on a shared machine the available FLOP/s drift, and MFU
+    # compares a step with the peak of the same moment.
+    peaks.append(jax_matmul_peak(args.matmul_size, 3, args.peak_dtype))
     jax_times.append(j.run(int(args.steps)) / int(args.steps))
     if t is not None:
       torch_times.append(t.run(int(args.steps)) / int(args.steps))
   jt = statistics.median(jax_times)
+  mfu = lambda times: statistics.median(j.flops_per_step / s / p for s, p in zip(times, peaks))
   row = dict(dataclasses.asdict(case), image_shape=list(case.image_shape), dtype=args.dtype, remat=args.remat,
              steps_per_round=int(args.steps), rounds=int(args.rounds), jax_step_s=jax_times,
-             jax_images_per_s=case.batch / jt, flops_per_step=j.flops_per_step,
-             jax_mfu=j.flops_per_step / jt / peak, compile_s=j.compile_s, memory_bytes=j.memory_bytes,
+             jax_images_per_s=case.batch / jt, flops_per_step=j.flops_per_step, round_peak_flops=peaks,
+             jax_mfu=mfu(jax_times), compile_s=j.compile_s, memory_bytes=j.memory_bytes,
              memory_source=j.memory_source)
   if torch_times:
     tt = statistics.median(torch_times)
-    row.update(torch_step_s=torch_times, torch_images_per_s=case.batch / tt,
-               torch_mfu=j.flops_per_step / tt / peak, speedup=tt / jt)
+    row.update(torch_step_s=torch_times, torch_images_per_s=case.batch / tt, torch_mfu=mfu(torch_times),
+               speedup=tt / jt)
   return row
 
 
@@ -409,7 +415,7 @@ def main(argv=None) -> dict[str, Any]:
                                            if torch_peaks else ""), flush=True)
   rows = []
   for case in cases(args):
-    rows.append(measure_case(case, args, peak))
+    rows.append(measure_case(case, args))
     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   info["loadavg_end"] = os.getloadavg()
   result = dict(conditions=info, args=vars(args), matmul_peak_flops=dict(jax=jax_peaks, torch=torch_peaks,

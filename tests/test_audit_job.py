@@ -1,9 +1,9 @@
 """The `audit` job end to end on demo X-rays: a pre-trained stage (the pretrain job), a "synthetic" set of
 unseen real images written as inversion shards, and the drawn `er` replay buffer as the leak.
 
-The demo corpus's splits differ in their class mix (pneumonia in 19 % of train, 46 % of val, 6 % of test
-images), which an audit would report as leakage or its absence; so the stage here trains on a random part of
-the demo training split and its held-out and "synthetic" images are other random parts of the same split."""
+The held-out and "synthetic" images must be drawn like the training images (the audit compares them; a
+shift in class mix between splits would read as leakage or its absence), so the stage here trains on a random
+part of the demo training split and its held-out and "synthetic" images are other random parts of it."""
 
 import importlib.util
 import json
@@ -130,7 +130,9 @@ def test_replay_buffer_is_fully_memorised(audit):
   assert buf["pixel"]["to_train"]["max"] == 0.0  # its samples are training images
   assert buf["feature"]["to_train"]["max"] < 1e-5
   for sp in ("pixel", "feature"):
-    assert buf[sp]["memorisation"]["rate"] == 1.0 and buf[sp]["memorisation"]["ci"][0] == 1.0
+    m = buf[sp]["memorisation"]
+    assert m["rate"] == 1.0 and m["count"] == 30 and m["ci_bootstrap"] == [1.0, 1.0]
+    assert m["ci"] == pytest.approx([0.025 ** (1 / 30), 1.0])  # the exact bound for 30 of 30
     assert buf[sp]["median_ratio_train_over_heldout"] < 1e-3
 
 

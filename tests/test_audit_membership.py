@@ -90,8 +90,8 @@ def test_bad_inputs_raise():
 
 
 def demo_xrays(count):
-  """`count` random images of the demo training split. Members and non-members come from the same split:
-  the demo splits differ in their class mix, and the attack would pick up that shift, not membership."""
+  """`count` random images of the demo training split. Members and non-members are random parts of one
+  split, so any difference the attack finds is membership, not a shift between splits."""
   cfg = data_lib.data_config()
   cfg.name, cfg.image_size = "demo_xray", IMAGE
   images = np.concatenate([b["image"] for b in data_lib.make_eval_iterator(

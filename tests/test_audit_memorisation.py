@@ -58,6 +58,20 @@ def test_unseen_images_score_the_base_rate(xrays):
   assert memorisation.memorisation_rate(heldout_d, heldout_d, Q) == pytest.approx(Q, abs=1 / len(heldout_d))
 
 
+def test_interval_has_exact_bounds_at_zero_and_one():
+  rng = np.random.default_rng(2)
+  heldout = rng.exponential(size=300)
+  none = memorisation.bootstrap_memorisation(heldout + 10.0, heldout, 0.05, num_bootstrap=100)
+  assert none["rate"] == 0.0 and none["count"] == 0 and none["ci_bootstrap"] == [0.0, 0.0]
+  assert none["ci"][0] == 0.0 and none["ci"][1] == pytest.approx(1 - 0.025 ** (1 / 300))  # ~3.7 / n
+  every = memorisation.bootstrap_memorisation(np.zeros(40), heldout, 0.05, num_bootstrap=100)
+  assert every["ci"] == pytest.approx([0.025 ** (1 / 40), 1.0])
+  # In between, the union covers both the bootstrap and the exact interval.
+  mid = memorisation.bootstrap_memorisation(rng.exponential(size=200) * 0.3, heldout, 0.05, num_bootstrap=300)
+  assert mid["ci"][0] == min(mid["ci_bootstrap"][0], mid["ci_exact"][0]) < mid["rate"]
+  assert mid["ci"][1] == max(mid["ci_bootstrap"][1], mid["ci_exact"][1]) > mid["rate"]
+
+
 def test_threshold_is_the_quantile_of_the_heldout_distances():
   d = np.random.default_rng(1).exponential(size=333)
   assert memorisation.memorisation_threshold(d, 0.05) == pytest.approx(np.quantile(d, 0.05))

@@ -122,11 +122,11 @@ def test_benchmark_script_reports_both_implementations(tmp_path):
   assert len(saved["matmul_peak_flops"]["jax"]) == len(saved["matmul_peak_flops"]["torch"]) == 2
   pre, inv = saved["rows"]
   assert (pre["program"], inv["program"]) == ("pretrain", "invert")
-  # The pre-training step's FLOPs are XLA's count for the micro MAE at batch 8: 3x the forward matmuls, plus a
-  # few % of element-wise work.
+  # The pre-training step's FLOPs are XLA's count for the micro MAE at batch 8: 3x the forward matmuls plus the
+  # element-wise work, which at 4 patches per image (AdamW over 0.2 M parameters included) is up to half again.
   from invcoss_jax.train.compile_job import mae_train_step_flops
   analytic = mae_train_step_flops(bench.model_config("micro", "float32", False, 16), (32, 32, 3), 8, 0.75)
-  assert 1.0 <= pre["flops_per_step"] / analytic <= 1.3
+  assert 1.0 <= pre["flops_per_step"] / analytic <= 1.6
   for row in (pre, inv):
     assert len(row["jax_step_s"]) == len(row["torch_step_s"]) == 2
     assert row["jax_images_per_s"] == pytest.approx(row["batch"] / np.median(row["jax_step_s"]))

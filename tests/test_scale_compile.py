@@ -115,3 +115,16 @@ def test_unknown_compile_field_is_an_error():
     c.compile.num_device = 8
   with pytest.raises(ValueError, match="config.compile.num_device is not an option"):
     compile_job.with_compile_defaults(c)
+
+
+def test_tpu_target_without_libtpu_names_the_option(tmp_path):
+  try:
+    import libtpu  # noqa: F401
+    pytest.skip("libtpu is installed: the deviceless TPU target would compile instead of failing")
+  except ImportError:
+    pass
+  c = _config()
+  c.compile.target = "v5p:2x2x1"
+  c.compile.num_devices = (1,)
+  with pytest.raises(ValueError, match=r"config.compile.target='v5p:2x2x1'.*pip install 'jax\[tpu\]'"):
+    compile_job.run(c, tmp_path)

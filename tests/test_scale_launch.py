@@ -57,6 +57,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _xla_flags(num_devices: int) -> str:
+  """This process's XLA flags (conftest's compile settings) with another simulated device count."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={num_devices}"])
+
+
 def _run_two_processes(workdir, total_steps):
   port = _free_port()
   flags = ["--distributed=env", "--config=configs/xray.py:demo", f"--workdir={workdir}",
@@ -68,7 +75,7 @@ def _run_two_processes(workdir, total_steps):
            "--config.train.warmup_epochs=0", "--config.train.min_lr=0.0015"]
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(2),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, os.path.join(LAUNCH, "distributed_main.py"), *flags],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -13,6 +13,7 @@ has rate 1. The ratio rate / q says how many times more often `S` lands "too clo
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 
 def memorisation_threshold(heldout_distances: np.ndarray, quantile: float) -> float:
@@ -31,9 +32,16 @@ def memorisation_rate(query_distances: np.ndarray, heldout_distances: np.ndarray
 
 def bootstrap_memorisation(query_distances: np.ndarray, heldout_distances: np.ndarray, quantile: float, *,
                            num_bootstrap: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-  """The rate with a percentile bootstrap interval that resamples both the queries and the held-out
-  distances (the threshold is itself an estimate). Returns dict(rate, threshold, base_rate, ci, level,
-  num_bootstrap)."""
+  """The rate and its confidence interval.
+
+  Two intervals at `level`, and their union as `ci` (conservative):
+  - `ci_bootstrap`: percentile bootstrap resampling both the queries and the held-out distances (the
+    threshold is itself an estimate);
+  - `ci_exact`: Clopper-Pearson for the count of queries below the threshold, which the bootstrap cannot
+    give at the edges (no query below the threshold resamples to [0, 0]; the exact upper bound of 0 in n is
+    1 - ((1 - level) / 2)^(1/n), about 3.7 / n at 95 %).
+  Returns dict(rate, threshold, base_rate, count, ci, ci_bootstrap, ci_exact, level, num_bootstrap).
+  """
   q = _distances(query_distances, "query_distances")
   h = _distances(heldout_distances, "heldout_distances")
   _check_bootstrap(num_bootstrap, level)
@@ -44,8 +52,11 @@ def bootstrap_memorisation(query_distances: np.ndarray, heldout_distances: np.nd
     tau = np.quantile(h[rng.integers(0, h.size, h.size)], quantile)
     rates[b] = np.mean(q[rng.integers(0, q.size, q.size)] < tau)
   lo, hi = np.quantile(rates, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-  return dict(rate=rate, threshold=memorisation_threshold(h, quantile), base_rate=float(quantile),
-              ci=[float(lo), float(hi)], level=float(level), num_bootstrap=int(num_bootstrap))
+  count = int(round(rate * q.size))
+  exact = stats.binomtest(count, q.size).proportion_ci(confidence_level=level, method="exact")
+  return dict(rate=rate, threshold=memorisation_threshold(h, quantile), base_rate=float(quantile), count=count,
+              ci=[float(min(lo, exact.low)), float(max(hi, exact.high))], ci_bootstrap=[float(lo), float(hi)],
+              ci_exact=[float(exact.low), float(exact.high)], level=float(level), num_bootstrap=int(num_bootstrap))
 
 
 def _distances(d: np.ndarray, name: str) -> np.ndarray:

@@ -12,13 +12,16 @@ shardings the real jobs use (`parallel.mesh`, `config.mesh`). The programs are t
 
 More devices than the backend has: on CPU the job re-runs itself in a child process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (the flag is read when JAX starts its backend, so it
-cannot be changed in a process that has already used JAX). Figures from the CPU backend are the CPU
-compiler's buffer assignment: they plan a GPU/TPU run to within its fusion and layout differences; on an
-accelerator host compile there for that backend's own figures.
+cannot be changed in a process that has already used JAX). Memory from the CPU backend is the CPU compiler's
+buffer assignment, an upper bound for an accelerator: XLA:CPU does not schedule for memory as the GPU/TPU
+compilers do, and rematerialisation does not lower it. On an accelerator host compile there for that
+backend's own figures, or set `config.compile.target` to a TPU
+topology to compile deviceless with XLA's TPU compiler (docs/performance.md compares the two).
 
 FLOPs: XLA counts the body of a while loop once, so the inversion program (`BatchOptimizer`'s compiled
-mode: one `fori_loop` over the inner steps, what GPUs and TPUs run) reports the FLOPs of one inner step, which is what the table shows (tests/test_scale_compile.py
-checks this). Memory is per device; `peak` = arguments + outputs + temporaries - aliased (donated) bytes.
+mode: one `fori_loop` over the inner steps, what GPUs and TPUs run) reports the FLOPs of one inner step,
+which is what the table shows (tests/test_scale_compile.py checks this). Memory is per device;
+`peak` = arguments + outputs + temporaries - aliased (donated) bytes.
 """
 
 from __future__ import annotations

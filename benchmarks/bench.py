@@ -327,7 +327,7 @@ def measure_case(case: Case, args) -> dict[str, Any]:
   for _ in range(int(args.rounds)):  # interleaved: peak, JAX, PyTorch, peak, JAX, PyTorch, ...
     # The peak is re-measured next to every round: on a shared machine the available FLOP/s drift, and MFU
     # compares a step with the peak of the same moment.
-    peaks.append(jax_matmul_peak(args.matmul_size, 3, args.peak_dtype))
+    peaks.append(jax_matmul_peak(args.matmul_size, 5, args.peak_dtype))
     jax_times.append(j.run(int(args.steps)) / int(args.steps))
     if t is not None:
       torch_times.append(t.run(int(args.steps)) / int(args.steps))

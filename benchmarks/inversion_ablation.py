@@ -1,7 +1,7 @@
 r"""Inversion measurements on the demo X-ray and MRI stages (the figures of issue 4's closing note).
 
   .venv/bin/python benchmarks/inversion_ablation.py --workdir=/tmp/inversion_ablation
-  .venv/bin/python benchmarks/inversion_ablation.py --workdir=... --modalities=xray --steps=100
+  .venv/bin/python benchmarks/inversion_ablation.py --workdir=... --modalities=xray --steps=100 --rep_sweep=1,10
 
 Trains the demo stages (configs/<modality>.py:demo, `pretrain`, which ends with the statistics pass) into
 <workdir>/<modality> unless they are there, then inverts each with its `:demo` inversion settings and reports:
@@ -73,12 +73,23 @@ def set_l_norm(model, params, images, stats) -> float:
 
 def feature_cosines(model, params, images, stats) -> dict:
   """Mean pairwise cosine similarity of the images' features: 'raw' = the mean patch token of the encoder
-  output (L_rep's default feature), 'centered' = the last block's mean patch token minus its real-data mean."""
+  output (L_rep's default feature), 'centered' = the last block's mean patch token minus its real-data mean,
+  'centered_sq' = the mean squared cosine of the centred features."""
   from invcoss_jax.inversion.context import rep_features
   blocks, tokens = jax.jit(lambda p, x: statistics.encoder_forward(model, p, x))(params, images)
   raw = rep_features(tokens, "mean")
   centered = rep_features(tokens, "centered_mean", last_block=blocks[-1], target_stats=stats)
-  return dict(raw=float(losses.mean_pairwise_cosine(raw)), centered=float(losses.mean_pairwise_cosine(centered)))
+  return dict(raw=float(losses.mean_pairwise_cosine(raw)), centered=float(losses.mean_pairwise_cosine(centered)),
+              centered_sq=mean_pairwise_sq_cosine(centered))
+
+
+def mean_pairwise_sq_cosine(features) -> float:
+  """Mean squared cosine over distinct pairs (what L_rep minimises; 0 = orthogonal, 1 = collinear)."""
+  u = np.asarray(features, np.float64)
+  u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+  s = np.square(u @ u.T)
+  n = len(u)
+  return float((s.sum() - np.trace(s)) / (n * (n - 1)))
 
 
 def real_reference(model, params, stats, data_cfg, num: int) -> dict:
@@ -112,12 +123,13 @@ def run_variant(name, model, params, stats, inv_cfg, image_shape, num_samples, s
       discarded=len(report["discarded"]), seconds=seconds)
   print(f"  {name:<18} gen {row['generator_params']:>9,d}  L_norm {row['start'].get('norm', float('nan')):8.3f}"
         f" -> {row['end'].get('norm', float('nan')):8.3f}  norm+task {row['norm_plus_task_end']:8.3f}  "
-        f"set L_norm {set_norm:8.3f}  cos raw {cosine['raw']:.6f} centered {cosine['centered']:.4f}  "
+        f"set L_norm {set_norm:8.3f}  cos raw {cosine['raw']:.6f} centred {cosine['centered']:.4f} "
+        f"centred^2 {cosine['centered_sq']:.4f}  "
         f"{seconds:6.1f} s", flush=True)
   return row
 
 
-def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) -> dict:
+def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int, rep_sweep: list[float]) -> dict:
   stage_cfg, model, params = load_trained_stage(stage)
   stats = statistics.load_statistics(stage / "statistics.npz")
   image_shape = tuple(data_lib.image_shape(stage_cfg.data))
@@ -133,7 +145,8 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
 
   real = real_reference(model, params, stats, stage_cfg.data, num_samples)
   print(f"  {'real examples':<18} {real['num']} of them: L_norm {real['l_norm']:8.3f}  cos raw "
-        f"{real['cosine']['raw']:.6f} centered {real['cosine']['centered']:.4f}", flush=True)
+        f"{real['cosine']['raw']:.6f} centred {real['cosine']['centered']:.4f} centred^2 "
+        f"{real['cosine']['centered_sq']:.4f}", flush=True)
   rows = []
 
   def variant(name, **overrides):
@@ -154,6 +167,7 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
   direct = variant("none", generator="none")
   if rank == 3:
     variant("invunet, identity", output_activation="identity")
+  sweep = {w: variant(f"invunet, rep={w:g}", rep=w)["cosine"] for w in rep_sweep}
   return dict(
       modality=modality, image_shape=list(image_shape), num_samples=num_samples,
       statistics_bytes=stats_summary["statistics_bytes"],
@@ -162,7 +176,7 @@ def measure(modality: str, stage: pathlib.Path, steps: int | None, seed: int) ->
       l_norm_start=invunet["start"]["norm"], l_norm_end=invunet["end"]["norm"],
       cosine_rep_0_1=invunet["cosine"], cosine_rep_0=no_rep["cosine"],
       cosine_rep_0_1_centered_feature=centered_rep["cosine"],
-      real=real,
+      real=real, rep_sweep_cosine={f"{w:g}": c for w, c in sweep.items()},
       norm_plus_task_end={r["variant"]: r["norm_plus_task_end"] for r in (invunet, cmi, cmi_large, direct)},
       variants=rows)
 
@@ -173,12 +187,14 @@ def main(argv=None):
   p.add_argument("--modalities", default="xray,mri")
   p.add_argument("--steps", type=int, default=0, help="steps per batch (0: the :demo preset's)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--rep_sweep", default="", help="extra alpha_rep values, e.g. 1,10 (diversity vs alpha_rep)")
   args = p.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
-  results = dict(backend=jax.default_backend(), devices=len(jax.devices()), modalities={})
+  results = dict(args=vars(args), backend=jax.default_backend(), devices=len(jax.devices()), modalities={})
   for modality in args.modalities.split(","):
     stage = ensure_stage(modality, workdir)
-    results["modalities"][modality] = measure(modality, stage, args.steps or None, args.seed)
+    sweep = [float(w) for w in args.rep_sweep.split(",") if w]
+    results["modalities"][modality] = measure(modality, stage, args.steps or None, args.seed, sweep)
   atomic_write_json(workdir / "inversion_ablation.json", results)
   print(f"wrote {workdir / 'inversion_ablation.json'}")
 

@@ -45,12 +45,14 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 100
     c.logging.log_every_steps = 10
     c.logging.image_every_steps = 100
-    # Inversion of the demo stage: 16 synthetic windows in 2 batches of 8; 100 steps for the fresh
-    # generator, 50 for the second batch, which keeps it (re-initialised every 10 batches).
-    c.inversion.num_samples = 16
-    c.inversion.schedule_3d.batch_size = 8
-    c.inversion.schedule_3d.steps = 50
-    c.inversion.schedule_3d.init_steps = 100
+    # Inversion of the demo stage: 8 synthetic windows in 2 batches of 4; 60 steps for the fresh
+    # generator, 30 for the second batch, which keeps it (re-initialised every 10 batches). A 4x
+    # narrower InvUNet: 3D convolutions dominate the cost on a CPU.
+    c.inversion.num_samples = 8
+    c.inversion.invunet.channels = (4, 8, 16, 32, 64)
+    c.inversion.schedule_3d.batch_size = 4
+    c.inversion.schedule_3d.steps = 30
+    c.inversion.schedule_3d.init_steps = 60
   elif arg:
     raise ValueError(f"configs/mri.py: unknown preset {arg!r}; expected nothing or 'demo'")
   return c

@@ -12,6 +12,7 @@ from invcoss_jax.interop.config import interop_config
 from invcoss_jax.inversion.config import inversion_config
 from invcoss_jax.models.presets import model_config
 from invcoss_jax.parallel.config import mesh_config
+from invcoss_jax.train.compile_job import compile_config
 from invcoss_jax.train.config import checkpoint_config, logging_config, train_config
 
 
@@ -31,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = evaluate_config()
   c.audit = audit_config()
   c.interop = interop_config()
+  c.compile = compile_config()  # ahead-of-time planning (`mode=compile`)
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
   return c

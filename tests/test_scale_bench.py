@@ -109,6 +109,7 @@ def test_torch_invunet_has_the_jax_generators_size(shape, latent):
   assert tuple(y.shape) == (2, shape[-1], *shape[:-1])
 
 
+@pytest.mark.benchmark  # runs the benchmark script itself: `pytest -m benchmark`
 def test_benchmark_script_reports_both_implementations(tmp_path):
   import bench  # benchmarks/ is on sys.path (above)
   out = tmp_path / "bench.json"

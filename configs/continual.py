@@ -20,7 +20,7 @@ import ml_collections
 
 from invcoss_jax.continual.config import ALTERNATIVE_ORDER, DEFAULT_ORDER, METHODS
 from invcoss_jax.defaults import base_config
-from invcoss_jax.models.presets import model_config
+from invcoss_jax.models.presets import demo_model_config, model_config
 
 
 def _paper_datasets(c: ml_collections.ConfigDict) -> None:
@@ -43,9 +43,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     d.name, d.format, d.path = f"demo_{m}", "", ""
     d.image_size = 32
     d.volume_shape = (16, 32, 32)
-  c.model = model_config("micro")
-  c.model.patch_size_2d = (8, 8)
-  c.model.patch_size_3d = (8, 8, 8)
+  c.model = demo_model_config()
   c.train.global_batch_size = 16
   c.train.base_lr = 2.4e-2  # peak lr 1.5e-3 at batch 16
   c.total_steps = 60  # per stage

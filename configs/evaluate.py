@@ -18,14 +18,8 @@ tasks pneumonia and hippocampus). Paper tasks read your copy of the dataset: set
 
 from invcoss_jax.defaults import base_config
 from invcoss_jax.evaluate.config import DEMO_TASKS, PAPER_TASKS, task_config
-from invcoss_jax.models.presets import model_config
+from invcoss_jax.models.presets import demo_model_config, model_config
 
-
-def _demo_model():
-  m = model_config("micro")
-  m.patch_size_2d = (8, 8)
-  m.patch_size_3d = (8, 8, 8)
-  return m
 
 
 def get_config(arg=None):
@@ -41,13 +35,13 @@ def get_config(arg=None):
 
   if preset == "forgetting":
     c.mode = "forgetting"
-    c.model = _demo_model()
+    c.model = demo_model_config()
     c.evaluate.forgetting.tasks = ("pneumonia", "hippocampus")
     for t in c.evaluate.forgetting.tasks:
       c.evaluate.tasks[t] = task_config(t)
     c.evaluate.task = "pneumonia"
   elif preset in DEMO_TASKS:
-    c.model = _demo_model()  # used when init_from is empty; a checkpoint brings its own
+    c.model = demo_model_config()  # used when init_from is empty; a checkpoint brings its own
     c.evaluate.task = preset
     c.evaluate.tasks[preset] = task_config(preset)
   elif preset in PAPER_TASKS:

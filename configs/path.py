@@ -7,44 +7,15 @@ Default: the paper's hyper-parameters (Sec. 4.1): ViT-B/16 MAE, 224x224 RGB tile
 300 epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, AdamW, wd 0.05.
 """
 
-from invcoss_jax.defaults import base_config
-from invcoss_jax.models.presets import model_config
+from invcoss_jax.defaults import stage_config, use_demo_data
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.mode = "pretrain"
-  c.seed = 0
-  c.model = model_config("base")
-
   # Your folder of H&E tiles cut from the TCGA slides (or format='wsi' on the .svs slides themselves).
-  c.data.name = "folder"
-  c.data.format = "images"
-  c.data.path = "./data/tcga_tiles"
-  c.data.modality = "path"
-  c.data.image_size = 224
-
-  c.train.global_batch_size = 512
-  c.train.num_epochs = 300
-  c.train.warmup_epochs = 40
-  c.train.base_lr = 1.5e-4
-  c.train.mask_ratio = 0.75
-
+  c = stage_config(modality="path", data_format="images", data_path="./data/tcga_tiles", image_size=224)
   if arg == "demo":
-    # Embedded demo H&E tiles, a micro ViT on 32x32 images with 8x8 patches (16 tokens).
-    c.data.name = "demo_path"
-    c.data.format = ""
-    c.data.path = ""
-    c.data.image_size = 32
-    c.model = model_config("micro")
-    c.model.patch_size_2d = (8, 8)
-    c.model.patch_size_3d = (8, 8, 8)
-    c.train.global_batch_size = 32
-    c.train.base_lr = 1.2e-2  # peak lr 1.5e-3 at batch 32
-    c.total_steps = 200
-    c.checkpoint.every_steps = 100
-    c.logging.log_every_steps = 10
-    c.logging.image_every_steps = 100
+    # Embedded demo H&E tiles at 32x32 (16 tokens).
+    use_demo_data(c, "demo_path", global_batch_size=32, image_size=32)
   elif arg:
     raise ValueError(f"configs/path.py: unknown preset {arg!r}; expected nothing or 'demo'")
   return c

@@ -10,7 +10,7 @@ from invcoss_jax.data.config import data_config
 from invcoss_jax.evaluate.config import evaluate_config
 from invcoss_jax.interop.config import interop_config
 from invcoss_jax.inversion.config import inversion_config
-from invcoss_jax.models.presets import model_config
+from invcoss_jax.models.presets import demo_model_config, model_config
 from invcoss_jax.parallel.config import mesh_config
 from invcoss_jax.train.compile_job import compile_config
 from invcoss_jax.train.config import checkpoint_config, logging_config, train_config
@@ -35,6 +35,44 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile = compile_config()  # ahead-of-time planning (`mode=compile`)
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
+  return c
+
+
+def stage_config(*, modality: str, data_format: str, data_path: str, **data) -> ml_collections.ConfigDict:
+  """One pre-training stage on the user's files with the paper's hyper-parameters (Sec. 4.1): ViT-B MAE,
+  global batch 512, 300 epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, mask 0.75."""
+  c = base_config()
+  c.mode = "pretrain"
+  c.seed = 0
+  c.model = model_config("base")
+  c.data.name = "folder"
+  c.data.format = data_format
+  c.data.path = data_path
+  c.data.modality = modality
+  c.data.update(data)
+  c.train.global_batch_size = 512
+  c.train.num_epochs = 300
+  c.train.warmup_epochs = 40
+  c.train.base_lr = 1.5e-4
+  c.train.mask_ratio = 0.75
+  return c
+
+
+def use_demo_data(c: ml_collections.ConfigDict, name: str, *, global_batch_size: int,
+                  **data) -> ml_collections.ConfigDict:
+  """Switches a stage config to an embedded demo dataset and the demo micro model: peak lr 1.5e-3, 200 steps,
+  a checkpoint and an image grid every 100 steps, so a 2-core CPU shows the loss falling in minutes."""
+  c.data.name = name
+  c.data.format = ""
+  c.data.path = ""
+  c.data.update(data)
+  c.model = demo_model_config()
+  c.train.global_batch_size = global_batch_size
+  c.train.base_lr = 1.5e-3 * 256 / global_batch_size
+  c.total_steps = 200
+  c.checkpoint.every_steps = 100
+  c.logging.log_every_steps = 10
+  c.logging.image_every_steps = 100
   return c
 
 

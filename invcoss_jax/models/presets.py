@@ -47,3 +47,12 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
 def num_params(params) -> int:
   import jax
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def demo_model_config() -> ml_collections.ConfigDict:
+  """The micro ViT of every `:demo` preset, with 8x8 (2D) and 8^3 (3D) patches: 16 tokens at 32x32 and 32 at
+  16x32x32, small enough for a 2-core CPU."""
+  c = model_config("micro")
+  c.patch_size_2d = (8, 8)
+  c.patch_size_3d = (8, 8, 8)
+  return c

@@ -47,3 +47,13 @@ def workdir(tmp_path) -> pathlib.Path:
   d = tmp_path / "workdir"
   d.mkdir()
   return d
+
+
+def make_cfg(name, **dotted):
+  """`config.data` for dataset `name` with dotted overrides, e.g. `make_cfg("folder", **{"ct.hu_min": -500})`."""
+  from invcoss_jax import data
+
+  c = data.data_config()
+  c.name = name
+  c.update_from_flattened_dict(dotted)
+  return c

@@ -11,22 +11,14 @@ import pytest
 
 from invcoss_jax import data
 
+from conftest import make_cfg
+
 DEMO = data.DEMO_ROOT
 MRI_IMAGES = os.path.join(DEMO, "mri", "images")
 MRI_LABELS = os.path.join(DEMO, "mri", "labels")
 FIRST_CASES = sorted(os.listdir(MRI_IMAGES))[:3]
 
 
-def make_cfg(name, **kw):
-  c = data.data_config()
-  c.name = name
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 def mri_cfg(path, **kw):

@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 
 from invcoss_jax import data
+
+from conftest import make_cfg
 from invcoss_jax.io_utils import atomic_savez
 
 XRAY = os.path.join(data.DEMO_ROOT, "xray", "pneumoniamnist_subset.npz")
 
 
-def make_cfg(name, **kw):
-  c = data.data_config()
-  c.name = name
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 def train_iter(cfg, batch, seed=0, pi=0, pc=1):

@@ -10,22 +10,14 @@ import pytest
 
 from invcoss_jax import data
 
+from conftest import make_cfg
+
 DEMO = data.DEMO_ROOT
 CT_SMALL = os.path.join(DEMO, "ct_organs", "images", "totalseg_ct_small.nii.gz")
 CMU_SVS = os.path.join(DEMO, "pathology", "wsi", "cmu-1-small-region.svs")
 XRAY = os.path.join(DEMO, "xray", "pneumoniamnist_subset.npz")
 
 
-def make_cfg(name, **kw):
-  c = data.data_config()
-  c.name = name
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 def eval_batches(cfg, batch_size=64, split=None):

@@ -8,6 +8,8 @@ import pytest
 from scipy import ndimage
 
 from invcoss_jax import data
+
+from conftest import make_cfg
 from invcoss_jax.data import transforms as T
 
 DEMO = data.DEMO_ROOT
@@ -17,16 +19,6 @@ CT_LARGE = os.path.join(DEMO, "ct", "images", "totalseg_ct.nii.gz")
 XRAY = os.path.join(DEMO, "xray", "pneumoniamnist_subset.npz")
 
 
-def make_cfg(name, **kw):
-  c = data.data_config()
-  c.name = name
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ a two-stage run of every method completes and leaves its artefacts, the stage ha
 the data-free guard refuses an earlier stage's data (which the test then deletes), PackNet freezes earlier
 stages' weights, and a sequence stopped mid-stage resumes to the uninterrupted result."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from invcoss_jax.defaults import load_config_file
 from invcoss_jax import data as data_lib
 from invcoss_jax import models
 from invcoss_jax.continual import guard, job, packnet, stages
@@ -22,7 +22,6 @@ from invcoss_jax.continual.config import METHODS
 from invcoss_jax.continual.stages import plan_stages, read_info
 from invcoss_jax.train import checkpoint as ckpt_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
 
 
@@ -44,10 +43,7 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 def load_config(arg):
-  spec = importlib.util.spec_from_file_location("cfg_continual", os.path.join(REPO, "configs", "continual.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(f"configs/continual.py:{arg}")
 
 
 def tiny_config(method: str, xray_path: str | None = None) -> ml_collections.ConfigDict:

@@ -4,7 +4,6 @@ segmentation fine-tune evaluates whole cases with the sliding window, and the fo
 two continual runs built from tiny real pre-training checkpoints."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -13,20 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from invcoss_jax.defaults import load_config_file
 from invcoss_jax import jobs
 from invcoss_jax.evaluate import finetune, forgetting, job, report
 from invcoss_jax.data.config import data_config
 from invcoss_jax.evaluate.config import DEMO_TASKS, PAPER_TASKS
 from invcoss_jax.train.pretrain import pretrain
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def tiny_eval_config(preset="pneumonia", depth=2):

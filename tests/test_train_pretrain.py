@@ -3,7 +3,6 @@ parallel and fsdp), exact resume, bf16/remat, reconstructions, workdir contents,
 load_trained_stage, clear errors."""
 
 import glob
-import importlib.util
 import json
 import os
 
@@ -12,20 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from invcoss_jax.defaults import load_config_file
 from invcoss_jax import jobs, models
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
 from invcoss_jax.train.pretrain import make_reconstruct, pretrain
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 24
 
 
 def load_config(name: str, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def demo_config(images: bool = False, **mesh):

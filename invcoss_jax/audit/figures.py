@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+# Figure objects draw with the Agg canvas without pyplot, so the user's backend (e.g. a notebook's inline
+# plots) is left alone.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from invcoss_jax.io_utils import atomic_path  # noqa: E402
+from invcoss_jax.io_utils import atomic_path
 
 
 def thumbnail(images: np.ndarray, max_side: int) -> np.ndarray:
@@ -40,7 +39,6 @@ def _display(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def _save(fig, path: str) -> None:
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-  plt.close(fig)
 
 
 def closest_pairs(path: str, panels: Sequence[dict], title: str, pad: int = 4) -> None:
@@ -65,7 +63,7 @@ def closest_pairs(path: str, panels: Sequence[dict], title: str, pad: int = 4) -
         grid[y0:y0 + h, x0:x0 + w] = _display(img, lo, hi)
         texts.append((x0, y0, label))
   scale = max(1.0, 96.0 / max(h, w))  # draw small images at least ~96 px per cell
-  fig = plt.figure(figsize=(grid.shape[1] * scale / 100.0, grid.shape[0] * scale / 100.0 + 0.4))
+  fig = Figure(figsize=(grid.shape[1] * scale / 100.0, grid.shape[0] * scale / 100.0 + 0.4))
   ax = fig.add_axes((0, 0, 1, grid.shape[0] * scale / 100.0 / fig.get_figheight()))
   ax.imshow(grid, interpolation="nearest")
   ax.axis("off")
@@ -79,7 +77,8 @@ def closest_pairs(path: str, panels: Sequence[dict], title: str, pad: int = 4) -
 def distance_histograms(path: str, spaces: Mapping[str, Mapping[str, np.ndarray]],
                         thresholds: Mapping[str, float], quantile: float) -> None:
   """One panel per space: histograms of the nearest-training distance of every set, and the threshold."""
-  fig, axes = plt.subplots(1, len(spaces), figsize=(5.5 * len(spaces), 3.6), squeeze=False)
+  fig = Figure(figsize=(5.5 * len(spaces), 3.6))
+  axes = fig.subplots(1, len(spaces), squeeze=False)
   for ax, (space, sets) in zip(axes[0], spaces.items()):
     finite = np.concatenate([np.asarray(d, np.float64) for d in sets.values()])
     bins = np.linspace(0.0, max(float(finite.max()), 1e-6) * 1.02, 40)
@@ -94,7 +93,8 @@ def distance_histograms(path: str, spaces: Mapping[str, Mapping[str, np.ndarray]
 
 def spectra(path: str, centres: np.ndarray, profiles: Mapping[str, np.ndarray], cutoff: float) -> None:
   """Mean radial power spectrum of every set (log scale) and the high-frequency cutoff."""
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  fig = Figure(figsize=(5.5, 3.6))
+  ax = fig.subplots()
   for name, prof in profiles.items():
     ax.semilogy(centres, np.maximum(np.asarray(prof), 1e-30), label=name)
   ax.axvline(cutoff, color="k", ls="--", lw=1, label=f"cutoff {cutoff:g}")
@@ -107,7 +107,8 @@ def spectra(path: str, centres: np.ndarray, profiles: Mapping[str, np.ndarray], 
 def membership_losses(path: str, member_losses: np.ndarray, nonmember_losses: np.ndarray, auc: float,
                       ci: Sequence[float]) -> None:
   """Histograms of the per-image masked-reconstruction loss of training and held-out images."""
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  fig = Figure(figsize=(5.5, 3.6))
+  ax = fig.subplots()
   both = np.concatenate([member_losses, nonmember_losses])
   bins = np.linspace(float(both.min()), float(both.max()) + 1e-9, 40)
   ax.hist(member_losses, bins=bins, alpha=0.5, density=True, label=f"training (n={len(member_losses)})")

@@ -91,9 +91,7 @@ def matrix_csv(matrix: Mapping[str, Any]) -> str:
 def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike, metrics: Sequence[str] = ()) -> None:
   """One panel per (task, metric) over the stages, one line per method (error bars: std over seeds);
   PNG. `metrics` () = each task's headline metric (ACC or DSC); HD95 is plotted as is, the others in %."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend (e.g. inline plots) is left alone
 
   panels = []
   for task in matrix["tasks"]:
@@ -103,7 +101,8 @@ def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike, metrics: Seq
   if not panels:
     raise ValueError(f"forgetting plot: none of the metrics {list(metrics)} was computed for tasks "
                      f"{matrix['tasks']}")
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  fig = Figure(figsize=(4.2 * len(panels), 3.4))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (task, metric) in zip(axes[0], panels):
     scale = 1.0 if metric.startswith("hd95") else 100.0
     labels = {}
@@ -127,7 +126,6 @@ def plot_matrix(matrix: Mapping[str, Any], path: str | os.PathLike, metrics: Seq
   fig.tight_layout()
   with io_utils.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=120)
-  plt.close(fig)
 
 
 def write_matrix(workdir: str | os.PathLike, matrix: Mapping[str, Any],

@@ -345,8 +345,12 @@ def init_mae_params(model: MAE, rng: jax.Array, image_shapes: Sequence[Sequence[
   def _all(m: MAE, *xs):
     return [m(x, mask_ratio=0.75, train=False) for x in xs]
 
-  rngs = {"params": rng, "masking": jax.random.fold_in(rng, 1), "dropout": jax.random.fold_in(rng, 2)}
-  return model.init(rngs, *dummies, method=_all)["params"]
+  def _init(key):
+    rngs = {"params": key, "masking": jax.random.fold_in(key, 1), "dropout": jax.random.fold_in(key, 2)}
+    return model.init(rngs, *dummies, method=_all)["params"]
+
+  # Jitted: run eagerly, flax would compile every initialiser on its own (tens of seconds on a CPU).
+  return jax.jit(_init)(rng)
 
 
 def block_tokens(intermediates: Any) -> list[Array]:

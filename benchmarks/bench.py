@@ -119,6 +119,62 @@ def jax_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
   return 2.0 * n**3 / best
 
 
+def pretrain_matmul_shapes(mc, image_shape, batch: int, mask_ratio: float = 0.75):
+  """The products of one MAE pre-training step: dense layers as (M, K, N) and attention as (B, heads, T, head_dim),
+  forward only (the backward pass repeats each as two products of the same size)."""
+  import math
+  from invcoss_jax import models
+  cfg = models.ViTConfig.from_config(mc)
+  rank = len(image_shape) - 1
+  ps = cfg.patch_size(rank)
+  num_patches = math.prod(models.grid_shape(image_shape[:-1], ps))
+  patch_dim = math.prod(ps) * cfg.channels(rank)
+  enc, dec = 1 + int(num_patches * (1 - mask_ratio)), 1 + num_patches
+  dense = [(batch * num_patches, patch_dim, cfg.width)]
+  attention = []
+  for tokens, width, depth, heads in ((enc, cfg.width, cfg.depth, cfg.num_heads),
+                                      (dec, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads)):
+    hidden = int(width * cfg.mlp_ratio)
+    m = batch * tokens
+    dense += [(m, width, 3 * width), (m, width, width), (m, width, hidden), (m, hidden, width)] * depth
+    attention += [(batch, heads, tokens, width // heads)] * depth
+  dense += [(batch * enc, cfg.width, cfg.decoder_width), (batch * dec, cfg.decoder_width, patch_dim)]
+  return dense, attention
+
+
+def matmul_parts_time(dense, attention, reps: int = 3) -> dict[str, float]:
+  """Seconds (median of `reps`) of the step's products alone, forward and backward, each kind in one jitted
+  program: dense layers (y = xW, dx = dy W^T, dW = x^T dy) and attention (QK^T, PV and their gradients)."""
+  key = jax.random.PRNGKey(0)
+  dense_args = [(jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n)), jax.random.normal(key, (m, n)))
+                for m, k, n in dense]
+  att_args = [jax.random.normal(key, (b, t, h, d)) for b, h, t, d in attention]
+
+  @jax.jit
+  def dense_fn(args):
+    return sum(jnp.sum((x @ w)[:1]) + jnp.sum((dy @ w.T)[:1]) + jnp.sum((x.T @ dy)[:1]) for x, w, dy in args)
+
+  @jax.jit
+  def attention_fn(args):
+    def forward(qs):
+      return sum(jnp.sum(jnp.einsum("bqhk,bkhd->bqhd", jnp.einsum("bqhd,bkhd->bhqk", q, q).transpose(0, 2, 1, 3),
+                                    q)) for q in qs)
+    return jax.grad(forward)(args)
+
+  out = {}
+  for name, fn, args in (("dense", dense_fn, dense_args), ("attention", attention_fn, att_args)):
+    jax.block_until_ready(fn(args))
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(args))
+      times.append(time.perf_counter() - t)
+    out[name] = statistics.median(times)
+  out["dense_flops"] = float(sum(3 * 2 * m * k * n for m, k, n in dense))
+  out["attention_flops"] = float(sum(3 * 2 * 2 * b * h * t * t * d for b, h, t, d in attention))
+  return out
+
+
 def torch_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
   import torch
   a = torch.randn(n, n).to(getattr(torch, dtype))
@@ -323,6 +379,12 @@ def measure_case(case: Case, args) -> dict[str, Any]:
   build_torch = torch_pretrain if case.program == "pretrain" else torch_invert
   j, side = build_jax(case, args, images)
   t = build_torch(case, args, images, side) if args.torch else None
+  # Both reach their steady state first: the first steps after building run slower (allocator growth, first
+  # touches of fresh pages); on this CPU XLA's took 3-4 steps, PyTorch's 1-2.
+  if int(args.warmup) > 0:
+    j.run(int(args.warmup))
+    if t is not None:
+      t.run(int(args.warmup))
   jax_times, torch_times, peaks = [], [], []
   for _ in range(int(args.rounds)):  # interleaved: peak, JAX, PyTorch, peak, JAX, PyTorch, ...
     # The peak is re-measured next to every round: on a shared machine the available FLOP/s drift, and MFU
@@ -332,12 +394,25 @@ def measure_case(case: Case, args) -> dict[str, Any]:
     if t is not None:
       torch_times.append(t.run(int(args.steps)) / int(args.steps))
   jt = statistics.median(jax_times)
+  parts = {}
+  if args.breakdown and case.program == "pretrain":
+    # How much of the step is matrix products, and how fast XLA runs them alone at the step's shapes.
+    dense, attention = pretrain_matmul_shapes(side[0], case.image_shape, case.batch)
+    parts = matmul_parts_time(dense, attention)
+    peak = statistics.median(peaks)
+    parts.update(dense_share=parts["dense"] / jt, attention_share=parts["attention"] / jt,
+                 dense_mfu=parts["dense_flops"] / parts["dense"] / peak,
+                 attention_mfu=parts["attention_flops"] / parts["attention"] / peak)
+    print(f"  breakdown: dense products alone {parts['dense']:.3f} s ({parts['dense_share']:.0%} of the step, "
+          f"{parts['dense_mfu']:.0%} of peak), attention products alone {parts['attention']:.3f} s "
+          f"({parts['attention_share']:.0%}, {parts['attention_mfu']:.0%} of peak)", flush=True)
   mfu = lambda times: statistics.median(j.flops_per_step / s / p for s, p in zip(times, peaks))
   row = dict(dataclasses.asdict(case), image_shape=list(case.image_shape), dtype=args.dtype, remat=args.remat,
-             steps_per_round=int(args.steps), rounds=int(args.rounds), jax_step_s=jax_times,
+             steps_per_round=int(args.steps), rounds=int(args.rounds), warmup_steps=int(args.warmup),
+             jax_step_s=jax_times,
              jax_images_per_s=case.batch / jt, flops_per_step=j.flops_per_step, round_peak_flops=peaks,
              jax_mfu=mfu(jax_times), compile_s=j.compile_s, memory_bytes=j.memory_bytes,
-             memory_source=j.memory_source)
+             memory_source=j.memory_source, matmul_breakdown=parts)
   if torch_times:
     tt = statistics.median(torch_times)
     row.update(torch_step_s=torch_times, torch_images_per_s=case.batch / tt, torch_mfu=mfu(torch_times),
@@ -376,6 +451,9 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
   p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--warmup", type=int, default=4, help="untimed steps of each implementation before the rounds")
+  p.add_argument("--breakdown", action="store_true",
+                 help="pre-training: also time the step's dense and attention products alone (JAX)")
   p.add_argument("--rounds", type=int, default=3, help="interleaved JAX/PyTorch rounds; medians are reported")
   p.add_argument("--matmul_size", type=int, default=2048)
   p.add_argument("--peak_dtype", default="float32", choices=("float32", "bfloat16"),
@@ -383,8 +461,8 @@ def parse_args(argv=None):
   p.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
   p.add_argument("--out", default="", help="JSON file for the results")
   args = p.parse_args(argv)
-  if args.steps < 1 or args.rounds < 1:
-    p.error("--steps and --rounds must be >= 1")
+  if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+    p.error("--steps and --rounds must be >= 1, --warmup >= 0")
   return args
 
 

@@ -115,7 +115,8 @@ def test_benchmark_script_reports_both_implementations(tmp_path):
   out = tmp_path / "bench.json"
   result = bench.main(["--models=micro", "--dims=2d", "--programs=pretrain,invert", "--image_size=32",
                        "--batch_pretrain_2d=8", "--batch_invert_2d=4", "--invunet_channels=8,16,32",
-                       "--pool_size=8", "--steps=2", "--rounds=2", "--matmul_size=256", "--torch", f"--out={out}"])
+                       "--pool_size=8", "--steps=2", "--rounds=2", "--warmup=1", "--matmul_size=256", "--torch",
+                       "--breakdown", f"--out={out}"])
   with open(out) as f:
     saved = json.load(f)
   assert saved["rows"] == json.loads(json.dumps(result["rows"]))
@@ -128,6 +129,10 @@ def test_benchmark_script_reports_both_implementations(tmp_path):
   from invcoss_jax.train.compile_job import mae_train_step_flops
   analytic = mae_train_step_flops(bench.model_config("micro", "float32", False, 16), (32, 32, 3), 8, 0.75)
   assert 1.0 <= pre["flops_per_step"] / analytic <= 1.6
+  # The breakdown's products are exactly the analytic matmul count, and each part took time.
+  parts = pre["matmul_breakdown"]
+  assert parts["dense_flops"] + parts["attention_flops"] == analytic
+  assert parts["dense"] > 0 and parts["attention"] > 0 and inv["matmul_breakdown"] == {}
   for row in (pre, inv):
     assert len(row["jax_step_s"]) == len(row["torch_step_s"]) == 2
     assert row["jax_images_per_s"] == pytest.approx(row["batch"] / np.median(row["jax_step_s"]))

@@ -17,7 +17,6 @@ from invcoss_jax.inversion.config import inversion_config
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.parallel.config import mesh_config
 from invcoss_jax.train import optim
-from invcoss_jax.train.compile_job import place_inversion_args
 from invcoss_jax.train.config import train_config
 from invcoss_jax.train.pretrain import jit_train_step, make_train_step
 from invcoss_jax.train.state import create_train_state
@@ -120,7 +119,7 @@ def inversion_problem(xray_images):
 def _invert(problem, layout):
   runner, opt_vars, state, frozen = problem
   mesh = mesh_lib.make_mesh(LAYOUTS[layout])
-  args = place_inversion_args(mesh, LAYOUTS[layout], opt_vars, state, frozen)
+  args = engine.place_inversion_args(mesh, LAYOUTS[layout], opt_vars, state, frozen)
   with jax.set_mesh(mesh):
     out = runner(*args, jax.random.key(3), 0, 3)
   return out, args
@@ -150,3 +149,43 @@ def test_inversion_step_same_losses_as_one_device(inversion_problem, inversion_r
   for name in ref["terms"]:
     np.testing.assert_allclose(out["terms"][name], ref["terms"][name], rtol=2e-4, atol=1e-6, err_msg=name)
   np.testing.assert_allclose(out["images"], ref["images"], atol=2e-4)
+
+
+def test_inversion_job_places_arguments_like_the_compiled_plan(xray_images, monkeypatch):
+  """`engine.synthesize_with_report` (the invert job's and the continual job's path) with a data2 x fsdp2
+  `config.mesh` shards the teacher and the generator over 'fsdp' and the latents over 'data', and synthesises
+  what one device synthesises (two batches: the second starts from the first's generator)."""
+  model = _micro()
+  params = models.init_mae_params(model, jax.random.PRNGKey(1), [IMAGE])
+  stats = statistics.compute_statistics(model, params, [xray_images])
+  inv = inversion_config()
+  inv.invunet.channels = (8, 16, 32)
+  inv.schedule_2d.update(batch_size=8, latent_dim=16, init_steps=2, steps=2, reinit_every=2)
+  run = lambda **kw: engine.synthesize_with_report(model, params, stats, inv, image_shape=IMAGE,
+                                                   rng=jax.random.key(5), num_samples=16, **kw)
+  ref_images, ref = run()
+
+  placed = []
+  original = engine.place_inversion_args
+
+  def spy(mesh, mesh_cfg, *args):
+    out = original(mesh, mesh_cfg, *args)
+    placed.append(out)
+    return out
+
+  monkeypatch.setattr(engine, "place_inversion_args", spy)
+  layout = LAYOUTS["data2_fsdp2"]
+  mesh = mesh_lib.make_mesh(layout)
+  images, report = run(mesh=mesh, mesh_cfg=layout)
+  assert len(placed) == 2  # one placement per batch
+  for opt_vars, _, frozen in placed:
+    _assert_really_sharded(frozen["params"], 2)
+    _assert_really_sharded(opt_vars["generator"], 2)
+    # The batch is split over every batch axis ('data' and 'fsdp', as in pre-training).
+    assert {s.data.shape[0] for s in opt_vars["latents"].addressable_shards} == {8 // mesh_lib.num_batch_shards(mesh)}
+  assert images.shape == ref_images.shape == (16, *IMAGE)
+  for b, ref_b in zip(report["batches"], ref["batches"]):
+    assert b["fresh_generator"] == ref_b["fresh_generator"]
+    for term in ("total", "norm", "img", "rep"):
+      np.testing.assert_allclose(b["end"][term], ref_b["end"][term], rtol=2e-4, err_msg=term)
+  np.testing.assert_allclose(images, ref_images, atol=5e-4)

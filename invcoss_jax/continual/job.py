@@ -196,7 +196,7 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
   shape = tuple(int(s) for s in info["image_shapes"][0])
   images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
                                                  rng=stage_key(config, 0x5E7, stage.index, t.index), num_samples=n,
-                                                 mesh=mesh)
+                                                 mesh=mesh, mesh_cfg=cfg.mesh)
   inv_job.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
                                  end={k: v for k, v in report["end"].items()}))

@@ -16,6 +16,7 @@ generator); it is never returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -141,6 +142,13 @@ class BatchOptimizer:
   evaluates only, and also yields the final images and features).
   mode 'compiled' runs the whole loop as one `lax.fori_loop` program; 'stepwise' runs the same loop body as
   one jitted program per step (its carry donated), see `inner_loop_mode`.
+
+  The pieces are public and pure, for composing other programs from them (the compile job lowers
+  `inner_loop(init_carry(...))` and `inner_step(0, init_carry(...))` without running them):
+  `init_carry(opt_vars, state)` -> carry; `inner_step(i, carry, frozen, key, attempt, num_steps)` -> carry
+  (one forward and backward pass and, for i < num_steps, one Adam update); `inner_loop(carry, frozen, key,
+  attempt, num_steps)` -> carry after inner steps 0..num_steps. A carry is (opt_vars, opt_state, state,
+  images, features, totals, terms).
   """
 
   def __init__(self, model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict, out_act: str,
@@ -159,17 +167,17 @@ class BatchOptimizer:
       return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
 
     self._grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    self._init = jax.jit(self._init_carry)
-    self._loop = jax.jit(self._run_loop)
-    self._step = jax.jit(self._body, donate_argnums=(1,))
+    self._init = jax.jit(self.init_carry)
+    self._loop = jax.jit(self.inner_loop)
+    self._step = jax.jit(self.inner_step, donate_argnums=(1,))
 
-  def _init_carry(self, opt_vars, state):
+  def init_carry(self, opt_vars, state):
     batch = opt_vars["latents"].shape[0]
     history = jnp.full((self.max_steps + 1,), jnp.nan, jnp.float32)
     return (opt_vars, self.tx.init(opt_vars), state, jnp.zeros((batch, *self.image_shape), jnp.float32),
             jnp.zeros((batch, self.feature_dim), jnp.float32), history, {n: history for n in self.names})
 
-  def _body(self, i, carry, frozen, key, attempt, num_steps):
+  def inner_step(self, i, carry, frozen, key, attempt, num_steps):
     v, opt_state, st, _, _, totals, terms = carry
     (total, (values, new_st, images, features)), grads = self._grad_fn(v, st, frozen, jax.random.fold_in(key, i),
                                                                        attempt)
@@ -181,9 +189,9 @@ class BatchOptimizer:
     terms = {n: terms[n].at[i].set(values[n]) for n in self.names}
     return v, opt_state, st, images, features, totals, terms
 
-  def _run_loop(self, carry, frozen, key, attempt, num_steps):
-    return jax.lax.fori_loop(0, num_steps + 1, lambda i, c: self._body(i, c, frozen, key, attempt, num_steps),
-                             carry)
+  def inner_loop(self, carry, frozen, key, attempt, num_steps):
+    return jax.lax.fori_loop(0, num_steps + 1,
+                             lambda i, c: self.inner_step(i, c, frozen, key, attempt, num_steps), carry)
 
   def __call__(self, opt_vars, state, frozen, key, attempt, num_steps: int) -> dict:
     if not 1 <= num_steps <= self.max_steps:
@@ -197,6 +205,33 @@ class BatchOptimizer:
         carry = self._step(jnp.asarray(i, jnp.int32), carry, frozen, key, attempt, n)
     v, _, st, images, features, totals, terms = carry
     return dict(opt_vars=v, state=st, images=images, features=features, totals=totals, terms=terms)
+
+
+def inversion_shardings(mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any, state: Any,
+                        frozen: Any) -> tuple[Any, Any, Any]:
+  """Shardings of the (opt_vars, state, frozen) arguments of a `BatchOptimizer` on `mesh`.
+
+  The latents (or, without a generator, the pixels) are split over the batch axes. The teacher's and the
+  generator's parameters are replicated, or with `config.mesh.shard_params` split over 'fsdp' like the
+  pre-training state; the Adam moments are created inside the program and follow their parameters. The
+  statistics, the feature pool and the generator's BatchNorm state are replicated (they are small, and every
+  device reads all of them).
+  """
+  from invcoss_jax.parallel import mesh as mesh_lib
+
+  rep = mesh_lib.replicated(mesh)
+  params = lambda tree: mesh_lib.shardings_from_config(mesh, tree, mesh_cfg)
+  opt_sh = {"generator": params(opt_vars["generator"]),
+            "latents": jax.tree.map(lambda _: mesh_lib.data_sharding(mesh), opt_vars["latents"])}
+  frozen_sh = {k: (params(v) if k == "params" else jax.tree.map(lambda _: rep, v)) for k, v in frozen.items()}
+  return opt_sh, jax.tree.map(lambda _: rep, state), frozen_sh
+
+
+def place_inversion_args(mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any, state: Any,
+                         frozen: Any) -> tuple[Any, Any, Any]:
+  """`jax.device_put` of (opt_vars, state, frozen) with `inversion_shardings` (a no-op for arrays already
+  placed so)."""
+  return jax.device_put((opt_vars, state, frozen), inversion_shardings(mesh, mesh_cfg, opt_vars, state, frozen))
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -264,12 +299,15 @@ def _finite(out: dict) -> bool:
 
 def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
                            image_shape, rng: jax.Array, num_samples: int, mesh=None,
+                           mesh_cfg: ml_collections.ConfigDict | None = None,
                            writer=None) -> tuple[np.ndarray, dict[str, Any]]:
   """`num_samples` synthetic images `(N, *image_shape)` float32 and a report of the optimisation.
 
   The report holds per batch the loss terms at the first and last step, the attempts, the discarded batches,
   the features of the synthetic images (for diversity measures) and their mean pairwise cosine similarity.
-  With `mesh`, every batch is split over the mesh's batch axes. `writer` (a clu MetricWriter) receives every
+  With `mesh`, every batch is split over the mesh's batch axes, and with `mesh_cfg.shard_params` (a
+  `config.mesh`) the teacher's and the generator's parameters over its 'fsdp' axis (`inversion_shardings`).
+  `writer` (a clu MetricWriter) receives every
   loss term every `config.inversion.log_every_steps` inner steps under 'inversion/<term>'.
   """
   image_shape = tuple(int(s) for s in image_shape)
@@ -291,17 +329,18 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   pool = np.zeros((pool_size, feature_dim), np.float32)
   pool_count = 0
 
-  put_batch = put_rep = lambda x: x
+  place = lambda *args: args
+  run_context = contextlib.nullcontext
   if mesh is not None:
     from invcoss_jax.parallel import mesh as mesh_lib
+    from invcoss_jax.parallel.config import mesh_config
     shards = mesh_lib.num_batch_shards(mesh)
     if batch_size % shards:
       raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch_size} must be divisible by the "
                        f"{shards} batch shards of the mesh {dict(mesh.shape)}")
-    put_batch = lambda x: jax.device_put(x, mesh_lib.data_sharding(mesh))
-    put_rep = lambda x: jax.device_put(x, mesh_lib.replicated(mesh))
-    params = put_rep(params)
-    target = put_rep(target)
+    layout = mesh_cfg if mesh_cfg is not None else mesh_config()
+    place = lambda *args: place_inversion_args(mesh, layout, *args)
+    run_context = lambda: jax.set_mesh(mesh)
 
   cfg_key = (model, generator, _program_config_json(inv_cfg), out_act, image_shape, feature_dim,
              tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
@@ -326,10 +365,11 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
       if not fresh:
         opt_vars["generator"], state = carried
       steps = int(sched.init_steps) if fresh else int(sched.steps)
-      opt_vars = {"generator": put_rep(opt_vars["generator"]), "latents": put_batch(opt_vars["latents"])}
-      frozen = dict(params=params, stats=target, pool=put_rep(jnp.asarray(pool)),
-                    pool_count=jnp.asarray(pool_count, jnp.int32))
-      out = jax.device_get(runner(opt_vars, put_rep(state), frozen, k_run, attempt, steps))
+      frozen = dict(params=params, stats=target, pool=jnp.asarray(pool), pool_count=jnp.asarray(pool_count, jnp.int32))
+      opt_vars, state, frozen = place(opt_vars, state, frozen)
+      params = frozen["params"]  # placed once: the next batches' device_put of it is a no-op
+      with run_context():
+        out = jax.device_get(runner(opt_vars, state, frozen, k_run, attempt, steps))
       # Histories: steps losses during the optimisation, then the final one.
       out["totals"], out["final_total"] = out["totals"][:steps], out["totals"][steps]
       out["final_terms"] = {k: v[steps] for k, v in out["terms"].items()}
@@ -373,8 +413,8 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
 
 
 def synthesize(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
-               image_shape, rng: jax.Array, num_samples: int, mesh=None, writer=None) -> np.ndarray:
+               image_shape, rng: jax.Array, num_samples: int, mesh=None, mesh_cfg=None, writer=None) -> np.ndarray:
   """`num_samples` synthetic images `(N, *image_shape)` float32 inverted from `model` (see module doc)."""
   images, _ = synthesize_with_report(model, params, stats, inv_cfg, image_shape=image_shape, rng=rng,
-                                     num_samples=num_samples, mesh=mesh, writer=writer)
+                                     num_samples=num_samples, mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
   return images

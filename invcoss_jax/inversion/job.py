@@ -171,7 +171,7 @@ def run_invert(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   try:
     images, report = engine.synthesize_with_report(
         model, params, stats, inv, image_shape=image_shape, rng=jax.random.key(int(config.seed)),
-        num_samples=num_samples, mesh=mesh, writer=writer)
+        num_samples=num_samples, mesh=mesh, mesh_cfg=config.mesh, writer=writer)
     # The achieved L_norm of the whole synthetic set against the stored statistics.
     synth_stats = statistics.compute_statistics(model, params, _batches(images, int(inv.stats_batch_size)),
                                                 mesh=mesh)

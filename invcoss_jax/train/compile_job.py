@@ -75,36 +75,6 @@ def compile_config() -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shardings of the inversion program (shared with the tests and with anyone placing real arrays).
-
-
-def inversion_shardings(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any,
-                        state: Any, frozen: Any) -> tuple[Any, Any, Any]:
-  """Shardings of the (opt_vars, state, frozen) arguments of an `inversion.engine.BatchOptimizer` on `mesh`.
-
-  The latents (or, without a generator, the pixels) are split over the batch axes. The teacher's and the
-  generator's parameters are replicated, or with `config.mesh.shard_params` split over 'fsdp' like the
-  pre-training state; the Adam moments are created inside the program and follow their parameters. The
-  statistics, the feature pool and the generator's BatchNorm state are replicated (they are small, and every
-  device reads all of them).
-  """
-  from invcoss_jax.parallel import mesh as mesh_lib
-
-  rep = mesh_lib.replicated(mesh)
-  params = lambda tree: mesh_lib.shardings_from_config(mesh, tree, mesh_cfg)
-  opt_sh = {"generator": params(opt_vars["generator"]),
-            "latents": jax.tree.map(lambda _: mesh_lib.data_sharding(mesh), opt_vars["latents"])}
-  frozen_sh = {k: (params(v) if k == "params" else jax.tree.map(lambda _: rep, v)) for k, v in frozen.items()}
-  return opt_sh, jax.tree.map(lambda _: rep, state), frozen_sh
-
-
-def place_inversion_args(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any,
-                         state: Any, frozen: Any) -> tuple[Any, Any, Any]:
-  """`jax.device_put` of (opt_vars, state, frozen) with `inversion_shardings`."""
-  return jax.device_put((opt_vars, state, frozen), inversion_shardings(mesh, mesh_cfg, opt_vars, state, frozen))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Analytic FLOPs (matmuls only), the reference the XLA counts are checked against.
 
 
@@ -220,10 +190,11 @@ def inversion_program(optimizer, whole_loop: bool = True):
   num_steps): with `whole_loop`, the fresh carry and the whole inner loop (the 'compiled' mode that GPUs and
   TPUs run); otherwise one inner step from the fresh carry (one forward and backward pass and an Adam update:
   the FLOPs of a step, and the program the 'stepwise' mode runs per step)."""
-  # BatchOptimizer's own pieces (its carry initialisation, loop and body), composed without running them.
+  # BatchOptimizer's own pieces (its carry initialisation, loop and step), composed without running them.
   if whole_loop:
-    return jax.jit(lambda v, st, fr, k, a, n: optimizer._run_loop(optimizer._init_carry(v, st), fr, k, a, n))
-  return jax.jit(lambda v, st, fr, k, a, n: optimizer._body(jnp.int32(0), optimizer._init_carry(v, st), fr, k, a, n))
+    return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_loop(optimizer.init_carry(v, st), fr, k, a, n))
+  return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_step(jnp.int32(0), optimizer.init_carry(v, st), fr, k, a,
+                                                                 n))
 
 
 def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape: Sequence[int]):
@@ -257,7 +228,7 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   frozen = dict(params=params, stats=stats,
                 pool=jax.ShapeDtypeStruct((_pool_size(config, batch), feature_dim), jnp.float32),
                 pool_count=jax.ShapeDtypeStruct((), jnp.int32))
-  shardings = inversion_shardings(mesh, config.mesh, opt_vars, gen_state, frozen)
+  shardings = engine.inversion_shardings(mesh, config.mesh, opt_vars, gen_state, frozen)
   args = [_with_shardings(t, s) for t, s in zip((opt_vars, gen_state, frozen), shardings)]
   rep = mesh_lib.replicated(mesh)
   key_struct = _key_struct()

@@ -9,8 +9,9 @@ First the f32 matmul peak of the current device is measured (JAX, and PyTorch fo
 (JAX, PyTorch, JAX, PyTorch, ...), so a machine whose load changes affects both alike; the table reports the
 medians over the rounds. images/s is examples per optimisation step time (inversion: synthetic images in the
 batch per inner step). FLOPs per step are XLA's count for the compiled JAX step (the same model runs in
-PyTorch); MFU = FLOPs per step / step time / the matmul peak measured again just before that round (median
-over the rounds), so a machine whose load drifts is compared with itself. Memory: the device's peak bytes in use
+PyTorch); MFU = FLOPs per step / median step time / the highest matmul peak measured in the session (at the
+start and after every JAX round), a conservative figure: a peak measured low never inflates it. Both
+implementations first run `--warmup` untimed steps. Memory: the device's peak bytes in use
 on GPU/TPU, the compiled program's planned peak (arguments + outputs + temporaries - aliased) on CPU.
 
 The JAX steps are the package's own: `train.pretrain.make_train_step` + `jit_train_step` and
@@ -373,7 +374,7 @@ def conditions() -> dict[str, Any]:
               xla_flags=os.environ.get("XLA_FLAGS", ""), loadavg_start=os.getloadavg())
 
 
-def measure_case(case: Case, args) -> dict[str, Any]:
+def measure_case(case: Case, args, start_peaks: list[float]) -> dict[str, Any]:
   images = real_images(case)
   build_jax = jax_pretrain if case.program == "pretrain" else jax_invert
   build_torch = torch_pretrain if case.program == "pretrain" else torch_invert
@@ -386,32 +387,34 @@ def measure_case(case: Case, args) -> dict[str, Any]:
     if t is not None:
       t.run(int(args.warmup))
   jax_times, torch_times, peaks = [], [], []
-  for _ in range(int(args.rounds)):  # interleaved: peak, JAX, PyTorch, peak, JAX, PyTorch, ...
-    # The peak is re-measured next to every round: on a shared machine the available FLOP/s drift, and MFU
-    # compares a step with the peak of the same moment.
-    peaks.append(jax_matmul_peak(args.matmul_size, 5, args.peak_dtype))
+  for _ in range(int(args.rounds)):  # interleaved: JAX, peak, PyTorch, JAX, peak, PyTorch, ...
     jax_times.append(j.run(int(args.steps)) / int(args.steps))
+    # The peak is re-measured every round, after JAX's steps: measured right after PyTorch's steps it once came
+    # out as low as 322 against 436 GFLOP/s on the same idle CPU.
+    peaks.append(jax_matmul_peak(args.matmul_size, 5, args.peak_dtype))
     if t is not None:
       torch_times.append(t.run(int(args.steps)) / int(args.steps))
   jt = statistics.median(jax_times)
+  # MFU is conservative: against the highest peak measured in the session (at the start and in every round), so
+  # a peak measured low never inflates it.
+  peak = max(start_peaks + peaks)
   parts = {}
   if args.breakdown and case.program == "pretrain":
     # How much of the step is matrix products, and how fast XLA runs them alone at the step's shapes.
     dense, attention = pretrain_matmul_shapes(side[0], case.image_shape, case.batch)
     parts = matmul_parts_time(dense, attention)
-    peak = statistics.median(peaks)
     parts.update(dense_share=parts["dense"] / jt, attention_share=parts["attention"] / jt,
                  dense_mfu=parts["dense_flops"] / parts["dense"] / peak,
                  attention_mfu=parts["attention_flops"] / parts["attention"] / peak)
     print(f"  breakdown: dense products alone {parts['dense']:.3f} s ({parts['dense_share']:.0%} of the step, "
           f"{parts['dense_mfu']:.0%} of peak), attention products alone {parts['attention']:.3f} s "
           f"({parts['attention_share']:.0%}, {parts['attention_mfu']:.0%} of peak)", flush=True)
-  mfu = lambda times: statistics.median(j.flops_per_step / s / p for s, p in zip(times, peaks))
+  mfu = lambda times: j.flops_per_step / statistics.median(times) / peak
   row = dict(dataclasses.asdict(case), image_shape=list(case.image_shape), dtype=args.dtype, remat=args.remat,
              steps_per_round=int(args.steps), rounds=int(args.rounds), warmup_steps=int(args.warmup),
              jax_step_s=jax_times,
              jax_images_per_s=case.batch / jt, flops_per_step=j.flops_per_step, round_peak_flops=peaks,
-             jax_mfu=mfu(jax_times), compile_s=j.compile_s, memory_bytes=j.memory_bytes,
+             mfu_peak_flops=peak, jax_mfu=mfu(jax_times), compile_s=j.compile_s, memory_bytes=j.memory_bytes,
              memory_source=j.memory_source, matmul_breakdown=parts)
   if torch_times:
     tt = statistics.median(torch_times)
@@ -493,7 +496,7 @@ def main(argv=None) -> dict[str, Any]:
                                            if torch_peaks else ""), flush=True)
   rows = []
   for case in cases(args):
-    rows.append(measure_case(case, args))
+    rows.append(measure_case(case, args, jax_peaks))
     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   info["loadavg_end"] = os.getloadavg()
   result = dict(conditions=info, args=vars(args), matmul_peak_flops=dict(jax=jax_peaks, torch=torch_peaks,

@@ -312,7 +312,7 @@ def torch_pretrain(case: Case, args, images: np.ndarray, jax_side) -> Built:
   tr.load_flax_params(model, params)
   tcfg = train_config()
   tcfg.global_batch_size = case.batch
-  step = tr.make_pretrain_step(model, tcfg, 0.75)
+  step = tr.make_pretrain_step(model, tcfg, 0.75, getattr(torch, args.dtype))
   x = tr.to_channels_first(images)
   gen = torch.Generator().manual_seed(0)
   num = int(np.prod(model.grid))
@@ -343,7 +343,8 @@ def torch_invert(case: Case, args, images: np.ndarray, jax_side) -> Built:
   latents = torch.randn(case.batch, latent_dim)
   step = tr.make_inversion_step(teacher, generator, latents, torch.from_numpy(np.asarray(stats.mean, np.float32)),
                                 torch.from_numpy(np.asarray(stats.var, np.float32)),
-                                torch.zeros(int(inv.pool_size), int(stats.mean.shape[-1])), inv)
+                                torch.zeros(int(inv.pool_size), int(stats.mean.shape[-1])), inv,
+                                compute_dtype=getattr(torch, args.dtype))
 
   def run(n: int) -> float:
     t = time.perf_counter()

@@ -161,8 +161,16 @@ def load_flax_params(model: MAE, params: Any) -> None:
   model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=False)
 
 
-def make_pretrain_step(model: MAE, train_cfg, mask_ratio: float):
-  """AdamW with MAE's weight-decay groups; returns step(images, noise) -> loss (float)."""
+def _autocast(compute_dtype: torch.dtype | None):
+  """Autocast to `compute_dtype` on the CPU (a no-op context for None or float32)."""
+  enabled = compute_dtype is not None and compute_dtype != torch.float32
+  return torch.autocast("cpu", dtype=compute_dtype if enabled else torch.bfloat16, enabled=enabled)
+
+
+def make_pretrain_step(model: MAE, train_cfg, mask_ratio: float, compute_dtype: torch.dtype | None = None):
+  """AdamW with MAE's weight-decay groups; returns step(images, noise) -> loss (float). `compute_dtype`
+  (e.g. torch.bfloat16) runs the forward pass under autocast, float32 parameters and optimiser, like the JAX
+  model's `dtype`."""
   decay, no_decay = [], []
   for name, p in model.named_parameters():
     (no_decay if p.ndim <= 1 or name in ("cls_token", "mask_token") else decay).append(p)
@@ -174,7 +182,8 @@ def make_pretrain_step(model: MAE, train_cfg, mask_ratio: float):
 
   def step(images: torch.Tensor, noise: torch.Tensor) -> float:
     opt.zero_grad(set_to_none=True)
-    loss = model(images, noise, mask_ratio)[0]
+    with _autocast(compute_dtype):
+      loss = model(images, noise, mask_ratio)[0]
     loss.backward()
     opt.step()
     return float(loss.detach())
@@ -273,9 +282,10 @@ def inversion_losses(teacher: MAE, images: torch.Tensor, target_mean: torch.Tens
 
 
 def make_inversion_step(teacher: MAE, generator: InvUNet, latents: torch.Tensor, target_mean: torch.Tensor,
-                        target_var: torch.Tensor, pool: torch.Tensor, inv_cfg, seed: int = 0):
+                        target_var: torch.Tensor, pool: torch.Tensor, inv_cfg, seed: int = 0,
+                        compute_dtype: torch.dtype | None = None):
   """One optimisation step of a synthetic batch (Adam on the generator and the latents, the teacher frozen);
-  returns step() -> total loss (float)."""
+  returns step() -> total loss (float). `compute_dtype` as in `make_pretrain_step`."""
   teacher.eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
@@ -290,10 +300,11 @@ def make_inversion_step(teacher: MAE, generator: InvUNet, latents: torch.Tensor,
 
   def step() -> float:
     opt.zero_grad(set_to_none=True)
-    images = generator(latents)
-    noise = torch.rand(images.shape[0], num_patches, generator=gen)
-    terms = inversion_losses(teacher, images, target_mean, target_var, pool, 0, noise, inv_cfg)
-    total = sum(weights[k] * v for k, v in terms.items() if weights.get(k, 0.0) != 0.0)
+    with _autocast(compute_dtype):
+      images = generator(latents)
+      noise = torch.rand(images.shape[0], num_patches, generator=gen)
+      terms = inversion_losses(teacher, images, target_mean, target_var, pool, 0, noise, inv_cfg)
+      total = sum(weights[k] * v.float() for k, v in terms.items() if weights.get(k, 0.0) != 0.0)
     total.backward()
     opt.step()
     return float(total.detach())

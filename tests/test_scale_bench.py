@@ -96,6 +96,31 @@ def test_torch_inversion_terms_equal_the_jax_terms(xrays):
   assert all(float(v) > 0 for v in got.values())
 
 
+def test_torch_bf16_step_matches_the_jax_bf16_model(xrays):
+  # `bench.py --dtype=bfloat16` compares like with like: PyTorch's step under autocast computes in bf16 what the
+  # JAX model with dtype=bfloat16 computes (float32 parameters in both), and differs from its own float32 loss.
+  from invcoss_jax.train.config import train_config
+  shape = (32, 32, 3)
+  mc = _micro()
+  mc.dtype = "bfloat16"
+  model = models.build_mae(mc)
+  params = jax.jit(lambda k: models.init_mae_params(model, k, [shape]))(jax.random.PRNGKey(0))
+  noise = np.random.default_rng(0).uniform(size=(8, 16)).astype(np.float32)
+  want = float(jax.jit(lambda p, x, n: model.apply({"params": p}, x, mask_ratio=0.75, noise=n)["loss"])(
+      params, jnp.asarray(xrays), jnp.asarray(noise)))
+  tcfg = train_config()
+  tcfg.global_batch_size = 8
+  losses_by_dtype = {}
+  for dtype in (torch.float32, torch.bfloat16):
+    net = tr.MAE(models.ViTConfig.from_config(mc), shape)
+    tr.load_flax_params(net, params)
+    step = tr.make_pretrain_step(net, tcfg, 0.75, dtype)
+    losses_by_dtype[dtype] = step(tr.to_channels_first(xrays), torch.from_numpy(noise))
+  f32, bf16 = losses_by_dtype[torch.float32], losses_by_dtype[torch.bfloat16]
+  assert bf16 != f32
+  assert bf16 == pytest.approx(want, abs=2e-3)  # measured: 3e-4 apart (f32: 8e-5)
+
+
 @pytest.mark.parametrize("shape, latent", [((64, 64, 3), 128), ((16, 32, 32, 1), 512)])
 def test_torch_invunet_has_the_jax_generators_size(shape, latent):
   inv = inversion_config()

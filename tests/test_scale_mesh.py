@@ -188,4 +188,8 @@ def test_inversion_job_places_arguments_like_the_compiled_plan(xray_images, monk
     assert b["fresh_generator"] == ref_b["fresh_generator"]
     for term in ("total", "norm", "img", "rep"):
       np.testing.assert_allclose(b["end"][term], ref_b["end"][term], rtol=2e-4, err_msg=term)
-  np.testing.assert_allclose(images, ref_images, atol=5e-4)
+  # Four Adam steps amplify the sharded reductions' different summation order into pixel differences that depend
+  # on the CPU (max 3e-3, mean 1.3e-4 on an Intel Xeon; below 5e-4 on an AMD EPYC); a sample placed on the wrong
+  # latent or generator differs by ~0.19 on average.
+  diff = np.abs(np.asarray(images) - np.asarray(ref_images))
+  assert diff.mean() < 1e-3 and diff.max() < 1e-2, (diff.mean(), diff.max())

@@ -40,6 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
+
 GIB = 2.0**30
 
 
@@ -498,17 +500,18 @@ def main(argv=None) -> dict[str, Any]:
         f"JAX {peak / 1e9:.1f} GFLOP/s" + (f", PyTorch {statistics.median(torch_peaks) / 1e9:.1f} GFLOP/s"
                                            if torch_peaks else ""), flush=True)
   rows = []
+
+  def result() -> dict[str, Any]:
+    return dict(conditions=dict(info, loadavg_end=os.getloadavg()), args=vars(args),
+                matmul_peak_flops=dict(jax=jax_peaks, torch=torch_peaks, jax_median=peak), rows=rows)
+
   for case in cases(args):
     rows.append(measure_case(case, args, jax_peaks))
     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-  info["loadavg_end"] = os.getloadavg()
-  result = dict(conditions=info, args=vars(args), matmul_peak_flops=dict(jax=jax_peaks, torch=torch_peaks,
-                                                                          jax_median=peak), rows=rows)
+    if args.out:  # after every row: a long grid stopped half-way keeps what it measured
+      atomic_write_json(args.out, result())
   print(format_table(rows))
-  if args.out:
-    from invcoss_jax.io_utils import atomic_write_json
-    atomic_write_json(args.out, result)
-  return result
+  return result()
 
 
 if __name__ == "__main__":

@@ -170,3 +170,20 @@ def test_benchmark_script_reports_both_implementations(tmp_path):
     assert row["torch_mfu"] == pytest.approx(row["flops_per_step"] / np.median(row["torch_step_s"]) /
                                              row["mfu_peak_flops"])
     assert row["jax_mfu"] > 0 and row["compile_s"] > 0 and row["memory_bytes"] > 0
+
+
+def test_kernel_benchmark_cases_compute_what_they_name():
+  # The micro-benchmark's variants are timed as equivalents: the depth-sum convolution must be the 3D one, and each
+  # product must be the named matrix product of the operands.
+  import xla_cpu_kernels as kb
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 7, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
+  np.testing.assert_allclose(kb.conv3d_as_depth_sum(x, k), kb.conv3d_native(x, k), atol=1e-4)
+  xm, w, g = (rng.normal(size=s).astype(np.float32) for s in ((6, 4), (4, 5), (6, 5)))
+  want = {"x @ w": xm @ w, "g @ w.T": g @ w.T, "x.T @ g": xm.T @ g}
+  for name, (fn, dtype) in kb.product_cases().items():
+    got = np.asarray(fn(*(jnp.asarray(a).astype(dtype) for a in (xm, w, g))), np.float32)
+    np.testing.assert_allclose(got, want[name.split(",")[0]], rtol=5e-2 if dtype == "bfloat16" else 1e-5,
+                               atol=5e-2 if dtype == "bfloat16" else 1e-5, err_msg=name)
+

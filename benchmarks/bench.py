@@ -109,19 +109,25 @@ def real_images(case: Case) -> np.ndarray:
 # Peaks
 
 
+def best_seconds(step: Callable[[], Any], reps: int) -> float:
+  """Shortest of `reps` timed calls of `step` after one untimed call; `step` must finish its work (JAX results
+  are waited for)."""
+  jax.block_until_ready(step())
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(step())
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def jax_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
   """Best matmul FLOP/s of the default JAX device over `reps` timed (n x n) @ (n x n) products in `dtype`,
   accumulated in float32 (for bf16 that is both what accelerators do and, on XLA:CPU, the fast kernel: a
   bf16-output product ran at 1/4 of the speed on an AVX512_BF16 CPU, so the peak would read low)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n**3 / best
+  return 2.0 * n**3 / best_seconds(lambda: f(a, a), reps)
 
 
 def pretrain_matmul_shapes(mc, image_shape, batch: int, mask_ratio: float = 0.75):
@@ -183,13 +189,7 @@ def matmul_parts_time(dense, attention, reps: int = 3) -> dict[str, float]:
 def torch_matmul_peak(n: int, reps: int, dtype: str = "float32") -> float:
   import torch
   a = torch.randn(n, n).to(getattr(torch, dtype))
-  a @ a
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    a @ a
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n**3 / best
+  return 2.0 * n**3 / best_seconds(lambda: a @ a, reps)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -163,8 +163,8 @@ def load_flax_params(model: MAE, params: Any) -> None:
 
 def _autocast(compute_dtype: torch.dtype | None):
   """Autocast to `compute_dtype` on the CPU (a no-op context for None or float32)."""
-  enabled = compute_dtype is not None and compute_dtype != torch.float32
-  return torch.autocast("cpu", dtype=compute_dtype if enabled else torch.bfloat16, enabled=enabled)
+  enabled = compute_dtype not in (None, torch.float32)
+  return torch.autocast("cpu", dtype=compute_dtype or torch.bfloat16, enabled=enabled)
 
 
 def make_pretrain_step(model: MAE, train_cfg, mask_ratio: float, compute_dtype: torch.dtype | None = None):

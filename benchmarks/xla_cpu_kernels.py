@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
@@ -24,17 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
+from bench import best_seconds  # noqa: E402  (benchmarks/ is this script's directory)
 from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
-
-
-def best_seconds(fn: Callable, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def product_cases() -> dict[str, tuple[Callable, str]]:
@@ -88,7 +78,8 @@ def main(argv=None) -> dict:
   flops = 2.0 * m * k * n
   for name, (fn, dtype) in product_cases().items():
     ops = [base[a].astype(dtype) for a in ("x", "w", "g")]
-    s = best_seconds(jax.jit(fn), *ops, reps=args.reps)
+    fn = jax.jit(fn)
+    s = best_seconds(lambda: fn(*ops), args.reps)
     rows.append(dict(kind="product", name=name, seconds=s, gflops=flops / s / 1e9))
 
   b, d, h, w, c = (int(v) for v in args.volume.split(","))
@@ -97,9 +88,10 @@ def main(argv=None) -> dict:
   conv_flops = 2.0 * b * d * h * w * c * c * 27
   err = float(jnp.max(jnp.abs(conv3d_as_depth_sum(x, kern) - conv3d_native(x, kern))))
   for name, fn in (("XLA conv3d", conv3d_native), ("XLA 3 x conv2d (depth taps)", conv3d_as_depth_sum)):
-    fwd = best_seconds(jax.jit(fn), x, kern, reps=args.reps)
-    both = best_seconds(jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k) ** 2), argnums=(0, 1))), x, kern,
-                        reps=args.reps)
+    forward = jax.jit(fn)
+    backward = jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k) ** 2), argnums=(0, 1)))
+    fwd = best_seconds(lambda: forward(x, kern), args.reps)
+    both = best_seconds(lambda: backward(x, kern), args.reps)
     rows.append(dict(kind="conv3d", name=name, seconds=fwd, gflops=conv_flops / fwd / 1e9,
                      seconds_fwd_bwd=both, gflops_fwd_bwd=3 * conv_flops / both / 1e9))
   if args.torch:
@@ -107,17 +99,8 @@ def main(argv=None) -> dict:
     tx = torch.randn(b, c, d, h, w, requires_grad=True)
     conv = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
 
-    def timed(step) -> float:
-      step()
-      best = float("inf")
-      for _ in range(args.reps):
-        t = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - t)
-      return best
-
-    fwd = timed(lambda: conv(tx))
-    both = timed(lambda: (conv(tx) ** 2).sum().backward())
+    fwd = best_seconds(lambda: conv(tx), args.reps)
+    both = best_seconds(lambda: (conv(tx) ** 2).sum().backward(), args.reps)
     rows.append(dict(kind="conv3d", name=f"PyTorch Conv3d ({torch.get_num_threads()} threads)", seconds=fwd,
                      gflops=conv_flops / fwd / 1e9, seconds_fwd_bwd=both, gflops_fwd_bwd=3 * conv_flops / both / 1e9))
 

@@ -186,4 +186,3 @@ def test_kernel_benchmark_cases_compute_what_they_name():
     got = np.asarray(fn(*(jnp.asarray(a).astype(dtype) for a in (xm, w, g))), np.float32)
     np.testing.assert_allclose(got, want[name.split(",")[0]], rtol=5e-2 if dtype == "bfloat16" else 1e-5,
                                atol=5e-2 if dtype == "bfloat16" else 1e-5, err_msg=name)
-

@@ -17,6 +17,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "evaluate": ("invcoss_jax.evaluate.job", "run_evaluate"),
     "forgetting": ("invcoss_jax.evaluate.job", "run_forgetting"),
     "audit": ("invcoss_jax.audit.job", "run"),
+    "retention": ("invcoss_jax.retention.job", "run"),
     "compile": ("invcoss_jax.train.compile_job", "run"),
     "export_torch": ("invcoss_jax.interop.job", "run_export"),
 }

@@ -1,0 +1,132 @@
+r"""The retention benchmark: does a continual method keep what earlier stages learnt? (docs/results.md)
+
+  python -m invcoss_jax.main --config=configs/retention.py:quick --workdir=workdirs/retention_quick
+  python -m invcoss_jax.main --config=configs/retention.py:full --workdir=workdirs/retention_full
+  python -m invcoss_jax.main --config=configs/retention.py:quick --config.retention.methods="('seqssl','invcoss')" ...
+
+Presets:
+- `quick`: X-ray (full PneumoniaMNIST, 4,708 training images) then pathology (709 H&E tiles of two slides);
+  seqssl, er, invcoss; 3 seeds; a micro ViT on 32x32 images, 3000 steps of batch 64 per stage. About 20 minutes
+  on a 2-core CPU.
+- `full`: the four image modalities (X-ray, CT, MRI, pathology); seqssl, er, medcoss, ewc, invcoss; 3 seeds.
+- `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
+Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
+
+The real data is read from ../shared/data next to the checkout, or $INVCOSS_SHARED_DATA; point
+`--config.continual.datasets.<modality>.path` elsewhere to use your copy.
+"""
+
+import os
+
+import ml_collections
+
+from invcoss_jax.defaults import base_config
+from invcoss_jax.models.presets import demo_model_config
+from invcoss_jax.retention.config import retention_config
+
+
+def shared_data_dir() -> str:
+  env = os.environ.get("INVCOSS_SHARED_DATA", "")
+  if env:
+    return env
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(os.path.dirname(repo), "shared", "data")
+
+
+def _npz(d: ml_collections.ConfigDict, path: str, modality: str, **extra) -> None:
+  d.name, d.format, d.path, d.modality = "folder", "npz", path, modality
+  d.image_size = 32
+  d.update(extra)
+
+
+def _common(c: ml_collections.ConfigDict) -> None:
+  """A micro ViT on 32x32 images and 16x32x32 volumes, trained long enough to beat a random encoder."""
+  c.model = demo_model_config()
+  c.train.global_batch_size = 64
+  c.train.base_lr = 2.4e-2  # peak lr 6e-3 at batch 64
+  c.total_steps = 3000  # per stage
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.async_save = False
+  c.logging.log_every_steps = 500
+  c.logging.image_every_steps = 0
+  c.inversion.stats_batch_size = 256
+  c.inversion.invunet.channels = (8, 16, 32)
+  c.inversion.schedule_2d.batch_size = 16
+  c.inversion.schedule_2d.steps = 20
+  c.inversion.schedule_2d.init_steps = 30
+  c.inversion.schedule_3d.batch_size = 4
+  c.inversion.schedule_3d.steps = 20
+  c.inversion.schedule_3d.init_steps = 30
+  c.inversion.schedule_3d.latent_dim = 64
+  c.inversion.grid_size = 16
+  c.continual.synthesize_last_stage = False  # nothing comes after the last stage
+  c.continual.kmeans.batch_size = 256
+  c.continual.ewc.fisher_num_examples = 256
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  root = shared_data_dir()
+  c.continual.order = ("xray", "path")
+  d = c.continual.datasets
+  _npz(d.xray, os.path.join(root, "xray", "pneumoniamnist.npz"), "xray")
+  # Two slides' tiles: split 0.7/0.1/0.2 within each slide; the slide of origin is the probe's label.
+  _npz(d.path, os.path.join(root, "pathology", "he_tiles_64px.npz"), "path", split_fractions=(0.7, 0.1, 0.2))
+  d.path.npz.label_key = "slide_id"
+
+
+def _full(c: ml_collections.ConfigDict) -> None:
+  _quick(c)
+  root = shared_data_dir()
+  c.continual.order = ("xray", "ct", "mri", "path")
+  d = c.continual.datasets
+  d.ct.name, d.ct.format, d.ct.path, d.ct.modality = "demo_ct", "", "", "ct"
+  d.ct.volume_shape = (16, 32, 32)
+  d.ct.split_by, d.ct.split_fractions = "depth", (0.6, 0.2, 0.2)
+  d.mri.name, d.mri.format, d.mri.modality = "folder", "nifti", "mri"
+  d.mri.path = os.path.join(root, "mri", "hippocampus", "images")
+  d.mri.volume_shape = (16, 32, 32)
+  d.mri.split_fractions = (0.6, 0.2, 0.2)
+  c.retention.methods = ("seqssl", "er", "medcoss", "ewc", "invcoss")
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """Embedded demo data (X-ray with labels, unlabelled pathology tiles), a 2-block ViT, a few steps."""
+  c.continual.order = ("xray", "path")
+  for m in ("xray", "path"):
+    d = c.continual.datasets[m]
+    d.name, d.format, d.path = f"demo_{m}", "", ""
+    d.image_size = 16
+  c.continual.datasets.path.split_fractions = (0.6, 0.2, 0.2)
+  c.model.update(dict(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2))
+  c.train.global_batch_size = 16
+  c.total_steps = 4
+  c.checkpoint.every_steps = 2
+  c.inversion.schedule_2d.batch_size = 8
+  c.inversion.schedule_2d.steps = 2
+  c.inversion.schedule_2d.init_steps = 2
+  c.inversion.num_samples = 16
+  c.retention.max_fit_examples = 128
+  c.retention.max_test_examples = 128
+  c.retention.feature_batch_size = 64
+  c.retention.replay.max_nn_reference = 256
+  c.retention.replay.grid_size = 4
+  c.retention.knn_k = 5
+
+
+PRESETS = {"quick": _quick, "full": _full, "tiny": _tiny}
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.mode = "retention"
+  c.seed = 0
+  c.retention = retention_config()
+  _common(c)
+  presets = [p.strip() for p in str(arg or "quick").split(",") if p.strip()]
+  for p in presets:
+    if p not in PRESETS:
+      raise ValueError(f"configs/retention.py: unknown preset {p!r}; expected one of {sorted(PRESETS)}")
+    PRESETS[p](c)
+  c.method = ml_collections.FieldReference(str(c.continual.method))
+  c.continual.method = c.get_ref("method")
+  return c

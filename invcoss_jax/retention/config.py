@@ -1,0 +1,46 @@
+"""Defaults of `config.retention`: the retention benchmark (mode='retention', invcoss_jax/retention/job.py).
+
+The benchmark runs the continual sequence of `config.continual` once per (seed, method) and, after every
+stage, measures the model on held-out data of every stage (see docs/results.md for the protocol).
+"""
+
+import ml_collections
+
+
+def retention_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.methods = ("seqssl", "er", "invcoss")  # continual methods compared (config.continual.method values)
+  c.seeds = (0, 1, 2)  # one continual run per (seed, method); intervals are over seeds
+  # The first stage is the same training for every method (the methods differ from its end on): train it
+  # once per seed and give every method a copy of its checkpoint. Its end (statistics, buffer, inversion)
+  # still runs per method.
+  c.share_first_stage = True
+  c.baseline = "seqssl"  # the method whose forgetting the others are compared with
+
+  # --- Held-out data of each stage: the stage's dataset (config.continual.datasets[m]) at these splits ---
+  c.fit_split = "val"  # probes (and fine-tuning) are fitted on this split, never seen in pre-training
+  c.test_split = "test"  # everything is scored on this split
+  c.max_fit_examples = 2000  # <= 0: all
+  c.max_test_examples = 2000
+  c.feature = "mean"  # encoder feature (mask ratio 0): 'mean' patch token | 'cls' | 'all_tokens'
+  c.feature_batch_size = 256
+
+  # --- Frozen-feature probes (stages whose data has class labels) ---
+  c.logreg_c = 1.0  # inverse L2 strength of the logistic regression on standardised features
+  c.knn_k = 20
+  c.headline = "knn_auc"  # the metric of the plot and of the forgetting summary
+
+  # --- Fine-tuning with a small label budget (evaluate.finetune.Finetuner) ---
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.enabled = False
+  c.finetune.steps = 200
+  c.finetune.batch_size = 32
+  c.finetune.lr = 1e-3
+  c.finetune.protocol = "finetune"  # finetune | linear
+
+  # --- Replay-set quality (invcoss's synthetic set, er's real buffer) at the end of every stage ---
+  c.replay = ml_collections.ConfigDict()
+  c.replay.enabled = True
+  c.replay.max_nn_reference = 5000  # training examples the nearest-neighbour search compares with
+  c.replay.grid_size = 16  # synthetic images beside as many real ones in the PNG
+  return c

@@ -1,0 +1,262 @@
+"""Measurements of one stage's model (and of what it left for later stages), cached on disk.
+
+Layout under `workdir/measurements/`:
+  seed_<s>/random.json                 the random-init encoder (stage 1's starting point) on every stage's data
+  seed_<s>/<method>/<stage>.json       the model after <stage> on every stage's data, CKA to earlier stages'
+                                       own models, and the quality of the replay set the stage left
+  grids/seed_<s>_<method>_<stage>.png  the replay set beside as many held-out real images
+Each file is written atomically once its measurement is complete: a killed job re-measures only what is
+missing, and never reads half a result.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from invcoss_jax import models
+from invcoss_jax.continual.stages import BUFFER_DIR, SYNTHETIC_DIR, Stage, stage_key
+from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.retention import features, metrics
+
+REPLAY_METHODS = ("invcoss", "er", "medcoss")
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
+  """The images stage `stage` left for later stages (invcoss: synthetic/, er and medcoss: buffer/), or None.
+
+  Shards are read one after another in this thread (numpy's .npy header parser is not thread safe on
+  CPython 3.11, python/cpython#106905)."""
+  folder = os.path.join(stage.workdir, SYNTHETIC_DIR if method == "invcoss" else BUFFER_DIR)
+  files = sorted(glob.glob(os.path.join(folder, "*.npz")))
+  if not files:
+    return None
+  parts = []
+  for f in files:
+    with np.load(f) as z:
+      if "images" not in z:
+        raise ValueError(f"{f}: expected an array 'images' (a replay shard), found {sorted(z.files)}")
+      parts.append(np.asarray(z["images"], np.float32))
+  return np.concatenate(parts)
+
+
+def initial_generator_images(stage: Stage, num: int, seed: int) -> np.ndarray | None:
+  """`num` images of the stage's generator at initialisation (the latents and weights inversion starts from):
+  the reference a trained generator must beat. None when the stage inverts without a generator."""
+  from invcoss_jax.inversion import engine
+  from invcoss_jax.train import checkpoint as ckpt_lib
+  cfg = ckpt_lib.read_config(stage.workdir)
+  info = _read_json(os.path.join(stage.workdir, "stage_info.json")) or {}
+  shape = tuple(int(s) for s in info["image_shapes"][0])
+  inv = cfg.inversion
+  generator = engine.build_generator(inv, shape)
+  if generator is None:
+    return None
+  rank = engine.spatial_rank_of(shape)
+  sched = engine.schedule_for(inv, rank)
+  out_act = engine.output_activation(inv, rank)
+  batch, latent = int(sched.batch_size), int(sched.latent_dim)
+
+  @jax.jit
+  def draw(key):
+    opt_vars, state = engine.init_variables(generator, shape, batch, latent, key)
+    return engine.render(generator, out_act, opt_vars, state)[0]
+
+  out, key = [], jax.random.PRNGKey(seed)
+  while sum(len(o) for o in out) < num:
+    key, sub = jax.random.split(key)
+    out.append(np.asarray(jax.device_get(draw(sub)), np.float32))
+  return np.concatenate(out)[:num]
+
+
+class Measurer:
+  """Measures models of one benchmark; holds the held-out data and the compiled feature function."""
+
+  def __init__(self, config: ml_collections.ConfigDict, root: str):
+    self.config, self.rc, self.root = config, config.retention, root
+    self.order = [str(m) for m in config.continual.order]
+    self.model = models.build_mae(config.model)
+    self._splits: dict[tuple[str, str], features.Split] = {}
+    self._finetuners: dict[str, Any] = {}
+
+  # --- data ---
+
+  def data(self, modality: str) -> ml_collections.ConfigDict:
+    return self.config.continual.datasets[modality]
+
+  def split(self, modality: str, which: str) -> features.Split:
+    key = (modality, which)
+    if key not in self._splits:
+      cap = {str(self.rc.fit_split): int(self.rc.max_fit_examples),
+             str(self.rc.test_split): int(self.rc.max_test_examples)}.get(which, int(self.rc.replay.max_nn_reference))
+      self._splits[key] = features.load_split(self.data(modality), which, cap)
+      logging.info("retention: %s %s split: %d examples%s", modality, which, len(self._splits[key].images),
+                   "" if self._splits[key].labels is None else ", labelled")
+    return self._splits[key]
+
+  def labelled(self, modality: str) -> bool:
+    fit, test = self.split(modality, str(self.rc.fit_split)), self.split(modality, str(self.rc.test_split))
+    return (fit.labels is not None and test.labels is not None and len(np.unique(fit.labels)) > 1
+            and len(np.unique(test.labels)) > 1)
+
+  def feats(self, params, images: np.ndarray) -> np.ndarray:
+    return features.encoder_features(self.model, params, images, kind=str(self.rc.feature),
+                                     batch_size=int(self.rc.feature_batch_size))
+
+  # --- measurements ---
+
+  def tasks(self, params, seed: int) -> dict[str, dict[str, float]]:
+    """Probe (and fine-tuning) scores of `params` on the held-out data of every labelled stage."""
+    out = {}
+    for m in self.order:
+      if not self.labelled(m):
+        continue
+      fit, test = self.split(m, str(self.rc.fit_split)), self.split(m, str(self.rc.test_split))
+      out[m] = metrics.probe_scores(self.feats(params, fit.images), fit.labels, self.feats(params, test.images),
+                                    test.labels, logreg_c=float(self.rc.logreg_c), knn_k=int(self.rc.knn_k),
+                                    seed=seed)
+      if bool(self.rc.finetune.enabled):
+        out[m].update(self.finetune(m, params, seed))
+    return out
+
+  def finetuner(self, modality: str):
+    """One compiled fine-tuning set-up per stage dataset (evaluate.finetune), shared by every model."""
+    from invcoss_jax.evaluate import finetune
+    from invcoss_jax.evaluate.config import task_config
+    if modality not in self._finetuners:
+      f = self.rc.finetune
+      t = task_config("pneumonia")  # a classification task; everything but its kind is replaced below
+      t.data = ml_collections.ConfigDict(self.data(modality).to_dict())
+      t.data.augment = False
+      t.num_classes = int(max(np.max(self.split(modality, str(self.rc.fit_split)).labels),
+                              np.max(self.split(modality, str(self.rc.test_split)).labels)) + 1)
+      # The label budget is the fit split; the model after the last step is scored (no selection).
+      t.train_split, t.val_split, t.test_split = str(self.rc.fit_split), str(self.rc.fit_split), str(self.rc.test_split)
+      t.steps, t.eval_every, t.batch_size, t.lr = int(f.steps), int(f.steps), int(f.batch_size), float(f.lr)
+      self._finetuners[modality] = finetune.Finetuner(t, f"retention_{modality}", self.config.model,
+                                                      protocol=str(f.protocol), batch_shards=False)
+    return self._finetuners[modality]
+
+  def finetune(self, modality: str, params, seed: int) -> dict[str, float]:
+    res = self.finetuner(modality).run(seed, pretrained=jax.device_get(params), source=f"retention {modality}")
+    return {f"finetune_{k}": float(v) for k, v in res.test.items() if isinstance(v, (int, float))}
+
+  def random_params(self, seed: int):
+    """The encoder every run of `seed` starts from (continual.job.initial_params of stage 1)."""
+    from invcoss_jax.continual.job import _init_fn
+    from invcoss_jax.retention.job import run_config
+    return _init_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))
+
+  def random_baseline(self, seed: int) -> bool:
+    """Measures the random-init encoder of `seed`; returns True when it was measured earlier."""
+    path = os.path.join(self.root, f"seed_{seed}", "random.json")
+    if os.path.isfile(path):
+      return True
+    atomic_write_json(path, dict(seed=seed, tasks=self.tasks(self.random_params(seed), seed)))
+    return False
+
+  def measure_run(self, seed: int, method: str, stages: list[Stage]) -> bool:
+    """Measures every stage of one finished run that has no measurement yet; returns whether any was made."""
+    from invcoss_jax.train import checkpoint as ckpt_lib
+    params: dict[int, Any] = {}
+
+    def stage_params(i: int):
+      if i not in params:
+        params[i] = ckpt_lib.load_trained_stage(stages[i].workdir)[2]
+      return params[i]
+
+    made = False
+    for i, stage in enumerate(stages):
+      path = os.path.join(self.root, f"seed_{seed}", method, f"{stage.name}.json")
+      if os.path.isfile(path):
+        continue
+      p = stage_params(i)
+      result = dict(seed=seed, method=method, stage=stage.name, index=stage.index, modality=stage.modality,
+                    tasks=self.tasks(p, seed), cka={})
+      for j in range(i + 1):  # drift from each earlier stage's own model, on that stage's held-out images
+        m = stages[j].modality
+        test = self.split(m, str(self.rc.test_split)).images
+        result["cka"][stages[j].name] = (1.0 if j == i else
+                                         metrics.linear_cka(self.feats(stage_params(j), test), self.feats(p, test)))
+      if bool(self.rc.replay.enabled) and method in REPLAY_METHODS:
+        result["replay"] = self.replay_quality(seed, method, stage, p)
+      atomic_write_json(path, result)
+      made = True
+      logging.info("retention: seed %d %s %s measured: %s", seed, method, stage.name,
+                   {m: round(v[str(self.rc.headline)], 4) for m, v in result["tasks"].items()
+                    if str(self.rc.headline) in v})
+    return made
+
+  def replay_quality(self, seed: int, method: str, stage: Stage, params) -> dict[str, Any] | None:
+    """How close the stage's replay set is to its held-out data, in the frozen stage encoder's features."""
+    from invcoss_jax.audit import distances
+    from invcoss_jax.inversion.job import image_grid, write_png
+    images = read_replay_set(stage, method)
+    if images is None:
+      return None
+    m = stage.modality
+    test = self.split(m, str(self.rc.test_split)).images
+    train = self.split(m, "train").images
+    real = features.random_sample(train, len(images), seed)
+    f_test = self.feats(params, test)
+    sets = {"replay": images, "real_same_size": real}
+    if method == "invcoss":
+      init = initial_generator_images(stage, len(images), seed + 17)
+      if init is not None:
+        sets["generator_init"] = init
+    out: dict[str, Any] = dict(num_samples=int(len(images)), feature_dim=int(f_test.shape[1]))
+    for name, x in sets.items():
+      f = self.feats(params, x)
+      out[name] = dict(frechet=metrics.frechet_distance(f, f_test), mean_pairwise_cosine=(
+          metrics.mean_pairwise_cosine(f) if len(f) > 1 else float("nan")),
+          pixel_mean=float(np.mean(x)), pixel_std=float(np.std(x)),
+          channel_spread=float(np.mean(np.std(x, axis=-1))))
+    out["test"] = dict(mean_pairwise_cosine=metrics.mean_pairwise_cosine(f_test), pixel_mean=float(np.mean(test)),
+                       pixel_std=float(np.std(test)), channel_spread=float(np.mean(np.std(test, axis=-1))))
+    # Nearest training image of each replay image, against the same for held-out images (the audit's figure):
+    # a replay set much closer to the training images than held-out images are would be memorised data.
+    out["nn_replay_to_train"] = distances.summarize_distances(distances.nearest_neighbours(images, train).distance)
+    out["nn_test_to_train"] = distances.summarize_distances(distances.nearest_neighbours(test, train).distance)
+    k = int(self.rc.replay.grid_size)
+    if k > 0:
+      a, b = image_grid(images, k), image_grid(test, k)
+      h = max(a.shape[0], b.shape[0])
+      pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
+      grid = np.concatenate([pad(a), np.full((h, 6, 3), 255, np.uint8), pad(b)], axis=1)
+      write_png(os.path.join(self.root, "grids", f"seed_{seed}_{method}_{stage.name}.png"), grid)
+    return out
+
+  # --- reading back ---
+
+  def load_all(self, seeds, methods, stage_names) -> dict[str, Any]:
+    """{'random': {seed: tasks}, 'runs': {method: {seed: {stage: measurement}}}} from the cache."""
+    out: dict[str, Any] = {"random": {}, "runs": {m: {} for m in methods}}
+    for s in seeds:
+      r = _read_json(os.path.join(self.root, f"seed_{s}", "random.json"))
+      if r is None:
+        raise FileNotFoundError(f"{self.root}/seed_{s}/random.json is missing: the benchmark has not finished")
+      out["random"][s] = r["tasks"]
+      for m in methods:
+        out["runs"][m][s] = {}
+        for name in stage_names:
+          r = _read_json(os.path.join(self.root, f"seed_{s}", m, f"{name}.json"))
+          if r is None:
+            raise FileNotFoundError(f"{self.root}/seed_{s}/{m}/{name}.json is missing: the benchmark has not "
+                                    "finished")
+          out["runs"][m][s][name] = r
+    return out

@@ -1,0 +1,86 @@
+"""Held-out images of a stage and the frozen encoder's features of any image set."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from invcoss_jax.continual import buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """The images (model layout, preprocessed, no augmentation) and labels (None without) of one split."""
+  images: np.ndarray
+  labels: np.ndarray | None
+
+
+def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: int = -1,
+               batch_size: int = 256) -> Split:
+  """The first `max_examples` (<= 0: all) examples of `split`, in the input layer's deterministic order."""
+  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
+  d = ml_collections.ConfigDict(data_cfg.to_dict())
+  d.split = split
+  images, labels = [], []
+  count = 0
+  for batch in data_lib.make_eval_iterator(d, batch_size=batch_size, split=split, process_index=0,
+                                           process_count=1):
+    images.append(np.asarray(batch["image"], np.float32))
+    if "label" in batch:
+      labels.append(np.asarray(batch["label"]).reshape(len(images[-1]), -1)[:, 0].astype(np.int64))
+    count += len(images[-1])
+    if 0 < max_examples <= count:
+      break
+  if not images:
+    raise ValueError(f"data {d.name!r} ({d.path!r}) split {split!r} holds no examples; the retention benchmark "
+                     "needs held-out examples of every stage (config.retention.fit_split / test_split)")
+  x = np.concatenate(images)
+  y = np.concatenate(labels) if labels and len(labels) == len(images) else None
+  if max_examples > 0:
+    x = x[:max_examples]
+    y = y[:max_examples] if y is not None else None
+  return Split(x, y)
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_fn(model, kind: str):
+  """One compiled feature function per (model, feature): every stage, seed and image set reuses it."""
+
+  @jax.jit
+  def feats(params, images):
+    tokens, _, _ = model.apply({"params": params}, images, mask_ratio=0.0, train=False,
+                               method=type(model).encode)
+    return buffers.pooled_feature(tokens, kind)
+
+  return feats
+
+
+def encoder_features(model, params, images: np.ndarray, *, kind: str = "mean", batch_size: int = 256
+                     ) -> np.ndarray:
+  """(N, D) float32 features of `images` from the encoder of `params` (eval mode, no masking).
+
+  The last batch is padded to `batch_size`, so one compiled program serves every batch."""
+  images = np.asarray(images, np.float32)
+  if images.ndim < 4 or len(images) == 0:
+    raise ValueError(f"encoder features: expected a non-empty batch of images, got shape {images.shape}")
+  fn = _feature_fn(model, kind)
+  b = min(batch_size, len(images))
+  out = []
+  for i in range(0, len(images), b):
+    x = images[i:i + b]
+    n = len(x)
+    if n < b:
+      x = np.concatenate([x, np.repeat(x[-1:], b - n, axis=0)])
+    out.append(np.asarray(jax.device_get(fn(params, x)))[:n])
+  return np.concatenate(out).astype(np.float32)
+
+
+def random_sample(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+  """`n` rows of `images` drawn without replacement (all of them when there are fewer)."""
+  n = min(int(n), len(images))
+  idx = np.sort(np.random.default_rng(seed).choice(len(images), size=n, replace=False))
+  return images[idx]

@@ -1,0 +1,145 @@
+"""The `retention` job: does a continual method keep what earlier stages learnt? (paper Sec. 3.2, Fig. 6b)
+
+For every seed and method of `config.retention`, the continual sequence of `config.continual` runs in
+`workdir/runs/seed_<s>/<method>/` (the continual job itself: it resumes after a kill). After each of its stages
+the stage's model is measured on held-out data of every stage of the sequence (evaluate.py): frozen-feature
+probes where the data has labels, the drift from each earlier stage's own model (linear CKA), optional
+fine-tuning with a small label budget, and, for the replay methods, the quality of what the stage left for
+later stages (Fréchet distance in the stage encoder's feature space, diversity, nearest neighbours). Every
+measurement is written atomically under `workdir/measurements/` as soon as it is made, so a restarted job
+only measures what is missing. Summary (summary.py): gain over a random-init encoder, forgetting, the
+fraction of the baseline's forgetting avoided and drift, each a mean with a 95 % interval over seeds;
+report.py writes them as JSON, Markdown and plots.
+
+`run(config, workdir)` is what `main.py` runs for config.mode = 'retention' (configs/retention.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from invcoss_jax.continual.config import METHODS
+from invcoss_jax.continual.stages import STAGE_INFO, plan_stages
+from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.retention import evaluate, report, summary
+
+RUNS_DIR, MEASURE_DIR = "runs", "measurements"
+
+
+def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_collections.ConfigDict:
+  """The continual job's config of one (seed, method) run."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.mode = "continual"
+  c.seed = int(seed)
+  if "method" in c:
+    c.method = method
+  c.continual.method = method
+  return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Options are checked before any run starts."""
+  rc = config.retention
+  methods = [str(m) for m in rc.methods]
+  if not methods:
+    raise ValueError("config.retention.methods is empty: expected continual methods, e.g. ('seqssl', 'invcoss')")
+  bad = [m for m in methods if m not in METHODS or m == "joint"]
+  if bad:
+    raise ValueError(f"config.retention.methods: {bad} are not sequential continual methods; expected some of "
+                     f"{[m for m in METHODS if m != 'joint']}")
+  if len(set(methods)) != len(methods):
+    raise ValueError(f"config.retention.methods lists a method twice: {methods}")
+  seeds = [int(s) for s in rc.seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.retention.seeds={tuple(rc.seeds)}: expected distinct seeds (3 or more for intervals)")
+  if len(config.continual.order) < 2:
+    raise ValueError(f"config.continual.order={tuple(config.continual.order)}: retention needs two or more stages")
+  if str(rc.fit_split) == str(rc.test_split):
+    raise ValueError(f"config.retention.fit_split and test_split are both {rc.fit_split!r}: the probes must be "
+                     "scored on examples they were not fitted on")
+
+
+def share_first_stage(source: str, target: str) -> bool:
+  """Copies the trained first stage of run `source` (its config and checkpoints) into run `target`, so that
+  target's continual job resumes it at its last step and only runs the method-specific end of the stage.
+  Returns whether a copy was made (not when target already has the stage, or source has not finished it)."""
+  names = sorted(n for n in os.listdir(source) if n.startswith("stage_1_")) if os.path.isdir(source) else []
+  if not names or not os.path.isfile(os.path.join(source, names[0], STAGE_INFO)):
+    return False
+  src, dst = os.path.join(source, names[0]), os.path.join(target, names[0])
+  if os.path.exists(dst):
+    return False
+  os.makedirs(target, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{names[0]}-", dir=target)
+  try:
+    shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(tmp, "checkpoints"))
+    shutil.copy2(os.path.join(src, "config.json"), os.path.join(tmp, "config.json"))
+    os.replace(tmp, dst)  # the stage appears whole or not at all
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return True
+
+
+class Progress:
+  """Logs each finished unit of work with the elapsed time and an estimate of the time left."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.perf_counter()
+    self.timed, self.spent = 0, 0.0
+
+  def step(self, what: str, seconds: float, skipped: bool = False) -> None:
+    self.done += 1
+    if not skipped:
+      self.timed += 1
+      self.spent += seconds
+    left = self.total - self.done
+    eta = (self.spent / self.timed * left) if self.timed else float("nan")
+    logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %.0f s", self.done, self.total, what,
+                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start, eta)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Runs (or resumes) the benchmark; returns the summary (also in workdir/retention.json)."""
+  from invcoss_jax.continual import job as continual_job
+
+  check_config(config)
+  rc = config.retention
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  methods, seeds = [str(m) for m in rc.methods], [int(s) for s in rc.seeds]
+  stage_names = [s.name for s in plan_stages(run_config(config, seeds[0], methods[0]), workdir)]
+  atomic_write_json(os.path.join(workdir, "retention_plan.json"),
+                    dict(methods=methods, seeds=seeds, stages=stage_names, config=config.to_dict()))
+  measurer = evaluate.Measurer(config, os.path.join(workdir, MEASURE_DIR))
+  progress = Progress(len(seeds) * (len(methods) + 1))
+  for seed in seeds:
+    t0 = time.perf_counter()
+    skipped = measurer.random_baseline(seed)
+    progress.step(f"seed {seed}: random-init encoder", time.perf_counter() - t0, skipped)
+    first = None
+    for method in methods:
+      t0 = time.perf_counter()
+      run_dir = os.path.join(workdir, RUNS_DIR, f"seed_{seed}", method)
+      cfg = run_config(config, seed, method)
+      stages = plan_stages(cfg, run_dir)
+      finished = all(os.path.isfile(os.path.join(s.workdir, STAGE_INFO)) for s in stages)
+      if not finished and bool(rc.share_first_stage) and first is not None:
+        if share_first_stage(first, run_dir):
+          logging.info("retention: %s (seed %d) starts from the first stage trained by %s", method, seed,
+                       os.path.basename(first))
+      continual_job.run(cfg, run_dir)
+      first = first or run_dir
+      measured_now = measurer.measure_run(seed, method, stages)
+      progress.step(f"seed {seed}: {method}", time.perf_counter() - t0, finished and not measured_now)
+  result = summary.summarize(config, measurer.load_all(seeds, methods, stage_names), stage_names)
+  report.write(workdir, config, result, measurer)
+  return result

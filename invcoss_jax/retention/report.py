@@ -1,0 +1,128 @@
+"""The benchmark's outputs: retention.json (everything, per seed included), retention.md (the tables) and one
+Fig. 6b-like plot per task and metric (the metric after each stage, one line per method, 95 % band)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from invcoss_jax.io_utils import atomic_path, atomic_write, atomic_write_json
+
+JSON_FILE, MARKDOWN_FILE = "retention.json", "retention.md"
+
+
+def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
+  """'mean ± ci' (or 'mean' for one seed, '-' for none)."""
+  if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
+    return "-"
+  if not math.isfinite(stat.get("ci", float("nan"))):
+    return f"{stat['mean']:.{digits}f}"
+  return f"{stat['mean']:.{digits}f} ± {stat['ci']:.{digits}f}"
+
+
+def markdown(s: dict[str, Any]) -> str:
+  h, b = s["headline"], s["baseline"]
+  lines = [f"# Retention benchmark", "",
+           f"Methods {', '.join(s['methods'])}; seeds {s['seeds']}; stages {' -> '.join(s['stages'])}. "
+           f"Every figure is a mean ± the half-width of its 95 % Student-t interval over the {len(s['seeds'])} seeds. "
+           "Probes are fitted on each stage's held-out fit split and scored on its test split.", ""]
+  for t, info in s["tasks"].items():
+    lines += [f"## Task `{t}` (trained in {info['stage']})", "",
+              "| method | " + " | ".join(f"{k} after {st}" for st in s["stages"] for k in (h,)) +
+              f" | gain over random ({h}) | forgetting ({h}) | {b}'s forgetting avoided (of means / per seed) |",
+              "|---|" + "---|" * (len(s["stages"]) + 3)]
+    lines.append("| random init | " + " | ".join(fmt(s["random"][t].get(h)) for _ in s["stages"]) + " | - | - | - |")
+    for m in s["methods"]:
+      curve = s["curves"][m][t].get(h, [])
+      av = s["avoided"].get(m, {}).get(t, {}).get(h)
+      av_txt = "-" if not av or m == b else f"{av['of_means']:.2f} / {fmt(av['per_seed'], 2)}"
+      lines.append(f"| {m} | " + " | ".join(fmt(c) for c in curve) +
+                   f" | {fmt(s['gain'][m][t].get(h))} | {fmt(s['forgetting'][m].get(t, {}).get(h))} | {av_txt} |")
+    lines.append("")
+    lines += ["All metrics after the last stage (and the random-init encoder):", "",
+              "| method | " + " | ".join(info["metrics"]) + " |", "|---|" + "---|" * len(info["metrics"]),
+              "| random init | " + " | ".join(fmt(s["random"][t][k]) for k in info["metrics"]) + " |"]
+    for m in s["methods"]:
+      lines.append(f"| {m} | " + " | ".join(fmt(s["curves"][m][t][k][-1]) for k in info["metrics"]) + " |")
+    lines.append("")
+    if s["forgetting"][s["methods"][0]].get(t):
+      lines += ["Forgetting of every metric (after its stage minus after the last):", "",
+                "| method | " + " | ".join(info["metrics"]) + " |", "|---|" + "---|" * len(info["metrics"])]
+      for m in s["methods"]:
+        lines.append(f"| {m} | " + " | ".join(fmt(s["forgetting"][m][t][k]) for k in info["metrics"]) + " |")
+      lines.append("")
+  lines += ["## Representation drift", "",
+            "Linear CKA between each stage's own model and the last model, on that stage's held-out images "
+            "(1 = no drift).", "", "| method | " + " | ".join(s["stages"][:-1]) + " |",
+            "|---|" + "---|" * (len(s["stages"]) - 1)]
+  for m in s["methods"]:
+    lines.append(f"| {m} | " + " | ".join(fmt(s["cka"][m].get(st)) for st in s["stages"][:-1]) + " |")
+  lines.append("")
+  if s["replay"]:
+    lines += ["## Replay sets", "",
+              "Fréchet distance to the stage's held-out images in the frozen stage encoder's feature space "
+              "(lower is closer), mean pairwise cosine of those features (lower is more diverse; held-out real "
+              "images for reference), and the median Euclidean distance of each image to its nearest training "
+              "image (pixels; held-out images for reference).", "",
+              "| method | stage | N | FD replay | FD real, same N | FD generator at init | cosine replay | "
+              "cosine held-out | NN replay -> train | NN held-out -> train |", "|---|" * 10 + ""]
+    lines[-1] = "|---|---|---|---|---|---|---|---|---|---|"
+    for m, per_stage in s["replay"].items():
+      for st, r in per_stage.items():
+        lines.append(f"| {m} | {st} | {r['num_samples']} | {fmt(r['replay']['frechet'], 2)} | "
+                     f"{fmt(r['real_same_size']['frechet'], 2)} | "
+                     f"{fmt(r.get('generator_init', {}).get('frechet'), 2)} | "
+                     f"{fmt(r['replay']['mean_pairwise_cosine'])} | {fmt(r['test']['mean_pairwise_cosine'])} | "
+                     f"{fmt(r['nn_replay_to_train']['median'], 2)} | {fmt(r['nn_test_to_train']['median'], 2)} |")
+    lines.append("")
+  lines += ["## Targets", "", "| target | met | figures |", "|---|---|---|"]
+  for name, t in s["targets"].items():
+    v = t["value"]
+    txt = fmt(v) if "mean" in v else (f"of means {v['of_means']:.2f}, per seed {fmt(v['per_seed'], 2)}"
+                                      if "of_means" in v else ", ".join(f"{k} {x:.2f}" for k, x in v.items()))
+    lines.append(f"| {name} | {'yes' if t['met'] else 'no'} | {txt} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(s: dict[str, Any], task: str, metric: str):
+  """A matplotlib Figure: the metric after each stage, one line per method with its 95 % band."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(1.6 + 1.3 * len(s["stages"]), 3.4))
+  ax = fig.add_subplot(1, 1, 1)
+  x = list(range(len(s["stages"])))
+  for m in s["methods"]:
+    curve = s["curves"][m][task][metric]
+    mean = [c["mean"] for c in curve]
+    ci = [c["ci"] if math.isfinite(c.get("ci", float("nan"))) else 0.0 for c in curve]
+    line, = ax.plot(x, mean, marker="o", label=m)
+    ax.fill_between(x, [a - b for a, b in zip(mean, ci)], [a + b for a, b in zip(mean, ci)],
+                    color=line.get_color(), alpha=0.2)
+  r = s["random"][task][metric]
+  ax.axhline(r["mean"], color="grey", linestyle="--", linewidth=1, label="random init")
+  ax.set_xticks(x)
+  ax.set_xticklabels([f"after {st.split('_', 2)[2]}" for st in s["stages"]])
+  ax.set_ylabel(f"{task} {metric}")
+  ax.set_title(f"{task}: {metric} after each stage ({len(s['seeds'])} seeds, 95 % CI)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def write(workdir: str, config: ml_collections.ConfigDict, s: dict[str, Any], measurer=None) -> list[str]:
+  """Writes retention.json, retention.md and the plots into `workdir`; returns the paths."""
+  paths = [os.path.join(workdir, JSON_FILE), os.path.join(workdir, MARKDOWN_FILE)]
+  atomic_write_json(paths[0], s)
+  atomic_write(paths[1], markdown(s))
+  metrics = [str(m) for m in config.retention.get("plot_metrics", ())] or [s["headline"]]
+  for t in s["tasks"]:
+    for k in metrics:
+      if k not in s["curves"][s["methods"][0]][t]:
+        continue
+      path = os.path.join(workdir, f"retention_{t}_{k}.png")
+      with atomic_path(path) as tmp:
+        plot(s, t, k).savefig(tmp, format="png", dpi=120)
+      paths.append(path)
+  return paths

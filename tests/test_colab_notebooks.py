@@ -60,8 +60,8 @@ def test_continual_forgetting_notebook(tmp_path, monkeypatch):
   assert {"stage_1_xray", "stage_2_path", "storage.json"} <= {p.name for p in run.iterdir()}
   with open(run / "storage.json") as f:
     storage = json.load(f)
-  # Stage 1 keeps only its statistics (no real image); stage 2 replayed X-rays synthesised from them.
-  assert storage["stage_1_xray"]["retained_kind"] == "statistics"
+  # Stage 1 keeps its statistics and its synthetic set (no real image); stage 2 replayed those X-rays.
+  assert storage["stage_1_xray"]["retained_kind"] == "statistics+synthetic"
   assert storage["stage_1_xray"]["real_buffer_bytes"] == 0 and storage["stage_1_xray"]["synthetic_bytes"] > 0
   with open(tmp_path / "forgetting" / "forgetting.json") as f:
     matrix = json.load(f)

@@ -152,9 +152,11 @@ def test_two_stage_run_of_each_method_completes(runs, method):
     assert info["modalities"] == ["xray", "ct"] and info["image_shapes"] == [[16, 16, 3], [8, 16, 16, 1]]
     assert first["retained_bytes"] == 0
   elif method == "invcoss":
-    # Stage 1 retains only its statistics; its synthetic set is read back by the input layer.
-    assert first["retained_kind"] == "statistics"
-    assert first["retained_bytes"] == os.path.getsize(os.path.join(s1, "statistics.npz")) > 0
+    # Stage 1 retains its statistics and (invert_with='own') its synthetic set, read back by the input layer.
+    assert first["retained_kind"] == "statistics+synthetic"
+    assert first["retained_bytes"] == first["statistics_bytes"] + first["synthetic_bytes"]
+    assert first["statistics_bytes"] == os.path.getsize(os.path.join(s1, "statistics.npz")) > 0
+    assert first["synthetic_bytes"] >= 8 * 16 * 16 * 3 * 4
     synth = stages.npz_data_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
     assert data_lib.num_examples(synth) == 8 and data_lib.image_shape(synth) == (16, 16, 3)
     assert os.path.isfile(os.path.join(workdir, "stage_2_ct", "statistics.npz"))

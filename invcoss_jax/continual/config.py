@@ -41,6 +41,14 @@ def continual_config() -> ml_collections.ConfigDict:
   c.distill_weight = 1.0  # weight of L_reg (Eq. 4): feature distillation of buffer samples to the frozen model
   c.distill_mask_ratio = 0.75  # teacher and student encode a buffer sample under the same mask (MedCoSS)
   c.buffer_mae_weight = 0.0  # > 0 also trains the MAE loss on buffer samples (MedCoSS: 0)
+  # The stage's own crop/flip (2D) or mirroring (3D) on buffer samples, as MedCoSS's buffer, which re-reads its
+  # samples through the stage's dataset transform; False feeds them as stored.
+  c.buffer_augment = False
+  # Weight of L_reg: 'per_step' = distill_weight x the buffer sub-batch's mean (every step's buffer term weighs as
+  # much as its current term, so a buffer sample weighs N_cur/N_buf times more than a current one when the
+  # ratio below is N_buf/N_cur); 'per_sample' = scaled by B_buf/B, every buffer sample weighs as much as a current
+  # one, as in MedCoSS's alternating homogeneous batches.
+  c.distill_scale = "per_step"
   c.mixup = True  # intra-modal mixup of buffer samples (MedCoSS): lam ~ U(0, 1) per sample, partner from the same stage
   c.reinit_decoder = True  # re-initialise the MAE decoder at every stage (MedCoSS); the trunk is always carried
   # invcoss: 'own' synthesises stage t's set once, at its end, from f_t and its statistics (Sec. 3.2: "reconstructed

@@ -156,7 +156,8 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
     info = _info_of(t)
     if method == "invcoss" and config.continual.invert_with == "latest":
       folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
-      n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh)
+      prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
+      n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
       kind = "synthetic"
     elif method == "invcoss":
       folder = os.path.join(t.workdir, SYNTHETIC_DIR)
@@ -171,7 +172,8 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
       n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
       kind = "real"
     shape = tuple(int(s) for s in info["image_shapes"][0])
-    out.append(BufferSource(t.name, npz_data_section(t.data[0], folder), n, shape, kind))
+    out.append(BufferSource(t.name, npz_data_section(t.data[0], folder, bool(config.continual.buffer_augment)), n,
+                            shape, kind))
   return out
 
 
@@ -182,23 +184,35 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh) -> int:
-  """Algorithm 1, lines 3-8: stage t's synthetic set from the newest model f_{T-1} and t's statistics."""
+def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh,
+                       prev_shapes: list[tuple[int, ...]]) -> int:
+  """Algorithm 1, lines 3-8: stage t's synthetic set from the newest model f_{T-1} and t's statistics.
+
+  L_task runs through f_{T-1}'s decoder, which stage T-1 re-initialised and trained on its own data only: its
+  pixel head of stage t's dimensionality was never trained when stage T-1 had the other one (2D vs 3D), and
+  L_task is then switched off for this set (an untrained head would only add noise to the objective)."""
   from invcoss_jax.inversion import engine, statistics
   from invcoss_jax.inversion import job as inv_job
   marker = folder + ".json"
   if os.path.isfile(marker) and os.path.isdir(folder):
     return int(_read_json(marker)["num_samples"])
-  inv = cfg.inversion
+  from invcoss_jax import data as data_lib
+  inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(t.data[0]).modality))
+  shape = tuple(int(s) for s in info["image_shapes"][0])
+  if float(inv.loss_weights.get("task", 0.0)) != 0.0 and len(shape) not in {len(s) for s in prev_shapes}:
+    logging.warning("%s: re-inverting %s from %s, whose %dD pixel head was never trained (its stage was %dD): "
+                    "L_task is off for this set", stage.name, t.name, "f_{T-1}", len(shape) - 1,
+                    len(prev_shapes[0]) - 1)
+    inv.loss_weights.task = 0.0
   stats = statistics.load_statistics(os.path.join(t.workdir, inv.stats_file))
   n = int(inv.num_samples) if int(inv.num_samples) > 0 else buffers.buffer_size(
       int(info["num_examples"][0]), float(config.continual.buffer_fraction))
-  shape = tuple(int(s) for s in info["image_shapes"][0])
   images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
                                                  rng=stage_key(config, 0x5E7, stage.index, t.index), num_samples=n,
                                                  mesh=mesh, mesh_cfg=cfg.mesh)
   inv_job.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
+                                 task_weight=float(inv.loss_weights.get("task", 0.0)),
                                  end={k: v for k, v in report["end"].items()}))
   return int(len(images))
 
@@ -230,6 +244,17 @@ def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[B
     raise ValueError(f"config.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
   weights = [s.num_examples for s in sources] if split == "proportional" else [1] * len(sources)
   return cur, split_batch(total, weights, shards)
+
+
+def distill_weight(c: ml_collections.ConfigDict, cur_sizes: list[int], buf_sizes: list[int]) -> float:
+  """The weight of the buffer sub-batch's mean L_reg (config.continual.distill_scale, see continual/config.py)."""
+  scale = str(c.get("distill_scale", "per_step"))
+  if scale not in ("per_step", "per_sample"):
+    raise ValueError(f"config.continual.distill_scale must be 'per_step' or 'per_sample', got {scale!r}")
+  w = float(c.distill_weight)
+  if scale == "per_sample" and buf_sizes:
+    w *= sum(buf_sizes) / float(sum(cur_sizes))
+  return w
 
 
 def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE) -> tuple[dict, dict | None]:
@@ -290,7 +315,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
 
   # --- method constants ---
   spec = LossSpec(mask_ratio=float(cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
-                  distill_weight=float(c.distill_weight), buffer_mae_weight=float(c.buffer_mae_weight),
+                  distill_weight=distill_weight(c, cur_sizes, buf_sizes), buffer_mae_weight=float(c.buffer_mae_weight),
                   ewc_weight=float(c.ewc.weight) if method == "ewc" and prev is not None else 0.0,
                   cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0)
   consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)

@@ -119,8 +119,12 @@ def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> di
       real_buffer_equivalent_bytes=int(sum(
           buffers.buffer_size(n, float(config.continual.buffer_fraction)) * math.prod(s) * 4
           for n, s in zip(n_current, shapes))))
-  kind = {"invcoss": "statistics", "er": "real_buffer", "medcoss": "real_buffer", "ewc": "ewc",
-          "packnet": "packnet"}.get(method)
-  out["retained_kind"] = kind or "none"
-  out["retained_bytes"] = int(out[f"{kind}_bytes"]) if kind else 0
+  kinds = {"invcoss": ("statistics",), "er": ("real_buffer",), "medcoss": ("real_buffer",), "ewc": ("ewc",),
+           "packnet": ("packnet",)}.get(method, ())
+  if method == "invcoss" and str(config.continual.invert_with) == "own":
+    # 'own' keeps the stage's synthetic set for every later stage (as large as a real buffer); only 'latest'
+    # keeps nothing but the statistics between stages.
+    kinds = ("statistics", "synthetic")
+  out["retained_kind"] = "+".join(kinds) or "none"
+  out["retained_bytes"] = int(sum(out[f"{k}_bytes"] for k in kinds))
   return out

@@ -49,6 +49,8 @@ def data_config() -> ml_collections.ConfigDict:
   # only resized to the configured shape when needed; no modality normalisation, no augmentation.
   c.preprocessed = False
   c.augment = True  # training augmentation (the eval iterator never augments)
+  # Preprocessed arrays (replay buffers) get the modality's crop/flip (2D) or mirroring (3D) too.
+  c.augment_preprocessed = False
   # Bad files: False raises an error naming the file; True logs each skip and counts them.
   c.lenient = False
   c.nonfinite = "error"  # NaN/Inf voxels: error (or skip if lenient) | zero (replace by 0 after a warning)

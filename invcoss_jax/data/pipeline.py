@@ -119,7 +119,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_siz
   source = make_source(cfg, cfg.split)
   fn = make_preprocessor(cfg)
   ds = _shard(source, cfg, pi, pc, cfg.split).seed(int(seed)).shuffle().repeat(None)
-  augment = bool(cfg.augment) and not bool(cfg.preprocessed)
+  augment = bool(cfg.augment) and (not bool(cfg.preprocessed) or bool(cfg.get("augment_preprocessed", False)))
   ds = ds.random_map(_Augment(fn)) if augment else ds.map(_Preprocess(fn))
   return iter(_to_iter(ds, cfg).batch(global_batch_size // pc, drop_remainder=True))
 

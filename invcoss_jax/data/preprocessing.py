@@ -47,7 +47,12 @@ def make_preprocessor(data_cfg: ml_collections.ConfigDict) -> Callable[..., dict
   """The modality preprocessing of the config: `fn(record, rng=None)` -> model example."""
   cfg = resolve(data_cfg)
   if cfg.preprocessed:
-    return Preprocessed(image_shape(cfg))
+    if cfg.spatial_dims == 2 and cfg.modality in ("xray", "path"):
+      o = cfg.xray if cfg.modality == "xray" else cfg.pathology
+      return Preprocessed(image_shape(cfg), tuple(o.crop_scale), tuple(o.crop_ratio), bool(o.hflip),
+                          bool(o.get("vflip", False)))
+    m = cfg.ct if cfg.modality == "ct" else cfg.mri
+    return Preprocessed(image_shape(cfg), mirror_prob=float(m.mirror_prob))
   if cfg.spatial_dims == 2:
     if cfg.modality in ("xray", "path"):
       o = cfg.xray if cfg.modality == "xray" else cfg.pathology

@@ -378,11 +378,31 @@ class Volume3D:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessed:
-  """Arrays already in model layout and range (e.g. synthetic shards): resized to `shape` if needed."""
+  """Arrays already in model layout and range (e.g. synthetic shards): resized to `shape` if needed.
+
+  With an `rng` (the train iterator with data.augment_preprocessed) they get the modality's geometric
+  augmentation: 2D RandomResizedCrop (`crop_scale`, `crop_ratio`) and flips, 3D random mirroring per axis
+  with `mirror_prob`, as MedCoSS's replay buffer, which re-reads its samples through the stage's transform."""
   shape: tuple[int, ...]  # per-example shape, channels last
+  crop_scale: tuple[float, float] | None = None  # 2D; None: no crop
+  crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+  hflip: bool = False
+  vflip: bool = False
+  mirror_prob: float = 0.0  # 3D
+
+  def _augment(self, image: np.ndarray, mask, rng: np.random.Generator):
+    if len(self.shape) == 3:
+      if self.crop_scale is not None:
+        box = random_resized_crop_box(image.shape[0], image.shape[1], self.crop_scale, self.crop_ratio, rng)
+        lo, hi = float(image.min()), float(image.max())
+        image = np.clip(resize_2d(image, self.shape[:2], "bilinear", box), lo, hi)
+        if mask is not None:
+          mask = resize_2d(np.asarray(mask, np.int32), self.shape[:2], "nearest", box)
+      axes = ([1] if self.hflip else []) + ([0] if self.vflip else [])
+      return random_flip([image, mask], axes, 0.5, rng)
+    return random_flip([image, mask], (0, 1, 2), self.mirror_prob, rng)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
-    del rng  # synthetic buffers get no augmentation here
     image = np.asarray(record["image"], np.float32)
     if image.ndim == len(self.shape) - 1:
       image = image[..., None]
@@ -401,4 +421,6 @@ class Preprocessed:
         image = resample(image[..., 0], scale, offset, self.shape[:3], 1)[..., None]
         if mask is not None:
           mask = resample(np.asarray(mask, np.int32), scale, offset, self.shape[:3], 0)
+    if rng is not None:
+      image, mask = self._augment(image, mask, rng)
     return _finish(record, image, mask)

@@ -44,6 +44,9 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.cmi.ngf = 13
   c.cmi.ngf_large = 32
   c.cmi.num_upsamples = 2
+  # Grey prior: 'yes' generates one channel and repeats it over the image's channels; 'auto' does so for the
+  # modalities stored grey and fed as 3 equal channels (X-ray), 'no' generates every channel (the paper).
+  c.grey = "auto"
   # Output activation: 'auto' = sigmoid for 2D ([0, 1], X-ray/pathology) and tanh for 3D ([-1, 1]), as in
   # App. B.3; or 'sigmoid' | 'tanh' | 'identity' (e.g. z-scored MRI).
   c.output_activation = "auto"

@@ -59,12 +59,51 @@ def output_activation(inv_cfg: ml_collections.ConfigDict, rank: int) -> str:
   return default_output_activation(rank) if name == "auto" else name
 
 
+GREY_MODALITIES = ("xray",)  # stored grey, fed to the model as 3 equal channels (data/preprocessing.py)
+
+
+class ReplicateChannels(nn.Module):
+  """A one-channel generator whose image is repeated over `channels`: a grey image in an RGB layout."""
+  generator: nn.Module
+  channels: int
+
+  def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
+    return jnp.repeat(self.generator(z, train=train), self.channels, axis=-1)
+
+
+def resolve_grey(inv_cfg: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
+  """A copy of `inv_cfg` with `grey` 'auto' resolved for a stage of `modality`: 'yes' where the modality's
+  images are grey replicated to 3 channels (X-ray), else 'no'."""
+  out = ml_collections.ConfigDict(inv_cfg.to_dict())
+  grey = str(inv_cfg.get("grey", "no"))
+  if grey not in ("auto", "yes", "no"):
+    raise ValueError(f"config.inversion.grey must be 'auto', 'yes' or 'no', got {grey!r}")
+  if grey == "auto":
+    out.grey = "yes" if modality in GREY_MODALITIES and inv_cfg.generator != "none" else "no"
+  return out
+
+
 def build_generator(inv_cfg: ml_collections.ConfigDict, image_shape) -> nn.Module | None:
-  """The generator named by config.inversion.generator; None for 'none' (direct image optimisation)."""
-  rank = spatial_rank_of(image_shape)
+  """The generator named by config.inversion.generator; None for 'none' (direct image optimisation).
+
+  With config.inversion.grey = 'yes' the generator draws one channel, repeated over the image's channels
+  ('auto' is resolved by the jobs from the stage's modality, `resolve_grey`; here it means 'no')."""
+  shape = tuple(int(s) for s in image_shape)
+  grey = str(inv_cfg.get("grey", "no"))
+  if grey not in ("auto", "yes", "no"):
+    raise ValueError(f"config.inversion.grey must be 'auto', 'yes' or 'no', got {grey!r}")
+  if grey == "yes" and shape[-1] > 1:
+    if inv_cfg.generator == "none":
+      raise ValueError("config.inversion.grey='yes' needs a generator (config.inversion.generator='none' "
+                       "optimises the pixels of every channel)")
+    return ReplicateChannels(_build_generator(inv_cfg, shape[:-1] + (1,)), shape[-1])
+  return _build_generator(inv_cfg, shape)
+
+
+def _build_generator(inv_cfg: ml_collections.ConfigDict, shape: tuple[int, ...]) -> nn.Module | None:
+  rank = spatial_rank_of(shape)
   out = output_activation(inv_cfg, rank)
   output_fn(out)  # validates the name
-  shape = tuple(int(s) for s in image_shape)
   g = inv_cfg.generator
   if g == "invunet":
     c = inv_cfg.invunet

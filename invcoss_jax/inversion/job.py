@@ -158,8 +158,8 @@ def run_invert(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   if not stage_dir:
     raise ValueError("config.init_from must name the workdir of a trained stage (its checkpoint and "
                      "statistics.npz) for config.mode='invert'")
-  inv = config.inversion
   stage_cfg, model, params = load_trained_stage(stage_dir)
+  inv = engine.resolve_grey(config.inversion, str(data_lib.resolve(stage_cfg.data).modality))
   stats_file = statistics_path(stage_dir, inv)
   stats = statistics.load_statistics(stats_file)
   image_shape = tuple(int(s) for s in data_lib.image_shape(stage_cfg.data))
@@ -188,7 +188,7 @@ def run_invert(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   summary = {k: v for k, v in report.items() if k != "features"}
   summary.update(
       stage=os.path.abspath(stage_dir), statistics=os.path.abspath(stats_file), image_shape=list(image_shape),
-      l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"), l_norm_end=report["end"].get("norm"),
+      grey=str(inv.grey), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"), l_norm_end=report["end"].get("norm"),
       shards=shards, synthetic_dir=SYNTHETIC_DIR,
       input_layer=dict(format="npz", preprocessed=True, path=os.path.join(os.path.abspath(workdir), SYNTHETIC_DIR)))
   atomic_write_json(os.path.join(workdir, SUMMARY_FILE), summary)

@@ -63,7 +63,8 @@ def initial_generator_images(stage: Stage, num: int, seed: int) -> np.ndarray | 
   cfg = ckpt_lib.read_config(stage.workdir)
   info = _read_json(os.path.join(stage.workdir, "stage_info.json")) or {}
   shape = tuple(int(s) for s in info["image_shapes"][0])
-  inv = cfg.inversion
+  from invcoss_jax import data as data_lib
+  inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(cfg.data).modality))
   generator = engine.build_generator(inv, shape)
   if generator is None:
     return None
@@ -253,7 +254,7 @@ class Measurer:
       out["random"][s] = r["tasks"]
       for m in methods:
         out["runs"][m][s] = {}
-        for name in stage_names:
+        for name in (["stage_1_joint"] if m == "joint" else stage_names):
           r = _read_json(os.path.join(self.root, f"seed_{s}", m, f"{name}.json"))
           if r is None:
             raise FileNotFoundError(f"{self.root}/seed_{s}/{m}/{name}.json is missing: the benchmark has not "

@@ -51,10 +51,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   methods = [str(m) for m in rc.methods]
   if not methods:
     raise ValueError("config.retention.methods is empty: expected continual methods, e.g. ('seqssl', 'invcoss')")
-  bad = [m for m in methods if m not in METHODS or m == "joint"]
+  bad = [m for m in methods if m not in METHODS]
   if bad:
-    raise ValueError(f"config.retention.methods: {bad} are not sequential continual methods; expected some of "
-                     f"{[m for m in METHODS if m != 'joint']}")
+    raise ValueError(f"config.retention.methods: {bad} are not continual methods; expected some of {list(METHODS)}")
+  if all(m == "joint" for m in methods):
+    raise ValueError("config.retention.methods: 'joint' (one stage over every modality) is only an upper bound; "
+                     "name at least one sequential method too")
   if len(set(methods)) != len(methods):
     raise ValueError(f"config.retention.methods lists a method twice: {methods}")
   seeds = [int(s) for s in rc.seeds]
@@ -90,21 +92,27 @@ def share_first_stage(source: str, target: str) -> bool:
 
 
 class Progress:
-  """Logs each finished unit of work with the elapsed time and an estimate of the time left."""
+  """Logs each finished unit of work with the elapsed time and an estimate of the time left, from the mean
+  time of the units of the same kind measured so far (a random-baseline unit takes seconds, a run minutes)."""
 
-  def __init__(self, total: int):
-    self.total, self.done, self.start = total, 0, time.perf_counter()
-    self.timed, self.spent = 0, 0.0
+  def __init__(self, totals: dict[str, int]):
+    self.left = dict(totals)
+    self.total, self.done, self.start = sum(totals.values()), 0, time.perf_counter()
+    self.spent = {k: [] for k in totals}
 
-  def step(self, what: str, seconds: float, skipped: bool = False) -> None:
+  def eta(self) -> float:
+    means = [sum(v) / len(v) for v in self.spent.values() if v]
+    fallback = max(means) if means else float("nan")
+    return sum(n * (sum(self.spent[k]) / len(self.spent[k]) if self.spent[k] else fallback)
+               for k, n in self.left.items())
+
+  def step(self, kind: str, what: str, seconds: float, skipped: bool = False) -> None:
     self.done += 1
+    self.left[kind] -= 1
     if not skipped:
-      self.timed += 1
-      self.spent += seconds
-    left = self.total - self.done
-    eta = (self.spent / self.timed * left) if self.timed else float("nan")
+      self.spent[kind].append(seconds)
     logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %.0f s", self.done, self.total, what,
-                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start, eta)
+                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start, self.eta())
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -120,11 +128,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   atomic_write_json(os.path.join(workdir, "retention_plan.json"),
                     dict(methods=methods, seeds=seeds, stages=stage_names, config=config.to_dict()))
   measurer = evaluate.Measurer(config, os.path.join(workdir, MEASURE_DIR))
-  progress = Progress(len(seeds) * (len(methods) + 1))
+  progress = Progress({"random": len(seeds), "run": len(seeds) * len(methods)})
   for seed in seeds:
     t0 = time.perf_counter()
     skipped = measurer.random_baseline(seed)
-    progress.step(f"seed {seed}: random-init encoder", time.perf_counter() - t0, skipped)
+    progress.step("random", f"seed {seed}: random-init encoder", time.perf_counter() - t0, skipped)
     first = None
     for method in methods:
       t0 = time.perf_counter()
@@ -132,14 +140,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       cfg = run_config(config, seed, method)
       stages = plan_stages(cfg, run_dir)
       finished = all(os.path.isfile(os.path.join(s.workdir, STAGE_INFO)) for s in stages)
-      if not finished and bool(rc.share_first_stage) and first is not None:
+      if not finished and bool(rc.share_first_stage) and first is not None and method != "joint":
         if share_first_stage(first, run_dir):
           logging.info("retention: %s (seed %d) starts from the first stage trained by %s", method, seed,
                        os.path.basename(first))
       continual_job.run(cfg, run_dir)
-      first = first or run_dir
+      if method != "joint":
+        first = first or run_dir
       measured_now = measurer.measure_run(seed, method, stages)
-      progress.step(f"seed {seed}: {method}", time.perf_counter() - t0, finished and not measured_now)
+      progress.step("run", f"seed {seed}: {method}", time.perf_counter() - t0, finished and not measured_now)
   result = summary.summarize(config, measurer.load_all(seeds, methods, stage_names), stage_names)
   report.write(workdir, config, result, measurer)
   return result

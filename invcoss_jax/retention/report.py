@@ -41,12 +41,17 @@ def markdown(s: dict[str, Any]) -> str:
       av_txt = "-" if not av or m == b else f"{av['of_means']:.2f} / {fmt(av['per_seed'], 2)}"
       lines.append(f"| {m} | " + " | ".join(fmt(c) for c in curve) +
                    f" | {fmt(s['gain'][m][t].get(h))} | {fmt(s['forgetting'][m].get(t, {}).get(h))} | {av_txt} |")
+    if "joint" in s:
+      cells = [""] * (len(s["stages"]) - 1) + [fmt(s["joint"][t].get(h)), "-", "-", "-"]
+      lines.append("| joint (upper bound, one stage) | " + " | ".join(cells) + " |")
     lines.append("")
     lines += ["All metrics after the last stage (and the random-init encoder):", "",
               "| method | " + " | ".join(info["metrics"]) + " |", "|---|" + "---|" * len(info["metrics"]),
               "| random init | " + " | ".join(fmt(s["random"][t][k]) for k in info["metrics"]) + " |"]
     for m in s["methods"]:
       lines.append(f"| {m} | " + " | ".join(fmt(s["curves"][m][t][k][-1]) for k in info["metrics"]) + " |")
+    if "joint" in s:
+      lines.append("| joint | " + " | ".join(fmt(s["joint"][t][k]) for k in info["metrics"]) + " |")
     lines.append("")
     if s["forgetting"][s["methods"][0]].get(t):
       lines += ["Forgetting of every metric (after its stage minus after the last):", "",
@@ -100,6 +105,10 @@ def plot(s: dict[str, Any], task: str, metric: str):
     line, = ax.plot(x, mean, marker="o", label=m)
     ax.fill_between(x, [a - b for a, b in zip(mean, ci)], [a + b for a, b in zip(mean, ci)],
                     color=line.get_color(), alpha=0.2)
+  if "joint" in s:
+    j = s["joint"][task][metric]
+    ax.errorbar([x[-1]], [j["mean"]], yerr=[j["ci"] if math.isfinite(j.get("ci", float("nan"))) else 0.0],
+                fmt="*", color="black", markersize=10, capsize=3, label="joint (upper bound)")
   r = s["random"][task][metric]
   ax.axhline(r["mean"], color="grey", linestyle="--", linewidth=1, label="random init")
   ax.set_xticks(x)

@@ -28,7 +28,7 @@ def _task_stages(stage_names: list[str]) -> dict[str, int]:
 
 def summarize(config: ml_collections.ConfigDict, data: dict[str, Any], stage_names: list[str]) -> dict[str, Any]:
   rc = config.retention
-  methods, seeds = list(data["runs"]), sorted(data["random"])
+  methods, seeds = [m for m in data["runs"] if m != "joint"], sorted(data["random"])
   baseline, headline = str(rc.baseline), str(rc.headline)
   last = len(stage_names) - 1
   task_stage = _task_stages(stage_names)
@@ -73,6 +73,9 @@ def summarize(config: ml_collections.ConfigDict, data: dict[str, Any], stage_nam
     if replay:
       out["replay"][m] = replay
 
+  if "joint" in data["runs"]:  # the upper bound: one stage over every modality, measured once
+    out["joint"] = {t: {k: mean_ci([float(data["runs"]["joint"][s]["stage_1_joint"]["tasks"][t][k]) for s in seeds])
+                        for k in out["tasks"][t]["metrics"]} for t in tasks}
   if baseline in methods:
     for m in methods:
       out["avoided"][m] = {}

@@ -309,3 +309,18 @@ def test_guard_rejects_stages_sharing_files(tmp_path):
   guard.check_disjoint([("stage_1_xray", d), ("stage_2_ct", _demo("demo_ct"))])
   with pytest.raises(ValueError, match="same files"):
     guard.check_disjoint([("stage_1_xray", d), ("stage_2_xray", ml_collections.ConfigDict(d.to_dict()))])
+
+
+def test_distill_scale_per_sample_weighs_buffer_samples_like_current_ones():
+  from invcoss_jax.continual.config import continual_config
+  from invcoss_jax.continual.job import distill_weight
+  c = continual_config()
+  c.distill_weight = 2.0
+  assert distill_weight(c, [64], [16, 8]) == 2.0  # per_step: the buffer's mean weighs as the current mean
+  c.distill_scale = "per_sample"
+  # Per sample: the buffer's sum over its 24 samples has the current mean's 1/64 per sample.
+  assert distill_weight(c, [64], [16, 8]) == pytest.approx(2.0 * 24 / 64)
+  assert distill_weight(c, [64], []) == 2.0
+  c.distill_scale = "other"
+  with pytest.raises(ValueError, match="distill_scale"):
+    distill_weight(c, [64], [8])

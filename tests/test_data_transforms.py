@@ -201,3 +201,30 @@ def test_preprocessed_passes_values_and_resizes():
   np.testing.assert_allclose(y[..., 0], ref, atol=1e-5)
   with pytest.raises(ValueError, match="expected"):
     T.Preprocessed((32, 32, 3))({"image": np.zeros((32, 32, 1), np.float32)})
+
+
+def test_preprocessed_replay_buffers_get_the_stages_crop_and_flip_only_when_augmented(tmp_path):
+  """Replay buffers (npz shards of preprocessed images) are augmented like the stage when asked to
+  (continual.buffer_augment, as MedCoSS's buffer re-reads its samples through the stage's transform)."""
+  from invcoss_jax.continual.stages import npz_data_section
+  from invcoss_jax.io_utils import atomic_savez
+  images = next(iter(data.make_eval_iterator(make_cfg("demo_xray", image_size=32), batch_size=8)))["image"]
+  folder = tmp_path / "buffer"
+  folder.mkdir()
+  atomic_savez(str(folder / "shard_00000.npz"), images=images)
+  stage = make_cfg("demo_xray", image_size=32)
+  plain = next(data.make_train_iterator(npz_data_section(stage, str(folder)), global_batch_size=8, seed=0))["image"]
+  # Without augmentation every training example is one of the stored images, unchanged.
+  assert all(any(np.array_equal(p, x) for x in images) for p in plain)
+  section = npz_data_section(stage, str(folder), augment=True)
+  assert tuple(section.xray.crop_scale) == tuple(stage.xray.crop_scale)
+  aug = next(data.make_train_iterator(section, global_batch_size=8, seed=0))["image"]
+  assert aug.shape == images.shape and aug.dtype == np.float32
+  assert not any(np.array_equal(a, x) for a in aug for x in images)
+  assert 0.0 <= aug.min() and aug.max() <= 1.0
+  # A grey X-ray stays grey: the crop and flip act on every channel alike.
+  np.testing.assert_array_equal(aug[..., 0], aug[..., 2])
+  # 3D buffers are mirrored (never cropped): the set of voxel values is kept.
+  vol = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype(np.float32)
+  out = T.Preprocessed((8, 8, 8, 1), mirror_prob=1.0)({"image": vol}, np.random.default_rng(0))["image"]
+  np.testing.assert_array_equal(out, vol[::-1, ::-1, ::-1])

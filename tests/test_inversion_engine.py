@@ -170,3 +170,26 @@ def test_bad_inputs_raise(trained_xray):
   with pytest.raises(ValueError, match="num_samples"):
     engine.synthesize(model, params, stats, small_config(), image_shape=(28, 28, 3), rng=jax.random.key(0),
                       num_samples=0)
+
+
+def test_grey_prior_generates_one_channel_repeated_and_auto_follows_the_modality():
+  cfg = inversion_config()
+  cfg.invunet.channels = (8, 16)
+  assert engine.resolve_grey(cfg, "xray").grey == "yes"
+  assert engine.resolve_grey(cfg, "path").grey == "no"
+  cfg.grey = "yes"
+  gen = engine.build_generator(cfg, (16, 16, 3))
+  opt_vars, state = engine.init_variables(gen, (16, 16, 3), 4, 16, jax.random.key(0))
+  images, _ = engine.render(gen, "sigmoid", opt_vars, state)
+  assert images.shape == (4, 16, 16, 3)
+  np.testing.assert_array_equal(images[..., 0], images[..., 1])
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])
+  assert float(jnp.std(images[..., 0])) > 0
+  cfg.grey = "no"
+  gen = engine.build_generator(cfg, (16, 16, 3))
+  opt_vars, state = engine.init_variables(gen, (16, 16, 3), 4, 16, jax.random.key(0))
+  images, _ = engine.render(gen, "sigmoid", opt_vars, state)
+  assert float(jnp.max(jnp.abs(images[..., 0] - images[..., 1]))) > 1e-3
+  cfg.grey = "maybe"
+  with pytest.raises(ValueError, match="grey"):
+    engine.build_generator(cfg, (16, 16, 3))

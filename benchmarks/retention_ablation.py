@@ -1,0 +1,150 @@
+r"""Ablations of one continual method on the retention benchmark, against the baseline runs of a finished benchmark.
+
+Every variant is the benchmark with `--methods` (default seqssl, invcoss) and a few overrides. The baseline
+method's runs and measurements and the random-init measurements are copied from `--base` (a finished
+`configs/retention.py` workdir), so only the ablated method trains; its first stage is shared with the copied
+baseline's as in the benchmark itself. Writes `<out>/ablation.json` and `<out>/ablation.md`.
+
+  python benchmarks/retention_ablation.py --base=workdirs/retention_quick --out=workdirs/ablation \
+      --variant='paper:continual.invert_with="own",inversion.grey="no"' \
+      --variant='grey:inversion.grey="yes"' --variant='noise:inversion.schedule_2d.init_steps=1,inversion.schedule_2d.steps=1'
+
+A variant is `name:key=value,key=value` (values are Python literals; keys are config paths). `--preset` picks the
+configs/retention.py preset (default quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  name, sep, body = text.partition(":")
+  if not sep or not name:
+    raise ValueError(f"--variant {text!r}: expected 'name:key=value,...'")
+  overrides = {}
+  if body.strip():
+    # Split on commas that start a new key=value (values may be tuples with commas).
+    parts, depth, cur = [], 0, ""
+    for ch in body:
+      depth += ch in "([{"
+      depth -= ch in ")]}"
+      if ch == "," and depth == 0:
+        parts.append(cur)
+        cur = ""
+      else:
+        cur += ch
+    parts.append(cur)
+    for p in parts:
+      key, eq, value = p.partition("=")
+      if not eq:
+        raise ValueError(f"--variant {text!r}: {p!r} is not key=value")
+      try:
+        overrides[key.strip()] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"--variant {text!r}: the value of {key.strip()!r} is not a Python literal: {value!r}") from e
+  return name, overrides
+
+
+def seed_workdir(base: str, out: str, baseline: str, seeds) -> None:
+  """Copies the baseline's runs and measurements and the random-init measurements of `base` into `out`."""
+  for s in seeds:
+    for src, dst in ((os.path.join(base, "runs", f"seed_{s}", baseline), os.path.join(out, "runs", f"seed_{s}", baseline)),
+                     (os.path.join(base, "measurements", f"seed_{s}", baseline),
+                      os.path.join(out, "measurements", f"seed_{s}", baseline))):
+      if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src} not found: --base must be a finished retention workdir with {baseline!r} runs")
+      if not os.path.exists(dst):
+        shutil.copytree(src, dst)
+    r = os.path.join(base, "measurements", f"seed_{s}", "random.json")
+    os.makedirs(os.path.join(out, "measurements", f"seed_{s}"), exist_ok=True)
+    shutil.copy2(r, os.path.join(out, "measurements", f"seed_{s}", "random.json"))
+
+
+def row(name: str, overrides: dict, s: dict, method: str) -> dict:
+  h, b = s["headline"], s["baseline"]
+  first_task = next(iter(s["forgetting"][method]))
+  last_task = next(t for t, i in s["tasks"].items() if i["stage"] == s["stages"][-1])
+  out = dict(variant=name, overrides=overrides, method=method,
+             forgetting=s["forgetting"][method][first_task][h], baseline_forgetting=s["forgetting"][b][first_task][h],
+             avoided=s["avoided"][method][first_task][h],
+             final_first_task=s["curves"][method][first_task][h][-1],
+             last_task=s["curves"][method][last_task][h][-1], baseline_last_task=s["curves"][b][last_task][h][-1],
+             cka=s["cka"][method][s["stages"][0]])
+  rep = s["replay"].get(method, {}).get(s["stages"][0])
+  if rep:
+    out["frechet"] = rep["replay"]["frechet"]
+    out["frechet_real"] = rep["real_same_size"]["frechet"]
+    out["frechet_init"] = rep.get("generator_init", {}).get("frechet")
+  out["tasks"] = (first_task, last_task)
+  return out
+
+
+def markdown(rows: list[dict], headline: str) -> str:
+  from invcoss_jax.retention.report import fmt
+  t0, t1 = rows[0]["tasks"]
+  lines = [f"| variant | {t0} {headline} forgetting | avoided (of means / per seed) | {t0} {headline} after last | "
+           f"{t1} {headline} (plasticity) | CKA | FD replay | FD real same N | FD generator init |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    av = r["avoided"]
+    lines.append(f"| {r['variant']} | {fmt(r['forgetting'])} | {av['of_means']:.2f} / {fmt(av['per_seed'], 2)} | "
+                 f"{fmt(r['final_first_task'])} | {fmt(r['last_task'])} | {fmt(r['cka'])} | "
+                 f"{fmt(r.get('frechet'), 2)} | {fmt(r.get('frechet_real'), 2)} | {fmt(r.get('frechet_init'), 2)} |")
+  b = rows[0]
+  lines.append(f"| baseline ({b['method'] and 'seqssl'}) | {fmt(b['baseline_forgetting'])} | 0 | - | "
+               f"{fmt(b['baseline_last_task'])} | - | - | - | - |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--base", required=True, help="a finished retention workdir holding the baseline's runs")
+  p.add_argument("--out", required=True)
+  p.add_argument("--preset", default="quick")
+  p.add_argument("--method", default="invcoss", help="the ablated method")
+  p.add_argument("--variant", action="append", required=True, help="name:key=value,...")
+  args = p.parse_args(argv)
+
+  from absl import logging
+  logging.set_verbosity(logging.INFO)
+  from invcoss_jax.defaults import load_config_file
+  from invcoss_jax.retention import job
+
+  rows = []
+  variants = [parse_variant(v) for v in args.variant]
+  for name, overrides in variants:
+    config = load_config_file(f"configs/retention.py:{args.preset}")
+    baseline = str(config.retention.baseline)
+    config.retention.methods = (baseline, args.method)
+    for key, value in overrides.items():
+      node, *path = key.split(".")
+      target = config
+      for k in [node] + path[:-1]:
+        if k not in target:
+          raise KeyError(f"--variant {name}: config has no {key!r}")
+        target = target[k]
+      if path[-1:] and path[-1] not in target:
+        raise KeyError(f"--variant {name}: config has no {key!r}")
+      target[path[-1] if path else node] = value
+    workdir = os.path.join(os.path.abspath(args.out), name)
+    seed_workdir(os.path.abspath(args.base), workdir, baseline, [int(s) for s in config.retention.seeds])
+    s = job.run(config, workdir)
+    rows.append(row(name, overrides, s, args.method))
+    from invcoss_jax.io_utils import atomic_write, atomic_write_json
+    atomic_write_json(os.path.join(args.out, "ablation.json"), rows)
+    atomic_write(os.path.join(args.out, "ablation.md"), markdown(rows, s["headline"]))
+  print(open(os.path.join(args.out, "ablation.md")).read())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

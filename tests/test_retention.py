@@ -178,3 +178,13 @@ def test_share_first_stage_copies_a_finished_stage_only(tmp_path):
   assert (dst / "stage_1_xray" / "checkpoints" / "4").is_dir()
   assert not (dst / "stage_1_xray" / "stage_info.json").exists()  # the method's own end of stage still runs
   assert not retention_job.share_first_stage(str(src), str(dst))
+
+
+def test_progress_estimates_the_time_left_per_kind_of_unit():
+  p = retention_job.Progress({"random": 2, "run": 2})
+  p.step("random", "r0", 1.0)
+  assert np.isnan(p.eta())  # no run timed yet: unknown, not a guess from the fast units
+  p.step("run", "m0", 10.0)
+  assert p.eta() == pytest.approx(1.0 + 10.0)
+  p.step("random", "r1", 0.0, skipped=True)  # a unit done earlier does not count as a timing
+  assert p.eta() == pytest.approx(10.0)

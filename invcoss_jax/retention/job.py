@@ -101,18 +101,19 @@ class Progress:
     self.spent = {k: [] for k in totals}
 
   def eta(self) -> float:
-    means = [sum(v) / len(v) for v in self.spent.values() if v]
-    fallback = max(means) if means else float("nan")
-    return sum(n * (sum(self.spent[k]) / len(self.spent[k]) if self.spent[k] else fallback)
-               for k, n in self.left.items())
+    """Seconds left; nan while a kind with units left has none timed yet."""
+    return sum(n * (sum(self.spent[k]) / len(self.spent[k]) if self.spent[k] else float("nan"))
+               for k, n in self.left.items() if n)
 
   def step(self, kind: str, what: str, seconds: float, skipped: bool = False) -> None:
     self.done += 1
     self.left[kind] -= 1
     if not skipped:
       self.spent[kind].append(seconds)
-    logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %.0f s", self.done, self.total, what,
-                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start, self.eta())
+    eta = self.eta()
+    logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %s", self.done, self.total, what,
+                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start,
+                 f"{eta:.0f} s" if eta == eta else "unknown until a unit of each kind is timed")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:

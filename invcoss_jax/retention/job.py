@@ -99,17 +99,20 @@ class Progress:
     self.left = dict(totals)
     self.total, self.done, self.start = sum(totals.values()), 0, time.perf_counter()
     self.spent = {k: [] for k in totals}
+    self.skipped = {k: [] for k in totals}
 
   def eta(self) -> float:
-    """Seconds left; nan while a kind with units left has none timed yet."""
-    return sum(n * (sum(self.spent[k]) / len(self.spent[k]) if self.spent[k] else float("nan"))
-               for k, n in self.left.items() if n)
+    """Seconds left; units found done earlier only count for a kind none of whose units has been timed (nan
+    while a kind with units left has neither)."""
+    def mean(k):
+      v = self.spent[k] or self.skipped[k]
+      return sum(v) / len(v) if v else float("nan")
+    return sum(n * mean(k) for k, n in self.left.items() if n)
 
   def step(self, kind: str, what: str, seconds: float, skipped: bool = False) -> None:
     self.done += 1
     self.left[kind] -= 1
-    if not skipped:
-      self.spent[kind].append(seconds)
+    (self.skipped if skipped else self.spent)[kind].append(seconds)
     eta = self.eta()
     logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %s", self.done, self.total, what,
                  "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start,

@@ -95,7 +95,7 @@ def markdown(s: dict[str, Any]) -> str:
 def plot(s: dict[str, Any], task: str, metric: str):
   """A matplotlib Figure: the metric after each stage, one line per method with its 95 % band."""
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(1.6 + 1.3 * len(s["stages"]), 3.4))
+  fig = Figure(figsize=(max(5.0, 1.6 + 1.3 * len(s["stages"])), 3.6))
   ax = fig.add_subplot(1, 1, 1)
   x = list(range(len(s["stages"])))
   for m in s["methods"]:
@@ -114,7 +114,29 @@ def plot(s: dict[str, Any], task: str, metric: str):
   ax.set_xticks(x)
   ax.set_xticklabels([f"after {st.split('_', 2)[2]}" for st in s["stages"]])
   ax.set_ylabel(f"{task} {metric}")
-  ax.set_title(f"{task}: {metric} after each stage ({len(s['seeds'])} seeds, 95 % CI)")
+  ax.set_title(f"{task}: {metric} after each stage ({len(s['seeds'])} seeds, 95 % CI)", fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def plot_forgetting(s: dict[str, Any], metric: str):
+  """A matplotlib Figure: each method's forgetting of every earlier task (paired per seed), with 95 % CI bars."""
+  from matplotlib.figure import Figure
+  tasks = [t for t in s["tasks"] if s["forgetting"][s["methods"][0]].get(t)]
+  fig = Figure(figsize=(max(4.0, 1.2 + 1.0 * len(s["methods"]) * len(tasks)), 3.2))
+  ax = fig.add_subplot(1, 1, 1)
+  width = 0.8 / max(len(s["methods"]), 1)
+  for i, m in enumerate(s["methods"]):
+    stats = [s["forgetting"][m][t][metric] for t in tasks]
+    ax.bar([j + i * width for j in range(len(tasks))], [st["mean"] for st in stats], width,
+           yerr=[st["ci"] if math.isfinite(st.get("ci", float("nan"))) else 0.0 for st in stats], capsize=3,
+           label=m)
+  ax.axhline(0.0, color="black", linewidth=0.8)
+  ax.set_xticks([j + width * (len(s["methods"]) - 1) / 2 for j in range(len(tasks))])
+  ax.set_xticklabels(tasks)
+  ax.set_ylabel(f"forgetting ({metric})")
+  ax.set_title(f"forgetting after the last stage ({len(s['seeds'])} seeds, 95 % CI)", fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   return fig
@@ -133,5 +155,11 @@ def write(workdir: str, config: ml_collections.ConfigDict, s: dict[str, Any], me
       path = os.path.join(workdir, f"retention_{t}_{k}.png")
       with atomic_path(path) as tmp:
         plot(s, t, k).savefig(tmp, format="png", dpi=120)
+      paths.append(path)
+  for k in metrics:
+    if any(s["forgetting"][s["methods"][0]].values()):
+      path = os.path.join(workdir, f"retention_forgetting_{k}.png")
+      with atomic_path(path) as tmp:
+        plot_forgetting(s, k).savefig(tmp, format="png", dpi=120)
       paths.append(path)
   return paths

@@ -20,6 +20,7 @@ import ml_collections
 
 from invcoss_jax.continual.config import ALTERNATIVE_ORDER, DEFAULT_ORDER, METHODS
 from invcoss_jax.defaults import base_config
+from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config, model_config
 
 
@@ -52,15 +53,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.logging.log_every_steps = 10
   c.logging.image_every_steps = 0
   c.inversion.stats_batch_size = 32
-  c.inversion.invunet.channels = (8, 16, 32)
-  c.inversion.schedule_2d.batch_size = 16
-  c.inversion.schedule_2d.steps = 20
-  c.inversion.schedule_2d.init_steps = 30
-  c.inversion.schedule_3d.batch_size = 4
-  c.inversion.schedule_3d.steps = 20
-  c.inversion.schedule_3d.init_steps = 30
-  c.inversion.schedule_3d.latent_dim = 64
-  c.inversion.grid_size = 16
+  use_cpu_demo_schedule(c.inversion)
   c.continual.kmeans.batch_size = 32
   c.continual.ewc.fisher_num_examples = 32
   c.continual.cassle.hidden_dim = 128

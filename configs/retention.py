@@ -23,6 +23,7 @@ import os
 import ml_collections
 
 from invcoss_jax.defaults import base_config
+from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config
 from invcoss_jax.retention.config import retention_config
 
@@ -52,15 +53,7 @@ def _common(c: ml_collections.ConfigDict) -> None:
   c.logging.log_every_steps = 500
   c.logging.image_every_steps = 0
   c.inversion.stats_batch_size = 256
-  c.inversion.invunet.channels = (8, 16, 32)
-  c.inversion.schedule_2d.batch_size = 16
-  c.inversion.schedule_2d.steps = 20
-  c.inversion.schedule_2d.init_steps = 30
-  c.inversion.schedule_3d.batch_size = 4
-  c.inversion.schedule_3d.steps = 20
-  c.inversion.schedule_3d.init_steps = 30
-  c.inversion.schedule_3d.latent_dim = 64
-  c.inversion.grid_size = 16
+  use_cpu_demo_schedule(c.inversion)
   c.continual.synthesize_last_stage = False  # nothing comes after the last stage
   c.continual.kmeans.batch_size = 256
   c.continual.ewc.fisher_num_examples = 256

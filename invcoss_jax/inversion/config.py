@@ -83,3 +83,18 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10  # loss terms written to TensorBoard every this many inner steps
   c.grid_size = 16  # images in the PNG grid
   return c
+
+
+def use_cpu_demo_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.inversion` sized for the CPU demos and benchmarks (32x32 images, 16x32x32 volumes, a micro ViT):
+  a small InvUNet and short schedules (batches of 16 images / 4 volumes, 30 steps from a fresh generator)."""
+  c.invunet.channels = (8, 16, 32)
+  c.schedule_2d.batch_size = 16
+  c.schedule_2d.steps = 20
+  c.schedule_2d.init_steps = 30
+  c.schedule_3d.batch_size = 4
+  c.schedule_3d.steps = 20
+  c.schedule_3d.init_steps = 30
+  c.schedule_3d.latent_dim = 64
+  c.grid_size = 16
+  return c

@@ -29,7 +29,7 @@ def markdown(s: dict[str, Any]) -> str:
            f"Methods {', '.join(s['methods'])}; seeds {s['seeds']}; stages {' -> '.join(s['stages'])}. "
            f"Every figure is a mean ± the half-width of its 95 % Student-t interval over the {len(s['seeds'])} seeds. "
            "Probes are fitted on each stage's held-out fit split and scored on its test split.", ""]
-  for t, info in s["tasks"].items():
+  for t, info in sorted(s["tasks"].items(), key=lambda kv: s["stages"].index(kv[1]["stage"])):
     lines += [f"## Task `{t}` (trained in {info['stage']})", "",
               "| method | " + " | ".join(f"{k} after {st}" for st in s["stages"] for k in (h,)) +
               f" | gain over random ({h}) | forgetting ({h}) | {b}'s forgetting avoided (of means / per seed) |",

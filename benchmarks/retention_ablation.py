@@ -88,6 +88,37 @@ def row(name: str, overrides: dict, s: dict, method: str) -> dict:
   return out
 
 
+def paired_difference(base: str, workdir: str, method: str, seeds, stages, tasks, headline: str) -> dict:
+  """Per-seed differences variant - base of the ablated method (the same seeds share stage 1, so the pairing
+  removes the seed-to-seed spread of the levels): the first task after the last stage, the last task, and the
+  replay set's Fréchet distance."""
+  from invcoss_jax.retention.metrics import mean_ci
+
+  def load(root, s, stage):
+    path = os.path.join(root, "measurements", f"seed_{s}", method, f"{stage}.json")
+    if not os.path.isfile(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  out = {}
+  first, last = tasks
+  diffs = {"first_task": [], "last_task": [], "frechet": []}
+  for s in seeds:
+    a, b = load(workdir, s, stages[-1]), load(base, s, stages[-1])
+    if a is None or b is None:
+      return {}
+    diffs["first_task"].append(a["tasks"][first][headline] - b["tasks"][first][headline])
+    diffs["last_task"].append(a["tasks"][last][headline] - b["tasks"][last][headline])
+    ra, rb = (load(r, s, stages[0]) or {}).get("replay"), (load(base, s, stages[0]) or {}).get("replay")
+    if ra and rb:
+      diffs["frechet"].append(ra["replay"]["frechet"] - rb["replay"]["frechet"])
+  for k, v in diffs.items():
+    if v:
+      out[k] = mean_ci(v)
+  return out
+
+
 def markdown(rows: list[dict], headline: str) -> str:
   from invcoss_jax.retention.report import fmt
   t0, t1 = rows[0]["tasks"]
@@ -100,8 +131,14 @@ def markdown(rows: list[dict], headline: str) -> str:
                  f"{fmt(r['final_first_task'])} | {fmt(r['last_task'])} | {fmt(r['cka'])} | "
                  f"{fmt(r.get('frechet'), 2)} | {fmt(r.get('frechet_real'), 2)} | {fmt(r.get('frechet_init'), 2)} |")
   b = rows[0]
-  lines.append(f"| baseline ({b['method'] and 'seqssl'}) | {fmt(b['baseline_forgetting'])} | 0 | - | "
+  lines.append(f"| baseline (seqssl) | {fmt(b['baseline_forgetting'])} | 0 | - | "
                f"{fmt(b['baseline_last_task'])} | - | - | - | - |")
+  lines += ["", f"Paired per seed, variant minus the benchmark's own {rows[0]['method']} run (same seeds, same stage 1):",
+            "", f"| variant | Δ {t0} {headline} after last | Δ {t1} {headline} | Δ FD replay |", "|---|---|---|---|"]
+  for r in rows:
+    d = r.get("paired", {})
+    lines.append(f"| {r['variant']} | {fmt(d.get('first_task'))} | {fmt(d.get('last_task'))} | "
+                 f"{fmt(d.get('frechet'), 2)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -138,7 +175,10 @@ def main(argv=None) -> int:
     workdir = os.path.join(os.path.abspath(args.out), name)
     seed_workdir(os.path.abspath(args.base), workdir, baseline, [int(s) for s in config.retention.seeds])
     s = job.run(config, workdir)
-    rows.append(row(name, overrides, s, args.method))
+    r = row(name, overrides, s, args.method)
+    r["paired"] = paired_difference(os.path.abspath(args.base), workdir, args.method, s["seeds"], s["stages"],
+                                    r["tasks"], s["headline"])
+    rows.append(r)
     from invcoss_jax.io_utils import atomic_write, atomic_write_json
     atomic_write_json(os.path.join(args.out, "ablation.json"), rows)
     atomic_write(os.path.join(args.out, "ablation.md"), markdown(rows, s["headline"]))

@@ -192,3 +192,18 @@ def test_progress_estimates_the_time_left_per_kind_of_unit():
   q.step("random", "r0", 0.5, skipped=True)  # a kind found done so far: its skips stand in
   q.step("run", "m0", 10.0)
   assert q.eta() == pytest.approx(0.5)
+
+
+def test_ablation_variants_parse_literals_and_reject_malformed_ones():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("retention_ablation", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "retention_ablation.py"))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  name, o = ablation.parse_variant('grey:inversion.grey="yes",inversion.invunet.channels=(8, 16),x.y=0.5')
+  assert name == "grey" and o == {"inversion.grey": "yes", "inversion.invunet.channels": (8, 16), "x.y": 0.5}
+  assert ablation.parse_variant("reference:") == ("reference", {})
+  with pytest.raises(ValueError, match="name:key=value"):
+    ablation.parse_variant("no-colon")
+  with pytest.raises(ValueError, match="not a Python literal"):
+    ablation.parse_variant("bad:a.b=yes")

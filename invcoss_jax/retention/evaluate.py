@@ -163,6 +163,16 @@ class Measurer:
     from invcoss_jax.retention.job import run_config
     return _init_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))
 
+  def _path(self, seed: int, method: str, stage: str) -> str:
+    return os.path.join(self.root, f"seed_{seed}", method, f"{stage}.json")
+
+  def has_random(self, seed: int) -> bool:
+    return os.path.isfile(os.path.join(self.root, f"seed_{seed}", "random.json"))
+
+  def has_run(self, seed: int, method: str, stages: list[Stage]) -> bool:
+    """Whether every stage of the run has its measurement (so the run itself has finished)."""
+    return all(os.path.isfile(self._path(seed, method, s.name)) for s in stages)
+
   def random_baseline(self, seed: int) -> bool:
     """Measures the random-init encoder of `seed`; returns True when it was measured earlier."""
     path = os.path.join(self.root, f"seed_{seed}", "random.json")
@@ -183,7 +193,7 @@ class Measurer:
 
     made = False
     for i, stage in enumerate(stages):
-      path = os.path.join(self.root, f"seed_{seed}", method, f"{stage.name}.json")
+      path = self._path(seed, method, stage.name)
       if os.path.isfile(path):
         continue
       p = stage_params(i)
@@ -255,7 +265,7 @@ class Measurer:
       for m in methods:
         out["runs"][m][s] = {}
         for name in (["stage_1_joint"] if m == "joint" else stage_names):
-          r = _read_json(os.path.join(self.root, f"seed_{s}", m, f"{name}.json"))
+          r = _read_json(self._path(s, m, name))
           if r is None:
             raise FileNotFoundError(f"{self.root}/seed_{s}/{m}/{name}.json is missing: the benchmark has not "
                                     "finished")

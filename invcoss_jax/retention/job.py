@@ -92,30 +92,30 @@ def share_first_stage(source: str, target: str) -> bool:
 
 
 class Progress:
-  """Logs each finished unit of work with the elapsed time and an estimate of the time left, from the mean
-  time of the units of the same kind measured so far (a random-baseline unit takes seconds, a run minutes)."""
+  """Logs each unit of work with the elapsed time and an estimate of the time left: the units still to do of
+  each kind times the mean time of that kind's units so far (a random-baseline unit takes seconds, a run
+  minutes). Units found done by an earlier run are logged and not counted."""
 
-  def __init__(self, totals: dict[str, int]):
-    self.left = dict(totals)
-    self.total, self.done, self.start = sum(totals.values()), 0, time.perf_counter()
-    self.spent = {k: [] for k in totals}
-    self.skipped = {k: [] for k in totals}
+  def __init__(self, todo: dict[str, int]):
+    self.left = dict(todo)
+    self.total, self.done, self.start = sum(todo.values()), 0, time.perf_counter()
+    self.spent = {k: [] for k in todo}
 
   def eta(self) -> float:
-    """Seconds left; units found done earlier only count for a kind none of whose units has been timed (nan
-    while a kind with units left has neither)."""
-    def mean(k):
-      v = self.spent[k] or self.skipped[k]
-      return sum(v) / len(v) if v else float("nan")
-    return sum(n * mean(k) for k, n in self.left.items() if n)
+    """Seconds left; nan while a kind with units left has none timed yet."""
+    return sum(n * (sum(self.spent[k]) / len(self.spent[k]) if self.spent[k] else float("nan"))
+               for k, n in self.left.items() if n)
 
-  def step(self, kind: str, what: str, seconds: float, skipped: bool = False) -> None:
+  def skip(self, what: str) -> None:
+    logging.info("retention: %s done earlier", what)
+
+  def step(self, kind: str, what: str, seconds: float) -> None:
     self.done += 1
     self.left[kind] -= 1
-    (self.skipped if skipped else self.spent)[kind].append(seconds)
+    self.spent[kind].append(seconds)
     eta = self.eta()
-    logging.info("retention [%d/%d] %s %s in %.0f s; elapsed %.0f s, ETA %s", self.done, self.total, what,
-                 "(done earlier)" if skipped else "done", seconds, time.perf_counter() - self.start,
+    logging.info("retention [%d/%d] %s done in %.0f s; elapsed %.0f s, ETA %s", self.done, self.total, what,
+                 seconds, time.perf_counter() - self.start,
                  f"{eta:.0f} s" if eta == eta else "unknown until a unit of each kind is timed")
 
 
@@ -132,17 +132,26 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   atomic_write_json(os.path.join(workdir, "retention_plan.json"),
                     dict(methods=methods, seeds=seeds, stages=stage_names, config=config.to_dict()))
   measurer = evaluate.Measurer(config, os.path.join(workdir, MEASURE_DIR))
-  progress = Progress({"random": len(seeds), "run": len(seeds) * len(methods)})
+  runs = {(seed, method): plan_stages(run_config(config, seed, method),
+                                     os.path.join(workdir, RUNS_DIR, f"seed_{seed}", method))
+          for seed in seeds for method in methods}
+  todo_random = [s for s in seeds if not measurer.has_random(s)]
+  todo_runs = [k for k, stages in runs.items() if not measurer.has_run(k[0], k[1], stages)]
+  progress = Progress({"random": len(todo_random), "run": len(todo_runs)})
   for seed in seeds:
     t0 = time.perf_counter()
-    skipped = measurer.random_baseline(seed)
-    progress.step("random", f"seed {seed}: random-init encoder", time.perf_counter() - t0, skipped)
+    measurer.random_baseline(seed)
+    what = f"seed {seed}: random-init encoder"
+    if seed in todo_random:
+      progress.step("random", what, time.perf_counter() - t0)
+    else:
+      progress.skip(what)
     first = None
     for method in methods:
       t0 = time.perf_counter()
       run_dir = os.path.join(workdir, RUNS_DIR, f"seed_{seed}", method)
       cfg = run_config(config, seed, method)
-      stages = plan_stages(cfg, run_dir)
+      stages = runs[(seed, method)]
       finished = all(os.path.isfile(os.path.join(s.workdir, STAGE_INFO)) for s in stages)
       if not finished and bool(rc.share_first_stage) and first is not None and method != "joint":
         if share_first_stage(first, run_dir):
@@ -151,8 +160,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       continual_job.run(cfg, run_dir)
       if method != "joint":
         first = first or run_dir
-      measured_now = measurer.measure_run(seed, method, stages)
-      progress.step("run", f"seed {seed}: {method}", time.perf_counter() - t0, finished and not measured_now)
+      measurer.measure_run(seed, method, stages)
+      what = f"seed {seed}: {method}"
+      if (seed, method) in todo_runs:
+        progress.step("run", what, time.perf_counter() - t0)
+      else:
+        progress.skip(what)
   result = summary.summarize(config, measurer.load_all(seeds, methods, stage_names), stage_names)
   report.write(workdir, config, result, measurer)
   return result

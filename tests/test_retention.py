@@ -90,8 +90,9 @@ def test_mean_pairwise_cosine():
 # --- summary on known measurements ----------------------------------------------------------------------------
 
 
-def _measurement(value_after, cka):
-  return {"tasks": {"xray": {"knn_auc": value_after, "logreg_auc": value_after}}, "cka": cka}
+def _measurement(value_after, cka, path=0.5):
+  return {"tasks": {"xray": {"knn_auc": value_after, "logreg_auc": value_after},
+                    "path": {"knn_auc": path, "logreg_auc": path}}, "cka": cka}
 
 
 def test_summary_gain_forgetting_and_avoided_fraction():
@@ -103,9 +104,10 @@ def test_summary_gain_forgetting_and_avoided_fraction():
     runs["seqssl"][s] = {stages[0]: _measurement(after1, {stages[0]: 1.0}),
                          stages[1]: _measurement(seq2, {stages[0]: 0.5, stages[1]: 1.0})}
     runs["invcoss"][s] = {stages[0]: _measurement(after1, {stages[0]: 1.0}),
-                          stages[1]: _measurement(inv2, {stages[0]: 0.9, stages[1]: 1.0})}
-  data = {"random": {0: {"xray": {"knn_auc": 0.7, "logreg_auc": 0.7}},
-                     1: {"xray": {"knn_auc": 0.6, "logreg_auc": 0.6}}}, "runs": runs}
+                          stages[1]: _measurement(inv2, {stages[0]: 0.9, stages[1]: 1.0}, path=0.9 - 0.1 * s)}
+    runs["seqssl"][s][stages[1]]["tasks"]["path"] = {"knn_auc": 0.95, "logreg_auc": 0.95}
+  rnd = lambda v: {"xray": {"knn_auc": v, "logreg_auc": v}, "path": {"knn_auc": 0.5, "logreg_auc": 0.5}}
+  data = {"random": {0: rnd(0.7), 1: rnd(0.6)}, "runs": runs}
   s = summary.summarize(config, data, stages)
   assert s["gain"]["seqssl"]["xray"]["knn_auc"]["mean"] == pytest.approx(0.2)
   assert s["forgetting"]["seqssl"]["xray"]["knn_auc"]["mean"] == pytest.approx(0.15)
@@ -116,6 +118,9 @@ def test_summary_gain_forgetting_and_avoided_fraction():
   assert s["cka"]["invcoss"][stages[0]]["mean"] == pytest.approx(0.9)
   assert s["targets"]["invcoss_avoids_half_xray"]["met"]
   assert [c["mean"] for c in s["curves"]["seqssl"]["xray"]["knn_auc"]] == pytest.approx([0.85, 0.7])
+  # The last stage's task: invcoss reaches 0.9 and 0.8 where seqssl reaches 0.95: it costs 0.10 on average.
+  assert s["plasticity"]["invcoss"]["path"]["knn_auc"]["mean"] == pytest.approx(-0.10)
+  assert "path" not in s["forgetting"]["invcoss"]  # nothing comes after the last stage
 
 
 def test_bad_options_are_refused_before_any_run(tmp_path):

@@ -59,6 +59,14 @@ def markdown(s: dict[str, Any]) -> str:
       for m in s["methods"]:
         lines.append(f"| {m} | " + " | ".join(fmt(s["forgetting"][m][t][k]) for k in info["metrics"]) + " |")
       lines.append("")
+  if s.get("plasticity"):
+    lines += ["## Plasticity", "",
+              f"The last stage's own task after it, minus {b}'s, paired per seed (what the method costs the new stage):",
+              "", "| method | " + " | ".join(f"{t} {h}" for t in next(iter(s["plasticity"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(s["plasticity"].values())))]
+    for m, per in s["plasticity"].items():
+      lines.append(f"| {m} | " + " | ".join(fmt(per[t].get(h)) for t in per) + " |")
+    lines.append("")
   lines += ["## Representation drift", "",
             "Linear CKA between each stage's own model and the last model, on that stage's held-out images "
             "(1 = no drift).", "", "| method | " + " | ".join(s["stages"][:-1]) + " |",

@@ -77,6 +77,14 @@ def summarize(config: ml_collections.ConfigDict, data: dict[str, Any], stage_nam
     out["joint"] = {t: {k: mean_ci([float(data["runs"]["joint"][s]["stage_1_joint"]["tasks"][t][k]) for s in seeds])
                         for k in out["tasks"][t]["metrics"]} for t in tasks}
   if baseline in methods:
+    # Plasticity: what the method costs the last stage's own task, paired per seed against the baseline.
+    out["plasticity"] = {}
+    for t in tasks:
+      if task_stage[t] == last:
+        for m in methods:
+          out["plasticity"].setdefault(m, {})[t] = {
+              k: mean_ci([value(m, s, last, t, k) - value(baseline, s, last, t, k) for s in seeds])
+              for k in out["tasks"][t]["metrics"]}
     for m in methods:
       out["avoided"][m] = {}
       for t, per_metric in out["forgetting"][baseline].items():

@@ -10,7 +10,8 @@ Presets:
   on a 2-core CPU.
 - `full`: the four image modalities (X-ray, the embedded CT, hippocampus MRI, pathology); seqssl, er, medcoss,
   ewc, invcoss and joint (the upper bound: one stage over every modality); 3 seeds. CT and MRI have no class
-  labels here: they are measured by drift (CKA) and replay quality only.
+  labels here: they are measured by drift (CKA) and replay quality only. On a 2-core CPU its 3D stages are bound
+  by the input pipeline (about 3-6 steps/s): expect 3-4 hours (docs/results.md).
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
 

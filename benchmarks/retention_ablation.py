@@ -110,7 +110,7 @@ def paired_difference(base: str, workdir: str, method: str, seeds, stages, tasks
       return {}
     diffs["first_task"].append(a["tasks"][first][headline] - b["tasks"][first][headline])
     diffs["last_task"].append(a["tasks"][last][headline] - b["tasks"][last][headline])
-    ra, rb = (load(r, s, stages[0]) or {}).get("replay"), (load(base, s, stages[0]) or {}).get("replay")
+    ra, rb = (load(workdir, s, stages[0]) or {}).get("replay"), (load(base, s, stages[0]) or {}).get("replay")
     if ra and rb:
       diffs["frechet"].append(ra["replay"]["frechet"] - rb["replay"]["frechet"])
   for k, v in diffs.items():

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax import models
-from invcoss_jax.continual.stages import BUFFER_DIR, SYNTHETIC_DIR, Stage, stage_key
+from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, SYNTHETIC_DIR, Stage, stage_key
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import features, metrics
 
@@ -61,7 +61,7 @@ def initial_generator_images(stage: Stage, num: int, seed: int) -> np.ndarray | 
   from invcoss_jax.inversion import engine
   from invcoss_jax.train import checkpoint as ckpt_lib
   cfg = ckpt_lib.read_config(stage.workdir)
-  info = _read_json(os.path.join(stage.workdir, "stage_info.json")) or {}
+  info = _read_json(os.path.join(stage.workdir, STAGE_INFO)) or {}
   shape = tuple(int(s) for s in info["image_shapes"][0])
   from invcoss_jax import data as data_lib
   inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(cfg.data).modality))

@@ -141,7 +141,7 @@ def test_bad_options_are_refused_before_any_run(tmp_path):
 def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_resume_is_exact(tmp_path):
   config = load_config_file("configs/retention.py:tiny")
   config.retention.seeds = (0, 1)
-  config.retention.methods = ("seqssl", "invcoss")
+  config.retention.methods = ("seqssl", "invcoss", "joint")
   config.train.base_lr = 0.0  # every stage's encoder stays the random initialisation
   config.retention.finetune.enabled = True  # fine-tuning from the same weights with the same seed: the same result
   config.retention.finetune.steps = 2
@@ -152,6 +152,9 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
       assert out["forgetting"][m]["xray"][k]["mean"] == pytest.approx(0.0, abs=1e-9)
     assert out["cka"][m]["stage_1_xray"]["mean"] == pytest.approx(1.0, abs=1e-6)
   assert "path" not in out["tasks"]  # the demo pathology tiles have no labels: no probe
+  # joint (one stage over both modalities) is reported as the upper bound, from the same initialisation.
+  assert out["joint"]["xray"]["knn_auc"]["mean"] == pytest.approx(out["random"]["xray"]["knn_auc"]["mean"])
+  assert "joint" not in out["forgetting"]
   replay = out["replay"]["invcoss"]["stage_1_xray"]
   assert replay["num_samples"] == 16 and replay["replay"]["frechet"]["mean"] > 0
   assert not out["targets"]["pretraining_gain_xray"]["met"]

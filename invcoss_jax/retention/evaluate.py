@@ -201,6 +201,8 @@ class Measurer:
                     tasks=self.tasks(p, seed), cka={})
       for j in range(i + 1):  # drift from each earlier stage's own model, on that stage's held-out images
         m = stages[j].modality
+        if m not in self.order:  # joint's one stage spans every modality: no earlier model to drift from
+          continue
         test = self.split(m, str(self.rc.test_split)).images
         result["cka"][stages[j].name] = (1.0 if j == i else
                                          metrics.linear_cka(self.feats(stage_params(j), test), self.feats(p, test)))

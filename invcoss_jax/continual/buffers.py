@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -85,10 +86,9 @@ def _images(batch) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def encoder_features(model, params, batches: Iterable, *, kind: str) -> np.ndarray:
-  """(N, D) float32 features of every example of `batches` (eval mode, no masking), in order.
-
-  Ragged batches are padded to the first batch's size so one compiled function serves every batch."""
+@functools.lru_cache(maxsize=16)
+def _feature_fn(model, kind: str):
+  """One compiled feature function per (model, feature), shared by every call (stages, seeds, image sets)."""
 
   @jax.jit
   def feats(params, images):
@@ -96,6 +96,14 @@ def encoder_features(model, params, batches: Iterable, *, kind: str) -> np.ndarr
                                method=type(model).encode)
     return pooled_feature(tokens, kind)
 
+  return feats
+
+
+def encoder_features(model, params, batches: Iterable, *, kind: str) -> np.ndarray:
+  """(N, D) float32 features of every example of `batches` (eval mode, no masking), in order.
+
+  Ragged batches are padded to the first batch's size so one compiled function serves every batch."""
+  feats = _feature_fn(model, kind)
   out, size = [], None
   for batch in batches:
     x = _images(batch)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -46,37 +44,15 @@ def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: in
   return Split(x, y)
 
 
-@functools.lru_cache(maxsize=16)
-def _feature_fn(model, kind: str):
-  """One compiled feature function per (model, feature): every stage, seed and image set reuses it."""
-
-  @jax.jit
-  def feats(params, images):
-    tokens, _, _ = model.apply({"params": params}, images, mask_ratio=0.0, train=False,
-                               method=type(model).encode)
-    return buffers.pooled_feature(tokens, kind)
-
-  return feats
-
-
 def encoder_features(model, params, images: np.ndarray, *, kind: str = "mean", batch_size: int = 256
                      ) -> np.ndarray:
-  """(N, D) float32 features of `images` from the encoder of `params` (eval mode, no masking).
-
-  The last batch is padded to `batch_size`, so one compiled program serves every batch."""
+  """(N, D) float32 features of `images` from the encoder of `params` (eval mode, no masking), in batches of
+  `batch_size` through the buffers' compiled feature function."""
   images = np.asarray(images, np.float32)
   if images.ndim < 4 or len(images) == 0:
     raise ValueError(f"encoder features: expected a non-empty batch of images, got shape {images.shape}")
-  fn = _feature_fn(model, kind)
-  b = min(batch_size, len(images))
-  out = []
-  for i in range(0, len(images), b):
-    x = images[i:i + b]
-    n = len(x)
-    if n < b:
-      x = np.concatenate([x, np.repeat(x[-1:], b - n, axis=0)])
-    out.append(np.asarray(jax.device_get(fn(params, x)))[:n])
-  return np.concatenate(out).astype(np.float32)
+  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+  return buffers.encoder_features(model, params, batches, kind=kind)
 
 
 def random_sample(images: np.ndarray, n: int, seed: int) -> np.ndarray:

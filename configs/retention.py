@@ -82,10 +82,15 @@ def _full(c: ml_collections.ConfigDict) -> None:
   d.ct.volume_shape = (16, 32, 32)
   d.ct.split_by, d.ct.split_fractions = "depth", (0.6, 0.2, 0.2)
   d.ct.ct.window_stride = 4  # one CT: overlapping windows within each depth slab (15 -> 45 training windows)
+  # Every resampled window kept (64 KiB each at 16x32x32): the 3D stages are otherwise bound by resampling
+  # each window per example (MRI 6.4 vs 142 batches/s of 64, CT 18 vs 60; benchmarks/input_pipeline.py).
   d.mri.name, d.mri.format, d.mri.modality = "folder", "nifti", "mri"
   d.mri.path = os.path.join(root, "mri", "hippocampus", "images")
   d.mri.volume_shape = (16, 32, 32)
   d.mri.split_fractions = (0.6, 0.2, 0.2)
+  for m in (d.ct, d.mri):
+    m.window_cache_size = 4096
+    m.volume_cache_size = 8
   c.retention.methods = ("seqssl", "er", "medcoss", "ewc", "invcoss", "joint")
   c.retention.seeds = (0, 1, 2)
 

@@ -324,3 +324,23 @@ def test_distill_scale_per_sample_weighs_buffer_samples_like_current_ones():
   c.distill_scale = "other"
   with pytest.raises(ValueError, match="distill_scale"):
     distill_weight(c, [64], [8])
+
+
+def test_stage_steps_set_each_stage_length_and_joint_trains_their_sum(tmp_path):
+  from invcoss_jax.continual import stages
+  from invcoss_jax.defaults import load_config_file
+  config = load_config_file("configs/continual.py:demo")
+  config.continual.order = ("xray", "ct", "path")
+  config.total_steps = 7
+  config.continual.method = "seqssl"
+  plan = stages.plan_stages(config, tmp_path)
+  assert [stages.stage_config(config, s).total_steps for s in plan] == [7, 7, 7]
+  config.continual.stage_steps = (5, 0, 3)
+  plan = stages.plan_stages(config, tmp_path)
+  assert [stages.stage_config(config, s).total_steps for s in plan] == [5, 7, 3]
+  config.continual.method = "joint"
+  (joint,) = stages.plan_stages(config, tmp_path)
+  assert stages.stage_config(config, joint).total_steps == 15
+  config.continual.stage_steps = (5, 3)
+  with pytest.raises(ValueError, match=r"stage_steps=\(5, 3\): expected one entry per stage"):
+    stages.plan_stages(config, tmp_path)

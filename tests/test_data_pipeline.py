@@ -328,3 +328,34 @@ def test_whole_cases_for_sliding_window_inference():
   assert case["mask"].max() <= 41 and case["case_id"] == "totalseg_ct_small"
   # The test slab only (depth split): 9 of the 30 slices of 3 mm -> 14 slices of 2 mm (13.5 rounded).
   assert data.make_case_source(c, "test")[0]["image"].shape[0] == 14
+
+
+def test_window_cache_gives_the_uncached_examples_and_resamples_each_window_once(monkeypatch):
+  """data.window_cache_size keeps resampled 3D windows; mirroring still varies per epoch, so training
+  batches (several epochs of the 24 training windows) and evaluation batches equal the uncached ones."""
+  from invcoss_jax.data import transforms
+  calls = []
+  real = transforms.resample
+  monkeypatch.setattr(transforms, "resample", lambda *a, **k: calls.append(1) or real(*a, **k))
+  c = make_cfg("demo_hippocampus", volume_shape=(16, 32, 32), read_threads=1, **{"mri.mirror_prob": 0.5})
+  n = data.num_examples(c)
+  c.window_cache_size = 4 * n
+  cached = train_iter(c, 8, seed=5)
+  got = [next(cached) for _ in range(3 * n // 8)]
+  assert len(calls) == 2 * n  # image and label map of each window, once over three epochs
+  c.window_cache_size = 0
+  plain = train_iter(c, 8, seed=5)
+  for g in got:
+    e = next(plain)
+    assert g.keys() == e.keys()
+    for k in e:
+      np.testing.assert_array_equal(g[k], e[k])
+  expect = got
+  assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(expect[:n // 8], expect[n // 8:]))
+  c.window_cache_size = 4 * n
+  for a, b in zip(eval_list(c, 8, split="val"), eval_list(make_cfg("demo_hippocampus", volume_shape=(16, 32, 32)), 8, split="val")):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+  c.window_cache_size = -1
+  with pytest.raises(ValueError, match="window_cache_size"):
+    train_iter(c, 8)

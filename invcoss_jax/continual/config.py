@@ -29,6 +29,8 @@ def continual_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "invcoss"  # invcoss | seqssl | er | medcoss | ewc | cassle | packnet | joint
   c.order = DEFAULT_ORDER  # one stage per entry, each a key of `datasets`
+  # Steps of each stage of `order` (same length); () or an entry <= 0: config.total_steps. Joint trains the sum.
+  c.stage_steps = ()
   # The data section of each modality's stage (a full config.data; configs/continual.py sets the paper corpora).
   c.datasets = ml_collections.ConfigDict({m: _dataset(f"demo_{m}", m) for m in MODALITIES})
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from invcoss_jax import npz_io
 from invcoss_jax.train import optim
 
 
@@ -98,10 +99,9 @@ def load_tree_npz(path: str) -> dict[str, dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: the stage that should have written it did not finish")
   per_tree: dict[str, dict] = {}
-  with np.load(path, allow_pickle=False) as f:
-    for key in f.files:
-      if "::" not in key:
-        raise ValueError(f"{path}: key {key!r} is not '<tree>::<leaf path>'")
-      name, leaf_path = key.split("::", 1)
-      per_tree.setdefault(name, {})[leaf_path] = f[key]
+  for key, value in npz_io.load_npz(path).items():
+    if "::" not in key:
+      raise ValueError(f"{path}: key {key!r} is not '<tree>::<leaf path>'")
+    name, leaf_path = key.split("::", 1)
+    per_tree.setdefault(name, {})[leaf_path] = value
   return {name: unflatten(flat) for name, flat in per_tree.items()}

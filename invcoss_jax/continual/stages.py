@@ -70,6 +70,7 @@ def plan_stages(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
   if missing:
     raise ValueError(f"config.continual.order names {missing}, which config.continual.datasets lacks "
                      f"(it has {sorted(c.datasets)})")
+  stage_steps(config)  # checked before any stage starts
   workdir = os.path.abspath(os.fspath(workdir))
   data = tuple(_data_section(c.datasets[m], m) for m in order)
   if check_method(config) == "joint":
@@ -87,15 +88,31 @@ def _data_section(d: ml_collections.ConfigDict, modality: str) -> ml_collections
 
 def stage_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
   """The job config as this stage's config.json: its data section (the first modality's for 'joint'),
-  synthetic sets sized like the replay buffers (config.continual.buffer_fraction), and for 'joint' with
-  config.total_steps > 0 as many steps as the whole sequence (total_steps per stage x stages)."""
+  synthetic sets sized like the replay buffers (config.continual.buffer_fraction), and the stage's steps
+  (`stage_steps`); for 'joint' as many steps as the whole sequence (when every stage has a step count)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.mode = "continual"
   cfg.data = ml_collections.ConfigDict(stage.data[0].to_dict())
   cfg.inversion.buffer_fraction = float(config.continual.buffer_fraction)
-  if stage.modality == "joint" and int(cfg.total_steps) > 0:
-    cfg.total_steps = int(cfg.total_steps) * len(stage.modalities)
+  steps = stage_steps(config)
+  if stage.modality == "joint":
+    if all(s > 0 for s in steps):
+      cfg.total_steps = sum(steps)
+  else:
+    cfg.total_steps = steps[stage.index - 1]
   return cfg
+
+
+def stage_steps(config: ml_collections.ConfigDict) -> list[int]:
+  """Training steps of each stage of config.continual.order: config.continual.stage_steps where > 0,
+  config.total_steps otherwise (<= 0 there: epochs decide)."""
+  order = tuple(config.continual.order)
+  given = tuple(int(s) for s in (config.continual.get("stage_steps") or ()))
+  if given and len(given) != len(order):
+    raise ValueError(f"config.continual.stage_steps={given}: expected one entry per stage of "
+                     f"config.continual.order={order} (or () for config.total_steps={int(config.total_steps)} each)")
+  given = given or (0,) * len(order)
+  return [s if s > 0 else int(config.total_steps) for s in given]
 
 
 def read_info(stage: Stage) -> dict[str, Any] | None:

@@ -61,6 +61,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.read_threads = 2  # threads reading/preprocessing examples in each process
   c.prefetch_buffer_size = 16  # examples read ahead per process
   c.volume_cache_size = 2  # decoded volumes kept per process (windows of one volume share the read)
+  # 3D windows kept per process after resampling (before mirroring); 0 = off. A small 3D dataset that fits
+  # (windows x D x H x W x 4 bytes) then resamples each window once instead of every epoch.
+  c.window_cache_size = 0
 
   # X-ray (MIMIC-CXR in MedCoSS): grey -> 3 channels, RandomResizedCrop(scale 0.2-1) + hflip, [0, 1].
   c.xray = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 
+from invcoss_jax import npz_io
 from invcoss_jax.data.errors import DataError
 
 
@@ -32,19 +33,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def npz_array_info(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{key: (shape, dtype)} of every array in an .npz file, read from the .npy headers only."""
   path = os.fspath(path)
-  out = {}
   try:
-    with zipfile.ZipFile(path) as zf:
-      for name in zf.namelist():
-        if not name.endswith(".npy"):
-          continue
-        with zf.open(name) as f:
-          version = np.lib.format.read_magic(f)
-          if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-          else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        out[name[:-4]] = (tuple(shape), dtype)
+    out = npz_io.npz_headers(path)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise DataError(path, f"cannot read the .npz file ({type(e).__name__}: {e}); expected an "
                     "uncorrupted NumPy .npz archive") from e
@@ -55,10 +45,9 @@ def load_npz_array(path: str | os.PathLike, key: str) -> np.ndarray:
   """One array of an .npz file (decompressed in full: .npz members cannot be memory-mapped)."""
   path = os.fspath(path)
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return z[key]
+    return npz_io.load_npz(path, [key])[key]
   except KeyError as e:
-    raise DataError(path, f"expected an array named {key!r}") from e
+    raise DataError(path, f"expected an array named {key!r} ({e.args[0] if e.args else e})") from e
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise DataError(path, f"cannot read array {key!r} ({type(e).__name__}: {e}); expected an "
                     "uncorrupted NumPy .npz archive") from e

@@ -21,6 +21,7 @@ from invcoss_jax.data.datasets import make_source
 from invcoss_jax.data.errors import DataError, SkipLog
 from invcoss_jax.data.preprocessing import make_preprocessor
 from invcoss_jax.data.registry import resolve
+from invcoss_jax.data.sources import LruCache
 
 
 class _Augment(grain.transforms.RandomMap):
@@ -37,6 +38,49 @@ class _Preprocess(grain.transforms.Map):
 
   def map(self, element):
     return self.fn(element, None)
+
+
+class _PreparedSource:
+  """A source whose examples went through the deterministic part of the preprocessing (`fn.prepare`,
+  e.g. the resampling of a 3D window), the last `size` of them kept: after the first epoch a small 3D
+  dataset costs no resampling. The random part (`fn.augment`) still runs per example and epoch, so the
+  examples are identical to the uncached pipeline's."""
+
+  def __init__(self, source, prepare, size: int):
+    self.source, self.prepare = source, prepare
+    self._cache = LruCache(size)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int):
+    def load():
+      record = self.source[i]
+      if record is None:
+        return None
+      example = self.prepare(record)
+      for a in example.values():
+        a.setflags(write=False)  # shared by every epoch's copy: nothing downstream may write into it
+      return example
+    return self._cache.get(int(i), load)
+
+  def __getattr__(self, name):  # skips, has_labels, ... of the wrapped source
+    if name in ("source", "prepare", "_cache"):
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+
+def _source_and_transform(cfg, split: str):
+  """The split's source and its per-example transform `fn(record, rng=None)`; with
+  data.window_cache_size > 0 and a transform with a deterministic part, that part is cached."""
+  source = make_source(cfg, split)
+  fn = make_preprocessor(cfg)
+  size = int(cfg.get("window_cache_size", 0))
+  if size < 0:
+    raise ValueError(f"data.window_cache_size={size}: expected >= 0 (examples kept per process; 0 = off)")
+  if size > 0 and hasattr(fn, "prepare"):
+    return _PreparedSource(source, fn.prepare, size), fn.augment
+  return source, fn
 
 
 class _ReportSkipsIterator(grain.DatasetIterator):
@@ -116,8 +160,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_siz
   if global_batch_size <= 0 or global_batch_size % pc:
     raise ValueError(f"global_batch_size={global_batch_size}: expected a positive multiple of the "
                      f"process count {pc}")
-  source = make_source(cfg, cfg.split)
-  fn = make_preprocessor(cfg)
+  source, fn = _source_and_transform(cfg, cfg.split)
   ds = _shard(source, cfg, pi, pc, cfg.split).seed(int(seed)).shuffle().repeat(None)
   augment = bool(cfg.augment) and (not bool(cfg.preprocessed) or bool(cfg.get("augment_preprocessed", False)))
   ds = ds.random_map(_Augment(fn)) if augment else ds.map(_Preprocess(fn))
@@ -134,8 +177,8 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   pi, pc = _process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size}: expected a positive batch size")
-  source = make_source(cfg, split)
-  ds = _shard(source, cfg, pi, pc, split).map(_Preprocess(make_preprocessor(cfg)))
+  source, fn = _source_and_transform(cfg, split)
+  ds = _shard(source, cfg, pi, pc, split).map(_Preprocess(fn))
   it = _to_iter(ds, cfg).batch(batch_size, drop_remainder=False)
   if cfg.lenient:
     it = _ReportSkips(it, source.skips)

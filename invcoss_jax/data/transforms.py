@@ -354,7 +354,8 @@ class Volume3D:
   percentile_clip: tuple[float, float] = (0.2, 99.8)
   mirror_prob: float = 0.0
 
-  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
+  def prepare(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The deterministic part (intensity mapping and resampling): what `data.window_cache_size` keeps."""
     volume = record["image"]
     spacing = record.get("spacing", (1.0, 1.0, 1.0))
     scale, offset = window_map(volume.shape, spacing, int(record.get("start", 0)),
@@ -371,9 +372,20 @@ class Volume3D:
     mask = record.get("mask")
     if mask is not None:
       mask = resample(np.asarray(mask, np.int32), scale, offset, out, 0)
-    if rng is not None:
-      image, mask = random_flip([image, mask], (0, 1, 2), self.mirror_prob, rng)
     return _finish(record, image[..., None], mask)
+
+  def augment(self, prepared: dict[str, np.ndarray], rng: np.random.Generator | None = None):
+    """The random part (mirroring) of an example from `prepare`."""
+    if rng is None:
+      return prepared
+    image, mask = random_flip([prepared["image"], prepared.get("mask")], (0, 1, 2), self.mirror_prob, rng)
+    out = dict(prepared, image=image)
+    if mask is not None:
+      out["mask"] = mask
+    return out
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
+    return self.augment(self.prepare(record), rng)
 
 
 @dataclasses.dataclass(frozen=True)

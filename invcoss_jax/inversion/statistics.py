@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from invcoss_jax import npz_io
 from invcoss_jax.io_utils import atomic_savez
 
 
@@ -200,8 +201,9 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
     raise FileNotFoundError(f"statistics file {path!r} not found: run the 'stats' job (or 'pretrain', which "
                             "ends with it) on the stage first")
   try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files if k in _STATS_KEYS}
+    with zipfile.ZipFile(path) as zf:
+      present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    arrays = npz_io.load_npz(path, [k for k in _STATS_KEYS if k in present])
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"statistics file {path!r} is not a readable .npz: {e}") from e
   missing = [k for k in _STATS_KEYS if k not in arrays]

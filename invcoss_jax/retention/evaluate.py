@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from invcoss_jax import models
+from invcoss_jax import models, npz_io
 from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, SYNTHETIC_DIR, Stage, stage_key
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import features, metrics
@@ -48,10 +48,11 @@ def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
     return None
   parts = []
   for f in files:
-    with np.load(f) as z:
-      if "images" not in z:
-        raise ValueError(f"{f}: expected an array 'images' (a replay shard), found {sorted(z.files)}")
-      parts.append(np.asarray(z["images"], np.float32))
+    try:
+      images = npz_io.load_npz(f, ["images"])["images"]
+    except KeyError as e:
+      raise ValueError(f"expected an array 'images' in a replay shard: {e.args[0]}") from e
+    parts.append(np.asarray(images, np.float32))
   return np.concatenate(parts)
 
 

@@ -7,7 +7,9 @@ into their sharded layout (abstract targets) and the data iterator where it stop
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as logging_std
 import os
 from typing import Any
 
@@ -46,18 +48,38 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+class _DropReadOnlyNotice(logging_std.Filter):
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  """Drops orbax's warning that a manager opened read-only is read-only: every load asks for that."""
+  f = _DropReadOnlyNotice()
+  logger = logging_std.getLogger("absl")
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def make_manager(workdir: str | os.PathLike, ckpt_cfg: ml_collections.ConfigDict | None = None, *,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """The stage's CheckpointManager over `workdir/checkpoints` (created unless read_only)."""
   ckpt_cfg = ckpt_cfg or ml_collections.ConfigDict(dict(every_steps=1, max_to_keep=None, async_save=False))
   directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, int(ckpt_cfg.every_steps)),
-      max_to_keep=ckpt_cfg.get("max_to_keep"),
+      save_interval_steps=0 if read_only else max(1, int(ckpt_cfg.every_steps)),
+      max_to_keep=None if read_only else ckpt_cfg.get("max_to_keep"),
       enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)) and not read_only,
       create=not read_only, read_only=read_only)
   handlers = {ITEM_STATE: ocp.StandardCheckpointHandler(), ITEM_CONFIG: ocp.JsonCheckpointHandler(),
               ITEM_DATA: grain.checkpoint.CheckpointHandler()}
+  if read_only:
+    with _quiet_read_only():
+      return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -97,8 +119,13 @@ def load_trained_stage(workdir: str | os.PathLike, *, sharding: jax.sharding.Sha
   ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{ckpt_dir} not found: the stage in {workdir!r} has no checkpoints")
-  with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                             item_handlers={ITEM_STATE: ocp.PyTreeCheckpointHandler()}) as manager:
+  # Every item's handler is named although only the parameters are read: orbax warns once per load and
+  # item about items it finds without one ("Item data_iter was found in the checkpoint, but ...").
+  handlers = {ITEM_STATE: ocp.PyTreeCheckpointHandler(), ITEM_CONFIG: ocp.JsonCheckpointHandler(),
+              ITEM_DATA: grain.checkpoint.CheckpointHandler()}
+  with _quiet_read_only(), ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      item_handlers=handlers) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint of the stage in {workdir!r}")

@@ -39,5 +39,8 @@ def job_for_mode(mode: str):
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
   """Runs the job `config.mode` selects in `workdir`; returns what the job returns."""
+  from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
   mode = str(config.get("mode", "pretrain"))
-  return job_for_mode(mode)(config, os.fspath(workdir))
+  fn = job_for_mode(mode)
+  config_checks.check_options(config)
+  return fn(config, os.fspath(workdir))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -40,11 +41,47 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   from invcoss_jax import jobs  # Imported after flag parsing: jobs import jax lazily per mode.
 
+  from invcoss_jax.config_checks import ConfigError
+
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  jobs.run(_CONFIG.value, workdir)
+  try:
+    jobs.run(_CONFIG.value, workdir)
+  except ConfigError as e:  # an option out of range: the message says which; a traceback would bury it
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
+def _config_spec(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_command_line(argv) -> None:
+  """Unknown `--config.<key>` overrides end the run before absl parses them (ml_collections would raise a
+  raw AttributeError from inside flag parsing), with the nearest valid option names."""
+  from invcoss_jax import config_checks
+  from invcoss_jax.defaults import load_config_file
+
+  spec, keys = _config_spec(argv), config_checks.override_keys(argv)
+  if not spec or not keys:
+    return
+  try:
+    config = load_config_file(spec)
+  except Exception:  # pylint: disable=broad-except
+    return  # config_flags reports a config file it cannot load
+  config_checks.check_override_keys(config, keys)
 
 
 def entry_point():
+  try:
+    check_command_line(sys.argv[1:])
+  except ValueError as e:  # config_checks.ConfigError
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
   app.run(main)
 
 

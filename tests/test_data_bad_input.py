@@ -251,3 +251,21 @@ def test_truncated_dicom_slice(shared_data, tmp_path):
     read_all(c)
   c.lenient = True
   assert sum(b["image"].shape[0] for b in read_all(c)) == 1
+
+
+def test_symlink_loops_and_duplicate_links_read_each_file_once(tmp_path):
+  """Four PNGs under two folders, a link back to the root, a folder linking to itself and a second link
+  to a folder: os.walk(followlinks=True) alone counted 164 examples or never returned."""
+  tiles = sorted(os.listdir(os.path.join(DEMO, "pathology", "tiles")))[:4]
+  root = tmp_path / "tiles"
+  for i, t in enumerate(tiles):
+    os.makedirs(root / ("a" if i < 2 else "b"), exist_ok=True)
+    shutil.copy(os.path.join(DEMO, "pathology", "tiles", t), root / ("a" if i < 2 else "b") / t)
+  os.symlink(root, root / "a" / "back_to_root")
+  os.symlink(root / "b", root / "b" / "itself")
+  os.symlink(root / "a", root / "c_again")
+  os.symlink(root / "a" / tiles[0], root / "b" / "same_file.png")
+  found = data.catalog.find_files(str(root), (".png",))
+  assert sorted(os.path.basename(os.path.realpath(f)) for f in found) == sorted(tiles)
+  c = make_cfg("folder", format="images", modality="path", path=str(root), image_size=32, split="all")
+  assert sum(b["image"].shape[0] for b in read_all(c)) == 4

@@ -22,16 +22,31 @@ def require_path(path: str, what: str) -> str:
 
 
 def find_files(root: str, suffixes: Sequence[str], *, exclude: Sequence[str] = ()) -> list[str]:
-  """Files under `root` (recursively, sorted, hidden entries skipped) whose name ends with a suffix."""
+  """Files under `root` (recursively, sorted, hidden entries skipped) whose name ends with a suffix.
+
+  Symbolic links are followed, but each directory and each file is visited once (by its real path): a
+  link back to an ancestor (a loop) or a second link to the same folder or file adds nothing."""
   suffixes = tuple(s.lower() for s in suffixes)
   exclude = {os.path.realpath(e) for e in exclude if e}
+  seen_dirs = {os.path.realpath(root)}
+  seen_files: set[str] = set()
   out = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                         and os.path.realpath(os.path.join(dirpath, d)) not in exclude)
+    keep = []
+    for d in sorted(dirnames):
+      real = os.path.realpath(os.path.join(dirpath, d))
+      if d.startswith(".") or real in exclude or real in seen_dirs:
+        continue
+      seen_dirs.add(real)
+      keep.append(d)
+    dirnames[:] = keep
     for f in sorted(filenames):
       if not f.startswith(".") and f.lower().endswith(suffixes):
-        out.append(os.path.join(dirpath, f))
+        path = os.path.join(dirpath, f)
+        real = os.path.realpath(path)
+        if real not in seen_files:
+          seen_files.add(real)
+          out.append(path)
   return sorted(out)
 
 

@@ -1,0 +1,120 @@
+"""Checks of a job's options before any work starts, each error naming the option and what was expected.
+
+`check_override_keys` runs on the command line before absl parses it (an unknown `--config.key` would
+otherwise end in a raw AttributeError); `check_options` runs at the start of `jobs.run`, so a notebook's
+config is checked too. File contents are checked later, by the readers, as each file is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """An option out of range or inconsistent with another; the entry point prints it without a traceback."""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every leaf option of a config as a dotted path (ConfigDict sections are descended into)."""
+  out = []
+  for k in config.keys():
+    v = config[k]
+    path = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.append(path)
+      out.extend(flat_keys(v, path + "."))
+    else:
+      out.append(path)
+  return out
+
+
+def check_override_keys(config: ml_collections.ConfigDict, keys: Iterable[str]) -> None:
+  """Raises ValueError for the first dotted key (as in `--config.<key>=...`) the config lacks, naming the
+  nearest existing options."""
+  known = flat_keys(config)
+  known_set = set(known)
+  for key in keys:
+    if key in known_set:
+      continue
+    parent = key.rpartition(".")[0]
+    while parent and parent not in known_set:
+      parent = parent.rpartition(".")[0]
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == parent and k != parent)
+    hint = (f"did you mean {', '.join('--config.' + n for n in near)}?" if near else
+            f"options {'under ' + parent if parent else 'at the top level'}: {', '.join(siblings[:12])}"
+            + (" ..." if len(siblings) > 12 else ""))
+    raise ConfigError(f"--config.{key}: no such option in this config; {hint}")
+
+
+def override_keys(argv: Sequence[str]) -> list[str]:
+  """The dotted keys of `--config.<key>=value` / `--config.<key> value` arguments."""
+  keys = []
+  for a in argv:
+    if a.startswith("--config."):
+      keys.append(a[len("--config."):].split("=", 1)[0])
+  return keys
+
+
+def data_sections(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(option prefix, data section) of every dataset the job trains or evaluates on."""
+  mode = str(config.get("mode", "pretrain"))
+  if mode in ("continual", "retention") and "continual" in config:
+    c = config.continual
+    return [(f"continual.datasets.{m}", c.datasets[m]) for m in c.order if m in c.datasets]
+  return [("data", config.data)] if "data" in config else []
+
+
+def _patch_grid(section: str, d: ml_collections.ConfigDict, model: ml_collections.ConfigDict):
+  """Patches per example of a resolved data section, after checking that the patches tile it."""
+  if int(d.spatial_dims) == 3:
+    shape, patch, what, option = tuple(d.volume_shape), tuple(model.patch_size_3d), "volume", "volume_shape"
+  else:
+    shape = (int(d.image_size),) * 2
+    patch, what, option = tuple(model.patch_size_2d), "image", "image_size"
+  if len(patch) != len(shape) or any(int(p) <= 0 for p in patch):
+    raise ConfigError(f"model.patch_size_{len(shape)}d={patch}: expected {len(shape)} positive sizes")
+  bad = [(s, p) for s, p in zip(shape, patch) if s % p]
+  if bad:
+    raise ConfigError(f"{section}.{option}={d.get(option)}: the {what} of {shape} is not tiled by "
+                     f"model.patch_size_{len(shape)}d={patch} ({bad[0][0]} is not a multiple of {bad[0][1]}); "
+                     f"expected each size a multiple of the patch")
+  return math.prod(s // p for s, p in zip(shape, patch))
+
+
+def check_options(config: ml_collections.ConfigDict) -> None:
+  """Ranges and consistency of the options every training job shares; raises ValueError naming the option."""
+  from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.data.registry import resolve  # pylint: disable=g-import-not-at-top
+
+  train = config.get("train")
+  if train is not None:
+    r = float(train.get("mask_ratio", 0.75))
+    if not 0.0 <= r < 1.0:
+      raise ConfigError(f"train.mask_ratio={r}: expected 0 <= ratio < 1 (the fraction of patches hidden "
+                       "from the encoder; MAE uses 0.75)")
+    b = int(train.get("global_batch_size", 1))
+    if b <= 0:
+      raise ConfigError(f"train.global_batch_size={b}: expected a positive number of examples per step")
+    lr = float(train.get("base_lr", 1.0))
+    if not (math.isfinite(lr) and lr > 0):
+      raise ConfigError(f"train.base_lr={lr}: expected a positive, finite learning rate")
+  model = config.get("model")
+  if model is None or "patch_size_2d" not in model:
+    return
+  for section, d in data_sections(config):
+    try:
+      d = resolve(d)
+    except DataError:
+      continue  # the job's own loader reports it, with the file
+    n = _patch_grid(section, d, model)
+    if train is not None and str(config.get("mode", "pretrain")) in ("pretrain", "continual", "retention"):
+      keep = int(n * (1 - float(train.mask_ratio)))
+      if keep < 1 or keep >= n:
+        raise ConfigError(
+            f"train.mask_ratio={float(train.mask_ratio)} with {n} patches per example of {section} keeps "
+            f"{keep}: expected at least one visible and one hidden patch (MAE learns from the hidden ones)")

@@ -1,0 +1,82 @@
+"""Options checked before any work starts: every shipped preset passes, each bad option is named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from invcoss_jax import config_checks, jobs
+from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.defaults import load_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = ["configs/xray.py", "configs/xray.py:demo", "configs/ct.py", "configs/ct.py:demo", "configs/mri.py",
+         "configs/mri.py:demo", "configs/path.py", "configs/path.py:demo", "configs/continual.py",
+         "configs/continual.py:demo", "configs/continual.py:demo,alt,er", "configs/evaluate.py",
+         "configs/retention.py:quick", "configs/retention.py:full", "configs/retention.py:tiny"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_shipped_preset_passes(spec):
+  config_checks.check_options(load_config_file(os.path.join(REPO, spec)))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.mask_ratio", 1.0, r"train.mask_ratio=1.0: expected 0 <= ratio < 1"),
+    ("train.mask_ratio", -0.1, r"train.mask_ratio=-0.1: expected 0 <= ratio < 1"),
+    ("train.mask_ratio", 0.97, r"mask_ratio=0.97 with 16 patches per example of data keeps 0"),
+    ("train.mask_ratio", 0.0, r"mask_ratio=0.0 with 16 patches per example of data keeps 16"),
+    ("train.global_batch_size", 0, r"train.global_batch_size=0"),
+    ("train.base_lr", float("nan"), r"train.base_lr=nan"),
+    ("data.image_size", 36, r"data.image_size=36: the image of \(36, 36\) is not tiled by "
+                            r"model.patch_size_2d=\(8, 8\) \(36 is not a multiple of 8\)"),
+    ("model.patch_size_2d", (8, 0), r"model.patch_size_2d=\(8, 0\): expected 2 positive sizes"),
+])
+def test_bad_options_are_named(key, value, match):
+  c = load_config_file(os.path.join(REPO, "configs/xray.py:demo"))
+  section, leaf = key.split(".")
+  c[section][leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    config_checks.check_options(c)
+
+
+def test_volumes_of_a_continual_stage_must_be_tiled_by_the_3d_patch():
+  c = load_config_file(os.path.join(REPO, "configs/continual.py:demo"))
+  c.continual.datasets.ct.volume_shape = (16, 32, 36)
+  with pytest.raises(ConfigError, match=r"continual.datasets.ct.volume_shape=\(16, 32, 36\)"):
+    config_checks.check_options(c)
+  c.continual.order = ("xray", "path")  # a modality not in the sequence is not checked
+  config_checks.check_options(c)
+
+
+def test_jobs_run_checks_before_writing(tmp_path):
+  c = load_config_file(os.path.join(REPO, "configs/xray.py:demo"))
+  c.train.mask_ratio = 1.0
+  with pytest.raises(ConfigError):
+    jobs.run(c, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_unknown_override_names_the_nearest_options():
+  c = load_config_file(os.path.join(REPO, "configs/xray.py:demo"))
+  config_checks.check_override_keys(c, ["train.mask_ratio", "data.xray.hflip", "inversion.schedule_2d.steps"])
+  with pytest.raises(ConfigError, match=r"--config.train.mask_ration: no such option .* did you mean "
+                                        r"--config.train.mask_ratio"):
+    config_checks.check_override_keys(c, ["train.mask_ration"])
+  with pytest.raises(ConfigError, match=r"--config.nosuch.key: .* options at the top level: audit, checkpoint"):
+    config_checks.check_override_keys(c, ["nosuch.key"])
+  assert config_checks.override_keys(["--config=x.py", "--config.a.b=1", "--config.c", "2", "--workdir=w"]) == [
+      "a.b", "c"]
+
+
+def test_entry_point_reports_option_errors_without_a_traceback(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for arg, want in (("--config.train.mask_ration=0.5", "did you mean --config.train.mask_ratio"),
+                    ("--config.train.mask_ratio=1.0", "train.mask_ratio=1.0: expected 0 <= ratio < 1")):
+    p = subprocess.run([sys.executable, "-m", "invcoss_jax.main", "--config=configs/xray.py:demo", arg,
+                        f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 2 and f"error: " in p.stderr and want in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+  assert not os.path.exists(tmp_path / "w")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
 
 import numpy as np
+
+from invcoss_jax import faults
 
 
 @contextlib.contextmanager
@@ -18,14 +21,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   suffix = os.path.splitext(path)[1]
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+  prefix = ".tmp-" + os.path.basename(path) + "-"
+  remove_stale(folder, prefix)
+  fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
   os.close(fd)
   try:
     yield tmp
+    faults.point("atomic:" + os.path.basename(path))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_stale(folder: str, prefix: str) -> None:
+  """Deletes what a killed writer left in `folder` under `prefix` (temporary files or folders of an atomic
+  write of the same target: never read, but they would pile up over restarts)."""
+  try:
+    names = os.listdir(folder)
+  except FileNotFoundError:
+    return
+  for name in names:
+    if name.startswith(prefix):
+      p = os.path.join(folder, name)
+      if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(p)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from invcoss_jax import models
+from invcoss_jax import faults, models
 from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
@@ -43,6 +43,7 @@ from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
+from invcoss_jax.train.nonfinite import check_losses
 from invcoss_jax.train.state import abstract_state
 
 
@@ -397,14 +398,15 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
           now = time.perf_counter()
           for s, m in fetched:
             losses[s] = float(m["loss"])
-          if not all(np.isfinite(float(m["loss"])) for _, m in fetched):
-            raise FloatingPointError(f"{stage.name}: non-finite training loss at step {step}")
+          check_losses(fetched, what=stage.name, latest_checkpoint=manager.latest_step())
           scalars = {f"train/{name}": float(np.mean([float(m[name]) for _, m in fetched])) for name in fetched[-1][1]}
           scalars["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
           writer.write_scalars(step, scalars)
           last_step, last_time = step, now
         if step % save_every == 0 or step == total or stop_here:
+          check_losses(pending, what=stage.name, latest_checkpoint=manager.latest_step())
           ckpt_lib.save(manager, step, state, streams, cfg, force=True)
+        faults.point(f"train_step:{stage.name}:{step}")
         if method == "packnet" and step == boundary:
           state, consts = enter_retrain(state, consts)
         if stop_here:

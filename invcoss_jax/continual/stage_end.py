@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from invcoss_jax import faults
 from invcoss_jax.continual import buffers, ewc
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS
 from invcoss_jax.continual import params as params_lib
@@ -71,6 +72,7 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
               num_examples=n_current, image_shapes=[list(s) for s in shapes], steps=int(total_steps),
               data=[dict(name=str(x.name), path=str(x.path), split=str(x.split)) for x in stage.data],
               storage=storage, done=True)
+  faults.point(f"stage_end:{stage.name}")
   write_info(stage, info)
   logging.info("%s finished: retains %d bytes (%s)", stage.name, storage["retained_bytes"], storage["retained_kind"])
   return info

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from invcoss_jax import faults
 from invcoss_jax.inversion import losses, statistics
 from invcoss_jax.inversion.context import InversionContext
 from invcoss_jax.models.cmi_generator import CMIGenerator
@@ -434,6 +435,7 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     if writer is not None:
       _write_curves(writer, out, global_step, steps, log_every)
     global_step += steps
+    faults.point(f"inversion_batch:{b}")
     logging.info("inversion batch %d/%d: %d steps, loss %.4g -> %.4g (%s)", b + 1, num_batches, steps,
                  batches[-1]["start"]["total"], batches[-1]["end"]["total"],
                  ", ".join(f"{k} {v:.4g}" for k, v in batches[-1]["end"].items() if k != "total"))

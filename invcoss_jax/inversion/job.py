@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from invcoss_jax.inversion import engine, losses, statistics
-from invcoss_jax.io_utils import atomic_path, atomic_savez, atomic_write_json
+from invcoss_jax import faults
+from invcoss_jax.io_utils import atomic_path, atomic_savez, atomic_write_json, remove_stale
 
 SYNTHETIC_DIR = "synthetic"
 GRID_FILE = "synthetic_grid.png"
@@ -122,6 +123,8 @@ def write_shards(folder: str, images: np.ndarray, shard_size: int) -> list[str]:
     raise ValueError(f"config.inversion.shard_size must be >= 1, got {shard_size}")
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
+  for stale in (".tmp-", ".old-"):  # left by a writer killed before its swap or clean-up
+    remove_stale(parent, stale + os.path.basename(folder) + "-")
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder) + "-", dir=parent)
   try:
     names = []
@@ -129,6 +132,7 @@ def write_shards(folder: str, images: np.ndarray, shard_size: int) -> list[str]:
       name = f"shard_{i:05d}.npz"
       atomic_savez(os.path.join(tmp, name), images=np.asarray(images[start:start + shard_size], np.float32))
       names.append(name)
+    faults.point("atomic:" + os.path.basename(folder))
     old = None
     if os.path.exists(folder):
       old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(folder) + "-", dir=parent)

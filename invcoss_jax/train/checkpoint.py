@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from invcoss_jax import io_utils
+from invcoss_jax import faults, io_utils
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -90,7 +90,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
           ITEM_CONFIG: ocp.args.JsonSave(config_to_dict(config))}
   if data_iter is not None:
     args[ITEM_DATA] = grain.checkpoint.CheckpointSave(data_iter)
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  saved = manager.save(step, args=ocp.args.Composite(**args), force=force)
+  if saved:
+    faults.point(f"checkpoint:{step}")  # an asynchronous save is still being written here
+  return saved
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None,

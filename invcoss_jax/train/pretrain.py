@@ -19,10 +19,11 @@ import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from invcoss_jax import models
+from invcoss_jax import faults, models
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
+from invcoss_jax.train.nonfinite import check_losses
 from invcoss_jax.train.state import TrainState, abstract_train_state, create_train_state
 
 # Streams folded into the run's key, so each random use is independent of the others.
@@ -221,8 +222,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           now = time.perf_counter()
           step_losses = [float(m["loss"]) for _, m in fetched]
           losses.update({s: float(m["loss"]) for s, m in fetched})
-          if not np.all(np.isfinite(step_losses)):
-            raise FloatingPointError(f"non-finite training loss at step {step}: {step_losses[-1]}")
+          check_losses(fetched, what="pretrain", latest_checkpoint=manager.latest_step())
           writer.write_scalars(step, {
               "train/loss": float(np.mean(step_losses)),
               "train/grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
@@ -231,8 +231,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           last_step, last_time = step, now
         if image_every > 0 and step % image_every == 0 and jax.process_index() == 0:
           _write_images(writer, reconstruct, state, local["image"][:num_images], config, step)
+        if pending and manager.should_save(step):
+          check_losses(pending, what="pretrain", latest_checkpoint=manager.latest_step())
         ckpt_lib.save(manager, step, state, data_iter, config)
+        faults.point(f"train_step:pretrain:{step}")
       if step > start and manager.latest_step() != step:
+        check_losses(pending, what="pretrain", latest_checkpoint=manager.latest_step())
         ckpt_lib.save(manager, step, state, data_iter, config, force=True)
       manager.wait_until_finished()
   finally:

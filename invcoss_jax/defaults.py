@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile = compile_config()  # ahead-of-time planning (`mode=compile`)
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
+  # A workdir holding another run (mode, modality, model, sequence, task: workdir.json) is refused; True
+  # deletes that run first. A run restarted on its own workdir resumes either way.
+  c.overwrite_workdir = False
   return c
 
 

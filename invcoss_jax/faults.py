@@ -2,7 +2,8 @@
 
 Set `INVCOSS_KILL_AT=<pattern>[@<n>]` in a job's environment: the n-th time (default the first) a point
 whose name matches the shell-style pattern is reached, the process kills itself with SIGKILL, leaving
-whatever was on disk at that instant, exactly as a preemption would. Without the variable a point costs one
+whatever was on disk at that instant, exactly as a preemption would. `INVCOSS_DISK_FULL_AT` (same syntax)
+raises the OSError of a full disk there instead. Without the variable a point costs one
 environment lookup. The points (tests/test_kill_resume.py uses them; docs/reliability.md lists what each
 job guarantees after a kill):
 
@@ -19,26 +20,33 @@ job guarantees after a kill):
 from __future__ import annotations
 
 import collections
+import errno
 import fnmatch
 import os
 import signal
 import threading
 
 ENV = "INVCOSS_KILL_AT"
+DISK_FULL_ENV = "INVCOSS_DISK_FULL_AT"  # same syntax: raise OSError(ENOSPC) there instead (a full disk)
 _counts: collections.Counter = collections.Counter()
 _lock = threading.Lock()
 
 
 def point(name: str) -> None:
   """Kills the process here if $INVCOSS_KILL_AT selects this point (see the module docstring)."""
-  spec = os.environ.get(ENV)
+  if _hit(ENV, name):
+    os.kill(os.getpid(), signal.SIGKILL)
+  if _hit(DISK_FULL_ENV, name):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name.partition(":")[2] or name)
+
+
+def _hit(env: str, name: str) -> bool:
+  spec = os.environ.get(env)
   if not spec:
-    return
+    return False
   pattern, _, nth = spec.partition("@")
   if not fnmatch.fnmatchcase(name, pattern):
-    return
+    return False
   with _lock:
-    _counts[pattern] += 1
-    hit = _counts[pattern] == int(nth or 1)
-  if hit:
-    os.kill(os.getpid(), signal.SIGKILL)
+    _counts[(env, pattern)] += 1
+    return _counts[(env, pattern)] == int(nth or 1)

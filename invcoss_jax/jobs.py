@@ -40,7 +40,9 @@ def job_for_mode(mode: str):
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
   """Runs the job `config.mode` selects in `workdir`; returns what the job returns."""
   from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   mode = str(config.get("mode", "pretrain"))
   fn = job_for_mode(mode)
   config_checks.check_options(config)
+  workdir_lib.claim(workdir, config)
   return fn(config, os.fspath(workdir))

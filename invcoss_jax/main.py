@@ -5,6 +5,7 @@ Intentionally short: flags in, `jobs.run(config, workdir)` out; `config.mode` se
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -49,6 +50,17 @@ def main(argv):
   except ConfigError as e:  # an option out of range: the message says which; a traceback would bury it
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+      raise
+    from invcoss_jax.workdir import describe_os_error
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.stderr.write(f"error: {describe_os_error(e, workdir)}\n")
+    sys.stderr.flush()
+    # Without the interpreter's shutdown: reader and checkpoint threads that also hit the error would each
+    # print a traceback (hundreds, ending in "sys.meta_path is None") and bury this line.
+    logging.shutdown()
+    os._exit(1)
 
 
 def _config_spec(argv) -> str | None:

@@ -344,3 +344,31 @@ def test_stage_steps_set_each_stage_length_and_joint_trains_their_sum(tmp_path):
   config.continual.stage_steps = (5, 3)
   with pytest.raises(ValueError, match=r"stage_steps=\(5, 3\): expected one entry per stage"):
     stages.plan_stages(config, tmp_path)
+
+
+def test_a_stage_recorded_with_other_training_options_is_refused_or_retrained(tmp_path):
+  """The retention workdir of an earlier session held stages of 1500 steps; a 3000-step run "resumed" them."""
+  from invcoss_jax.config_checks import ConfigError
+  from invcoss_jax.continual import job as continual_job
+  from invcoss_jax.continual import stages
+  from invcoss_jax.defaults import load_config_file
+  from invcoss_jax.train import checkpoint as ckpt_lib
+  config = load_config_file("configs/continual.py:demo")
+  config.continual.order = ("xray", "ct", "path")
+  config.total_steps = 1500
+  plan = stages.plan_stages(config, tmp_path)
+  for s in plan[:2]:
+    ckpt_lib.write_config(s.workdir, stages.stage_config(config, s))
+  config.continual.datasets.ct.read_threads = 7  # loading knobs do not change what a stage learns
+  continual_job.check_recorded_stages(config, plan)
+  config.continual.stage_steps = (1500, 3000, 1500)
+  with pytest.raises(ConfigError, match=r"stage_2_ct was trained with other options than this run asks for "
+                                        r"\(total_steps: 1500 -> 3000\)"):
+    continual_job.check_recorded_stages(config, plan)
+  config.continual.stage_steps = ()
+  config.train.base_lr = 1e-3
+  with pytest.raises(ConfigError, match=r"stage_1_xray .*train.base_lr"):
+    continual_job.check_recorded_stages(config, plan)
+  config.overwrite_workdir = True  # stage 1 and everything after it are trained again
+  continual_job.check_recorded_stages(config, plan)
+  assert not any(os.path.exists(s.workdir) for s in plan)

@@ -192,3 +192,30 @@ def test_unknown_mode_lists_the_modes(tmp_path):
   with pytest.raises(ValueError, match="config.mode='pretrian'") as e:
     jobs.run(config, tmp_path)
   assert "pretrain" in str(e.value) and "continual" in str(e.value)
+
+
+def test_non_finite_loss_stops_at_its_first_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+  config = load_config_file("configs/xray.py:demo")
+  config.total_steps, config.checkpoint.every_steps, config.logging.log_every_steps = 8, 2, 100
+  config.train.base_lr = 1e35  # finite through the first steps of warm-up, then the loss overflows
+  with pytest.raises(FloatingPointError, match=r"pretrain: non-finite training loss at step (\d+); the last "
+                                               r"checkpoint \(step (\d+)\) is kept") as e:
+    jobs.run(config, tmp_path)
+  import re
+  bad, kept = (int(x) for x in re.search(r"step (\d+); .*step (\d+)", str(e.value)).groups())
+  assert kept == 2 * ((bad - 1) // 2)  # the last checkpoint (every 2 steps) before the first bad step
+  assert ckpt_lib.make_manager(tmp_path, read_only=True).latest_step() == kept
+  params = ckpt_lib.load_trained_stage(tmp_path)[2]
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_check_losses_names_the_first_non_finite_step():
+  from invcoss_jax.train.nonfinite import check_losses
+  ok = [(5, {"loss": np.float32(1.0)}), (6, {"loss": np.float32(2.0)})]
+  check_losses(ok, what="stage_2_ct", latest_checkpoint=4)
+  bad = ok + [(7, {"loss": np.float32(np.inf)}), (8, {"loss": np.float32(np.nan)})]
+  with pytest.raises(FloatingPointError, match=r"stage_2_ct: non-finite training loss at step 7; the last "
+                                               r"checkpoint \(step 4\) is kept"):
+    check_losses(bad, what="stage_2_ct", latest_checkpoint=4)
+  with pytest.raises(FloatingPointError, match="no checkpoint was written"):
+    check_losses(bad, what="pretrain", latest_checkpoint=None)

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax import faults, models
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
@@ -35,7 +37,7 @@ from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
                                           STORAGE_FILE, SYNTHETIC_DIR, Stage, check_method, npz_data_section,
-                                          plan_stages, read_info, stage_config, stage_key)
+                                          plan_stages, read_info, stage_config, stage_key, training_changes)
 from invcoss_jax.continual.step import (DistillPredictor, LossSpec, create_state, jit_train_step,
                                         make_train_step)
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
@@ -109,6 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   atomic_write_json(os.path.join(workdir, SEQUENCE_FILE), dict(
       method=method, stages=[s.name for s in stages], order=list(config.continual.order),
       buffer_fraction=float(config.continual.buffer_fraction), config=ckpt_lib.config_to_dict(config)))
+  check_recorded_stages(config, stages)
   guard = DataFreeGuard(enabled=bool(config.continual.data_free_guard) and method != "joint")
   infos, losses = [], {}
   with guard.active():
@@ -275,6 +278,31 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
     return params_lib.hand_over(start_params, fresh, reinit_decoder=bool(c.reinit_decoder),
                                 where=f"config.init_from={config.init_from!r} -> {stage.name}"), None
   return fresh, None
+
+
+def check_recorded_stages(config, stages: list[Stage]) -> None:
+  """A stage already (partly) trained under other training options (steps, schedule, model, data) would be
+  resumed or reused as if it were this run's: refused, naming the options, before anything runs. With
+  config.overwrite_workdir that stage and every later one are deleted and trained again."""
+  for i, stage in enumerate(stages):
+    path = os.path.join(stage.workdir, ckpt_lib.CONFIG_FILE)
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      old = json.load(f)
+    changes = training_changes(old, ckpt_lib.config_to_dict(stage_config(config, stage)))
+    if not changes:
+      continue
+    if not bool(config.get("overwrite_workdir", False)):
+      raise ConfigError(
+          f"{stage.workdir} was trained with other options than this run asks for ({'; '.join(changes[:5])}"
+          f"{'; ...' if len(changes) > 5 else ''}): resuming it would mix the two. Use a new --workdir, or "
+          "--config.overwrite_workdir=True to delete it and the stages after it and train them again")
+    for later in stages[i:]:
+      if os.path.isdir(later.workdir):
+        logging.warning("config.overwrite_workdir: deleting %s (trained with other options)", later.workdir)
+        shutil.rmtree(later.workdir)
+    return
 
 
 def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,

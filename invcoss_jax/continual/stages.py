@@ -115,6 +115,35 @@ def stage_steps(config: ml_collections.ConfigDict) -> list[int]:
   return [s if s > 0 else int(config.total_steps) for s in given]
 
 
+# What a stage's training depends on (its config.json against this run's), and loading knobs that it does not.
+_TRAINING_PREFIXES = ("total_steps", "seed", "train.", "model.", "data.")
+_LOADING_KEYS = {"read_threads", "num_workers", "prefetch_buffer_size", "worker_buffer_size", "volume_cache_size",
+                 "window_cache_size", "lenient"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def training_changes(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every option a stage's training depends on that differs between its recorded
+  config.json (`old`) and this run's stage config (`new`, both plain JSON dicts)."""
+  a, b = _flatten(old), _flatten(new)
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if not k.startswith(_TRAINING_PREFIXES) or k.rsplit(".", 1)[-1] in _LOADING_KEYS:
+      continue
+    if k in a and k in b and a[k] != b[k]:
+      out.append(f"{k}: {a[k]!r} -> {b[k]!r}")
+  return out
+
+
 def read_info(stage: Stage) -> dict[str, Any] | None:
   path = os.path.join(stage.workdir, STAGE_INFO)
   if not os.path.isfile(path):

@@ -211,3 +211,20 @@ def test_ablation_variants_parse_literals_and_reject_malformed_ones():
     ablation.parse_variant("no-colon")
   with pytest.raises(ValueError, match="not a Python literal"):
     ablation.parse_variant("bad:a.b=yes")
+
+
+def test_a_benchmark_measured_with_other_options_is_not_resumed(tmp_path):
+  from invcoss_jax.config_checks import ConfigError
+  config = load_config_file("configs/retention.py:tiny")
+  plan = tmp_path / "retention_plan.json"
+  plan.write_text(json.dumps(dict(config=json.loads(config.to_json_best_effort()))))
+  (tmp_path / "measurements" / "seed_0").mkdir(parents=True)
+  config.retention.seeds = (0, 1, 2, 3)  # more seeds (or methods): the same measurements, extended
+  config.continual.datasets.xray.read_threads = 5
+  retention_job.check_plan(config, str(plan))
+  config.retention.knn_k = 7
+  with pytest.raises(ConfigError, match=r"holds measurements made with other options \(retention.knn_k: 5 -> 7\)"):
+    retention_job.check_plan(config, str(plan))
+  config.overwrite_workdir = True
+  retention_job.check_plan(config, str(plan))
+  assert not (tmp_path / "measurements").exists()

@@ -131,13 +131,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def training_changes(old: dict, new: dict) -> list[str]:
-  """'key: old -> new' for every option a stage's training depends on that differs between its recorded
-  config.json (`old`) and this run's stage config (`new`, both plain JSON dicts)."""
+def training_changes(old: dict, new: dict, prefixes: tuple[str, ...] = _TRAINING_PREFIXES) -> list[str]:
+  """'key: old -> new' for every option a stage's training depends on (`prefixes`) that differs between its
+  recorded config.json (`old`) and this run's stage config (`new`, both plain JSON dicts)."""
   a, b = _flatten(old), _flatten(new)
   out = []
   for k in sorted(set(a) | set(b)):
-    if not k.startswith(_TRAINING_PREFIXES) or k.rsplit(".", 1)[-1] in _LOADING_KEYS:
+    if not k.startswith(prefixes) or k.rsplit(".", 1)[-1] in _LOADING_KEYS:
       continue
     if k in a and k in b and a[k] != b[k]:
       out.append(f"{k}: {a[k]!r} -> {b[k]!r}")

@@ -27,7 +27,8 @@ import ml_collections
 from absl import logging
 
 from invcoss_jax.continual.config import METHODS
-from invcoss_jax.continual.stages import STAGE_INFO, plan_stages
+from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.continual.stages import STAGE_INFO, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
 
@@ -119,6 +120,30 @@ class Progress:
                  f"{eta:.0f} s" if eta == eta else "unknown until a unit of each kind is timed")
 
 
+# Options of the measurements kept under measurements/ (a changed one would mix old and new figures);
+# methods and seeds may be added to a finished benchmark, and loading knobs change nothing measured.
+_IGNORED = ("retention.methods", "retention.seeds")
+
+
+def check_plan(config: ml_collections.ConfigDict, path: str) -> None:
+  """Refuses to resume a benchmark whose measurements were made with other measurement options or data."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get("config", {})
+  new = json.loads(config.to_json_best_effort())
+  changes = [c for c in training_changes({"retention": old.get("retention", {}), "data": old.get("continual", {}).get("datasets", {})},
+                                         {"retention": new.get("retention", {}), "data": new.get("continual", {}).get("datasets", {})},
+                                         prefixes=("retention.", "data."))
+             if not c.startswith(_IGNORED)]
+  if changes and not bool(config.get("overwrite_workdir", False)):
+    raise ConfigError(f"{os.path.dirname(path)} holds measurements made with other options ({'; '.join(changes[:5])}"
+                      f"{'; ...' if len(changes) > 5 else ''}): use a new --workdir, or "
+                      "--config.overwrite_workdir=True to measure again")
+  if changes:
+    shutil.rmtree(os.path.join(os.path.dirname(path), MEASURE_DIR), ignore_errors=True)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs (or resumes) the benchmark; returns the summary (also in workdir/retention.json)."""
   from invcoss_jax.continual import job as continual_job
@@ -129,6 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   os.makedirs(workdir, exist_ok=True)
   methods, seeds = [str(m) for m in rc.methods], [int(s) for s in rc.seeds]
   stage_names = [s.name for s in plan_stages(run_config(config, seeds[0], methods[0]), workdir)]
+  check_plan(config, os.path.join(workdir, "retention_plan.json"))
   atomic_write_json(os.path.join(workdir, "retention_plan.json"),
                     dict(methods=methods, seeds=seeds, stages=stage_names, config=config.to_dict()))
   measurer = evaluate.Measurer(config, os.path.join(workdir, MEASURE_DIR))

@@ -269,3 +269,21 @@ def test_symlink_loops_and_duplicate_links_read_each_file_once(tmp_path):
   assert sorted(os.path.basename(os.path.realpath(f)) for f in found) == sorted(tiles)
   c = make_cfg("folder", format="images", modality="path", path=str(root), image_size=32, split="all")
   assert sum(b["image"].shape[0] for b in read_all(c)) == 4
+
+
+@pytest.mark.parametrize("images,labels,match", [
+    (np.zeros((4, 8, 8), np.complex64), None, r"holds complex numbers \(dtype complex64\): expected real-valued"),
+    (np.array([["a"] * 8] * 4), None, r"holds strings"),
+    (np.zeros((4, 2, 8, 8, 1), np.float32), None, r"shape \(4, 2, 8, 8, 1\): expected \(N, H, W\) or \(N, H, W, C\) "
+                                                  r"for 2D data - a volume\?"),
+    (np.zeros((4, 64), np.uint8), None, r"shape \(4, 64\): .* it looks flattened"),
+    (np.zeros((4, 8, 8, 7), np.uint8), None, r"its last axis \(7\) is not a channel count"),
+    (np.zeros((4, 8, 8), np.uint8), np.array(["x"] * 4), r"'labels' holds dtype <U1: expected numeric class labels"),
+])
+def test_npz_arrays_of_the_wrong_kind_name_the_file(tmp_path, images, labels, match):
+  path = tmp_path / "bad.npz"
+  arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
+  np.savez(path, **arrays)
+  c = make_cfg("folder", format="npz", modality="path", path=str(path), image_size=8, split="all")
+  with pytest.raises(data.DataError, match=r"bad\.npz: .*" + match):
+    read_all(c)

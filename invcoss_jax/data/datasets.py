@@ -116,6 +116,7 @@ def _npz_source(cfg, split: str, skips: SkipLog) -> NpzSource:
       for s in keys:
         ikey = ik if s is None else f"{s}_{ik}"
         lkey = lk if s is None else f"{s}_{lk}"
+        _check_npz_arrays(f, ikey, info[ikey], lkey, info.get(lkey), int(cfg.spatial_dims))
         n = info[ikey][0][0]
         if lkey in info and info[lkey][0][0] != n:
           raise DataError(f, f"{lkey!r} has {info[lkey][0][0]} rows: expected {n} like {ikey!r}")
@@ -135,6 +136,28 @@ def _npz_source(cfg, split: str, skips: SkipLog) -> NpzSource:
                                 what=f"data.path={cfg.path!r}")
     rows = [rows[i] for i in idx]
   return NpzSource(parts, rows, skips=skips, lenient=bool(cfg.lenient))
+
+
+def _check_npz_arrays(path: str, ikey: str, image_info, lkey: str, label_info, spatial_dims: int) -> None:
+  """Images of an .npz: real numbers, one example per row, (N, H, W[, C]) or (N, D, H, W[, 1]); labels numeric
+  with one row per image. Checked from the headers, before anything is decompressed."""
+  shape, dtype = image_info
+  if dtype.kind not in "biuf":
+    what = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects"}.get(dtype.kind, f"{dtype}")
+    raise DataError(path, f"array {ikey!r} holds {what} (dtype {dtype}): expected real-valued images "
+                    "(uint8, integers or floats)")
+  ranks = (3, 4) if spatial_dims == 2 else (4, 5)
+  layout = "(N, H, W) or (N, H, W, C)" if spatial_dims == 2 else "(N, D, H, W) or (N, D, H, W, 1)"
+  if len(shape) not in ranks:
+    hint = (" - it looks flattened: store each image with its height and width" if len(shape) == 2 else
+            " - a volume? set data.modality to ct/mri (3D)" if spatial_dims == 2 and len(shape) == 5 else "")
+    raise DataError(path, f"array {ikey!r} of shape {shape}: expected {layout} for "
+                    f"{spatial_dims}D data{hint}")
+  if len(shape) == ranks[1] and shape[-1] not in ((1, 3, 4) if spatial_dims == 2 else (1,)):
+    raise DataError(path, f"array {ikey!r} of shape {shape}: its last axis ({shape[-1]}) is not a channel count "
+                    f"{'(1, 3 or 4)' if spatial_dims == 2 else '(1)'}; expected {layout}")
+  if label_info is not None and label_info[1].kind not in "biuf":
+    raise DataError(path, f"array {lkey!r} holds dtype {label_info[1]}: expected numeric class labels")
 
 
 def _images_source(cfg, split: str, skips: SkipLog) -> ImageFolderSource:

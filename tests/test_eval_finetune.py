@@ -249,3 +249,21 @@ def test_forgetting_errors(tmp_path):
     forgetting.parse_runs(["A=/x", "A=/y"])
   with pytest.raises(ValueError, match="forgetting.runs is empty"):
     forgetting.parse_runs([])
+
+
+def test_a_checkpoint_without_the_tasks_tokenizer_is_refused():
+  """A CT-only stage has no 2D tokenizer: fine-tuning it on X-rays would report a random input layer as the
+  checkpoint's result. Without a checkpoint (from scratch) every sub-tree is fresh, as it should be."""
+  import jax
+  c = tiny_eval_config()
+  task = pneumonia_task(c, steps=1, eval_every=1)
+  shape = (32, 32, 3)
+  model = finetune.build_model(task, c.model, "finetune", shape)
+  params, loaded = finetune.init_params(model, jax.random.PRNGKey(0), shape)
+  assert loaded == [] and "patch_embed_2d" in params["backbone"]
+  pretrained = {k: v for k, v in params["backbone"].items() if k != "patch_embed_2d"}
+  with pytest.raises(ValueError, match=r"ct_stage has no 2D tokenizer \(patch_embed_2d\): it was pre-trained "
+                                       r"on 3D volumes only"):
+    finetune.init_params(model, jax.random.PRNGKey(0), shape, pretrained, "ct_stage")
+  _, loaded = finetune.init_params(model, jax.random.PRNGKey(0), shape, params["backbone"], "full")
+  assert "patch_embed_2d" in loaded

@@ -170,6 +170,14 @@ def init_params(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, 
     loaded.append(key)
   # Host copies: a checkpoint restored onto one device must not pin the fine-tuning to that device.
   backbone = {k: jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(pretrained[k])) for k in loaded}
+  rank = len(image_shape) - 1
+  if pretrained and f"patch_embed_{rank}d" in fresh:
+    # The input layer of this task's dimensionality was never trained: the result would be that of a random
+    # tokenizer under a pre-trained trunk, reported as the checkpoint's.
+    raise ValueError(f"{source or 'the checkpoint'} has no {rank}D tokenizer (patch_embed_{rank}d): it was "
+                     f"pre-trained on {'3D volumes' if rank == 2 else '2D images'} only, and this task's "
+                     f"{rank}D inputs would enter through a random input layer. Fine-tune a checkpoint of a "
+                     f"stage that saw {rank}D data (a continual stage carries every earlier tokenizer)")
   if fresh:
     if loaded:
       logging.warning("%s has no %s: initialised randomly", source or "the checkpoint", fresh)

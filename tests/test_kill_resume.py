@@ -85,12 +85,55 @@ def test_pretraining_killed_mid_checkpoint_and_mid_statistics(run_main, tmp_path
   assert not leftovers(killed)
 
 
-def test_retention_benchmark_killed_at_every_kind_of_point(run_main, tmp_path):
+EVAL = ["--config=configs/evaluate.py:pneumonia", "--config.model.width=64", "--config.model.depth=2",
+        "--config.model.num_heads=4", "--config.evaluate.seeds=(0,1)", "--config.evaluate.tasks.pneumonia.steps=12",
+        "--config.evaluate.tasks.pneumonia.eval_every=6", "--config.evaluate.tasks.pneumonia.data.image_size=32"]
+
+
+def test_evaluation_killed_mid_seed_and_while_writing_results(run_main, tmp_path):
+  """Seed 0 finished and kept; seed 1 cut at step 8 starts again (said in the log); a kill while the report
+  is written leaves the old report or none, never half of one."""
+  run_main(EVAL + [f"--workdir={tmp_path / 'straight'}"])
+  killed = tmp_path / "killed"
+  run_main(EVAL + [f"--workdir={killed}"], kill_at="finetune_step:pneumonia:1:8")
+  assert (killed / "seed_0" / "metrics.json").is_file() and not (killed / "seed_1" / "metrics.json").exists()
+  run_main(EVAL + [f"--workdir={killed}"], kill_at="atomic:results.json")
+  p = run_main(EVAL + [f"--workdir={killed}"])
+  assert "seed 0 already evaluated" in p.stderr
+  a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", killed))
+  a.pop("workdir", None), b.pop("workdir", None)
+  assert a == b
+  assert not leftovers(killed)
+
+
+@pytest.fixture(scope="module")
+def retention_straight(run_main, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("retention") / "straight"
+  run_main(["--config=configs/retention.py:tiny", "--config.retention.seeds=(0,)", f"--workdir={workdir}"])
+  return workdir
+
+
+def test_audit_killed_while_writing_its_outputs_audits_again(run_main, retention_straight, tmp_path):
+  stage = retention_straight / "runs" / "seed_0" / "invcoss" / "stage_1_xray"
+  args = ["--config=configs/xray.py:demo", "--config.mode=audit", f"--config.init_from={stage}",
+          f"--config.audit.synthetic_path={stage / 'synthetic'}", "--config.audit.num_bootstrap=50",
+          "--config.audit.max_members=64"]
+  run_main(args + [f"--workdir={tmp_path / 'straight'}"])
+  killed = tmp_path / "killed"
+  run_main(args + [f"--workdir={killed}"], kill_at="atomic:audit.json")
+  p = run_main(args + [f"--workdir={killed}"])
+  assert "auditing again from the start" in p.stderr
+  a, b = (json.loads((d / "audit.json").read_text()) for d in (tmp_path / "straight", killed))
+  a.pop("workdir"), b.pop("workdir")
+  assert a == b
+  assert not leftovers(killed)
+
+
+def test_retention_benchmark_killed_at_every_kind_of_point(run_main, retention_straight, tmp_path):
   """Continual runs of seqssl, er and invcoss (stage 1 shared) and their measurements, killed mid-stage,
   between a stage's end and its stage_info.json, while a measurement, the real buffer, the inversion and the
   synthetic shards are being written, and while the report is written."""
   args = ["--config=configs/retention.py:tiny", "--config.retention.seeds=(0,)"]
-  run_main(args + [f"--workdir={tmp_path / 'straight'}"])
   killed = tmp_path / "killed"
   chain(run_main, args, killed, [
       "train_step:stage_1_xray:3",  # resumes from the step-2 checkpoint
@@ -102,12 +145,12 @@ def test_retention_benchmark_killed_at_every_kind_of_point(run_main, tmp_path):
       "train_step:stage_2_path:3",  # invcoss's second stage, with synthetic replay
       "atomic:retention.json",  # the report
   ])
-  straight = json.loads((tmp_path / "straight" / "retention.json").read_text())
+  straight = json.loads((retention_straight / "retention.json").read_text())
   assert json.loads((killed / "retention.json").read_text()) == straight
   for m in ("seqssl", "er", "invcoss"):
     assert_trees_equal(final_params(killed / "runs" / "seed_0" / m / "stage_2_path"),
-                       final_params(tmp_path / "straight" / "runs" / "seed_0" / m / "stage_2_path"))
+                       final_params(retention_straight / "runs" / "seed_0" / m / "stage_2_path"))
   syn = [npz_io.load_npz(d / "runs" / "seed_0" / "invcoss" / "stage_1_xray" / "synthetic" / "shard_00000.npz")
-         for d in (tmp_path / "straight", killed)]
+         for d in (retention_straight, killed)]
   np.testing.assert_array_equal(syn[0]["images"], syn[1]["images"])
   assert not leftovers(killed)

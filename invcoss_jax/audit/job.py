@@ -167,6 +167,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                      "config.json) for config.mode='audit'")
   a = config.audit
   _check_options(a)
+  if os.path.isdir(workdir) and not os.path.exists(os.path.join(workdir, AUDIT_FILE)) and any(
+      n.endswith((".png", ".npz", ".json")) and n not in ("workdir.json", "config.json") for n in os.listdir(workdir)):
+    logging.warning("%s holds outputs of an audit that did not finish: auditing again from the start (the "
+                    "audit keeps no partial state; every output is replaced)", workdir)
   rng = np.random.default_rng(int(a.seed))
 
   stage_cfg, model, params = load_trained_stage(stage_dir)

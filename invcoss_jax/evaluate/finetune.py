@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from invcoss_jax import models
+from invcoss_jax import faults, models
 from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.parallel import mesh as mesh_lib
@@ -454,6 +454,7 @@ class Finetuner:
                                                "target": self._target(local)})
         state, m = self.step_fn(state, batch)
         losses_since.append(m["loss"])
+        faults.point(f"finetune_step:{name}:{seed}:{step}")
         if step % self.eval_every == 0 or step == self.total:
           train_loss = float(np.mean(jax.device_get(losses_since)))
           losses_since = []

@@ -26,6 +26,7 @@ from invcoss_jax.evaluate.config import task_config
 from invcoss_jax.train import checkpoint as ckpt_lib
 
 SEED_METRICS = "metrics.json"
+SEED_STARTED = "started.json"  # written when a seed starts: without metrics.json beside it, it was interrupted
 
 
 def resolve_task(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -99,6 +100,11 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
         details[str(seed)] = {k: done[k] for k in ("best_step", "total_steps")}
         continue
       logging.info("%s: %s was written with other settings; evaluating again", task_name, path)
+    started = os.path.join(workdir, f"seed_{seed}", SEED_STARTED)
+    if os.path.exists(started) and not os.path.exists(path):
+      # Fine-tuning keeps no checkpoints (a seed takes minutes): a seed cut short starts again.
+      logging.warning("%s: seed %d was interrupted earlier; fine-tuning it again from its first step", task_name, seed)
+    io_utils.atomic_write_json(started, dict(fingerprint=fp))
     key = (task_name, model_cfg.to_json())
     if key not in finetuners:
       finetuners[key] = make_finetuner(config, task_name, model_cfg)

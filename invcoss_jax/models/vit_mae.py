@@ -2,7 +2,10 @@
 
 As in MedCoSS, 2D images (B, H, W, 3) and 3D volumes (B, D, H, W, 1) share the encoder blocks, the CLS token
 and the decoder blocks; only the patch embedding (`patch_embed_2d` / `patch_embed_3d`) and the pixel head
-(`decoder_pred_2d` / `decoder_pred_3d`) depend on the dimension. Each encoder block sows its output tokens into
+(`decoder_pred_2d` / `decoder_pred_3d`) depend on the dimension. Text (B, L) token ids are the 1D modality: a
+token embedding (`token_embed`) with learned 1D positions (`pos_embed_1d`) feeds the same trunk, padding is
+masked out of attention, and a masked-language-model head (`mlm_head`) predicts the corrupted tokens
+(`MAE.mlm`; the whole-word masking is `invcoss_jax.train.mlm`). Each encoder block sows its output tokens into
 the `intermediates` collection, where feature statistics and distillation read them.
 """
 
@@ -51,6 +54,8 @@ class ViTConfig:
   decoder_cls_pos: bool = False
   dtype: str = "float32"
   remat: bool = False
+  vocab_size: int = 0  # text tokenizer's vocabulary (0: no text modality); set from the stage's tokenizer
+  text_max_len: int = 512  # rows of the learned 1D position table (MedCoSS: 512); reports use up to 112
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> "ViTConfig":
@@ -83,7 +88,14 @@ class ViTConfig:
     return self.decoder_ln_eps if self.decoder_ln_eps > 0 else self.ln_eps
 
 
+def is_text(inputs: Array) -> bool:
+  """Token ids (B, L) of integer dtype are text; images and volumes are float (B, ..., C)."""
+  return inputs.ndim == 2 and jnp.issubdtype(inputs.dtype, jnp.integer)
+
+
 def spatial_rank(images: Array) -> int:
+  if is_text(images):
+    return 1
   if images.ndim == 4:
     return 2
   if images.ndim == 5:
@@ -127,12 +139,12 @@ class Block(nn.Module):
   sow_tokens: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, attn_mask: Array | None = None) -> Array:
     width = x.shape[-1]
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, kernel_init=_dense_init, deterministic=True,
-        name="attn")(y)
+        name="attn")(y, mask=attn_mask)
     if self.layer_scale_init > 0:
       y = LayerScale(self.layer_scale_init, name="ls1")(y)
     x = x + DropPath(self.drop_path)(y, train)
@@ -163,7 +175,8 @@ class Transformer(nn.Module):
   sow_tokens: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, attn_mask: Array | None = None) -> Array:
+    """`attn_mask` (B, 1, 1, L) bool: keys each query may attend to (text padding is False); None: all."""
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
       # 'linear' grows to drop_path at the last block (MAE, timm); 'constant' uses it everywhere (MedCoSS).
@@ -172,7 +185,7 @@ class Transformer(nn.Module):
         rate = self.drop_path * i / max(self.depth - 1, 1)
       x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=rate,
                     layer_scale_init=self.layer_scale_init, ln_eps=self.ln_eps, dtype=self.dtype,
-                    sow_tokens=self.sow_tokens, name=f"block_{i}")(x, train)
+                    sow_tokens=self.sow_tokens, name=f"block_{i}")(x, train, attn_mask)
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
     return x
@@ -247,27 +260,73 @@ class MAE(nn.Module):
       x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="embed_norm")(x)
     return x, grid
 
+  def tokenize_text(self, tokens: Array) -> Array:
+    """Token embedding plus learned 1D position embedding (and MedCoSS's shared LayerNorm when
+    configured): ids (B, L) -> (B, L, width)."""
+    cfg = self.cfg
+    if cfg.vocab_size <= 0:
+      raise ValueError("text input, but config.model.vocab_size is 0: set it to the stage tokenizer's vocabulary "
+                       "size (the report stage does)")
+    if tokens.shape[1] > cfg.text_max_len:
+      raise ValueError(f"text of {tokens.shape[1]} tokens: longer than config.model.text_max_len="
+                       f"{cfg.text_max_len} (the rows of the 1D position table)")
+    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
+                 name="token_embed")(tokens)
+    pos = self.param("pos_embed_1d", nn.initializers.normal(0.02), (cfg.text_max_len, cfg.width), jnp.float32)
+    x = x + pos[None, :tokens.shape[1]].astype(x.dtype)
+    if cfg.embed_norm:
+      x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="embed_norm")(x)
+    return x
+
   @nn.compact
   def encode(self, images: Array, *, mask_ratio: float = 0.0, train: bool = False,
-             noise: Array | None = None) -> tuple[Array, Array, Array]:
-    """Returns (tokens (B, 1 + L_keep, width) with CLS first, mask (B, L), ids_restore (B, L))."""
+             noise: Array | None = None, attention_mask: Array | None = None) -> tuple[Array, Array, Array]:
+    """Returns (tokens (B, 1 + L_keep, width) with CLS first, mask (B, L), ids_restore (B, L)).
+
+    Text ids (B, L) are never dropped (masked language modelling corrupts the ids instead, and `mask_ratio`
+    does not apply); `attention_mask` (B, L), 1 for real tokens, keeps padding out of every attention."""
     cfg = self.cfg
-    x, _ = self.tokenize(images, train=train)
-    b, l, _ = x.shape
-    if mask_ratio > 0.0 or noise is not None:
-      if noise is None:
-        noise = jax.random.uniform(self.make_rng("masking"), (b, l))
-      x, mask, ids_restore = random_masking(x, noise, mask_ratio)
-    else:
+    attn = None
+    if is_text(images):
+      x = self.tokenize_text(images)
+      b, l, _ = x.shape
       mask = jnp.zeros((b, l))
       ids_restore = jnp.broadcast_to(jnp.arange(l), (b, l))
+      keys = jnp.ones((b, l), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+      attn = jnp.concatenate([jnp.ones((b, 1), bool), keys], axis=1)[:, None, None, :]  # CLS is always a key
+    else:
+      x, _ = self.tokenize(images, train=train)
+      b, l, _ = x.shape
+      if mask_ratio > 0.0 or noise is not None:
+        if noise is None:
+          noise = jax.random.uniform(self.make_rng("masking"), (b, l))
+        x, mask, ids_restore = random_masking(x, noise, mask_ratio)
+      else:
+        mask = jnp.zeros((b, l))
+        ids_restore = jnp.broadcast_to(jnp.arange(l), (b, l))
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)
     x = Transformer(depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
                     drop_path_schedule=cfg.drop_path_schedule, layer_scale_init=cfg.layer_scale_init,
                     ln_eps=cfg.ln_eps, final_norm=cfg.final_norm, dtype=cfg.compute_dtype, remat=cfg.remat,
-                    sow_tokens=True, name="encoder")(x, train)
+                    sow_tokens=True, name="encoder")(x, train, attn)
     return x, mask, ids_restore
+
+  @nn.compact
+  def mlm(self, tokens: Array, attention_mask: Array, mlm_mask: Array, labels: Array, *,
+          train: bool = False) -> dict[str, Array]:
+    """Masked language modelling: the encoder reads the corrupted ids `tokens` (B, L); the head predicts the
+    original ids `labels` at the positions of `mlm_mask` (B, L, 1 = corrupted). Returns dict(loss (mean
+    cross-entropy over corrupted positions, float32), logits (B, L, vocab) float32, mask)."""
+    from invcoss_jax.train.mlm import mlm_loss  # pylint: disable=g-import-not-at-top  (pure loss)
+    cfg = self.cfg
+    x, _, _ = self.encode(tokens, train=train, attention_mask=attention_mask)
+    # BERT's prediction head: transform (dense, GELU, LayerNorm), then the vocabulary projection.
+    h = nn.Dense(cfg.width, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_transform")(x[:, 1:])
+    h = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="mlm_norm")(nn.gelu(h, approximate=False))
+    logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_head")(h)
+    logits = logits.astype(jnp.float32)
+    return dict(loss=mlm_loss(logits, labels, mlm_mask), logits=logits, mask=mlm_mask.astype(jnp.float32))
 
   @nn.compact
   def decode(self, tokens: Array, ids_restore: Array, grid: Sequence[int], train: bool = False) -> Array:
@@ -338,12 +397,14 @@ def init_mae_params(model: MAE, rng: jax.Array, image_shapes: Sequence[Sequence[
   """Creates the parameters of the trunk and of every tokenizer/head used by `image_shapes`.
 
   Each shape is a per-example shape, e.g. `[(224, 224, 3), (16, 192, 192, 1)]` creates both the 2D and the 3D
-  tokenizers and heads, so one parameter tree carries through 2D and 3D stages.
+  tokenizers and heads, so one parameter tree carries through 2D and 3D stages; a rank-1 shape `(L,)` is text
+  (token ids) and creates the text tokenizer and the MLM head (config.model.vocab_size > 0).
   """
-  dummies = [jnp.zeros((1, *s), jnp.float32) for s in image_shapes]
+  dummies = [jnp.zeros((1, *s), jnp.int32 if len(s) == 1 else jnp.float32) for s in image_shapes]
 
   def _all(m: MAE, *xs):
-    return [m(x, mask_ratio=0.75, train=False) for x in xs]
+    return [m.mlm(x, jnp.ones_like(x), jnp.ones_like(x), x, train=False) if is_text(x) else
+            m(x, mask_ratio=0.75, train=False) for x in xs]
 
   def _init(key):
     rngs = {"params": key, "masking": jax.random.fold_in(key, 1), "dropout": jax.random.fold_in(key, 2)}

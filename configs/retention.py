@@ -24,18 +24,10 @@ import os
 
 import ml_collections
 
-from invcoss_jax.defaults import base_config
+from invcoss_jax.defaults import base_config, shared_data_dir
 from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config
 from invcoss_jax.retention.config import retention_config
-
-
-def shared_data_dir() -> str:
-  env = os.environ.get("INVCOSS_SHARED_DATA", "")
-  if env:
-    return env
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return os.path.join(os.path.dirname(repo), "shared", "data")
 
 
 def _npz(d: ml_collections.ConfigDict, path: str, modality: str, **extra) -> None:

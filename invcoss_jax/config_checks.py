@@ -111,6 +111,12 @@ def check_options(config: ml_collections.ConfigDict) -> None:
       d = resolve(d)
     except DataError:
       continue  # the job's own loader reports it, with the file
+    if str(d.modality) == "report":  # text: token ids, no patches; the length must fit the position table
+      length, rows = int(d.text.max_length), int(model.get("text_max_len", 512))
+      if not 3 <= length <= rows:
+        raise ConfigError(f"{section}.text.max_length={length}: expected 3 ([CLS], a token, [SEP]) to "
+                          f"model.text_max_len={rows} tokens")
+      continue
     n = _patch_grid(section, d, model)
     if train is not None and str(config.get("mode", "pretrain")) in ("pretrain", "continual", "retention"):
       keep = int(n * (1 - float(train.mask_ratio)))

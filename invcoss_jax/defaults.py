@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from invcoss_jax.audit.config import audit_config
@@ -59,6 +61,16 @@ def stage_config(*, modality: str, data_format: str, data_path: str, **data) -> 
   c.train.base_lr = 1.5e-4
   c.train.mask_ratio = 0.75
   return c
+
+
+def shared_data_dir() -> str:
+  """The real data shared beside a checkout (`<repo>/../shared/data`), or $INVCOSS_SHARED_DATA: benchmarks
+  and the report demo read it; a user's clone has none and points the data options at its own copy."""
+  env = os.environ.get("INVCOSS_SHARED_DATA", "")
+  if env:
+    return env
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(os.path.dirname(repo), "shared", "data")
 
 
 def use_demo_data(c: ml_collections.ConfigDict, name: str, *, global_batch_size: int,

@@ -41,6 +41,10 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.decoder_cls_pos = False  # learned decoder position of the CLS token (MAE's sin-cos row is zero)
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters and the loss stay float32)
   c.remat = False  # rematerialise each transformer block in the backward pass
+  # Text (the report stage): the tokenizer's vocabulary; 0 = no text tokenizer. The report stage sets it from
+  # the tokenizer it trains or loads (config.data.text.tokenizer).
+  c.vocab_size = 0
+  c.text_max_len = 512  # rows of the learned 1D position table (MedCoSS: 512; reports use 112)
   return c
 
 

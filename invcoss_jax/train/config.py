@@ -19,6 +19,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 0.0  # > 0 clips the global gradient norm (MedCoSS does not clip)
   c.grad_accum_steps = 1  # > 1: optax.MultiSteps over micro-batches of global_batch_size / k
   c.mask_ratio = 0.75
+  c.mlm_probability = 0.15  # report stage: tokens predicted per example, whole words at a time (MedCoSS, BERT)
   # Parameters whose '/'-joined path matches one of these regexes get no weight decay, nor does
   # any parameter of rank <= 1 (biases, norm scales).
   c.no_decay_patterns = ("cls_token", "pos_embed", "mask_token")

@@ -28,6 +28,18 @@ from invcoss_jax.train.state import TrainState, abstract_train_state, create_tra
 
 # Streams folded into the run's key, so each random use is independent of the others.
 _IMAGE_STREAM = 0x1A6E
+_TEXT_STREAM = 0x7E47
+
+
+def _update(state: TrainState, loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+            grad_accum_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser update of `state` on the gradient of `loss_fn(params)`, with the step's metrics."""
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": schedule(state.step // grad_accum_steps)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -43,14 +55,65 @@ def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedul
                         rngs={"masking": mask_rng, "dropout": drop_rng})
       return out["loss"].astype(jnp.float32)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step // grad_accum_steps)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return _update(state, loss_fn, tx, schedule, grad_accum_steps)
 
   return train_step
+
+
+def make_text_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                         grad_accum_steps: int = 1) -> Callable:
+  """The report stage's step: masked language modelling on a batch of corrupted ids (`train.mlm.mlm_inputs`
+  prepares it on the host: tokens, attention_mask, mlm_mask, labels)."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    drop_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
+                        batch["labels"], train=True, rngs={"dropout": drop_rng}, method=models.MAE.mlm)
+      return out["loss"].astype(jnp.float32)
+
+    return _update(state, loss_fn, tx, schedule, grad_accum_steps)
+
+  return train_step
+
+
+class TextMasker:
+  """Host-side whole-word masking of each text batch, seeded by (seed, step): a resumed run draws the same
+  masks."""
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, seed: int, probability: float):
+    from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+    tok = tokenization.load_tokenizer(str(data_cfg.text.tokenizer))
+    ids = tokenization.special_ids(tok)
+    self.mask_id, self.vocab = int(ids["mask"]), int(tokenization.vocab_size(tok))
+    self.keep = tuple(int(ids[k]) for k in ("pad", "unk", "cls", "sep", "mask"))
+    self.seed, self.probability = int(seed), float(probability)
+
+  def __call__(self, local: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+    from invcoss_jax.train import mlm  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng([self.seed, _TEXT_STREAM, int(step)])
+    return mlm.mlm_inputs(local, rng, mask_id=self.mask_id, vocab_size=self.vocab, keep_ids=self.keep,
+                          probability=self.probability)
+
+
+def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of a report stage's config with its tokenizer (trained on the stage's training split into
+  `workdir/tokenizer.json`, reused when there, or the user's file) and config.model.vocab_size set from it."""
+  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data = tokenization.ensure_tokenizer(config.data, workdir)
+  vocab = int(tokenization.vocab_size(tokenization.load_tokenizer(str(config.data.text.tokenizer))))
+  given = int(config.model.get("vocab_size", 0))
+  if given and given != vocab:
+    raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {config.data.text.tokenizer} has "
+                     f"{vocab} tokens: leave it 0 to take the tokenizer's")
+  config.model.vocab_size = vocab
+  return config
+
+
+def is_text_stage(config: ml_collections.ConfigDict) -> bool:
+  return str(config.data.get("modality", "")) == "report" or str(config.data.get("format", "")) == "text"
 
 
 def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
@@ -164,6 +227,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   micro_batch = int(train_cfg.global_batch_size) // k
   mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
 
+  text = is_text_stage(config)
+  if text:
+    config = prepare_text_stage(config, workdir)
   data_iter, num_examples, image_shape = _open_train_data(config, micro_batch)
   length = optim.run_length(config, num_examples)
   tx, schedule = optim.make_optimizer(train_cfg, length)
@@ -201,8 +267,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       else:
         logging.info("resuming at step %d of %d", start, total)
 
-      step_fn = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=mask_ratio,
-                                               grad_accum_steps=k), shardings, mesh)
+      if text:
+        step_fn = jit_train_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k), shardings, mesh)
+        masker = TextMasker(config.data, int(config.seed), float(train_cfg.mlm_probability))
+      else:
+        step_fn = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=mask_ratio,
+                                                 grad_accum_steps=k), shardings, mesh)
       reconstruct = make_reconstruct(model, mask_ratio)
       report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=log_every)
       pending: list[tuple[int, Any]] = []
@@ -212,7 +282,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       for step in range(start + 1, end + 1):
         with report.timed("data", wait_jax_async_dispatch=False):
           local = next(data_iter)
-        batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
+        if text:
+          batch = mesh_lib.put_batch(mesh, masker(local, step))
+        else:
+          batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
         state, metrics = step_fn(state, batch)
         pending.append((step, metrics))
         report(step)
@@ -229,7 +302,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               "train/learning_rate": float(fetched[-1][1]["learning_rate"]),
               "train/steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)})
           last_step, last_time = step, now
-        if image_every > 0 and step % image_every == 0 and jax.process_index() == 0:
+        if image_every > 0 and not text and step % image_every == 0 and jax.process_index() == 0:
           _write_images(writer, reconstruct, state, local["image"][:num_images], config, step)
         if pending and manager.should_save(step):
           check_losses(pending, what="pretrain", latest_checkpoint=manager.latest_step())
@@ -247,7 +320,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   final_step = int(jax.device_get(state.step))
   stats = None
   if final_step >= total and bool(train_cfg.get("stats_after_pretrain", True)):
-    stats = _run_stats(config, workdir, state.params)
+    if text:  # text is never inverted (it is discrete): its stage keeps a real k-means buffer instead
+      logging.info("report stage: no feature statistics (text is not inverted)")
+    else:
+      stats = _run_stats(config, workdir, state.params)
   return dict(state=state, losses=losses, final_loss=losses[max(losses)] if losses else None,
               step=final_step, total_steps=total, workdir=workdir, stats=stats)
 

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = ["configs/xray.py", "configs/xray.py:demo", "configs/ct.py", "configs/ct.py:demo", "configs/mri.py",
          "configs/mri.py:demo", "configs/path.py", "configs/path.py:demo", "configs/continual.py",
          "configs/continual.py:demo", "configs/continual.py:demo,alt,er", "configs/evaluate.py",
-         "configs/retention.py:quick", "configs/retention.py:full", "configs/retention.py:tiny"]
+         "configs/retention.py:quick", "configs/retention.py:full", "configs/retention.py:tiny", "configs/report.py",
+         "configs/report.py:demo"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -12,14 +12,16 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to read. `name` is a registered dataset (demo_xray, demo_ct, demo_mri, demo_path,
-  # demo_pneumonia, demo_hippocampus, demo_ct_organs) or `folder` for your own files.
+  # demo_pneumonia, demo_hippocampus, demo_ct_organs, indiana_reports) or `folder` for your own files.
   c.name = "demo_xray"
-  c.format = ""  # nifti | dicom | images | npz | wsi | tfds; '' = the registered name's format
+  c.format = ""  # nifti | dicom | images | npz | wsi | tfds | text; '' = the registered name's format
   c.path = ""  # file or folder; '' = the registered name's files
   c.label_path = ""  # folder of label maps parallel to `path` (segmentation); '' = none/registered
   c.split = "train"  # train | val | test | all
-  c.modality = ""  # xray | ct | mri | path; '' = the registered name's modality
-  c.spatial_dims = 0  # 0 = from the modality (2 for xray/path, 3 for ct/mri); 2 reads CT/MRI slices
+  c.modality = ""  # xray | ct | mri | path | report; '' = the registered name's modality
+  # 0 = from the modality (2 for xray/path, 3 for ct/mri, 1 for report: token sequences); 2 reads CT/MRI
+  # slices
+  c.spatial_dims = 0
   # Splits of data without split folders/keys: fractions of cases (train, val[, test]), shuffled by
   # `split_seed` (within each class when there are class labels). With train/ (and test/) folders but
   # no val/, (train, val) fractions carve the validation set out of train/. split_by='depth' instead
@@ -130,4 +132,22 @@ def data_config() -> ml_collections.ConfigDict:
   # Folders of 2D images.
   c.images = ml_collections.ConfigDict()
   c.images.extensions = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+  # Text (format 'text', modality 'report'): radiology reports or PubMed sentences -> token ids.
+  c.text = ml_collections.ConfigDict()
+  # auto | mimic (folder of .txt reports, FINDINGS + IMPRESSION kept) | table (.csv/.jsonl file) |
+  # pubmed (train.txt/dev.txt/test.txt of PubMed RCT). auto: a .csv/.jsonl file is a table, a folder
+  # with '###'-headed train/dev/test.txt is pubmed, any other folder holds reports.
+  c.text.layout = "auto"
+  c.text.text_columns = ("findings", "impression")  # table: columns joined with a space
+  c.text.label_column = ""  # table: the class column; '' = unlabelled
+  c.text.label_rule = ""  # '' | normal_vs_abnormal: 0 when the value is 'normal' (any case), else 1
+  c.text.label_map = ()  # ('value=id', ...); () = the sorted unique values are classes 0..K-1
+  # tokenizer.json or a BERT vocab.txt; '' = trained on the train split by
+  # tokenization.ensure_tokenizer (the jobs call it) and kept as workdir/tokenizer.json.
+  c.text.tokenizer = ""
+  c.text.tokenizer_kind = "wordpiece"  # when trained: wordpiece | bpe
+  c.text.vocab_size = 8192  # when trained; a small corpus may yield fewer (every word a single token)
+  c.text.max_length = 112  # tokens per example, [CLS] and [SEP] included (the paper)
+  c.text.lowercase = True  # BERT normalisation of a trained tokenizer or a vocab.txt (a .json keeps its own)
   return c

@@ -14,12 +14,12 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from invcoss_jax.data import catalog, image_io, volume_io, wsi
+from invcoss_jax.data import catalog, image_io, text_io, volume_io, wsi
 from invcoss_jax.data.errors import DataError, SkipLog, logger
 from invcoss_jax.data.preprocessing import volume_geometry
 from invcoss_jax.data.registry import resolve
-from invcoss_jax.data.sources import (DicomSliceSource, ImageFolderSource, NpzSource, TfdsSource,
-                                      VolumeSource, WsiTileSource)
+from invcoss_jax.data.sources import (DicomSliceSource, ImageFolderSource, NpzSource, TextSource,
+                                      TfdsSource, VolumeSource, WsiTileSource)
 from invcoss_jax.data.transforms import hu_to_unit, percentile_zscore, resample_to_spacing
 
 
@@ -29,7 +29,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str | None = None):
   split = cfg.split if split is None else split
   skips = SkipLog(f"data.name={cfg.name} ({cfg.format} at {cfg.path}, split {split!r})")
   builders = {"npz": _npz_source, "images": _images_source, "nifti": _nifti_source,
-              "dicom": _dicom_source, "wsi": _wsi_source, "tfds": _tfds_source}
+              "dicom": _dicom_source, "wsi": _wsi_source, "tfds": _tfds_source, "text": _text_source}
   source = builders[cfg.format](cfg, split, skips)
   if len(skips):
     skips.log_summary()
@@ -42,7 +42,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str | None = None):
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str | None = None) -> int:
-  """Examples of the split: images, tiles, or windows of volumes."""
+  """Examples of the split: images, tiles, windows of volumes, or texts (no tokenizer needed)."""
   return len(make_source(data_cfg, split))
 
 
@@ -279,6 +279,13 @@ def _tfds_source(cfg, split: str, skips: SkipLog) -> TfdsSource:
                     spacing_key=t.spacing_key, what=f"{cfg.path}:{split}",
                     mask_values=tuple(cfg.mask_values), mask_binarize=bool(cfg.mask_binarize),
                     skips=skips, lenient=bool(cfg.lenient), nonfinite=cfg.nonfinite)
+
+
+def _text_source(cfg, split: str, skips: SkipLog) -> TextSource:
+  records = text_io.read_split(cfg, split, skips)
+  t = cfg.text
+  return TextSource(records, tokenizer=str(t.tokenizer), max_length=int(t.max_length),
+                    lowercase=bool(t.lowercase), skips=skips, lenient=bool(cfg.lenient))
 
 
 # Whole cases (for sliding-window inference at native resolution).

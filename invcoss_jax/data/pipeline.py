@@ -74,6 +74,8 @@ def _source_and_transform(cfg, split: str):
   """The split's source and its per-example transform `fn(record, rng=None)`; with
   data.window_cache_size > 0 and a transform with a deterministic part, that part is cached."""
   source = make_source(cfg, split)
+  if cfg.format == "text":
+    source.tokenizer()  # an empty or unreadable data.text.tokenizer fails here, not in a worker
   fn = make_preprocessor(cfg)
   size = int(cfg.get("window_cache_size", 0))
   if size < 0:

@@ -9,13 +9,16 @@ import numpy as np
 
 from invcoss_jax.data.errors import DataError
 from invcoss_jax.data.registry import resolve
-from invcoss_jax.data.transforms import Natural2D, Preprocessed, Slice2D, Volume3D, VolumeGeometry
+from invcoss_jax.data.transforms import (Natural2D, Preprocessed, ReportTokens, Slice2D, Volume3D,
+                                         VolumeGeometry)
 
 
 def image_shape(data_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Per-example image shape: (S, S, 3) for X-ray/pathology, (S, S, 1) for 2D CT/MRI slices,
-  (D, H, W, 1) for volumes."""
+  (D, H, W, 1) for volumes, (L,) token ids (L = data.text.max_length) for reports."""
   cfg = resolve(data_cfg)
+  if cfg.modality == "report":
+    return (int(cfg.text.max_length),)
   if cfg.spatial_dims == 3:
     return tuple(int(s) for s in cfg.volume_shape) + (1,)
   s = int(cfg.image_size)
@@ -46,6 +49,8 @@ def volume_geometry(cfg: ml_collections.ConfigDict, *, whole: bool = False) -> V
 def make_preprocessor(data_cfg: ml_collections.ConfigDict) -> Callable[..., dict[str, np.ndarray]]:
   """The modality preprocessing of the config: `fn(record, rng=None)` -> model example."""
   cfg = resolve(data_cfg)
+  if cfg.modality == "report":
+    return ReportTokens(int(cfg.text.max_length))
   if cfg.preprocessed:
     if cfg.spatial_dims == 2 and cfg.modality in ("xray", "path"):
       o = cfg.xray if cfg.modality == "xray" else cfg.pathology

@@ -1,8 +1,9 @@
 """Random-access data sources (grain's `RandomAccessDataSource` protocol: `len` and `[i]`).
 
 Each returns raw records: `image` in file units and layout, plus `label` (class), `mask` (label map),
-and for volumes `spacing` and the window `start`. Modality preprocessing happens in `transforms`.
-Sources are cheap to pickle (they hold paths and indices; decoded data is cached per process).
+and for volumes `spacing` and the window `start`; texts come as token ids (`TextSource`). Modality
+preprocessing happens in `transforms`. Sources are cheap to pickle (they hold paths and indices;
+decoded data and tokenizers are loaded per process).
 Under `lenient=True` a record that cannot be read is logged once and returned as None (grain drops it).
 """
 
@@ -14,9 +15,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from invcoss_jax.data import image_io, volume_io
+from invcoss_jax.data import image_io, tokenization, volume_io
 from invcoss_jax.data.catalog import Case
 from invcoss_jax.data.errors import DataError, SkipLog, logger
+from invcoss_jax.data.text_io import TextRecord
 from invcoss_jax.data.transforms import VolumeGeometry, target_grid_shape, window_starts
 from invcoss_jax.data.wsi import Slide, TileGrid
 
@@ -382,3 +384,62 @@ class TfdsSource(_Base):
       return rec
 
     return self._guard(where, read)
+
+
+class TextSource(_Base):
+  """Texts (reports, sentences) as token ids: 'tokens', 'attention_mask', 'word_ids' ((max_length,)
+  int32, see `tokenization.encode`) and 'label' when every record has one.
+
+  Holds the records (text, label, "file:line") and the tokenizer's path: the tokenizer is loaded on
+  first use in each process (it is not pickled when grain sends the source to a worker) and each
+  example is encoded when read (tens of microseconds), so nothing encoded is held.
+  """
+
+  def __init__(self, records: Sequence[TextRecord], *, tokenizer: str, max_length: int,
+               lowercase: bool = True, skips: SkipLog, lenient: bool = False):
+    super().__init__(skips, lenient)
+    self.records = [TextRecord(*r) for r in records]
+    self.tokenizer_path = str(tokenizer or "")
+    self.max_length = int(max_length)
+    self.lowercase = bool(lowercase)
+    self.has_labels = bool(self.records) and all(r.label is not None for r in self.records)
+    self._lock = threading.Lock()
+    self._tokenizer = None
+    self._ids: dict[str, int] = {}
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def tokenizer(self):
+    """The tokenizer of this process (loaded once); an empty data.text.tokenizer is an error."""
+    if self._tokenizer is None:
+      with self._lock:
+        if self._tokenizer is None:
+          if not self.tokenizer_path:
+            raise DataError(None, "data.text.tokenizer is empty: expected a tokenizer.json or vocab.txt; "
+                            "call invcoss_jax.data.tokenization.ensure_tokenizer(cfg.data, workdir) "
+                            "first (it trains one on the train split, or reuses workdir/tokenizer.json)")
+          tok = tokenization.load_tokenizer(self.tokenizer_path, lowercase=self.lowercase)
+          self._ids = tokenization.special_ids(tok)
+          self._tokenizer = tokenization.without_padding(tok)
+    return self._tokenizer
+
+  def __getitem__(self, i: int):
+    rec = self.records[i]
+    tok = self.tokenizer()
+    out = {k: np.empty(self.max_length, np.int32) for k in ("tokens", "attention_mask", "word_ids")}
+    tokenization.encode_into(tok, self._ids, rec.text, self.max_length, out["tokens"],
+                             out["attention_mask"], out["word_ids"])
+    if self.has_labels:
+      out["label"] = np.int32(rec.label)
+    return out
+
+  # The lock and the loaded tokenizer stay in their process (grain pickles sources for its workers).
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state.update(_lock=None, _tokenizer=None, _ids={})
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()

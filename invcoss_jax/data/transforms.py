@@ -1,5 +1,7 @@
 """Modality preprocessing and augmentation as NumPy functions (no JAX: they run in grain workers).
 
+Text (report): token ids from the source, checked and passed on (`ReportTokens`).
+
 2D (X-ray, pathology): intensities to [0, 1], grey -> RGB, RandomResizedCrop + flips when training,
 resizing with Pillow (antialiased, like torchvision). 3D (CT, MRI): a volume of spacing s is seen on a
 grid of `target_spacing` t; depth windows of that grid (plus an optional central in-plane crop) are
@@ -436,3 +438,24 @@ class Preprocessed:
     if rng is not None:
       image, mask = self._augment(image, mask, rng)
     return _finish(record, image, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportTokens:
+  """Report examples: the source's token ids, checked to be (max_length,) and returned as int32 copies.
+
+  Text is not augmented (its masking belongs to the pre-training objective, which uses `word_ids`), so
+  training and evaluation give the same arrays; `rng` is accepted and unused."""
+  max_length: int
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
+    out = {}
+    for key in ("tokens", "attention_mask", "word_ids"):
+      a = np.asarray(record[key])
+      if a.shape != (self.max_length,):
+        raise ValueError(f"report example {key!r} of shape {a.shape}: expected ({self.max_length},) "
+                         "(data.text.max_length)")
+      out[key] = a.astype(np.int32)
+    if "label" in record:
+      out["label"] = np.asarray(record["label"], np.int32)
+    return out

@@ -58,3 +58,27 @@ def test_a_resumed_report_stage_equals_an_uninterrupted_one(straight, tmp_path):
   assert sorted(rest["losses"]) == list(range(21, 41))
   for s in range(21, 41):
     assert rest["losses"][s] == pytest.approx(out["losses"][s], rel=1e-5, abs=1e-6)
+
+
+def test_the_report_checkpoint_fine_tunes_to_normal_vs_abnormal_above_the_majority_rate(straight, tmp_path):
+  """The stage's vocabulary travels with its checkpoint (config.model.tokenizer) to the text task."""
+  workdir, _ = straight
+  c = load_config_file(os.path.join(REPO, "configs/evaluate.py:indiana_abnormal"))
+  c.init_from = str(workdir)
+  c.evaluate.seeds = (0,)
+  t = c.evaluate.tasks.indiana_abnormal
+  t.steps, t.eval_every, t.lr, t.batch_size = 150, 50, 1e-3, 32
+  out = jobs.run(c, tmp_path / "eval")
+  from invcoss_jax import data as data_lib
+  labels = np.concatenate([b["label"] for b in data_lib.make_eval_iterator(
+      _tokenized(t.data, workdir), batch_size=256, split="test", process_index=0, process_count=1)])
+  majority = max(np.mean(labels), 1 - np.mean(labels))
+  acc = out["per_seed"]["0"]["acc"] if "0" in out["per_seed"] else out["per_seed"][0]["acc"]
+  assert acc > majority + 0.05, (acc, majority)
+  assert out["per_seed"][next(iter(out["per_seed"]))]["auc"] > 0.7
+
+
+def _tokenized(data_cfg, workdir):
+  d = data_cfg.copy_and_resolve_references()
+  d.text.tokenizer = str(workdir / "tokenizer.json")
+  return d

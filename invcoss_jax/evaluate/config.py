@@ -16,10 +16,10 @@ import ml_collections
 from invcoss_jax.data.config import data_config
 
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
-DEMO_TASKS = ("pneumonia", "hippocampus", "ct_organs")
-PAPER_TASKS = ("chestxr", "qata", "ricord", "lits", "vs", "la", "nch", "glas")
-# Table 1 column titles of the paper's tasks (PubMed20k is text, outside this image-only package).
-DISPLAY_NAMES = {"chestxr": "ChestXR", "qata": "QaTa", "ricord": "RICORD", "lits": "LiTS", "vs": "VS",
+DEMO_TASKS = ("pneumonia", "hippocampus", "ct_organs", "indiana_abnormal")
+PAPER_TASKS = ("pubmed20k", "chestxr", "qata", "ricord", "lits", "vs", "la", "nch", "glas")
+# Table 1 column titles of the paper's tasks.
+DISPLAY_NAMES = {"pubmed20k": "PubMed20k", "indiana_abnormal": "Indiana abnormal", "chestxr": "ChestXR", "qata": "QaTa", "ricord": "RICORD", "lits": "LiTS", "vs": "VS",
                  "la": "LA", "nch": "NCH", "glas": "GlaS", "pneumonia": "Pneumonia",
                  "hippocampus": "Hippocampus", "ct_organs": "CT organs"}
 
@@ -133,6 +133,28 @@ def _paper(kind, num_classes, modality, *, fmt, batch_size, epochs, lr, image_si
   return t
 
 
+def _pubmed20k():  # sentence roles of RCT abstracts (5 classes), the PubMed RCT format: train/dev/test.txt
+  t = _paper(CLASSIFICATION, 5, "report", fmt="text", batch_size=64, epochs=5, lr=2e-4)
+  t.data.text.layout = "pubmed"
+  t.data.text.max_length = 112
+  t.mlp_dim = 768  # MedCoSS: LN, GELU MLP, classifier on the mean of all tokens
+  t.tta_flips = False
+  return t
+
+
+def _indiana_abnormal():  # normal vs abnormal report, from the Problems column of the Indiana reports
+  from invcoss_jax.defaults import shared_data_dir  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  t = _base(CLASSIFICATION, 2, "indiana_reports", "report")
+  t.data.path = os.path.join(shared_data_dir(), "report", "indiana_reports.csv")
+  t.data.text.label_column = "Problems"
+  t.data.text.label_rule = "normal_vs_abnormal"
+  t.data.lenient = True  # 25 reports have no findings nor impression
+  t.batch_size, t.epochs, t.lr = 32, 3, 2e-4
+  t.eval_batch_size = 64
+  return t
+
+
 def _chestxr():  # COVID-19 / pneumonia / normal; ImageFolder layout with train/val/test folders
   t = _paper(CLASSIFICATION, 3, "xray", fmt="images", batch_size=32, epochs=80, lr=5e-5)
   t.data.class_subfolders = True
@@ -191,6 +213,7 @@ def _glas():  # gland segmentation, 512 x 512 H&E
 
 TASK_BUILDERS = {
     "pneumonia": _pneumonia, "hippocampus": _hippocampus, "ct_organs": _ct_organs,
+    "indiana_abnormal": _indiana_abnormal, "pubmed20k": _pubmed20k,
     "chestxr": _chestxr, "qata": _qata, "ricord": _ricord, "lits": _lits, "vs": _vs, "la": _la,
     "nch": _nch, "glas": _glas,
 }

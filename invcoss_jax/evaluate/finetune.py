@@ -67,12 +67,11 @@ class DownstreamModel:
     return tokens, feats
 
   def init_backbone(self, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    return self.backbone.init({"params": rng}, images, method=models.MAE.encode)["params"]
+    return self.backbone.init({"params": rng}, _dummy_inputs(image_shape), method=models.MAE.encode)["params"]
 
   def init_head(self, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
     """Head parameters; only the shapes of the encoder's tokens are needed, not its weights."""
-    images = jnp.zeros((1, *image_shape), jnp.float32)
+    images = _dummy_inputs(image_shape)
     abstract = jax.eval_shape(lambda r: self.init_backbone(r, image_shape), rng)
     tokens, feats = jax.eval_shape(lambda p: self._tokens(p, images, False, None), abstract)
     tokens = jnp.zeros(tokens.shape, tokens.dtype)
@@ -287,6 +286,18 @@ def _labels_of(batch: dict[str, np.ndarray]) -> np.ndarray:
   return np.asarray(batch["label"]).reshape(-1).astype(np.int64)
 
 
+def model_inputs(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """What the encoder reads of a batch: images/volumes as float32, or a text batch's token ids as int32
+  (the encoder keeps [PAD] out of attention from the ids: config.model.pad_id)."""
+  if "tokens" in batch:
+    return np.asarray(batch["tokens"], np.int32)
+  return np.asarray(batch["image"], np.float32)
+
+
+def _dummy_inputs(image_shape: tuple[int, ...]) -> jnp.ndarray:
+  return jnp.zeros((1, *image_shape), jnp.int32 if len(image_shape) == 1 else jnp.float32)
+
+
 def _mask_of(batch: dict[str, np.ndarray], image_ndim: int) -> np.ndarray:
   m = np.asarray(batch["mask"])
   return m[..., 0] if m.ndim == image_ndim else m
@@ -303,7 +314,7 @@ def evaluate_split(predict_fn: Callable, params: Any, batches: Iterable[dict[str
   if task.kind == CLASSIFICATION:
     all_probs, all_labels = [], []
     for batch in batches:
-      images = np.asarray(batch["image"], np.float32)
+      images = model_inputs(batch)
       n = images.shape[0]
       probs = np.asarray(predict_fn(params, put(_pad_rows(images, batch_size))))[:n]
       all_probs.append(probs)
@@ -428,7 +439,7 @@ class Finetuner:
       batches = whole_case_batches(self.data_lib.make_case_source(task.data, split))
     else:
       batches = self.data_lib.make_eval_iterator(task.data, batch_size=self.eval_batch, split=split)
-    put = lambda x: mesh_lib.put_batch(self.mesh, np.asarray(x, np.float32))
+    put = lambda x: mesh_lib.put_batch(self.mesh, np.asarray(x))
     with jax.set_mesh(self.mesh):
       return evaluate_split(self.predict, params, batches, task, window=self.window,
                             batch_size=self.eval_batch, put=put)
@@ -450,8 +461,7 @@ class Finetuner:
       losses_since = []
       for step in range(1, self.total + 1):
         local = next(train_iter)
-        batch = mesh_lib.put_batch(self.mesh, {"image": np.asarray(local["image"], np.float32),
-                                               "target": self._target(local)})
+        batch = mesh_lib.put_batch(self.mesh, {"image": model_inputs(local), "target": self._target(local)})
         state, m = self.step_fn(state, batch)
         losses_since.append(m["loss"])
         faults.point(f"finetune_step:{name}:{seed}:{step}")

@@ -49,6 +49,30 @@ def load_backbone(config: ml_collections.ConfigDict, init_from: str) -> tuple[ml
   return model_cfg, params
 
 
+def prepare_text_task(task: ml_collections.ConfigDict, name: str, model_cfg: ml_collections.ConfigDict,
+                      workdir: str, pretrained: bool) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """A text task reads its ids with the vocabulary of the checkpoint's text tokenizer (config.model.tokenizer
+  of the report stage), or its own `data.text.tokenizer`; from scratch, one trained on the task's training
+  split into the workdir. Returns copies of the task and model configs with both set."""
+  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  task = ml_collections.ConfigDict(task.to_dict())
+  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  if not str(task.data.text.tokenizer or ""):
+    task.data.text.tokenizer = str(model_cfg.get("tokenizer", "") or "")
+  if pretrained and not str(task.data.text.tokenizer):
+    raise ValueError(f"config.evaluate.tasks.{name}: the checkpoint has no text tokenizer (config.model.tokenizer "
+                     "is empty: it never trained a report stage); set data.text.tokenizer to its vocabulary")
+  task.data.text.tokenizer = str(tokenization.ensure_tokenizer(task.data, workdir).text.tokenizer)
+  tok = tokenization.load_tokenizer(str(task.data.text.tokenizer))
+  vocab, pad = int(tokenization.vocab_size(tok)), int(tokenization.special_ids(tok)["pad"])
+  if pretrained and int(model_cfg.get("vocab_size", 0)) != vocab:
+    raise ValueError(f"config.evaluate.tasks.{name}.data.text.tokenizer has {vocab} tokens, the checkpoint's "
+                     f"text embedding {model_cfg.get('vocab_size', 0)}: use the pre-training vocabulary")
+  model_cfg.vocab_size, model_cfg.pad_id = vocab, pad
+  model_cfg.tokenizer = str(task.data.text.tokenizer)
+  return task, model_cfg
+
+
 def _checkpoint_steps(init_from: str) -> list[int]:
   """The stage's checkpoint steps: results of an earlier, shorter run of the stage are not reused."""
   folder = os.path.join(init_from, ckpt_lib.CHECKPOINT_DIR) if init_from else ""
@@ -82,6 +106,10 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   task = resolve_task(config, task_name)
   protocol = str(config.evaluate.protocol)
   model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
+  if str(task.data.get("modality", "")) == "report":
+    task, model_cfg = prepare_text_task(task, task_name, model_cfg, workdir, pretrained is not None)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.tasks[task_name] = task
   cap = int(config.get("total_steps", -1))
   finetuners = {} if finetuners is None else finetuners
   per_seed: dict[int, dict[str, float]] = {}

@@ -45,6 +45,8 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
   # the tokenizer it trains or loads (config.data.text.tokenizer).
   c.vocab_size = 0
   c.text_max_len = 512  # rows of the learned 1D position table (MedCoSS: 512; reports use 112)
+  c.pad_id = 0  # the tokenizer's [PAD] id (first special token; BERT vocabularies too)
+  c.tokenizer = ""  # the vocabulary file of the text embedding (set by the report stage; read by text tasks)
   return c
 
 

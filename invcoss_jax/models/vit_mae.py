@@ -55,6 +55,7 @@ class ViTConfig:
   dtype: str = "float32"
   remat: bool = False
   vocab_size: int = 0  # text tokenizer's vocabulary (0: no text modality); set from the stage's tokenizer
+  pad_id: int = 0  # [PAD]: kept out of attention when no attention mask is given (fine-tuning reads ids only)
   text_max_len: int = 512  # rows of the learned 1D position table (MedCoSS: 512); reports use up to 112
 
   @classmethod
@@ -284,7 +285,8 @@ class MAE(nn.Module):
     """Returns (tokens (B, 1 + L_keep, width) with CLS first, mask (B, L), ids_restore (B, L)).
 
     Text ids (B, L) are never dropped (masked language modelling corrupts the ids instead, and `mask_ratio`
-    does not apply); `attention_mask` (B, L), 1 for real tokens, keeps padding out of every attention."""
+    does not apply); `attention_mask` (B, L), 1 for real tokens, keeps padding out of every attention (default:
+    the ids that are not config.model.pad_id)."""
     cfg = self.cfg
     attn = None
     if is_text(images):
@@ -292,7 +294,7 @@ class MAE(nn.Module):
       b, l, _ = x.shape
       mask = jnp.zeros((b, l))
       ids_restore = jnp.broadcast_to(jnp.arange(l), (b, l))
-      keys = jnp.ones((b, l), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+      keys = images != cfg.pad_id if attention_mask is None else jnp.asarray(attention_mask) > 0
       attn = jnp.concatenate([jnp.ones((b, 1), bool), keys], axis=1)[:, None, None, :]  # CLS is always a key
     else:
       x, _ = self.tokenize(images, train=train)

@@ -109,6 +109,8 @@ def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_co
     raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {config.data.text.tokenizer} has "
                      f"{vocab} tokens: leave it 0 to take the tokenizer's")
   config.model.vocab_size = vocab
+  config.model.pad_id = int(tokenization.special_ids(tokenization.load_tokenizer(str(config.data.text.tokenizer)))["pad"])
+  config.model.tokenizer = str(config.data.text.tokenizer)  # the embedding's vocabulary travels with the model
   return config
 
 

@@ -18,10 +18,17 @@ class DataError(ValueError):
     super().__init__(problem if path is None else f"{self.path}: {problem}")
 
 
+# Paths already warned about in this process: the same bad file met again by another pass (each split, the
+# tokenizer, every evaluation) is logged at DEBUG, not as a new warning.
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
 class SkipLog:
   """Files skipped under `lenient=True`: each is logged once when met; `summary()` gives the count.
 
-  Each process (and grain worker) keeps its own log; the counts are per process.
+  Each process (and grain worker) keeps its own log; the counts are per process. A file is warned about
+  once per process, however many passes skip it (their summaries still count it).
   """
 
   def __init__(self, what: str):
@@ -36,8 +43,11 @@ class SkipLog:
         return
       self._skipped[path] = reason
       n = len(self._skipped)
-    logger.warning("lenient: skipping %s: %s (%d file(s) of %s skipped so far)", path, reason, n,
-                   self.what)
+    with _WARNED_LOCK:
+      first = path not in _WARNED
+      _WARNED.add(path)
+    logger.log(logging.WARNING if first else logging.DEBUG, "lenient: skipping %s: %s (%d file(s) of %s skipped "
+               "so far)", path, reason, n, self.what)
 
   def is_skipped(self, path: str | os.PathLike) -> bool:
     with self._lock:

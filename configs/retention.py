@@ -11,7 +11,7 @@ Presets:
 - `full`: the four image modalities (X-ray, the embedded CT, hippocampus MRI, pathology); seqssl, er, medcoss,
   ewc, invcoss and joint (the upper bound: one stage over every modality); 3 seeds. CT and MRI have no class
   labels here: they are measured by drift (CKA) and replay quality only. 3000 X-ray steps, then 1500 per stage
-  (`continual.stage_steps`); resampled 3D windows are cached (`data.window_cache_size`). About 2 hours on a
+  (`continual.stage_steps`); resampled 3D windows are cached (`data.window_cache_size`). 97 minutes on a
   2-core CPU.
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.

@@ -22,13 +22,10 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """Every leaf option of a config as a dotted path (ConfigDict sections are descended into)."""
   out = []
   for k in config.keys():
-    v = config[k]
     path = f"{prefix}{k}"
-    if isinstance(v, ml_collections.ConfigDict):
-      out.append(path)
-      out.extend(flat_keys(v, path + "."))
-    else:
-      out.append(path)
+    out.append(path)
+    if isinstance(config[k], ml_collections.ConfigDict):
+      out.extend(flat_keys(config[k], path + "."))
   return out
 
 

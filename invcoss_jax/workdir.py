@@ -11,7 +11,6 @@ existed is identified by its config.json.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -32,9 +31,18 @@ class WorkdirError(ConfigError):
   """The workdir cannot be used for this run (another run's, a file, not writable)."""
 
 
-def _fingerprint(section: ml_collections.ConfigDict | dict) -> str:
-  d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Model options a run derives from its data (the report stage sets them from its tokenizer), not chosen by it.
+_DERIVED_MODEL_KEYS = ("vocab_size", "pad_id", "tokenizer")
+
+
+def _model_options(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  d = json.loads(model.to_json_best_effort()) if hasattr(model, "to_json_best_effort") else dict(model)
+  return {k: v for k, v in d.items() if k not in _DERIVED_MODEL_KEYS}
+
+
+def _model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """'key: old -> new' for the model options both record (an option added since the old run is no change)."""
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
 
 
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   mode = str(config.get("mode", "pretrain"))
   out: dict[str, Any] = {"mode": mode}
   if mode in ("pretrain", "stats", "continual", "retention", "compile") and "model" in config:
-    out["model"] = _fingerprint(config.model)
+    out["model"] = _model_options(config.model)
   if mode in ("pretrain", "stats") and "data" in config:
     out["modality"] = str(config.data.get("modality", "") or _registered_modality(config.data))
   if mode in ("continual", "retention"):
@@ -85,18 +93,23 @@ def _existing(workdir: str) -> dict[str, Any] | None:
 
 def _describe(ident: dict[str, Any]) -> str:
   keys = ["mode"] + sorted(k for k in ident if k != "mode")
-  return ", ".join(f"{k}={ident[k]}" for k in keys if k in ident)
+  show = lambda k: ident[k].get("preset", "custom") if k == "model" and isinstance(ident[k], dict) else ident[k]
+  return ", ".join(f"{k}={show(k)}" for k in keys if k in ident)
 
 
 def _conflict(old: dict[str, Any], new: dict[str, Any]) -> str | None:
   """Why `new` may not run where `old` ran, or None."""
+  model = (_model_changes(old["model"], new["model"]) if isinstance(old.get("model"), dict)
+           and isinstance(new.get("model"), dict) else [])
   if old.get("mode") != new["mode"]:
     if old.get("mode") in ATTACHED.get(new["mode"], ()):
-      keys = [k for k in ("model",) if k in old and k in new and old[k] != new[k]]
-      return f"its {keys[0]} differs" if keys else None
+      return f"its model differs ({'; '.join(model[:3])})" if model else None
     return f"it holds a {old.get('mode')!r} run and config.mode={new['mode']!r} would write over it"
   for k, v in new.items():
-    if k in old and old[k] != v:
+    if k == "model":
+      if model:
+        return f"its model differs ({'; '.join(model[:3])})"
+    elif k in old and old[k] != v:
       return f"its {k} is {old[k]!r} where this run's is {v!r}"
   return None
 

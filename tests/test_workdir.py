@@ -43,7 +43,7 @@ def test_another_modality_mode_or_model_is_refused_before_anything_is_written(tm
     jobs.run(cfg("configs/path.py:demo"), w)
   with pytest.raises(WorkdirError, match=r"it holds a 'pretrain' run and config.mode='evaluate' would write"):
     jobs.run(cfg("configs/evaluate.py", init_from=str(w)), w)
-  with pytest.raises(WorkdirError, match="its model is"):
+  with pytest.raises(WorkdirError, match=r"its model differs \(width: 64 -> 96\)"):
     jobs.run(cfg("configs/xray.py:demo", **{"model.width": 96}), w)
   assert snapshot(w) == before
   # stats and invert add to a stage's workdir and leave it the stage's.
@@ -72,6 +72,14 @@ def test_overwrite_deletes_the_old_run_and_a_legacy_workdir_is_known_by_its_conf
   workdir_lib.claim(w, cfg("configs/path.py:demo", overwrite_workdir=True))
   assert sorted(os.listdir(w)) == ["workdir.json"]
   assert json.loads((w / "workdir.json").read_text())["modality"] == "path"
+  # A run recorded before a model option existed (here: the text options) is the same model, not another.
+  older = tmp_path / "older"
+  os.makedirs(older)
+  recorded = cfg("configs/xray.py:demo").to_dict()
+  for k in ("vocab_size", "pad_id", "tokenizer", "text_max_len"):
+    recorded["model"].pop(k)
+  (older / "config.json").write_text(json.dumps(recorded))
+  workdir_lib.claim(older, cfg("configs/xray.py:demo"))
   (w / "workdir.json").write_text("{broken")
   with pytest.raises(WorkdirError, match=r"workdir.json is not valid JSON"):
     workdir_lib.claim(w, cfg("configs/path.py:demo"))

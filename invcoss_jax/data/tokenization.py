@@ -146,6 +146,13 @@ def vocab_size(tokenizer: Tokenizer) -> int:
   return int(tokenizer.get_vocab_size(with_added_tokens=True))
 
 
+def model_text_fields(path: str) -> dict[str, object]:
+  """What config.model needs of the text embedding's vocabulary at `path` (loaded once): vocab_size, pad_id
+  and the file itself (`tokenizer`), so the vocabulary travels with every checkpoint of the model."""
+  tok = load_tokenizer(str(path))
+  return dict(vocab_size=vocab_size(tok), pad_id=special_ids(tok)["pad"], tokenizer=str(path))
+
+
 def without_padding(tokenizer: Tokenizer) -> Tokenizer:
   """The tokenizer without its own truncation/padding (a tokenizer.json may carry them; a copy then):
   `encode_into` places [CLS], [SEP] and [PAD] itself."""

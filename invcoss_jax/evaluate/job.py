@@ -63,13 +63,11 @@ def prepare_text_task(task: ml_collections.ConfigDict, name: str, model_cfg: ml_
     raise ValueError(f"config.evaluate.tasks.{name}: the checkpoint has no text tokenizer (config.model.tokenizer "
                      "is empty: it never trained a report stage); set data.text.tokenizer to its vocabulary")
   task.data.text.tokenizer = str(tokenization.ensure_tokenizer(task.data, workdir).text.tokenizer)
-  tok = tokenization.load_tokenizer(str(task.data.text.tokenizer))
-  vocab, pad = int(tokenization.vocab_size(tok)), int(tokenization.special_ids(tok)["pad"])
-  if pretrained and int(model_cfg.get("vocab_size", 0)) != vocab:
-    raise ValueError(f"config.evaluate.tasks.{name}.data.text.tokenizer has {vocab} tokens, the checkpoint's "
-                     f"text embedding {model_cfg.get('vocab_size', 0)}: use the pre-training vocabulary")
-  model_cfg.vocab_size, model_cfg.pad_id = vocab, pad
-  model_cfg.tokenizer = str(task.data.text.tokenizer)
+  fields = tokenization.model_text_fields(str(task.data.text.tokenizer))
+  if pretrained and int(model_cfg.get("vocab_size", 0)) != fields["vocab_size"]:
+    raise ValueError(f"config.evaluate.tasks.{name}.data.text.tokenizer has {fields['vocab_size']} tokens, the "
+                     f"checkpoint's text embedding {model_cfg.get('vocab_size', 0)}: use the pre-training vocabulary")
+  model_cfg.update(fields)
   return task, model_cfg
 
 

@@ -103,14 +103,12 @@ def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_co
   from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   config.data = tokenization.ensure_tokenizer(config.data, workdir)
-  vocab = int(tokenization.vocab_size(tokenization.load_tokenizer(str(config.data.text.tokenizer))))
+  fields = tokenization.model_text_fields(str(config.data.text.tokenizer))
   given = int(config.model.get("vocab_size", 0))
-  if given and given != vocab:
+  if given and given != fields["vocab_size"]:
     raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {config.data.text.tokenizer} has "
-                     f"{vocab} tokens: leave it 0 to take the tokenizer's")
-  config.model.vocab_size = vocab
-  config.model.pad_id = int(tokenization.special_ids(tokenization.load_tokenizer(str(config.data.text.tokenizer)))["pad"])
-  config.model.tokenizer = str(config.data.text.tokenizer)  # the embedding's vocabulary travels with the model
+                     f"{fields['vocab_size']} tokens: leave it 0 to take the tokenizer's")
+  config.model.update(fields)
   return config
 
 

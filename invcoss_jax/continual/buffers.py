@@ -66,24 +66,33 @@ def kmeans_indices(features: np.ndarray, *, cluster_fraction: float, fraction: f
   return np.sort(np.concatenate(chosen)), km
 
 
-def pooled_feature(tokens: jax.Array, kind: str) -> jax.Array:
-  """The buffer feature of each image from the encoder output (B, 1 + L, D).
+def pooled_feature(tokens: jax.Array, kind: str, valid: jax.Array | None = None) -> jax.Array:
+  """The buffer feature of each example from the encoder output (B, 1 + L, D).
 
   'all_tokens': the mean over every token, CLS included (MedCoSS: feature.mean(1)); 'mean': the patch tokens
-  only; 'cls': the CLS token."""
+  only; 'cls': the CLS token. `valid` (B, 1 + L), for text: only its tokens (CLS and the real tokens, no
+  padding) enter the means."""
   t = tokens.astype(jnp.float32)
-  if kind == "all_tokens":
-    return jnp.mean(t, axis=1)
-  if kind == "mean":
-    return jnp.mean(t[:, 1:], axis=1)
+  if kind not in ("all_tokens", "mean", "cls"):
+    raise ValueError(f"config.continual.kmeans.feature must be 'all_tokens', 'mean' or 'cls', got {kind!r}")
   if kind == "cls":
     return t[:, 0]
-  raise ValueError(f"config.continual.kmeans.feature must be 'all_tokens', 'mean' or 'cls', got {kind!r}")
+  if kind == "mean":
+    t = t[:, 1:]
+    valid = None if valid is None else valid[:, 1:]
+  if valid is None:
+    return jnp.mean(t, axis=1)
+  w = valid.astype(jnp.float32)
+  return jnp.einsum("bl,bld->bd", w, t) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
 
 
-def _images(batch) -> np.ndarray:
+def _inputs(batch) -> np.ndarray:
+  """The model input of a batch: images (float32), or the token ids (int32) of a text batch."""
+  if isinstance(batch, dict) and "tokens" in batch:
+    return np.asarray(batch["tokens"], np.int32)
   x = batch["image"] if isinstance(batch, dict) else batch
-  return np.asarray(x, np.float32)
+  x = np.asarray(x)
+  return x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) and x.ndim == 2 else x.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -91,22 +100,26 @@ def _feature_fn(model, kind: str):
   """One compiled feature function per (model, feature), shared by every call (stages, seeds, image sets)."""
 
   @jax.jit
-  def feats(params, images):
-    tokens, _, _ = model.apply({"params": params}, images, mask_ratio=0.0, train=False,
-                               method=type(model).encode)
-    return pooled_feature(tokens, kind)
+  def feats(params, x):
+    tokens, _, _ = model.apply({"params": params}, x, mask_ratio=0.0, train=False, method=type(model).encode)
+    valid = None
+    if jnp.issubdtype(x.dtype, jnp.integer):  # text: padding (config.model.pad_id) is not part of the feature
+      real = (x != model.cfg.pad_id).astype(jnp.float32)
+      valid = jnp.concatenate([jnp.ones((x.shape[0], 1), jnp.float32), real], axis=1)
+    return pooled_feature(tokens, kind, valid)
 
   return feats
 
 
 def encoder_features(model, params, batches: Iterable, *, kind: str) -> np.ndarray:
-  """(N, D) float32 features of every example of `batches` (eval mode, no masking), in order.
+  """(N, D) float32 features of every example of `batches` (images, or text batches with 'tokens'; eval
+  mode, no masking), in order.
 
   Ragged batches are padded to the first batch's size so one compiled function serves every batch."""
   feats = _feature_fn(model, kind)
   out, size = [], None
   for batch in batches:
-    x = _images(batch)
+    x = _inputs(batch)
     n = x.shape[0]
     if n == 0:
       continue
@@ -124,7 +137,7 @@ def gather_examples(batches: Iterable, indices: Sequence[int]) -> np.ndarray:
   wanted = np.asarray(sorted(set(int(i) for i in indices)))
   out, start = [], 0
   for batch in batches:
-    x = _images(batch)
+    x = _inputs(batch)
     lo, hi = np.searchsorted(wanted, [start, start + x.shape[0]])
     if hi > lo:
       out.append(x[wanted[lo:hi] - start])

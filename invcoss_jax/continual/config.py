@@ -11,17 +11,27 @@ from invcoss_jax.data.config import data_config
 METHODS = ("invcoss", "seqssl", "er", "medcoss", "ewc", "cassle", "packnet", "joint")
 REAL_BUFFER_METHODS = ("er", "medcoss")  # keep real samples of every stage
 TEACHER_METHODS = ("invcoss", "er", "medcoss", "cassle")  # distil to the frozen previous model
-MODALITIES = ("xray", "ct", "mri", "path")
-# Paper Sec. 4.1 / App. E without the report stage: X-ray, CT, MRI, pathology; the alternative order is
-# Path., MRI, (Report,) CT, X-ray.
-DEFAULT_ORDER = ("xray", "ct", "mri", "path")
-ALTERNATIVE_ORDER = ("path", "mri", "ct", "xray")
+IMAGE_MODALITIES = ("xray", "ct", "mri", "path")
+MODALITIES = ("report",) + IMAGE_MODALITIES
+# Paper Sec. 4.1 / App. C: Report, X-ray, CT, MRI, pathology; Table 5's alternative order Path., MRI, Report,
+# CT, X-ray. The image-only orders serve the embedded demo data (it has no reports) and the retention benchmark.
+PAPER_ORDER = ("report", "xray", "ct", "mri", "path")
+PAPER_ALTERNATIVE_ORDER = ("path", "mri", "report", "ct", "xray")
+DEFAULT_ORDER = IMAGE_ORDER = ("xray", "ct", "mri", "path")
+ALTERNATIVE_ORDER = IMAGE_ALTERNATIVE_ORDER = ("path", "mri", "ct", "xray")
 
 
 def _dataset(name: str, modality: str) -> ml_collections.ConfigDict:
   d = data_config()
   d.name = name
   d.modality = modality
+  return d
+
+
+def _report_dataset() -> ml_collections.ConfigDict:
+  """The report stage's texts: the Indiana reports' name (no embedded copy; data.path must point at them)."""
+  d = _dataset("indiana_reports", "report")
+  d.format = "text"
   return d
 
 
@@ -32,7 +42,8 @@ def continual_config() -> ml_collections.ConfigDict:
   # Steps of each stage of `order` (same length); () or an entry <= 0: config.total_steps. Joint trains the sum.
   c.stage_steps = ()
   # The data section of each modality's stage (a full config.data; configs/continual.py sets the paper corpora).
-  c.datasets = ml_collections.ConfigDict({m: _dataset(f"demo_{m}", m) for m in MODALITIES})
+  c.datasets = ml_collections.ConfigDict({m: _dataset(f"demo_{m}", m) for m in IMAGE_MODALITIES})
+  c.datasets.report = _report_dataset()
 
   # --- Buffer: what stage T replays of stages 1..T-1 (er, medcoss: real samples; invcoss: synthetic) ---
   c.buffer_fraction = 0.05  # of each earlier stage's examples: 0.01 / 0.05 / 0.10 (paper Fig. 7)
@@ -42,7 +53,7 @@ def continual_config() -> ml_collections.ConfigDict:
   c.buffer_split = "proportional"  # buffer samples of a step across earlier stages: proportional (to size) | equal
   c.distill_weight = 1.0  # weight of L_reg (Eq. 4): feature distillation of buffer samples to the frozen model
   c.distill_mask_ratio = 0.75  # teacher and student encode a buffer sample under the same mask (MedCoSS)
-  c.buffer_mae_weight = 0.0  # > 0 also trains the MAE loss on buffer samples (MedCoSS: 0)
+  c.buffer_mae_weight = 0.0  # > 0 also trains the MAE loss on image buffer samples (MedCoSS: 0; never on text)
   # The stage's own crop/flip (2D) or mirroring (3D) on buffer samples, as MedCoSS's buffer, which re-reads its
   # samples through the stage's dataset transform; False feeds them as stored.
   c.buffer_augment = False
@@ -51,7 +62,9 @@ def continual_config() -> ml_collections.ConfigDict:
   # ratio below is N_buf/N_cur); 'per_sample' = scaled by B_buf/B, every buffer sample weighs as much as a current
   # one, as in MedCoSS's alternating homogeneous batches.
   c.distill_scale = "per_step"
-  c.mixup = True  # intra-modal mixup of buffer samples (MedCoSS): lam ~ U(0, 1) per sample, partner from the same stage
+  # Intra-modal mixup of buffer samples (MedCoSS): lam ~ U(0, 1) per sample, partner from the same stage; text
+  # mixes token-wise (each id and attention bit from the sample with probability lam, else from the partner).
+  c.mixup = True
   c.reinit_decoder = True  # re-initialise the MAE decoder at every stage (MedCoSS); the trunk is always carried
   # invcoss: 'own' synthesises stage t's set once, at its end, from f_t and its statistics (Sec. 3.2: "reconstructed
   # exclusively from the pre-trained model of task t"); 'latest' re-synthesises every earlier stage's set at the

@@ -31,6 +31,7 @@ from absl import logging
 from invcoss_jax import faults, models
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import buffers, packnet
+from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
@@ -44,7 +45,7 @@ from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import optim, writers
+from invcoss_jax.train import mlm, optim, writers
 from invcoss_jax.train.nonfinite import check_losses
 from invcoss_jax.train.state import abstract_state
 
@@ -64,10 +65,13 @@ class BufferSource:
 
 
 def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
-  """One 2D and one 3D example of 2 patches per axis: creates every tokenizer and head (the tree does not
-  depend on the image size)."""
-  return [tuple(2 * p for p in model_cfg.patch_size_2d) + (model_cfg.channels_2d,),
-          tuple(2 * p for p in model_cfg.patch_size_3d) + (model_cfg.channels_3d,)]
+  """One 2D and one 3D example of 2 patches per axis, and 8 token ids when the model has a vocabulary:
+  creates every tokenizer and head (the tree does not depend on the image size or the text length)."""
+  shapes = [tuple(2 * p for p in model_cfg.patch_size_2d) + (model_cfg.channels_2d,),
+            tuple(2 * p for p in model_cfg.patch_size_3d) + (model_cfg.channels_3d,)]
+  if model_cfg.vocab_size > 0:
+    shapes.append((min(8, model_cfg.text_max_len),))
+  return shapes
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,6 +110,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   stages = plan_stages(config, workdir)
+  text_stages = [s for s in stages if any(text_lib.is_text_data(d) for d in s.data)]
+  if text_stages:  # one vocabulary for the sequence, settled before the first stage (continual/text.py)
+    config = text_lib.prepare_sequence(config, workdir, tuple(str(m) for m in config.continual.order),
+                                       text_stages[0].workdir)
+    stages = plan_stages(config, workdir)
   if method != "joint":
     check_disjoint([(s.name, s.data[0]) for s in stages])
   atomic_write_json(os.path.join(workdir, SEQUENCE_FILE), dict(
@@ -158,6 +167,12 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
     return out
   for t in earlier:
     info = _info_of(t)
+    if text_lib.is_text_data(t.data[0]):  # text: the real k-means buffer (er: random), for every buffer method
+      folder = os.path.join(t.workdir, BUFFER_DIR)
+      n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
+      out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,
+                              tuple(int(s) for s in info["image_shapes"][0]), "real"))
+      continue
     if method == "invcoss" and config.continual.invert_with == "latest":
       folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
       prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
@@ -377,7 +392,9 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   current = []
   for j, (m, d, b, shape) in enumerate(zip(stage.modalities, stage.data, cur_sizes, shapes)):
     it = data_lib.make_train_iterator(d, global_batch_size=b, seed=seed + 7919 * stage.index + j)
-    current.append(Stream(f"current/{m}", it, b, shape))
+    masker = (mlm.masker_for(str(d.text.tokenizer), float(cfg.train.mlm_probability)) if len(shape) == 1
+              else None)
+    current.append(Stream(f"current/{m}", it, b, shape, masker=masker))
   buffer = []
   for j, (s, b) in enumerate(zip(sources, buf_sizes)):
     it = data_lib.make_train_iterator(s.data, global_batch_size=b, seed=seed + 7919 * stage.index + 101 + j)

@@ -17,8 +17,9 @@ from invcoss_jax.train import optim
 
 
 def is_decoder_key(name: str) -> bool:
-  """Top-level parameter names of the MAE decoder (the pixel heads included)."""
-  return name.startswith("decoder") or name == "mask_token"
+  """Top-level parameter names of the MAE decoder (the pixel heads included) and of the MLM head: MedCoSS
+  re-initialises both at every stage and carries only the encoder side and the tokenizers."""
+  return name.startswith("decoder") or name == "mask_token" or name.startswith("mlm_")
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -32,13 +33,19 @@ def merge_params(encoder_side: Mapping[str, Any], decoder_side: Mapping[str, Any
   return {**dict(decoder_side), **dict(encoder_side)}
 
 
+TEXT_KEYS = ("token_embed", "pos_embed_1d")  # the text tokenizer (the MLM head is decoder side)
+
+
 def leaf_rank_suffix(path: str) -> int | None:
-  """2 or 3 when a leaf belongs to the 2D/3D tokenizer or head (name ends in _2d / _3d), else None."""
+  """2 or 3 when a leaf belongs to the 2D/3D tokenizer or head (name ends in _2d / _3d), 0 for the text
+  tokenizer (a stage's rank is len(example shape) - 1, so (L,) token ids are rank 0), else None."""
   top = path.split("/")[0]
   if top.endswith("_2d"):
     return 2
   if top.endswith("_3d"):
     return 3
+  if top in TEXT_KEYS:
+    return 0
   return None
 
 

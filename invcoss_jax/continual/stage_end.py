@@ -4,6 +4,8 @@
 2. what the method keeps of the stage: a real buffer (er: random; medcoss: k-means), the Fisher information
    (ewc), the synthetic set (invcoss, invert_with='own'),
 3. the storage log and `stage_info.json` (done), written last.
+A report stage has no statistics and is not inverted (text is discrete): invcoss keeps MedCoSS's real k-means
+text buffer instead, the documented exception (continual/text.py) its storage log names.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from absl import logging
 
 from invcoss_jax import faults
 from invcoss_jax.continual import buffers, ewc
+from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SYNTHETIC_DIR,
                                           Stage, folder_bytes, stage_key, write_info)
 from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.train import mlm
 
 def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
                  total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
@@ -34,29 +38,36 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
   method = str(c.method)
   d = stage.data[0]
   seq = method != "joint"
+  text = seq and text_lib.is_text_data(d)
   stats_file = os.path.join(stage.workdir, cfg.inversion.stats_file)
-  if seq and (bool(c.statistics_after_stage) or method == "invcoss") and not os.path.isfile(stats_file):
+  if (seq and not text and (bool(c.statistics_after_stage) or method == "invcoss")
+      and not os.path.isfile(stats_file)):
     inv_job.run_stats(cfg, stage.workdir, params=params)
 
-  if method in REAL_BUFFER_METHODS and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
-    _write_real_buffer(config, cfg, stage, model, params, n_current[0])
+  keeps_buffer = method in REAL_BUFFER_METHODS or (text and method == "invcoss")
+  if keeps_buffer and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
+    if text:
+      text_lib.write_text_buffer(config, cfg, stage, model, params)
+    else:
+      _write_real_buffer(config, cfg, stage, model, params, n_current[0])
 
   if method == "ewc" and not last and not os.path.isfile(os.path.join(stage.workdir, EWC_FILE)):
     host = jax.device_get(params)
     enc, _ = params_lib.split_params(host)
     batches = data_lib.make_eval_iterator(d, batch_size=int(c.ewc.fisher_batch_size), process_index=0,
                                           process_count=1)
+    masker = mlm.masker_for(str(d.text.tokenizer), float(cfg.train.mlm_probability)) if text else None
     fisher, used = ewc.empirical_fisher(model, host, batches, mask_ratio=float(cfg.train.mask_ratio),
                                         rng=stage_key(config, stage.index, 3),
                                         num_examples=int(c.ewc.fisher_num_examples),
-                                        batch_size=int(c.ewc.fisher_batch_size))
+                                        batch_size=int(c.ewc.fisher_batch_size), masker=masker)
     previous = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))["fisher"] if prev else None
     fisher = ewc.online_update(previous, fisher, float(c.ewc.gamma))
     params_lib.save_tree_npz(os.path.join(stage.workdir, EWC_FILE), anchor=enc, fisher=fisher)
     logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
 
   synth_summary = os.path.join(stage.workdir, inv_job.SUMMARY_FILE)
-  wants_synthetic = (method == "invcoss" and c.invert_with == "own"
+  wants_synthetic = (method == "invcoss" and c.invert_with == "own" and not text
                      and (not last or bool(c.get("synthesize_last_stage", True))))
   if wants_synthetic and not os.path.isfile(synth_summary):
     inv_cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -127,6 +138,13 @@ def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> di
     # 'own' keeps the stage's synthetic set for every later stage (as large as a real buffer); only 'latest'
     # keeps nothing but the statistics between stages.
     kinds = ("statistics", "synthetic")
+  text = method != "joint" and text_lib.is_text_data(stage.data[0])
+  if text and method == "invcoss":
+    kinds = ("real_buffer",)
   out["retained_kind"] = "+".join(kinds) or "none"
   out["retained_bytes"] = int(sum(out[f"{k}_bytes"] for k in kinds))
+  if text and "real_buffer" in kinds:
+    out["retained_kind"] = "real_text_buffer"
+    if method == "invcoss":
+      out["exception"] = text_lib.EXCEPTION
   return out

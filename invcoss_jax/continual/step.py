@@ -1,11 +1,13 @@
 """The composite train step of continual pre-training (Eq. 4) for every method.
 
-One step sees sub-batches grouped by image shape (`streams.StageStreams`):
-- `current`: data of the stage (MAE loss; several modalities for `joint`),
+One step sees sub-batches grouped by example shape (`streams.StageStreams`):
+- `current`: data of the stage (MAE loss, or the MLM loss for text; several modalities for `joint`),
 - `buffer`: replay samples of earlier stages (feature distillation to the frozen previous model: both encode
   the sample under the same mask, MSE over the encoder output tokens, MedCoSS's L_reg).
-The 2D and 3D sub-batches go through their own tokenizer inside the one compiled step. Each term is a mean
-over its samples (per-group means weighted by group size), and the terms are summed:
+The text, 2D and 3D sub-batches go through their own tokenizer inside the one compiled step. Text is never
+dropped by the encoder (MLM corrupts ids instead), so a text buffer sample is distilled over all its real
+tokens and CLS (padding left out). Each term is a mean over its samples (per-group means weighted by group
+size), and the terms are summed:
 
   loss = L_task(current) + distill_weight * L_reg(buffer) + buffer_mae_weight * L_task(buffer)
          + cassle_weight * L_cassle(current) + ewc_weight * EWC(encoder side).
@@ -72,14 +74,35 @@ def num_patches(model_cfg: models.ViTConfig, image_shape) -> int:
   return math.prod(models.grid_shape(tuple(image_shape[:-1]), model_cfg.patch_size(rank)))
 
 
-def draw_noises(rng: jax.Array, batch: dict, model_cfg: models.ViTConfig) -> dict[str, tuple[jax.Array, ...]]:
-  """Uniform masking noise (B, L) for every sub-batch; group g of role r uses fold_in(rng, offset_r + g)."""
+def is_text_batch(x) -> bool:
+  """Text sub-batches are dicts of token arrays (streams.py); image sub-batches are arrays."""
+  return isinstance(x, dict)
+
+
+def draw_noises(rng: jax.Array, batch: dict, model_cfg: models.ViTConfig) -> dict[str, tuple[Any, ...]]:
+  """Uniform masking noise (B, L) for every image sub-batch (None for text, which is not dropped); group g
+  of role r uses fold_in(rng, offset_r + g)."""
   out = {}
   for role, offset in (("current", 0), ("buffer", 1000)):
     out[role] = tuple(
+        None if is_text_batch(x) else
         jax.random.uniform(jax.random.fold_in(rng, offset + g), (x.shape[0], num_patches(model_cfg, x.shape[1:])))
         for g, x in enumerate(batch.get(role, ())))
   return out
+
+
+def text_valid(batch: dict) -> jax.Array:
+  """(B, 1 + L) float32: CLS and the real tokens of a text sub-batch (the tokens distillation compares)."""
+  a = batch["attention_mask"].astype(jnp.float32)
+  return jnp.concatenate([jnp.ones((a.shape[0], 1), jnp.float32), a], axis=1)
+
+
+def mlm_forward(model: models.MAE, params, batch: dict, *, train: bool, rng=None):
+  """(MLM loss, encoder output tokens) of one text sub-batch (MAE.mlm)."""
+  rngs = {"dropout": rng} if rng is not None else None
+  out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
+                    batch["labels"], train=train, rngs=rngs, method=models.MAE.mlm)
+  return out["loss"], out["tokens"]
 
 
 def mae_forward(model: models.MAE, params, images, noise, *, mask_ratio: float, train: bool, rng=None):
@@ -98,11 +121,24 @@ def mae_forward(model: models.MAE, params, images, noise, *, mask_ratio: float, 
 
 
 def encode_tokens(model: models.MAE, params, images, noise, *, mask_ratio: float, train: bool, rng=None):
-  """Encoder output tokens (B, 1 + L_keep, D) with the mask fixed by `noise`."""
+  """Encoder output tokens (B, 1 + L_keep, D) with the mask fixed by `noise`; a text sub-batch (a dict)
+  is encoded whole with its attention mask (`noise` None)."""
   rngs = {"dropout": rng, "masking": rng} if rng is not None else None
+  if is_text_batch(images):
+    tokens, _, _ = model.apply({"params": params}, images["tokens"], train=train,
+                               attention_mask=images["attention_mask"], method=models.MAE.encode, rngs=rngs)
+    return tokens
   tokens, _, _ = model.apply({"params": params}, images, mask_ratio=mask_ratio, train=train, noise=noise,
                              method=models.MAE.encode, rngs=rngs)
   return tokens
+
+
+def _valid(x) -> jax.Array | None:
+  return text_valid(x) if is_text_batch(x) else None
+
+
+def _size(x) -> int:
+  return (x["tokens"] if is_text_batch(x) else x).shape[0]
 
 
 def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, noises: dict, consts: dict,
@@ -121,14 +157,18 @@ def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, 
 
   task, cassle = [], []
   for x, noise in zip(current, noises["current"]):
-    loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.mask_ratio, train=True, rng=key())
+    if is_text_batch(x):
+      loss, tokens = mlm_forward(model, params, x, train=True, rng=key())
+    else:
+      loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.mask_ratio, train=True, rng=key())
     task.append(loss)
     if spec.cassle_weight > 0:
       if teacher is None or predictor is None:
         raise ValueError("cassle needs the frozen previous model and a predictor")
       target = encode_tokens(model, teacher, x, noise, mask_ratio=spec.mask_ratio, train=False)
-      cassle.append(losses.feature_distillation(predictor.apply({"params": aux["predictor"]}, tokens), target))
-  sizes = [x.shape[0] for x in current]
+      cassle.append(losses.feature_distillation(predictor.apply({"params": aux["predictor"]}, tokens), target,
+                                                _valid(x)))
+  sizes = [_size(x) for x in current]
   total = terms["task"] = losses.sample_weighted_mean(task, sizes)
   if spec.cassle_weight > 0:
     terms["cassle"] = losses.sample_weighted_mean(cassle, sizes)
@@ -139,19 +179,20 @@ def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, 
       raise ValueError("buffer samples are distilled to the frozen previous model, but consts['teacher'] is None")
     reg, buf_task = [], []
     for x, noise in zip(buffer, noises["buffer"]):
-      if spec.buffer_mae_weight > 0:
+      if spec.buffer_mae_weight > 0 and not is_text_batch(x):
         loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.distill_mask_ratio, train=True,
                                    rng=key())
         buf_task.append(loss)
       else:
         tokens = encode_tokens(model, params, x, noise, mask_ratio=spec.distill_mask_ratio, train=True, rng=key())
       target = encode_tokens(model, teacher, x, noise, mask_ratio=spec.distill_mask_ratio, train=False)
-      reg.append(losses.feature_distillation(tokens, target))
-    bsizes = [x.shape[0] for x in buffer]
+      reg.append(losses.feature_distillation(tokens, target, _valid(x)))
+    bsizes = [_size(x) for x in buffer]
     terms["distill"] = losses.sample_weighted_mean(reg, bsizes)
     total = total + spec.distill_weight * terms["distill"]
-    if spec.buffer_mae_weight > 0:
-      terms["buffer_task"] = losses.sample_weighted_mean(buf_task, bsizes)
+    if spec.buffer_mae_weight > 0:  # image buffers only (text buffers are not masked on the host)
+      image_sizes = [n for x, n in zip(buffer, bsizes) if not is_text_batch(x)]
+      terms["buffer_task"] = losses.sample_weighted_mean(buf_task, image_sizes)
       total = total + spec.buffer_mae_weight * terms["buffer_task"]
 
   if spec.ewc_weight > 0:

@@ -2,19 +2,24 @@
 
 A stage reads its current data (one stream; one per modality for `joint`) and one stream per buffer source
 (an earlier stage's replay set). Each stream yields a fixed number of samples per step; streams whose
-examples have the same shape are concatenated into one sub-batch, so a step has one sub-batch per image
+examples have the same shape are concatenated into one sub-batch, so a step has one sub-batch per example
 shape and role (e.g. a 3D current sub-batch and a 2D buffer sub-batch) and compiles once.
 
+An image sub-batch is a float32 array (B, ..., C). A text sub-batch (examples of shape (L,): token ids) is a
+dict of int32 (B, L) arrays: current text carries the MLM inputs (`tokens` corrupted, `attention_mask`,
+`mlm_mask`, `labels`; the stream's `masker` draws the whole-word masks), buffer text `tokens` and
+`attention_mask` after token-wise mixup.
+
 The streams are checkpointed together as one item (`get_state`/`set_state` bytes, which grain's orbax
-handler stores), and buffer mixup draws from a generator seeded by (seed, stage, step, source), so a resumed
-stage sees exactly the batches an uninterrupted one would.
+handler stores), and buffer mixup and text masking draw from generators seeded by (seed, stage, step,
+source), so a resumed stage sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -23,12 +28,18 @@ from invcoss_jax.continual import losses
 
 @dataclasses.dataclass
 class Stream:
-  """One data stream: `batch_size` samples of shape `image_shape` per step."""
+  """One data stream: `batch_size` samples of shape `image_shape` per step ((L,) for text)."""
   name: str  # e.g. 'current/xray', 'buffer/stage_1_xray'
   iterator: Any  # a grain DatasetIterator (or anything with __next__, get_state, set_state)
   batch_size: int
   image_shape: tuple[int, ...]
   mixup: bool = False
+  # Text current data: (batch of tokens/attention_mask/word_ids, rng) -> the MLM inputs (train.mlm.mlm_inputs).
+  masker: Callable[[dict, np.random.Generator], dict] | None = None
+
+  @property
+  def is_text(self) -> bool:
+    return len(self.image_shape) == 1
 
 
 def group_by_shape(streams: Sequence[Stream]) -> list[list[int]]:
@@ -60,22 +71,42 @@ class StageStreams:
     return dict(current=tuple(sum(self.current[i].batch_size for i in g) for g in self.current_groups),
                 buffer=tuple(sum(self.buffer[i].batch_size for i in g) for g in self.buffer_groups))
 
-  def _draw(self, stream: Stream, step: int, source_index: int) -> np.ndarray:
-    x = np.asarray(next(stream.iterator)["image"], np.float32)
+  def _draw(self, stream: Stream, step: int, source_index: int) -> np.ndarray | dict[str, np.ndarray]:
+    batch = next(stream.iterator)
+    rng = np.random.default_rng([self.seed, self.stage_index, int(step), source_index])
+    if stream.is_text:
+      return self._draw_text(stream, batch, rng)
+    x = np.asarray(batch["image"], np.float32)
     if tuple(x.shape[1:]) != tuple(stream.image_shape):
       raise ValueError(f"stream {stream.name}: expected examples of shape {tuple(stream.image_shape)}, got "
                        f"{tuple(x.shape[1:])}")
     if stream.mixup:
-      rng = np.random.default_rng([self.seed, self.stage_index, int(step), source_index])
       x, _, _ = losses.intra_modal_mixup(x, rng)
     return x
 
-  def next_batch(self, step: int) -> dict[str, tuple[np.ndarray, ...]]:
+  @staticmethod
+  def _draw_text(stream: Stream, batch: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if "tokens" not in batch:
+      raise ValueError(f"stream {stream.name}: expected a text batch (tokens, attention_mask, word_ids), got "
+                       f"keys {sorted(batch)}")
+    tokens = np.asarray(batch["tokens"], np.int32)
+    if tuple(tokens.shape[1:]) != tuple(stream.image_shape):
+      raise ValueError(f"stream {stream.name}: expected texts of {stream.image_shape[0]} tokens, got "
+                       f"{tuple(tokens.shape[1:])}")
+    attention = np.asarray(batch["attention_mask"], np.int32)
+    if stream.masker is not None:
+      return stream.masker(dict(tokens=tokens, attention_mask=attention, word_ids=np.asarray(batch["word_ids"])),
+                           rng)
+    if stream.mixup:
+      tokens, attention, _, _ = losses.token_mixup(tokens, attention, rng)
+    return dict(tokens=tokens, attention_mask=attention)
+
+  def next_batch(self, step: int) -> dict[str, tuple[Any, ...]]:
     """The local sub-batches of train step `step` (1-based), grouped by shape."""
     cur = [self._draw(s, step, i) for i, s in enumerate(self.current)]
     buf = [self._draw(s, step, 1000 + i) for i, s in enumerate(self.buffer)]
-    return dict(current=tuple(np.concatenate([cur[i] for i in g]) for g in self.current_groups),
-                buffer=tuple(np.concatenate([buf[i] for i in g]) for g in self.buffer_groups))
+    return dict(current=tuple(_concat([cur[i] for i in g]) for g in self.current_groups),
+                buffer=tuple(_concat([buf[i] for i in g]) for g in self.buffer_groups))
 
   # --- checkpointing through grain's orbax handler (non-DatasetIterator items use bytes) ---
 
@@ -107,6 +138,13 @@ class StageStreams:
       fn = getattr(s.iterator, "close", None)
       if fn is not None:
         fn()
+
+
+def _concat(parts: list) -> Any:
+  """One sub-batch of the parts of a shape group (arrays, or dicts of arrays for text)."""
+  if isinstance(parts[0], dict):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return np.concatenate(parts)
 
 
 def split_batch(total: int, weights: Sequence[float], unit: int) -> list[int]:

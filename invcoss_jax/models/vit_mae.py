@@ -319,7 +319,8 @@ class MAE(nn.Module):
           train: bool = False) -> dict[str, Array]:
     """Masked language modelling: the encoder reads the corrupted ids `tokens` (B, L); the head predicts the
     original ids `labels` at the positions of `mlm_mask` (B, L, 1 = corrupted). Returns dict(loss (mean
-    cross-entropy over corrupted positions, float32), logits (B, L, vocab) float32, mask)."""
+    cross-entropy over corrupted positions, float32), logits (B, L, vocab) float32, mask, tokens (the encoder
+    output (B, 1 + L, width), CLS first: what continual training distils))."""
     from invcoss_jax.train.mlm import mlm_loss  # pylint: disable=g-import-not-at-top  (pure loss)
     cfg = self.cfg
     x, _, _ = self.encode(tokens, train=train, attention_mask=attention_mask)
@@ -328,7 +329,8 @@ class MAE(nn.Module):
     h = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="mlm_norm")(nn.gelu(h, approximate=False))
     logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_head")(h)
     logits = logits.astype(jnp.float32)
-    return dict(loss=mlm_loss(logits, labels, mlm_mask), logits=logits, mask=mlm_mask.astype(jnp.float32))
+    return dict(loss=mlm_loss(logits, labels, mlm_mask), logits=logits, mask=mlm_mask.astype(jnp.float32),
+                tokens=x)
 
   @nn.compact
   def decode(self, tokens: Array, ids_restore: Array, grid: Sequence[int], train: bool = False) -> Array:

@@ -11,7 +11,8 @@ the loss is a pure JAX function of the logits.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +82,14 @@ def mlm_inputs(batch: dict[str, np.ndarray], rng: np.random.Generator, *, mask_i
   return dict(tokens=corrupt(tokens, mask, rng, mask_id=mask_id, vocab_size=vocab_size, keep_ids=keep_ids),
               attention_mask=np.asarray(batch["attention_mask"], np.int32), mlm_mask=mask.astype(np.int32),
               labels=tokens)
+
+
+def masker_for(tokenizer: str, probability: float = 0.15) -> Callable[[dict, np.random.Generator], dict]:
+  """(text batch, rng) -> `mlm_inputs` with the [MASK] id, vocabulary and special tokens of the tokenizer
+  file `tokenizer` (loaded once); random replacements never draw a special token."""
+  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top  (loads `tokenizers`)
+  tok = tokenization.load_tokenizer(str(tokenizer))
+  ids = tokenization.special_ids(tok)
+  return functools.partial(mlm_inputs, mask_id=int(ids["mask"]), vocab_size=int(tokenization.vocab_size(tok)),
+                           keep_ids=tuple(int(ids[k]) for k in ("pad", "unk", "cls", "sep", "mask")),
+                           probability=float(probability))

@@ -83,18 +83,12 @@ class TextMasker:
   masks."""
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, seed: int, probability: float):
-    from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-    tok = tokenization.load_tokenizer(str(data_cfg.text.tokenizer))
-    ids = tokenization.special_ids(tok)
-    self.mask_id, self.vocab = int(ids["mask"]), int(tokenization.vocab_size(tok))
-    self.keep = tuple(int(ids[k]) for k in ("pad", "unk", "cls", "sep", "mask"))
-    self.seed, self.probability = int(seed), float(probability)
+    from invcoss_jax.train import mlm  # pylint: disable=g-import-not-at-top
+    self.mask = mlm.masker_for(str(data_cfg.text.tokenizer), probability)
+    self.seed = int(seed)
 
   def __call__(self, local: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
-    from invcoss_jax.train import mlm  # pylint: disable=g-import-not-at-top
-    rng = np.random.default_rng([self.seed, _TEXT_STREAM, int(step)])
-    return mlm.mlm_inputs(local, rng, mask_id=self.mask_id, vocab_size=self.vocab, keep_ids=self.keep,
-                          probability=self.probability)
+    return self.mask(local, np.random.default_rng([self.seed, _TEXT_STREAM, int(step)]))
 
 
 def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

@@ -13,6 +13,10 @@ Presets:
   labels here: they are measured by drift (CKA) and replay quality only. 3000 X-ray steps, then 1500 per stage
   (`continual.stage_steps`); resampled 3D windows are cached (`data.window_cache_size`). 97 minutes on a
   2-core CPU.
+- `report`: the report stage (MLM on the Indiana reports, 600 steps) then X-ray (3000 steps): does the X-ray
+  stage forget what the reports taught (normal vs abnormal report probes), and does the real text buffer
+  (er: random, invcoss: MedCoSS's k-means, the documented exception to data-free replay) keep it? seqssl, er,
+  invcoss; 4 seeds; one vocabulary for every run (`workdir/vocabulary/tokenizer.json`).
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
 
@@ -91,6 +95,22 @@ def _full(c: ml_collections.ConfigDict) -> None:
   c.retention.seeds = (0, 1, 2)
 
 
+def _report(c: ml_collections.ConfigDict) -> None:
+  _quick(c)
+  root = shared_data_dir()
+  c.continual.order = ("report", "xray")
+  d = c.continual.datasets.report
+  d.name, d.format, d.modality = "indiana_reports", "text", "report"
+  d.path = os.path.join(root, "report", "indiana_reports.csv")
+  d.text.label_column, d.text.label_rule = "Problems", "normal_vs_abnormal"  # the probes' labels
+  d.text.vocab_size = 2000  # the corpus has about 4,000 distinct words; the MLM head dominates a CPU step
+  d.text.max_length = 112
+  d.lenient = True  # 25 reports have neither findings nor impression: skipped and counted
+  c.continual.stage_steps = (600, 3000)
+  c.retention.methods = ("seqssl", "er", "invcoss")
+  c.retention.seeds = (0, 1, 2, 3)
+
+
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """Embedded demo data (X-ray with labels, unlabelled pathology tiles), a 2-block ViT, a few steps."""
   c.continual.order = ("xray", "path")
@@ -115,7 +135,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.retention.knn_k = 5
 
 
-PRESETS = {"quick": _quick, "full": _full, "tiny": _tiny}
+PRESETS = {"quick": _quick, "full": _full, "report": _report, "tiny": _tiny}
 
 
 def get_config(arg=None):

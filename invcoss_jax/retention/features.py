@@ -1,4 +1,4 @@
-"""Held-out images of a stage and the frozen encoder's features of any image set."""
+"""Held-out examples of a stage (images, or token ids of texts) and the frozen encoder's features of any set."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from invcoss_jax.continual import buffers
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """The images (model layout, preprocessed, no augmentation) and labels (None without) of one split."""
+  """The inputs (images in the model layout, preprocessed, no augmentation; (N, L) int32 token ids for text)
+  and labels (None without) of one split."""
   images: np.ndarray
   labels: np.ndarray | None
 
@@ -27,7 +28,8 @@ def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: in
   count = 0
   for batch in data_lib.make_eval_iterator(d, batch_size=batch_size, split=split, process_index=0,
                                            process_count=1):
-    images.append(np.asarray(batch["image"], np.float32))
+    images.append(np.asarray(batch["tokens"], np.int32) if "tokens" in batch else
+                  np.asarray(batch["image"], np.float32))
     if "label" in batch:
       labels.append(np.asarray(batch["label"]).reshape(len(images[-1]), -1)[:, 0].astype(np.int64))
     count += len(images[-1])
@@ -46,11 +48,15 @@ def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: in
 
 def encoder_features(model, params, images: np.ndarray, *, kind: str = "mean", batch_size: int = 256
                      ) -> np.ndarray:
-  """(N, D) float32 features of `images` from the encoder of `params` (eval mode, no masking), in batches of
-  `batch_size` through the buffers' compiled feature function."""
-  images = np.asarray(images, np.float32)
-  if images.ndim < 4 or len(images) == 0:
-    raise ValueError(f"encoder features: expected a non-empty batch of images, got shape {images.shape}")
+  """(N, D) float32 features of `images` (or of (N, L) integer token ids) from the encoder of `params` (eval
+  mode, no masking; text padding left out), in batches of `batch_size` through the buffers' compiled feature
+  function."""
+  images = np.asarray(images)
+  text = images.ndim == 2 and np.issubdtype(images.dtype, np.integer)
+  images = images.astype(np.int32 if text else np.float32)
+  if (images.ndim < 4 and not text) or len(images) == 0:
+    raise ValueError(f"encoder features: expected a non-empty batch of images or of token ids, got shape "
+                     f"{images.shape}")
   batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
   return buffers.encoder_features(model, params, batches, kind=kind)
 

@@ -32,7 +32,7 @@ from invcoss_jax.continual.stages import STAGE_INFO, plan_stages, training_chang
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
 
-RUNS_DIR, MEASURE_DIR = "runs", "measurements"
+RUNS_DIR, MEASURE_DIR, VOCABULARY_DIR = "runs", "measurements", "vocabulary"
 
 
 def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_collections.ConfigDict:
@@ -44,6 +44,17 @@ def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_
     c.method = method
   c.continual.method = method
   return c
+
+
+def with_vocabulary(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """With a report stage: one text vocabulary for every run and the measurements (trained once into
+  `workdir/vocabulary/tokenizer.json`, or the configured file), so that seeds and methods differ in nothing
+  else (two trainings of a WordPiece vocabulary on the same texts can differ, huggingface/tokenizers#1794)."""
+  from invcoss_jax.continual import text as text_lib
+  order = tuple(str(m) for m in config.continual.order)
+  if not any(text_lib.is_text_data(config.continual.datasets[m]) for m in order):
+    return config
+  return text_lib.prepare_sequence(config, workdir, order, os.path.join(workdir, VOCABULARY_DIR))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -149,9 +160,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   from invcoss_jax.continual import job as continual_job
 
   check_config(config)
-  rc = config.retention
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
+  config = with_vocabulary(config, workdir)
+  rc = config.retention
   methods, seeds = [str(m) for m in rc.methods], [int(s) for s in rc.seeds]
   stage_names = [s.name for s in plan_stages(run_config(config, seeds[0], methods[0]), workdir)]
   check_plan(config, os.path.join(workdir, "retention_plan.json"))

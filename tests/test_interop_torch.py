@@ -283,15 +283,30 @@ class VideoBaseEmbedding(tnn.Module):
     return self.embeddings_norm(emb)
 
 
+class TokenBaseEmbedding(tnn.Module):
+  """Uni-Perceiver's text tokenizer as MedCoSS uses it: ids -> LN(embedding + position + token type 0)."""
+
+  def __init__(self, dim, vocab_size, max_len=512):
+    super().__init__()
+    self.embeddings = tnn.Embedding(vocab_size, dim)
+    self.embeddings_norm = tnn.LayerNorm(dim)
+    self.embeddings_pos = NNEmbeddingEncoding(dim, max_len)
+    self.embeddings_token_type = tnn.Embedding(2, dim)
+
+  def forward(self, input_ids):
+    x = self.embeddings(input_ids)
+    x = x + self.embeddings_pos.position_embeddings(torch.arange(input_ids.size(1)))
+    x = x + self.embeddings_token_type.weight[0].unsqueeze(0).unsqueeze(1)
+    return self.embeddings_norm(x)
+
+
 class TorchMedCoSS(tnn.Module):
   def __init__(self, now_2d, now_3d, max_2d, max_3d, dim=32, depth=2, heads=4, dec_dim=32, dec_depth=1,
                dec_heads=4, vocab=11):
     super().__init__()
     self.fused_encoder = tnn.Module()
     self.fused_encoder.layers = tnn.ModuleList([MedCoSSEncoderLayer(dim, heads, 4 * dim) for _ in range(depth)])
-    self.token_embed = tnn.Module()  # text tokenizer: only its keys matter here
-    self.token_embed.embeddings = tnn.Embedding(vocab, dim)
-    self.token_embed.embeddings_norm = tnn.LayerNorm(dim)
+    self.token_embed = TokenBaseEmbedding(dim, vocab)
     self.video_embed = VideoBaseEmbedding(dim, max_2d, max_3d)
     self.cls_token = tnn.Parameter(torch.zeros(1, 1, dim))
     self.decoder_embed = tnn.Linear(dim, dec_dim, bias=True)
@@ -475,6 +490,30 @@ def test_medcoss_2d_and_3d_match_pytorch():
   for shape, seed in (((2, 32, 32, 3), 5), ((2, 16, 16, 16, 1), 6)):
     x, xt = images(shape, seed)
     assert_same_mae(model, params, tm, x, xt, 0.75, seed=seed)
+
+
+def test_medcoss_text_tokenizer_maps_where_the_vocabularies_match():
+  """With config.model's vocabulary (the first V ids of MedCoSS's 49411-row table, e.g. Bio_ClinicalBERT's
+  vocab.txt), the text tokenizer gives Uni-Perceiver's embedding exactly: table rows, positions with the
+  token-type row folded in, and the text tokenizer's own LayerNorm."""
+  tm = _medcoss()
+  cfg = _medcoss_cfg()
+  cfg.update(dict(vocab_size=7, text_max_len=16))
+  model = models.build_mae(cfg)
+  sd = {k: to_np(v) for k, v in tm.state_dict().items()}
+  params, report = interop.convert_state_dict(sd, init_params(cfg, [(32, 32, 3), (16, 16, 16, 1), (16,)]), cfg)
+  assert not [k for k in report.ignored if k.startswith("token_embed.")]
+  assert {k for k, why in report.ignored.items() if "MLM head" in why} == {
+      k for k in sd if k.startswith(("mlm_head.", "decoder_pos_embed_1D."))}
+  ids = np.random.default_rng(3).integers(0, 7, size=(2, 12))
+  ours = jax.jit(lambda p, t: model.apply({"params": p}, t, method=models.MAE.tokenize_text))(params, jnp.asarray(ids))
+  theirs = to_np(tm.token_embed(torch.as_tensor(ids)))
+  assert rel_err(ours, theirs) < RTOL
+  # The image tokenizer's LayerNorm is not the text one's.
+  assert not np.allclose(params["text_embed_norm"]["scale"], params["embed_norm"]["scale"])
+  cfg.update(dict(vocab_size=12))  # more ids than MedCoSS's table has: refused with the shapes
+  with pytest.raises(interop.CheckpointMismatchError, match="token_embed.embeddings.weight"):
+    interop.convert_state_dict(sd, init_params(cfg, [(32, 32, 3), (16, 16, 16, 1), (16,)]), cfg)
 
 
 def test_medcoss_training_draws_one_temporal_row_per_batch():

@@ -33,7 +33,7 @@ def merge_params(encoder_side: Mapping[str, Any], decoder_side: Mapping[str, Any
   return {**dict(decoder_side), **dict(encoder_side)}
 
 
-TEXT_KEYS = ("token_embed", "pos_embed_1d")  # the text tokenizer (the MLM head is decoder side)
+TEXT_KEYS = ("token_embed", "pos_embed_1d", "text_embed_norm")  # the text tokenizer (the MLM head: decoder side)
 
 
 def leaf_rank_suffix(path: str) -> int | None:

@@ -143,16 +143,36 @@ def _mae_timm(layout: str, sd: Mapping[str, np.ndarray], cfg: ViTConfig, have: s
 
 
 _MEDCOSS_TEXT = ("token_embed.", "mlm_head.", "decoder_pos_embed_1D.")
+_MEDCOSS_MLM = ("mlm_head.", "decoder_pos_embed_1D.")  # re-initialised at every stage by MedCoSS and by us
 _MEDCOSS_UNUSED = ("video_embed.embeddings_pos.", "video_embed.embeddings_type.")
 _MEDCOSS_CONV = {2: "video_embed.embeddings", 3: "video_embed.embeddings_3D"}
 _MEDCOSS_TAG = {2: "2D", 3: "3D"}
 
 
+def _medcoss_text(sd: Mapping[str, np.ndarray], cfg: ViTConfig, have: set[str]
+                  ) -> tuple[list[Rule], list[Path], dict[str, str]]:
+  """MedCoSS's text tokenizer (Uni-Perceiver's `TokenBaseEmbedding`) into ours: rules, filled, ignored."""
+  if "token_embed" not in have or "token_embed.embeddings.weight" not in sd:
+    why = ("text modality (this model has no text tokenizer: set config.model.vocab_size from the vocabulary the "
+           "checkpoint was trained with, e.g. Bio_ClinicalBERT's vocab.txt)")
+    return [], [], {k: why for k in sd if k.startswith(_MEDCOSS_TEXT)}
+  ignored = {k: "MLM head: re-initialised at every stage (MedCoSS does the same)" for k in sd
+             if k.startswith(_MEDCOSS_MLM)}
+  rs = [positions.token_table("token_embed.embeddings.weight", vocab_size=cfg.vocab_size, width=cfg.width),
+        positions.text_positions("token_embed.embeddings_pos.position_embeddings.weight",
+                                 "token_embed.embeddings_token_type.weight", rows=cfg.text_max_len, width=cfg.width)]
+  filled: list[Path] = [("token_embed",), ("pos_embed_1d",)]
+  if cfg.embed_norm and "token_embed.embeddings_norm.weight" in sd:
+    rs += rules.layer_norm("token_embed.embeddings_norm", ("text_embed_norm",))
+    filled.append(("text_embed_norm",))
+  return rs, filled, ignored
+
+
 def _medcoss(sd: Mapping[str, np.ndarray], cfg: ViTConfig, have: set[str]) -> Plan:
-  rs: list[Rule] = [rules.copy("cls_token", ("cls_token",))]
-  ignored = {k: "text modality (this model has no text tokenizer)" for k in sd if k.startswith(_MEDCOSS_TEXT)}
+  text_rules, filled_text, ignored = _medcoss_text(sd, cfg, have)
+  rs: list[Rule] = [rules.copy("cls_token", ("cls_token",))] + text_rules
   ignored.update({k: "not used by MedCoSS's forward pass" for k in sd if k.startswith(_MEDCOSS_UNUSED)})
-  filled = list(_TRUNK)
+  filled = list(_TRUNK) + filled_text
   learned = cfg.pos_embed == "learned"
   ckpt_ranks = [r for r in (2, 3) if f"{_MEDCOSS_CONV[r]}.weight" in sd]
   loaded = [r for r in ckpt_ranks if f"patch_embed_{r}d" in have]

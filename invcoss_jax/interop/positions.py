@@ -169,3 +169,37 @@ def raster_table(key: str, rank: int, *, width: int, learned: bool, base_grid: S
 
   return Rule((key,), ((f"pos_embed_{rank}d",),) if learned else (), to_flax, to_torch,
               compatible=at_least_n_rows, expect=f"(>= {n}, {width})")
+
+
+def token_table(key: str, *, vocab_size: int, width: int) -> Rule:
+  """MedCoSS `token_embed.embeddings.weight` (49411, D; Uni-Perceiver's table, indexed by the ids of the
+  tokenizer the data was encoded with, Bio_ClinicalBERT's WordPiece in MedCoSS) <-> `token_embed/embedding`
+  (V, D): the first V rows, exact when config.model's vocabulary is the one the checkpoint was trained with."""
+
+  def to_flax(a: Arrays) -> list[np.ndarray]:
+    return [np.asarray(a[0])[:vocab_size]]
+
+  def at_least_v_rows(ck: tuple[int, ...], exp: tuple[int, ...]) -> bool:
+    return len(ck) == 2 and ck[1] == exp[1] and ck[0] >= exp[0]
+
+  return Rule((key,), (("token_embed", "embedding"),), to_flax, lambda f: [np.asarray(f[0])],
+              compatible=at_least_v_rows, expect=f"(>= {vocab_size} rows for config.model.vocab_size, {width})")
+
+
+def text_positions(pos_key: str, type_key: str, *, rows: int, width: int) -> Rule:
+  """MedCoSS's learned text positions `embeddings_pos.position_embeddings.weight` (512, D) plus row 0 of
+  `embeddings_token_type.weight` (2, D; every token adds it, before the LayerNorm) <-> `pos_embed_1d` (L, D):
+  the constant type vector folds into every position row (the sum the model adds is unchanged). Export writes
+  the positions with a zero type table."""
+
+  def to_flax(a: Arrays) -> list[np.ndarray]:
+    return [np.asarray(a[0])[:rows] + np.asarray(a[1])[0][None]]
+
+  def to_torch(f: Arrays) -> list[np.ndarray]:
+    return [np.asarray(f[0]), np.zeros((2, width), np.asarray(f[0]).dtype)]
+
+  def compatible(ck: tuple[int, ...], exp: tuple[int, ...]) -> bool:
+    return len(ck) == 2 and ck[1] == exp[1] and ck[0] >= exp[0]
+
+  return Rule((pos_key, type_key), (("pos_embed_1d",),), to_flax, to_torch, compatible=compatible,
+              expect=f"(>= {rows} rows for config.model.text_max_len, {width})")

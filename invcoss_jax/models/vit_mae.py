@@ -261,9 +261,10 @@ class MAE(nn.Module):
       x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="embed_norm")(x)
     return x, grid
 
+  @nn.compact
   def tokenize_text(self, tokens: Array) -> Array:
-    """Token embedding plus learned 1D position embedding (and MedCoSS's shared LayerNorm when
-    configured): ids (B, L) -> (B, L, width)."""
+    """Token embedding plus learned 1D position embedding (and, with config.model.embed_norm, the text
+    tokenizer's own LayerNorm, as MedCoSS's `token_embed.embeddings_norm`): ids (B, L) -> (B, L, width)."""
     cfg = self.cfg
     if cfg.vocab_size <= 0:
       raise ValueError("text input, but config.model.vocab_size is 0: set it to the stage tokenizer's vocabulary "
@@ -276,7 +277,7 @@ class MAE(nn.Module):
     pos = self.param("pos_embed_1d", nn.initializers.normal(0.02), (cfg.text_max_len, cfg.width), jnp.float32)
     x = x + pos[None, :tokens.shape[1]].astype(x.dtype)
     if cfg.embed_norm:
-      x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="embed_norm")(x)
+      x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="text_embed_norm")(x)
     return x
 
   @nn.compact

@@ -228,3 +228,38 @@ def test_a_benchmark_measured_with_other_options_is_not_resumed(tmp_path):
   config.overwrite_workdir = True
   retention_job.check_plan(config, str(plan))
   assert not (tmp_path / "measurements").exists()
+
+
+REPORTS = os.path.join(os.environ.get("INVCOSS_SHARED_DATA") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"), "report",
+    "indiana_reports.csv")
+
+
+@pytest.mark.skipif(not os.path.isfile(REPORTS), reason=f"needs the Indiana reports at {REPORTS} (../shared/data "
+                    "is not part of a clone; CI has it)")
+def test_a_report_stage_is_measured_with_one_vocabulary_on_held_out_reports(tmp_path):
+  from invcoss_jax.retention import evaluate
+  c = load_config_file("configs/retention.py:report")
+  c.continual.datasets.report.text.max_length = 32
+  c.continual.datasets.report.text.vocab_size = 400
+  c.retention.max_fit_examples = c.retention.max_test_examples = 120
+  c.model.update(dict(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2))
+  ready = retention_job.with_vocabulary(c, str(tmp_path))
+  vocab = str(tmp_path / "vocabulary" / "tokenizer.json")
+  assert ready.continual.datasets.report.text.tokenizer == vocab and ready.model.tokenizer == vocab
+  assert retention_job.with_vocabulary(ready, str(tmp_path)).model.vocab_size == ready.model.vocab_size <= 400
+  # Every (seed, method) run reads that file (no run trains its own vocabulary).
+  for seed, method in ((0, "seqssl"), (1, "invcoss")):
+    run = retention_job.run_config(ready, seed, method)
+    assert run.continual.datasets.report.text.tokenizer == vocab
+  m = evaluate.Measurer(ready, str(tmp_path / "measurements"))
+  fit, test = m.split("report", "val"), m.split("report", "test")
+  assert fit.images.dtype == np.int32 and fit.images.shape == (120, 32) and m.labelled("report")
+  assert set(np.unique(fit.labels)) == {0, 1}
+  tasks = m.tasks(m.random_params(0), seed=0)
+  assert "report" in tasks
+  assert 0.0 <= tasks["report"]["knn_auc"] <= 1.0 and 0.0 <= tasks["report"]["logreg_acc"] <= 1.0
+  # Text features do not change when the held-out reports get more padding.
+  f = m.feats(m.random_params(0), fit.images[:8])
+  pad = np.full((8, 16), ready.model.pad_id, np.int32)
+  np.testing.assert_allclose(m.feats(m.random_params(0), np.concatenate([fit.images[:8], pad], 1)), f, atol=1e-5)

@@ -1,7 +1,10 @@
 """The data-free guard: once a stage ends, its training data can no longer be read by this process.
 
-InvCoSS's promise (Sec. 3.2) is that stage T sees only D_T, the previous checkpoint and the stored statistics.
-The guard enforces it twice:
+InvCoSS's promise (Sec. 3.2) is that stage T sees only D_T, the previous checkpoint and the stored statistics,
+with one documented exception: text cannot be inverted, so a report stage leaves a real k-means buffer of its
+texts in its workdir (continual/text.py; the storage log names it). The guard retires the report corpus like
+any other stage's data; the buffer, chosen while the corpus was readable, lives outside it. The guard enforces
+the promise twice:
 
 1. At the input layer's door: the continual job opens every dataset through `DataFreeGuard.check_config`,
    which raises `DataFreeViolation` for a retired dataset (same registered name and resolved files, any split).

@@ -14,7 +14,7 @@ start and after every JAX round), a conservative figure: a peak measured low nev
 implementations first run `--warmup` untimed steps. Memory: the device's peak bytes in use
 on GPU/TPU, the compiled program's planned peak (arguments + outputs + temporaries - aliased) on CPU.
 
-The JAX steps are the package's own: `train.pretrain.make_train_step` + `jit_train_step` and
+The JAX steps are the package's own: `train.pretrain.make_train_step` + `train.core.jit_step` and
 `inversion.engine.BatchOptimizer` in the inner-loop mode the engine picks for the backend (a timed call runs
 `--steps` inner steps); its compile time is that of the inner step lowered and compiled ahead of time. Inputs are
 real demo images (X-rays for 2D, the demo CT for 3D) at the requested size.
@@ -212,8 +212,8 @@ def jax_pretrain(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
   from invcoss_jax.parallel.config import mesh_config
   from invcoss_jax.train import optim
   from invcoss_jax.train.config import train_config
-  from invcoss_jax.train.pretrain import jit_train_step, make_train_step
-  from invcoss_jax.train.state import create_train_state
+  from invcoss_jax.train.core import create_train_state, jit_step
+  from invcoss_jax.train.pretrain import make_train_step
 
   config = ml_collections.ConfigDict(dict(total_steps=1000, train=train_config()))
   config.train.global_batch_size = case.batch
@@ -224,7 +224,7 @@ def jax_pretrain(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
   with jax.set_mesh(mesh):
     state, shardings = create_train_state(lambda r: models.init_mae_params(model, r, [case.image_shape]), tx,
                                           jax.random.PRNGKey(0), mesh)
-    step = jit_train_step(make_train_step(model, tx, sched, mask_ratio=0.75), shardings, mesh)
+    step = jit_step(make_train_step(model, tx, sched, mask_ratio=0.75), shardings, mesh)
     batch = mesh_lib.put_batch(mesh, {"image": images})
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -288,7 +288,7 @@ def jax_invert(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
     return (time.perf_counter() - t) * n / (calls * (steps + 1))
 
   run(steps)
-  from invcoss_jax.train.compile_job import inversion_program
+  from invcoss_jax.jobs.compile import inversion_program
   # Compile time: the inner step lowered and compiled ahead of time (the step the calls above compiled; the
   # difference of a first and a second call was noise when a step takes longer than its compilation).
   t = time.perf_counter()

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
   from absl import logging
   logging.set_verbosity(logging.INFO)
   from invcoss_jax.defaults import load_config_file
-  from invcoss_jax.retention import job
+  from invcoss_jax.jobs import retention as job
 
   rows = []
   variants = [parse_variant(v) for v in args.variant]

@@ -13,8 +13,8 @@ from invcoss_jax.evaluate.config import evaluate_config
 from invcoss_jax.interop.config import interop_config
 from invcoss_jax.inversion.config import inversion_config
 from invcoss_jax.models.presets import demo_model_config, model_config
-from invcoss_jax.parallel.config import mesh_config
-from invcoss_jax.train.compile_job import compile_config
+
+from invcoss_jax.parallel.config import compile_config, mesh_config
 from invcoss_jax.train.config import checkpoint_config, logging_config, train_config
 
 

@@ -11,6 +11,8 @@ reads of several files still overlap. Every .npz the package reads goes through 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import zipfile
 from typing import Iterable
@@ -80,3 +82,35 @@ def load_npz(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict
       with zf.open(members[key]) as f:
         out[key] = _read_array(f, path, key)
   return out
+
+
+def write_shards(folder: str, images: np.ndarray, shard_size: int) -> list[str]:
+  """Replaces `folder` by npz shards `shard_00000.npz`, ... (key `images`, float32), all written before the
+  swap: a synthetic set or a real replay buffer appears whole or not at all."""
+  from invcoss_jax import faults  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.io_utils import atomic_savez, remove_stale  # pylint: disable=g-import-not-at-top
+  if shard_size < 1:
+    raise ValueError(f"config.inversion.shard_size must be >= 1, got {shard_size}")
+  parent = os.path.dirname(os.path.abspath(folder))
+  os.makedirs(parent, exist_ok=True)
+  for stale in (".tmp-", ".old-"):  # left by a writer killed before its swap or clean-up
+    remove_stale(parent, stale + os.path.basename(folder) + "-")
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder) + "-", dir=parent)
+  try:
+    names = []
+    for i, start in enumerate(range(0, len(images), shard_size)):
+      name = f"shard_{i:05d}.npz"
+      atomic_savez(os.path.join(tmp, name), images=np.asarray(images[start:start + shard_size], np.float32))
+      names.append(name)
+    faults.point("atomic:" + os.path.basename(folder))
+    old = None
+    if os.path.exists(folder):
+      old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(folder) + "-", dir=parent)
+      os.replace(folder, os.path.join(old, "x"))
+    os.replace(tmp, folder)
+    if old:
+      shutil.rmtree(old)
+    return names
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)

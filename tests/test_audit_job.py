@@ -14,9 +14,9 @@ import pytest
 
 from invcoss_jax import data as data_lib
 from invcoss_jax import jobs
-from invcoss_jax.audit import job as audit_job
-from invcoss_jax.inversion.job import write_shards
-from invcoss_jax.train.pretrain import pretrain
+from invcoss_jax.jobs import audit as audit_job
+from invcoss_jax.npz_io import write_shards
+from invcoss_jax.jobs.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = 0.1

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from invcoss_jax import data as data_lib
 from invcoss_jax import models
 from invcoss_jax.audit import forward, membership
-from invcoss_jax.audit.job import example_keys
+from invcoss_jax.jobs.audit import example_keys
 
 IMAGE = 32
 N = 32  # members, unseen training images, held-out images: N each

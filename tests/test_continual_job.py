@@ -16,7 +16,8 @@ from jax.experimental.compilation_cache import compilation_cache
 from invcoss_jax.defaults import load_config_file
 from invcoss_jax import data as data_lib
 from invcoss_jax import models
-from invcoss_jax.continual import guard, job, packnet, stages
+from invcoss_jax.continual import guard, packnet, sequence, stages
+from invcoss_jax.jobs import continual as job
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.continual.stages import plan_stages, read_info
@@ -195,7 +196,7 @@ def test_stage_hand_over_carries_the_trunk(runs):
   plan = plan_stages(config, workdir)
   model = models.build_mae(config.model)
   p1 = params_lib.flatten(_final_params(plan[0].workdir))
-  start = params_lib.flatten(job.initial_params(config, plan[1], plan[:1], model)[0])
+  start = params_lib.flatten(sequence.initial_params(config, plan[1], plan[:1], model)[0])
   assert set(start) == set(p1)
   carried = [k for k in start if not params_lib.is_decoder_key(k.split("/")[0])]
   assert any(k.startswith("encoder/") for k in carried) and "patch_embed_2d/kernel" in carried
@@ -205,7 +206,7 @@ def test_stage_hand_over_carries_the_trunk(runs):
   assert decoder and any(not np.array_equal(np.asarray(start[k]), np.asarray(p1[k])) for k in decoder)
   config = ml_collections.ConfigDict(config.to_dict())  # the run is shared: change a copy
   config.continual.reinit_decoder = False
-  kept = params_lib.flatten(job.initial_params(config, plan[1], plan[:1], model)[0])
+  kept = params_lib.flatten(sequence.initial_params(config, plan[1], plan[:1], model)[0])
   for k in decoder:
     np.testing.assert_array_equal(np.asarray(kept[k]), np.asarray(p1[k]))
 

@@ -12,6 +12,7 @@ from invcoss_jax import models
 from invcoss_jax.continual import ewc, step
 from invcoss_jax.continual.params import split_params
 from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train import core
 
 
 def tiny_model():
@@ -132,7 +133,7 @@ def test_jitted_sharded_step_reports_the_composite_loss_and_masks_updates(setup)
   consts = {"teacher": teacher, "ewc_anchor": None, "ewc_fisher": None, "trainable": trainable}
   consts_sh = mesh_lib.shardings_from_config(mesh, consts, mcfg)
   spec = step.LossSpec()
-  fn = step.jit_train_step(step.make_train_step(model, spec, tx, schedule), shardings, consts_sh, mesh)
+  fn = core.jit_step(step.make_train_step(model, spec, tx, schedule), shardings, mesh, consts_sh)
   batch = mesh_lib.put_batch(mesh, {"current": (ct,), "buffer": (xray,)})
   rng0 = jnp.array(jax.device_get(state.rng))  # the state is donated to the step
   new, metrics = fn(state, batch, jax.device_put(consts, consts_sh))

@@ -190,7 +190,7 @@ def sequence_config(method: str) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope="module")
 def invcoss_run(tmp_path_factory):
-  from invcoss_jax.continual import job
+  from invcoss_jax.continual import sequence as job
   workdir = tmp_path_factory.mktemp("report_seq") / "invcoss"
   seen = []
 
@@ -245,7 +245,7 @@ def test_the_xray_stage_distils_the_text_buffer_and_moves_the_text_embedding(inv
 
 
 def test_the_text_stage_resumes_exactly_and_its_data_is_retired(invcoss_run, tmp_path):
-  from invcoss_jax.continual import job
+  from invcoss_jax.continual import sequence as job
   from invcoss_jax.continual.guard import DataFreeViolation
   workdir, straight, _ = invcoss_run
   c = sequence_config("invcoss")

@@ -313,7 +313,7 @@ def test_guard_rejects_stages_sharing_files(tmp_path):
 
 def test_distill_scale_per_sample_weighs_buffer_samples_like_current_ones():
   from invcoss_jax.continual.config import continual_config
-  from invcoss_jax.continual.job import distill_weight
+  from invcoss_jax.continual.sequence import distill_weight
   c = continual_config()
   c.distill_weight = 2.0
   assert distill_weight(c, [64], [16, 8]) == 2.0  # per_step: the buffer's mean weighs as the current mean
@@ -349,7 +349,7 @@ def test_stage_steps_set_each_stage_length_and_joint_trains_their_sum(tmp_path):
 def test_a_stage_recorded_with_other_training_options_is_refused_or_retrained(tmp_path):
   """The retention workdir of an earlier session held stages of 1500 steps; a 3000-step run "resumed" them."""
   from invcoss_jax.config_checks import ConfigError
-  from invcoss_jax.continual import job as continual_job
+  from invcoss_jax.continual import sequence as continual_job
   from invcoss_jax.continual import stages
   from invcoss_jax.defaults import load_config_file
   from invcoss_jax.train import checkpoint as ckpt_lib

@@ -14,10 +14,11 @@ from PIL import Image
 
 from invcoss_jax.defaults import load_config_file
 from invcoss_jax import jobs
-from invcoss_jax.evaluate import finetune, forgetting, job, report
+from invcoss_jax.evaluate import finetune, forgetting, report
+from invcoss_jax.jobs import evaluate as job
 from invcoss_jax.data.config import data_config
 from invcoss_jax.evaluate.config import DEMO_TASKS, PAPER_TASKS
-from invcoss_jax.train.pretrain import pretrain
+from invcoss_jax.jobs.pretrain import pretrain
 
 
 

@@ -594,7 +594,7 @@ def test_export_refuses_the_tokenizer_layernorm():
 
 def test_export_torch_job_writes_loadable_files(tmp_path):
   from invcoss_jax import defaults
-  from invcoss_jax.interop import job
+  from invcoss_jax.jobs import export_torch as job
   from invcoss_jax.train import checkpoint as ckpt_lib
 
   stage = tmp_path / "stage"

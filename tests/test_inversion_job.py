@@ -12,7 +12,7 @@ from PIL import Image
 
 from invcoss_jax import data as data_lib
 from invcoss_jax import jobs
-from invcoss_jax.inversion import job as inversion_job
+from invcoss_jax.jobs import inversion as inversion_job
 from invcoss_jax.inversion import statistics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

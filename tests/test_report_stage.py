@@ -9,7 +9,7 @@ import pytest
 
 from invcoss_jax import jobs
 from invcoss_jax.defaults import load_config_file
-from invcoss_jax.train.pretrain import pretrain
+from invcoss_jax.jobs.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("INVCOSS_SHARED_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")

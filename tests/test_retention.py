@@ -12,7 +12,7 @@ import scipy.stats
 
 from invcoss_jax.defaults import load_config_file
 from invcoss_jax.retention import metrics, summary
-from invcoss_jax.retention import job as retention_job
+from invcoss_jax.jobs import retention as retention_job
 
 
 # --- metrics -------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`config.mode = 'compile'` (invcoss_jax.train.compile_job) on a micro MAE: XLA's FLOPs against the analytic
+"""`config.mode = 'compile'` (invcoss_jax.jobs.compile) on a micro MAE: XLA's FLOPs against the analytic
 matmul count, per-device memory and work under fsdp, FLOPs of one inversion step, the child process that
 simulates more devices than the test process has, and clear errors."""
 
@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train import compile_job
+from invcoss_jax.jobs import compile as compile_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = (32, 32, 3)

@@ -18,8 +18,9 @@ from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.parallel.config import mesh_config
 from invcoss_jax.train import optim
 from invcoss_jax.train.config import train_config
-from invcoss_jax.train.pretrain import jit_train_step, make_train_step
-from invcoss_jax.train.state import create_train_state
+from invcoss_jax.train.core import jit_step as jit_train_step
+from invcoss_jax.train.pretrain import make_train_step
+from invcoss_jax.train.core import create_train_state
 
 IMAGE = (32, 32, 3)
 

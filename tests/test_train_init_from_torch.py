@@ -5,7 +5,7 @@ import numpy as np
 
 from invcoss_jax import interop, models
 from invcoss_jax.defaults import load_config_file
-from invcoss_jax.train import pretrain as pretrain_lib
+from invcoss_jax.jobs import pretrain as pretrain_lib
 
 
 def test_pretrain_starts_from_exported_timm_weights(tmp_path):

@@ -16,7 +16,8 @@ from invcoss_jax.defaults import load_config_file
 from invcoss_jax import jobs, models
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import optim, writers
-from invcoss_jax.train.pretrain import make_reconstruct, pretrain
+from invcoss_jax.jobs.pretrain import pretrain
+from invcoss_jax.train.pretrain import make_reconstruct
 
 TOTAL = 24
 

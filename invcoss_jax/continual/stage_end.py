@@ -15,34 +15,38 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 from absl import logging
 
-from invcoss_jax import faults
+from invcoss_jax import faults, npz_io
 from invcoss_jax.continual import buffers, ewc
 from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual.config import REAL_BUFFER_METHODS
 from invcoss_jax.continual import params as params_lib
-from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SYNTHETIC_DIR,
+from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR,
                                           Stage, folder_bytes, stage_key, write_info)
 from invcoss_jax.io_utils import atomic_write_json
-from invcoss_jax.train import mlm
+from invcoss_jax.train import mlm, writers
+from invcoss_jax.workdir import SYNTHETIC_DIR
+
 
 def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
                  total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
   """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last."""
   from invcoss_jax import data as data_lib
-  from invcoss_jax.inversion import job as inv_job
+  from invcoss_jax.inversion import stage as inv_stage
+  from invcoss_jax.inversion import statistics
+  from invcoss_jax.parallel import mesh as mesh_lib
 
   c = config.continual
   method = str(c.method)
   d = stage.data[0]
   seq = method != "joint"
   text = seq and text_lib.is_text_data(d)
-  stats_file = os.path.join(stage.workdir, cfg.inversion.stats_file)
+  stats_file = inv_stage.statistics_path(stage.workdir, cfg.inversion)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
   if (seq and not text and (bool(c.statistics_after_stage) or method == "invcoss")
       and not os.path.isfile(stats_file)):
-    inv_job.run_stats(cfg, stage.workdir, params=params)
+    inv_stage.write_statistics(model, params, cfg.data, cfg.inversion, stage.workdir, mesh)
 
   keeps_buffer = method in REAL_BUFFER_METHODS or (text and method == "invcoss")
   if keeps_buffer and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
@@ -66,14 +70,16 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
     params_lib.save_tree_npz(os.path.join(stage.workdir, EWC_FILE), anchor=enc, fisher=fisher)
     logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
 
-  synth_summary = os.path.join(stage.workdir, inv_job.SUMMARY_FILE)
+  synth_summary = os.path.join(stage.workdir, inv_stage.SUMMARY_FILE)
   wants_synthetic = (method == "invcoss" and c.invert_with == "own" and not text
-                     and (not last or bool(c.get("synthesize_last_stage", True))))
+                     and (not last or bool(c.synthesize_last_stage)))
   if wants_synthetic and not os.path.isfile(synth_summary):
-    inv_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    inv_cfg.init_from = stage.workdir
-    inv_cfg.seed = int(config.seed) + 1009 * stage.index
-    inv_job.run_invert(inv_cfg, stage.workdir)
+    # From the parameters just trained and the statistics as stored (what a later reader of the stage sees).
+    inv_writer = writer if writer is not None else writers.create_writer(stage.workdir)
+    inv_stage.invert_stage(model, params, statistics.load_statistics(stats_file), cfg.inversion,
+                           stage_data=cfg.data, seed=int(config.seed) + 1009 * stage.index, workdir=stage.workdir,
+                           mesh=mesh, mesh_cfg=cfg.mesh, writer=inv_writer, stage_dir=stage.workdir,
+                           stats_file=stats_file)
 
   storage = stage_storage(config, cfg, stage, n_current, shapes)
   if writer is not None:
@@ -92,7 +98,6 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
 def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None:
   """er: a random buffer_fraction of the stage; medcoss: the k-means buffer (main_buffer_kmean.py)."""
   from invcoss_jax import data as data_lib
-  from invcoss_jax.inversion import job as inv_job
   c = config.continual
   d = stage.data[0]
   fraction = float(c.buffer_fraction)
@@ -112,7 +117,7 @@ def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None
     extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
   images = buffers.gather_examples(eval_batches(int(c.kmeans.batch_size)), idx)
   if jax.process_index() == 0:
-    inv_job.write_shards(os.path.join(stage.workdir, BUFFER_DIR), images, int(cfg.inversion.shard_size))
+    npz_io.write_shards(os.path.join(stage.workdir, BUFFER_DIR), images, int(cfg.inversion.shard_size))
     atomic_write_json(os.path.join(stage.workdir, BUFFER_INFO), dict(
         method=str(c.method), num_examples=int(len(images)), fraction=fraction, indices=[int(i) for i in idx],
         image_shape=list(images.shape[1:]), **extra))

@@ -26,7 +26,6 @@ EWC_FILE = "ewc.npz"
 PACKNET_FILE = "packnet.npz"
 STORAGE_FILE = "storage.json"  # in the sequence workdir: bytes each stage retains, per kind
 SEQUENCE_FILE = "continual.json"
-SYNTHETIC_DIR = "synthetic"  # invcoss, invert_with='own': the stage's synthetic set (inversion.job)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +152,6 @@ def read_info(stage: Stage) -> dict[str, Any] | None:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
-
-
-def is_done(stage: Stage) -> bool:
-  info = read_info(stage)
-  return bool(info and info.get("done"))
 
 
 def write_info(stage: Stage, info: dict[str, Any]) -> None:

@@ -32,15 +32,23 @@ from invcoss_jax import models
 from invcoss_jax.continual import losses
 from invcoss_jax.continual.params import split_params
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train.state import TrainState
+from invcoss_jax.train import core
+from invcoss_jax.train.core import TrainState
 
 
 class ContinualState(TrainState):
   """TrainState plus `aux`: trainable parameters outside the MAE (CaSSLe's predictor; {} otherwise).
 
   `params` stays the MAE tree alone, so `train.checkpoint.load_trained_stage` reads a stage as usual; the
-  optimiser state covers {'mae': params, 'aux': aux}."""
+  optimiser state (and the loss) covers {'mae': params, 'aux': aux}."""
   aux: Any
+
+  @property
+  def trainable(self) -> Any:
+    return {"mae": self.params, "aux": self.aux}
+
+  def with_trainable(self, trainable: Any) -> "ContinualState":
+    return self.replace(params=trainable["mae"], aux=trainable["aux"])
 
 
 class DistillPredictor(nn.Module):
@@ -204,54 +212,45 @@ def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, 
   return total, terms
 
 
+def composite_loss_fn(model: models.MAE, spec: LossSpec, predictor: DistillPredictor | None = None
+                      ) -> core.LossFn:
+  """`composite_loss` as the trainer core's loss: masking noise and drop-path keys split from the step's key."""
+
+  def loss_fn(trainable, batch, consts, rng):
+    noise_rng, drop_rng = jax.random.split(rng)
+    noises = draw_noises(noise_rng, batch, model.cfg)
+    loss, terms = composite_loss(model, spec, trainable["mae"], trainable["aux"], batch, noises, consts, drop_rng,
+                                 predictor)
+    return loss, {f"loss_{k}": v for k, v in terms.items()}
+
+  return loss_fn
+
+
+def mask_frozen(updates: Any, consts: dict) -> Any:
+  """PackNet: consts['trainable'] (a tree like the MAE parameters of 0/1 multipliers, or None) zeroes the
+  updates of frozen weights after the optimiser, so they stay bit-exact, weight decay included."""
+  mask = consts.get("trainable")
+  if mask is None:
+    return updates
+  return dict(updates, mae=jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates["mae"], mask))
+
+
 def make_train_step(model: models.MAE, spec: LossSpec, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, grad_accum_steps: int = 1, predictor: DistillPredictor | None = None) -> Callable:
-  """The pure step (state, batch, consts) -> (state, metrics).
-
-  consts may also hold 'trainable': a tree like `params` of 0/1 multipliers of the updates (PackNet's masks;
-  frozen entries stay bit-exact, weight decay included)."""
-
-  def train_step(state: ContinualState, batch: dict, consts: dict):
-    noise_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    noises = draw_noises(noise_rng, batch, model.cfg)
-
-    def loss_fn(trainable):
-      return composite_loss(model, spec, trainable["mae"], trainable["aux"], batch, noises, consts, drop_rng,
-                            predictor)
-
-    trainable = {"mae": state.params, "aux": state.aux}
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    mask = consts.get("trainable")
-    if mask is not None:
-      updates = dict(updates, mae=jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates["mae"], mask))
-    new = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "learning_rate": schedule(state.step // grad_accum_steps),
-               **{f"loss_{k}": v for k, v in terms.items()}}
-    return state.replace(step=state.step + 1, params=new["mae"], aux=new["aux"], opt_state=opt_state), metrics
-
-  return train_step
+  """The pure step (state, batch, consts) -> (state, metrics) on the trainer core."""
+  return core.make_step(composite_loss_fn(model, spec, predictor), tx, schedule, grad_accum_steps=grad_accum_steps,
+                        mask_updates=mask_frozen)
 
 
 def create_state(params, aux, tx: optax.GradientTransformation, rng: jax.Array, mesh: jax.sharding.Mesh,
                  mesh_cfg) -> tuple[ContinualState, Any]:
-  """The state built directly in its sharded layout (as train.state.create_train_state); returns
-  (state, state shardings)."""
+  """The state built directly in its sharded layout (train.core.create_state); returns (state, shardings)."""
 
   def init(p, a, r):
     return ContinualState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init({"mae": p, "aux": a}),
                           rng=r, aux=a)
 
-  abstract = jax.eval_shape(init, params, aux, rng)
-  shardings = mesh_lib.shardings_from_config(mesh, abstract, mesh_cfg)
+  shardings = mesh_lib.shardings_from_config(mesh, jax.eval_shape(init, params, aux, rng), mesh_cfg)
   # Inputs (e.g. a previous stage's parameters, committed to one device) go to their final layout first.
   params, aux, rng = jax.device_put((params, aux, rng), (shardings.params, shardings.aux, shardings.rng))
-  state = jax.jit(init, out_shardings=shardings)(params, aux, rng)
-  return state, shardings
-
-
-def jit_train_step(train_step: Callable, state_shardings: Any, consts_shardings: Any,
-                   mesh: jax.sharding.Mesh) -> Callable:
-  """jit with explicit shardings (batch split over the batch axes); the old state is donated."""
-  return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.data_sharding(mesh), consts_shardings),
-                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  return core.create_state(init, (params, aux, rng), lambda _: shardings)

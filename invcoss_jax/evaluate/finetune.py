@@ -27,12 +27,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from invcoss_jax import faults, models
+from invcoss_jax import models
 from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import optim
-from invcoss_jax.train.state import TrainState
+from invcoss_jax.train import core
+from invcoss_jax.train.core import TrainState
 
 PROTOCOLS = ("finetune", "linear")
 # Besides biases and norm scales (rank <= 1), as in pre-training.
@@ -227,24 +228,26 @@ def loss_fn_for(task: ml_collections.ConfigDict) -> Callable:
   return losses.dice_bce_loss if task.seg_loss == "dice_bce" else losses.dice_ce_loss
 
 
+def task_loss(model: DownstreamModel, loss_fn: Callable) -> core.LossFn:
+  """The task's loss of a batch {'image', 'target'} as the trainer core's loss (drop-path from the step key)."""
+
+  def objective(params, batch, consts, rng):
+    del consts
+    return loss_fn(model.apply(params, batch["image"], train=True, rng=rng), batch["target"]), {}
+
+  return objective
+
+
 def make_train_step(model: DownstreamModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_fn: Callable) -> Callable:
-  """(state, batch{'image', 'target'}) -> (state, metrics); drop-path keys fold the step in."""
+  """(state, batch{'image', 'target'}) -> (state, metrics) on the trainer core."""
+  return core.make_step(task_loss(model, loss_fn), tx, schedule)
 
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
 
-    def objective(params):
-      logits = model.apply(params, batch["image"], train=True, rng=rng)
-      return loss_fn(logits, batch["target"])
-
-    loss, grads = jax.value_and_grad(objective)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
-            {"loss": loss, "learning_rate": schedule(state.step)})
-
-  return train_step
+def _init_state(tx: optax.GradientTransformation) -> Callable:
+  def init(params, rng):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+  return init
 
 
 def _flip_tta(predict: Callable, images: jnp.ndarray, flips: bool) -> jnp.ndarray:
@@ -412,19 +415,13 @@ class Finetuner:
     self.model = build_model(task, model_cfg, protocol, self.image_shape)
     abstract = jax.eval_shape(lambda r: self.model.init(r, self.image_shape), jax.random.PRNGKey(0))
     self.tx, self.schedule = make_optimizer(task, self.total, abstract, self.model.freeze_backbone)
+    layout = core.param_layout(self.mesh)
     with jax.set_mesh(self.mesh):
-      abstract_state = jax.eval_shape(
-          lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
-                               rng=jax.random.PRNGKey(0)), abstract)
-    self.shardings = mesh_lib.param_shardings(self.mesh, abstract_state, False)
-    self.init_state = jax.jit(
-        lambda p, r: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p), rng=r),
-        out_shardings=self.shardings)
-    data_sharding = mesh_lib.data_sharding(self.mesh)
-    self.step_fn = jax.jit(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
-                           in_shardings=(self.shardings, data_sharding),
-                           out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)), donate_argnums=(0,))
-    self.predict = jax.jit(make_predict(self.model, task), in_shardings=(self.shardings.params, data_sharding),
+      self.shardings = layout(jax.eval_shape(_init_state(self.tx), abstract, jax.random.PRNGKey(0)))
+    self.step_fn = core.jit_step(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
+                                 self.shardings, self.mesh)
+    self.predict = jax.jit(make_predict(self.model, task),
+                           in_shardings=(self.shardings.params, mesh_lib.data_sharding(self.mesh)),
                            out_shardings=mesh_lib.replicated(self.mesh))
 
   def _target(self, b: dict[str, np.ndarray]) -> np.ndarray:
@@ -453,30 +450,30 @@ class Finetuner:
                  "pre-trained %s", name, task.kind, self.protocol, seed, self.total, self.batch, self.n_train,
                  self.image_shape, loaded or "nothing")
     history: list[dict[str, Any]] = []
-    best = (-math.inf, None, 0, {})
+    best: list[Any] = [-math.inf, None, 0, {}]  # score, host parameters, step, validation metrics
+
+    def validate(step: int, state, fetched) -> None:
+      train_loss = float(np.mean([float(m["loss"]) for _, m in fetched]))
+      val = self.evaluate(state.params, task.val_split)
+      score = selection_score(task, val)
+      history.append({"step": step, "train_loss": train_loss, "val": val, "score": score})
+      logging.info("%s seed %d step %d: train loss %.4f, val %s", name, seed, step, train_loss,
+                   {k: round(v, 4) for k, v in val.items() if "_" not in k})
+      if score > best[0]:
+        best[:] = [score, jax.device_get(state.params), step, val]
+
     with jax.set_mesh(self.mesh):
-      state = self.init_state(params, state_rng)
+      state, _ = core.create_state(_init_state(self.tx), (params, state_rng), lambda _: self.shardings)
       train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
                                                      seed=int(seed))
-      losses_since = []
-      for step in range(1, self.total + 1):
+
+      def next_batch(step: int):
         local = next(train_iter)
-        batch = mesh_lib.put_batch(self.mesh, {"image": model_inputs(local), "target": self._target(local)})
-        state, m = self.step_fn(state, batch)
-        losses_since.append(m["loss"])
-        faults.point(f"finetune_step:{name}:{seed}:{step}")
-        if step % self.eval_every == 0 or step == self.total:
-          train_loss = float(np.mean(jax.device_get(losses_since)))
-          losses_since = []
-          if not np.isfinite(train_loss):
-            raise FloatingPointError(f"non-finite fine-tuning loss on {name} at step {step}")
-          val = self.evaluate(state.params, task.val_split)
-          score = selection_score(task, val)
-          history.append({"step": step, "train_loss": train_loss, "val": val, "score": score})
-          logging.info("%s seed %d step %d: train loss %.4f, val %s", name, seed, step, train_loss,
-                       {k: round(v, 4) for k, v in val.items() if "_" not in k})
-          if score > best[0]:
-            best = (score, jax.device_get(state.params), step, val)
+        return mesh_lib.put_batch(self.mesh, {"image": model_inputs(local), "target": self._target(local)})
+
+      # Validation (model selection) every eval_every steps and at the last; no checkpoints (runs are short).
+      core.Loop(step_fn=self.step_fn, next_batch=next_batch, what=f"{name}:{seed}", log_every=self.eval_every,
+                on_log=validate, fault_prefix="finetune_step", log_first=False).run(state, None, 0, self.total)
       _, best_params, best_step, best_val = best
       params = jax.device_put(best_params, self.shardings.params)
     test = self.evaluate(params, task.test_split)

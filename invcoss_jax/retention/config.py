@@ -44,3 +44,14 @@ def retention_config() -> ml_collections.ConfigDict:
   c.replay.max_nn_reference = 5000  # training examples the nearest-neighbour search compares with
   c.replay.grid_size = 16  # synthetic images beside as many real ones in the PNG
   return c
+
+
+def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_collections.ConfigDict:
+  """The continual job's config of one (seed, method) run."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.mode = "continual"
+  c.seed = int(seed)
+  if "method" in c:
+    c.method = method
+  c.continual.method = method
+  return c

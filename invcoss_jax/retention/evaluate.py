@@ -17,13 +17,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from invcoss_jax import models, npz_io
-from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, SYNTHETIC_DIR, Stage, stage_key
+from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, Stage, stage_key
+from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import features, metrics
 
@@ -160,9 +160,9 @@ class Measurer:
 
   def random_params(self, seed: int):
     """The encoder every run of `seed` starts from (continual.job.initial_params of stage 1)."""
-    from invcoss_jax.continual.job import _init_fn
-    from invcoss_jax.retention.job import run_config
-    return _init_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))
+    from invcoss_jax.continual.sequence import fresh_params_fn
+    from invcoss_jax.retention.config import run_config
+    return fresh_params_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))
 
   def _path(self, seed: int, method: str, stage: str) -> str:
     return os.path.join(self.root, f"seed_{seed}", method, f"{stage}.json")
@@ -219,7 +219,7 @@ class Measurer:
   def replay_quality(self, seed: int, method: str, stage: Stage, params) -> dict[str, Any] | None:
     """How close the stage's replay set is to its held-out data, in the frozen stage encoder's features."""
     from invcoss_jax.audit import distances
-    from invcoss_jax.inversion.job import image_grid, write_png
+    from invcoss_jax.train.writers import image_grid, write_png
     images = read_replay_set(stage, method)
     if images is None:
       return None

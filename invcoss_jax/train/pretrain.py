@@ -1,14 +1,13 @@
-"""MAE pre-training of one stage: the sharded train step, the loop and the `pretrain` job.
+"""MAE (or, for the report stage, MLM) pre-training of one stage on the trainer core (train/core.py).
 
-`pretrain(config, workdir)` is what `main.py` runs for `config.mode = 'pretrain'` and what a notebook
-calls. A run restarted on the same workdir resumes from its latest checkpoint (state and data
-iterator), so its later losses equal those of an uninterrupted run.
+`train_stage(config, workdir)` trains (or resumes) a stage; the `pretrain` job (invcoss_jax/jobs/pretrain.py)
+adds the statistics pass. A run restarted on the same workdir resumes from its latest checkpoint (state and
+data iterator), so its later losses equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -19,63 +18,53 @@ import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from invcoss_jax import faults, models
+from invcoss_jax import models
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import optim, writers
-from invcoss_jax.train.nonfinite import check_losses
-from invcoss_jax.train.state import TrainState, abstract_train_state, create_train_state
+from invcoss_jax.train import core, optim, writers
 
 # Streams folded into the run's key, so each random use is independent of the others.
 _IMAGE_STREAM = 0x1A6E
 _TEXT_STREAM = 0x7E47
 
 
-def _update(state: TrainState, loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-            grad_accum_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser update of `state` on the gradient of `loss_fn(params)`, with the step's metrics."""
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step // grad_accum_steps)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+def mae_loss(model: models.MAE, mask_ratio: float) -> core.LossFn:
+  """The MAE loss of an image batch {'image'}; masking and drop-path keys are split from the step's key."""
+
+  def loss_fn(params, batch, consts, rng):
+    del consts
+    mask_rng, drop_rng = jax.random.split(rng)
+    out = model.apply({"params": params}, batch["image"], mask_ratio=mask_ratio, train=True,
+                      rngs={"masking": mask_rng, "dropout": drop_rng})
+    return out["loss"].astype(jnp.float32), {}
+
+  return loss_fn
+
+
+def mlm_loss(model: models.MAE) -> core.LossFn:
+  """The report stage's loss: masked language modelling on a batch of corrupted ids (`train.mlm.mlm_inputs`
+  prepares it on the host: tokens, attention_mask, mlm_mask, labels)."""
+
+  def loss_fn(params, batch, consts, rng):
+    del consts
+    out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
+                      batch["labels"], train=True, rngs={"dropout": jax.random.fold_in(rng, 1)},
+                      method=models.MAE.mlm)
+    return out["loss"].astype(jnp.float32), {}
+
+  return loss_fn
 
 
 def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     mask_ratio: float, grad_accum_steps: int = 1) -> Callable:
-  """The pure train step: (state, batch) -> (state, metrics). Masking and drop-path keys are
-  folded from the state's key and step, so a resumed run draws the same masks."""
-
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    mask_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-
-    def loss_fn(params):
-      out = model.apply({"params": params}, batch["image"], mask_ratio=mask_ratio, train=True,
-                        rngs={"masking": mask_rng, "dropout": drop_rng})
-      return out["loss"].astype(jnp.float32)
-
-    return _update(state, loss_fn, tx, schedule, grad_accum_steps)
-
-  return train_step
+  """The pure MAE train step (state, batch[, consts]) -> (state, metrics) (core.make_step of `mae_loss`)."""
+  return core.make_step(mae_loss(model, mask_ratio), tx, schedule, grad_accum_steps=grad_accum_steps)
 
 
 def make_text_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                          grad_accum_steps: int = 1) -> Callable:
-  """The report stage's step: masked language modelling on a batch of corrupted ids (`train.mlm.mlm_inputs`
-  prepares it on the host: tokens, attention_mask, mlm_mask, labels)."""
-
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    drop_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-
-    def loss_fn(params):
-      out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
-                        batch["labels"], train=True, rngs={"dropout": drop_rng}, method=models.MAE.mlm)
-      return out["loss"].astype(jnp.float32)
-
-    return _update(state, loss_fn, tx, schedule, grad_accum_steps)
-
-  return train_step
+  """The report stage's pure train step (core.make_step of `mlm_loss`)."""
+  return core.make_step(mlm_loss(model), tx, schedule, grad_accum_steps=grad_accum_steps)
 
 
 class TextMasker:
@@ -108,12 +97,6 @@ def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_co
 
 def is_text_stage(config: ml_collections.ConfigDict) -> bool:
   return str(config.data.get("modality", "")) == "report" or str(config.data.get("format", "")) == "text"
-
-
-def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
-  """jit with explicit shardings; the old state is donated (its buffers become the new state's)."""
-  return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.data_sharding(mesh)),
-                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
 
 def make_reconstruct(model: models.MAE, mask_ratio: float) -> Callable:
@@ -173,18 +156,6 @@ def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def _run_stats(config: ml_collections.ConfigDict, workdir: str, params: Any):
-  """The stage's statistics pass (invcoss_jax.inversion.job.run_stats), when that job exists."""
-  try:
-    from invcoss_jax.inversion import job as inversion_job
-  except ModuleNotFoundError as e:
-    if e.name not in ("invcoss_jax.inversion.job",):
-      raise
-    logging.warning("invcoss_jax.inversion.job is not available: skipping the statistics pass")
-    return None
-  return inversion_job.run_stats(config, workdir, params=params)
-
-
 def _torch_init_params(config: ml_collections.ConfigDict, init_args: dict[str, Any]) -> Any | None:
   """Host parameters initialised as usual, then overwritten from `config.init_from_torch` (MAE, timm or
   MedCoSS PyTorch weights); None when no PyTorch checkpoint is configured."""
@@ -200,21 +171,21 @@ def _torch_init_params(config: ml_collections.ConfigDict, init_args: dict[str, A
   return interop.load_torch_into_params(path, params, config.model, layout=layout)
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-             stop_at_step: int | None = None) -> dict[str, Any]:
+def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                stop_at_step: int | None = None) -> dict[str, Any]:
   """Pre-trains (or resumes) the MAE of one stage in `workdir`.
 
-  `stop_at_step` ends the run early after that train step with a checkpoint, as a preempted job
-  would (no statistics pass); rerunning on the same workdir continues from there.
+  `stop_at_step` ends the run early after that train step with a checkpoint, as a preempted job would;
+  rerunning on the same workdir continues from there.
 
-  Returns dict(state, losses {step: loss of this run's steps}, final_loss, step, total_steps,
-  workdir, stats (what the statistics pass returned, or None)).
+  Returns dict(state, losses {step: loss of this run's steps}, final_loss, step, total_steps, workdir,
+  config (the run's config, with a report stage's tokenizer fields), text).
   """
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh)
   train_cfg = config.train
-  k = int(train_cfg.get("grad_accum_steps", 1))
+  k = int(train_cfg.grad_accum_steps)
   if int(train_cfg.global_batch_size) % k:
     raise ValueError(f"config.train.global_batch_size={train_cfg.global_batch_size} must be divisible by "
                      f"config.train.grad_accum_steps={k}")
@@ -235,10 +206,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                optim.peak_learning_rate(train_cfg), dict(mesh.shape))
 
   total = length.total_micro_steps
-  mask_ratio = float(train_cfg.mask_ratio)
-  log_every = max(1, int(config.logging.log_every_steps))
-  image_every = int(config.logging.get("image_every_steps", 0))
-  num_images = int(config.logging.get("num_images", 8))
   writer = writers.create_writer(workdir)
   manager = ckpt_lib.make_manager(workdir, config.checkpoint)
   losses: dict[int, float] = {}
@@ -246,65 +213,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     with jax.set_mesh(mesh):
       init_args = dict(init_params=lambda rng: models.init_mae_params(model, rng, [image_shape]), tx=tx,
                        rng=jax.random.PRNGKey(int(config.seed)), mesh=mesh,
-                       shard_params=bool(config.mesh.shard_params),
-                       fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)))
+                       shard_params=bool(config.mesh.shard_params), fsdp_min_size=int(config.mesh.fsdp_min_size))
       if manager.latest_step() is not None:
         # Restored straight into this run's layout, which may differ from the saving run's.
-        target, shardings = abstract_train_state(**init_args)
+        target, shardings = core.abstract_train_state(**init_args)
         state, _ = ckpt_lib.restore(manager, target, data_iter)
       else:
-        state, shardings = create_train_state(**init_args, params=_torch_init_params(config, init_args))
+        state, shardings = core.create_train_state(**init_args, params=_torch_init_params(config, init_args))
       start = int(jax.device_get(state.step))
       if start == 0:
         parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")
         writer.write_hparams(_hparams(config))
       else:
         logging.info("resuming at step %d of %d", start, total)
-
-      if text:
-        step_fn = jit_train_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k), shardings, mesh)
-        masker = TextMasker(config.data, int(config.seed), float(train_cfg.mlm_probability))
-      else:
-        step_fn = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=mask_ratio,
-                                                 grad_accum_steps=k), shardings, mesh)
-      reconstruct = make_reconstruct(model, mask_ratio)
-      report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=log_every)
-      pending: list[tuple[int, Any]] = []
-      last_step, last_time = start, time.perf_counter()
       end = total if stop_at_step is None else min(total, int(stop_at_step))
-      step = start
-      for step in range(start + 1, end + 1):
-        with report.timed("data", wait_jax_async_dispatch=False):
-          local = next(data_iter)
-        if text:
-          batch = mesh_lib.put_batch(mesh, masker(local, step))
-        else:
-          batch = mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
-        state, metrics = step_fn(state, batch)
-        pending.append((step, metrics))
-        report(step)
-        if step % log_every == 0 or step == end or step == start + 1:
-          fetched = jax.device_get(pending)
-          pending = []
-          now = time.perf_counter()
-          step_losses = [float(m["loss"]) for _, m in fetched]
-          losses.update({s: float(m["loss"]) for s, m in fetched})
-          check_losses(fetched, what="pretrain", latest_checkpoint=manager.latest_step())
-          writer.write_scalars(step, {
-              "train/loss": float(np.mean(step_losses)),
-              "train/grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
-              "train/learning_rate": float(fetched[-1][1]["learning_rate"]),
-              "train/steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)})
-          last_step, last_time = step, now
-        if image_every > 0 and not text and step % image_every == 0 and jax.process_index() == 0:
-          _write_images(writer, reconstruct, state, local["image"][:num_images], config, step)
-        if pending and manager.should_save(step):
-          check_losses(pending, what="pretrain", latest_checkpoint=manager.latest_step())
-        ckpt_lib.save(manager, step, state, data_iter, config)
-        faults.point(f"train_step:pretrain:{step}")
-      if step > start and manager.latest_step() != step:
-        check_losses(pending, what="pretrain", latest_checkpoint=manager.latest_step())
-        ckpt_lib.save(manager, step, state, data_iter, config, force=True)
+      loop = _loop(config, model, text, mesh, shardings, tx, schedule, data_iter, writer, manager, total)
+      state, _, losses, _ = loop.run(state, None, start, end)
       manager.wait_until_finished()
   finally:
     manager.close()
@@ -312,14 +236,48 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     writer.close()
 
   final_step = int(jax.device_get(state.step))
-  stats = None
-  if final_step >= total and bool(train_cfg.get("stats_after_pretrain", True)):
-    if text:  # text is never inverted (it is discrete): its stage keeps a real k-means buffer instead
-      logging.info("report stage: no feature statistics (text is not inverted)")
-    else:
-      stats = _run_stats(config, workdir, state.params)
-  return dict(state=state, losses=losses, final_loss=losses[max(losses)] if losses else None,
-              step=final_step, total_steps=total, workdir=workdir, stats=stats)
+  return dict(state=state, losses=losses, final_loss=losses[max(losses)] if losses else None, step=final_step,
+              total_steps=total, workdir=workdir, config=config, text=text)
+
+
+def _loop(config, model, text: bool, mesh, shardings, tx, schedule, data_iter, writer, manager,
+          total: int) -> core.Loop:
+  """The stage's loop on the core: batches from the data iterator (MLM-masked for text), progress, image
+  grids, checkpoints of the state and the iterator."""
+  k = int(config.train.grad_accum_steps)
+  if text:
+    step_fn = core.jit_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k), shardings, mesh)
+    masker = TextMasker(config.data, int(config.seed), float(config.train.mlm_probability))
+  else:
+    step_fn = core.jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
+                                            grad_accum_steps=k), shardings, mesh)
+  log_every = max(1, int(config.logging.log_every_steps))
+  report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=log_every)
+  last_local: dict[str, Any] = {}
+
+  def next_batch(step: int):
+    with report.timed("data", wait_jax_async_dispatch=False):
+      local = next(data_iter)
+    last_local["batch"] = local
+    if text:
+      return mesh_lib.put_batch(mesh, masker(local, step))
+    return mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
+
+  hooks = []
+  image_every, num_images = int(config.logging.image_every_steps), int(config.logging.num_images)
+  if image_every > 0 and not text:
+    reconstruct = make_reconstruct(model, float(config.train.mask_ratio))
+
+    def grids(step, state, consts):
+      if step % image_every == 0 and jax.process_index() == 0:
+        _write_images(writer, reconstruct, state, last_local["batch"]["image"][:num_images], config, step)
+      return state, consts
+
+    hooks.append(grids)
+  return core.Loop(step_fn=step_fn, next_batch=next_batch, what="pretrain", log_every=log_every, writer=writer,
+                   save=lambda step, state: ckpt_lib.save(manager, step, state, data_iter, config, force=True),
+                   should_save=manager.should_save, latest_checkpoint=manager.latest_step, after_step=hooks,
+                   progress=report)
 
 
 def _write_images(writer, reconstruct, state, images, config, step):

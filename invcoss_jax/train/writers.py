@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -47,3 +48,31 @@ def mae_image_grid(images: np.ndarray, mask_pixels: np.ndarray, reconstruction: 
       y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
       grid[y0:y0 + h, x0:x0 + w] = _to_rgb(p[i])
   return grid
+
+
+def image_grid(images: np.ndarray, max_images: int, pad: int = 2) -> np.ndarray:
+  """(rows*h, cols*w, 3) uint8 grid; 3D volumes show their middle slice, each image scaled by its range."""
+  x = np.asarray(images[:max_images], np.float32)
+  if x.ndim == 5:
+    x = x[:, x.shape[1] // 2]
+  lo = x.min(axis=(1, 2, 3), keepdims=True)
+  hi = x.max(axis=(1, 2, 3), keepdims=True)
+  x = np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  n, h, w, _ = x.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.float32)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i, ..., :3]
+  return (grid * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+  """Writes an (h, w, 3) uint8 image as PNG, atomically."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.io_utils import atomic_path  # pylint: disable=g-import-not-at-top
+  with atomic_path(path) as tmp:
+    Image.fromarray(rgb).save(tmp, format="PNG")

@@ -19,16 +19,14 @@ import functools
 import json
 import os
 import shutil
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
-from invcoss_jax import faults, models
+from invcoss_jax import models, npz_io
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import text as text_lib
@@ -37,17 +35,15 @@ from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
-                                          STORAGE_FILE, SYNTHETIC_DIR, Stage, check_method, npz_data_section,
+                                          STORAGE_FILE, Stage, check_method, npz_data_section,
                                           plan_stages, read_info, stage_config, stage_key, training_changes)
-from invcoss_jax.continual.step import (DistillPredictor, LossSpec, create_state, jit_train_step,
-                                        make_train_step)
+from invcoss_jax.continual.step import DistillPredictor, LossSpec, create_state, make_train_step
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import mlm, optim, writers
-from invcoss_jax.train.nonfinite import check_losses
-from invcoss_jax.train.state import abstract_state
+from invcoss_jax.train import core, mlm, optim, writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,7 @@ def _dummy_shapes(model_cfg: models.ViTConfig) -> list[tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _init_fn(model_cfg: models.ViTConfig):
+def fresh_params_fn(model_cfg: models.ViTConfig):
   """The jitted initialisation of every tokenizer and head (one compile per model configuration; eager
   initialisation would compile every operation on its own, tens of seconds on a CPU)."""
   model = models.build_mae(model_cfg)
@@ -211,7 +207,6 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
   pixel head of stage t's dimensionality was never trained when stage T-1 had the other one (2D vs 3D), and
   L_task is then switched off for this set (an untrained head would only add noise to the objective)."""
   from invcoss_jax.inversion import engine, statistics
-  from invcoss_jax.inversion import job as inv_job
   marker = folder + ".json"
   if os.path.isfile(marker) and os.path.isdir(folder):
     return int(_read_json(marker)["num_samples"])
@@ -229,7 +224,7 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
   images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
                                                  rng=stage_key(config, 0x5E7, stage.index, t.index), num_samples=n,
                                                  mesh=mesh, mesh_cfg=cfg.mesh)
-  inv_job.write_shards(folder, images, int(inv.shard_size))
+  npz_io.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
                                  task_weight=float(inv.loss_weights.get("task", 0.0)),
                                  end={k: v for k, v in report["end"].items()}))
@@ -282,7 +277,7 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
   Stage T starts from stage T-1's trunk and tokenizers (and decoder unless config.continual.reinit_decoder);
   the first stage from config.init_from when set, else from a fresh initialisation."""
   c = config.continual
-  fresh = _init_fn(model.cfg)(stage_key(config, stage.index, 0))
+  fresh = fresh_params_fn(model.cfg)(stage_key(config, stage.index, 0))
   if earlier:
     prev = earlier[-1]
     _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
@@ -320,155 +315,175 @@ def check_recorded_stages(config, stages: list[Stage]) -> None:
     return
 
 
-def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,
-              stop_at: tuple[int, int] | None = None, last: bool = False) -> tuple[bool, dict, dict[int, float]]:
-  """Trains (or resumes) one stage and ends it; returns (finished, stage_info, losses of the steps run)."""
-  from invcoss_jax import data as data_lib
+@dataclasses.dataclass
+class StagePlan:
+  """What one stage trains on and with (`plan_stage`)."""
+  cfg: ml_collections.ConfigDict  # the stage's config (stages.stage_config)
+  mesh: jax.sharding.Mesh
+  model: models.MAE
+  prev: Stage | None
+  params: Any  # the starting parameters (hand-over)
+  prev_params: Any  # stage T-1's, or None
+  sources: list[BufferSource]
+  n_current: list[int]
+  shapes: list[tuple[int, ...]]
+  cur_sizes: list[int]  # samples per step of each current stream
+  buf_sizes: list[int]  # and of each buffer stream
+  tx: Any
+  schedule: Any
+  total: int  # train steps (micro-batches)
+  boundary: int  # packnet: prune after this step, then retrain
 
+
+def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard) -> StagePlan:
+  """The stage's config (written), data sizes, starting parameters, replay sources, batch split and optimiser."""
+  from invcoss_jax import data as data_lib
   c = config.continual
-  method = str(c.method)
   cfg = stage_config(config, stage)
   os.makedirs(stage.workdir, exist_ok=True)
   ckpt_lib.write_config(stage.workdir, cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  shards = mesh_lib.num_batch_shards(mesh)
-
   for d in stage.data:
     guard.check_config(d, what=f"{stage.name} (its own data)")
   n_current = [int(data_lib.num_examples(d)) for d in stage.data]
   shapes = [tuple(int(s) for s in data_lib.image_shape(d)) for d in stage.data]
-
-  # --- model, hand-over, teacher ---
   model = models.build_mae(cfg.model)
-  prev = earlier[-1] if earlier else None
   params, prev_params = initial_params(config, stage, earlier, model)
-
   sources = buffer_sources(config, cfg, stage, earlier, model, prev_params, mesh)
-  cur_sizes, buf_sizes = _batch_plan(config, cfg, stage, n_current, sources, shards)
-
-  # --- length, optimiser ---
-  k = int(cfg.train.get("grad_accum_steps", 1))
+  cur_sizes, buf_sizes = _batch_plan(config, cfg, stage, n_current, sources, mesh_lib.num_batch_shards(mesh))
   length = optim.run_length(cfg, sum(n_current))
   retrain = 0
-  if method == "packnet":
+  if str(c.method) == "packnet":
     retrain = int(round(float(c.packnet.retrain_fraction) * length.total_steps))
     length = dataclasses.replace(length, total_steps=length.total_steps + retrain)
   tx, schedule = optim.make_optimizer(cfg.train, length)
   total = length.total_micro_steps
-  boundary = total - retrain * k  # packnet: prune after this step, then retrain
+  return StagePlan(cfg=cfg, mesh=mesh, model=model, prev=earlier[-1] if earlier else None, params=params,
+                   prev_params=prev_params, sources=sources, n_current=n_current, shapes=shapes, cur_sizes=cur_sizes,
+                   buf_sizes=buf_sizes, tx=tx, schedule=schedule, total=total,
+                   boundary=total - retrain * int(cfg.train.grad_accum_steps))
 
-  # --- method constants ---
-  spec = LossSpec(mask_ratio=float(cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
-                  distill_weight=distill_weight(c, cur_sizes, buf_sizes), buffer_mae_weight=float(c.buffer_mae_weight),
+
+def method_terms(config, stage: Stage, p: StagePlan) -> tuple[LossSpec, dict, DistillPredictor | None, dict]:
+  """(loss weights, constants: the frozen teacher / EWC anchor and Fisher / PackNet mask, CaSSLe's predictor
+  and its parameters) of the method at this stage."""
+  c = config.continual
+  method, prev = str(c.method), p.prev
+  spec = LossSpec(mask_ratio=float(p.cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
+                  distill_weight=distill_weight(c, p.cur_sizes, p.buf_sizes), buffer_mae_weight=float(c.buffer_mae_weight),
                   ewc_weight=float(c.ewc.weight) if method == "ewc" and prev is not None else 0.0,
                   cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0)
   consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)
   if method in TEACHER_METHODS and prev is not None:
-    consts["teacher"] = params_lib.split_params(prev_params)[0]  # the frozen encoder (the decoder is not used)
+    consts["teacher"] = params_lib.split_params(p.prev_params)[0]  # the frozen encoder (the decoder is not used)
   predictor, aux = None, {}
   if spec.cassle_weight > 0:
     predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))
     aux = {"predictor": jax.jit(predictor.init)(stage_key(config, stage.index, 2),
-                                                jnp.zeros((1, 1, model.cfg.width)))["params"]}
+                                                jnp.zeros((1, 1, p.model.cfg.width)))["params"]}
   if spec.ewc_weight > 0:
     saved = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))
     consts["ewc_anchor"], consts["ewc_fisher"] = saved["anchor"], saved["fisher"]
-  ranks = {len(s) - 1 for s in shapes}
-  owners_before = None
   if method == "packnet":
-    owners_before = (params_lib.load_tree_npz(os.path.join(prev.workdir, PACKNET_FILE))["owners"]
-                     if prev is not None else packnet.initial_owners(params))
-    consts["trainable"] = packnet.trainable_mask(params, owners_before, ranks=ranks, stage_index=stage.index,
-                                                 retrain=False)
+    consts["trainable"] = packnet.trainable_mask(p.params, packnet_owners(stage, p), ranks=_ranks(p),
+                                                 stage_index=stage.index, retrain=False)
+  return spec, consts, predictor, aux
 
-  state, shardings = create_state(params, aux, tx, stage_key(config, stage.index, 1), mesh, cfg.mesh)
-  consts_shardings = mesh_lib.shardings_from_config(mesh, consts, cfg.mesh)
-  consts = jax.device_put(consts, consts_shardings)
-  step_fn = jit_train_step(make_train_step(model, spec, tx, schedule, grad_accum_steps=k, predictor=predictor),
-                           shardings, consts_shardings, mesh)
 
-  # --- data streams ---
+def _ranks(p: StagePlan) -> set[int]:
+  return {len(s) - 1 for s in p.shapes}
+
+
+def packnet_owners(stage: Stage, p: StagePlan):
+  """The owner of every encoder-side weight before this stage (stage T-1's packnet.npz, or all free)."""
+  if p.prev is not None:
+    return params_lib.load_tree_npz(os.path.join(p.prev.workdir, PACKNET_FILE))["owners"]
+  return packnet.initial_owners(p.params)
+
+
+def stage_streams(config, stage: Stage, p: StagePlan) -> StageStreams:
+  """The stage's current streams (MLM-masked for text) and one stream per replay source (mixup)."""
+  from invcoss_jax import data as data_lib
   seed = int(config.seed)
   current = []
-  for j, (m, d, b, shape) in enumerate(zip(stage.modalities, stage.data, cur_sizes, shapes)):
+  for j, (m, d, b, shape) in enumerate(zip(stage.modalities, stage.data, p.cur_sizes, p.shapes)):
     it = data_lib.make_train_iterator(d, global_batch_size=b, seed=seed + 7919 * stage.index + j)
-    masker = (mlm.masker_for(str(d.text.tokenizer), float(cfg.train.mlm_probability)) if len(shape) == 1
+    masker = (mlm.masker_for(str(d.text.tokenizer), float(p.cfg.train.mlm_probability)) if len(shape) == 1
               else None)
     current.append(Stream(f"current/{m}", it, b, shape, masker=masker))
   buffer = []
-  for j, (s, b) in enumerate(zip(sources, buf_sizes)):
+  for j, (s, b) in enumerate(zip(p.sources, p.buf_sizes)):
     it = data_lib.make_train_iterator(s.data, global_batch_size=b, seed=seed + 7919 * stage.index + 101 + j)
-    buffer.append(Stream(f"buffer/{s.name}", it, b, s.image_shape, mixup=bool(c.mixup)))
-  streams = StageStreams(current, buffer, seed=seed, stage_index=stage.index)
+    buffer.append(Stream(f"buffer/{s.name}", it, b, s.image_shape, mixup=bool(config.continual.mixup)))
+  return StageStreams(current, buffer, seed=seed, stage_index=stage.index)
 
+
+def _packnet_retrain(config, stage: Stage, p: StagePlan, shardings, consts_shardings, last: bool) -> Callable:
+  """PackNet's boundary: prune (idempotent) and train only the kept weights afterwards."""
+  owners_before = packnet_owners(stage, p)
+
+  def enter(state, consts):
+    pruned, owners, counts = packnet.prune(jax.device_get(state.params), owners_before, ranks=_ranks(p),
+                                           stage_index=stage.index,
+                                           prune_fraction=float(config.continual.packnet.prune_fraction),
+                                           last_stage=last)
+    params_lib.save_tree_npz(os.path.join(stage.workdir, PACKNET_FILE), owners=owners)
+    logging.info("%s: PackNet kept %d weights, released %d", stage.name, counts["kept"], counts["released"])
+    state = state.replace(params=jax.device_put(pruned, shardings.params))
+    mask = packnet.trainable_mask(pruned, owners, ranks=_ranks(p), stage_index=stage.index, retrain=True)
+    return state, dict(consts, trainable=jax.device_put(mask, consts_shardings["trainable"]))
+
+  return enter
+
+
+def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,
+              stop_at: tuple[int, int] | None = None, last: bool = False) -> tuple[bool, dict, dict[int, float]]:
+  """Trains (or resumes) one stage on the trainer core and ends it; returns (finished, stage_info, losses of
+  the steps run)."""
+  p = plan_stage(config, stage, earlier, guard)
+  cfg, mesh = p.cfg, p.mesh
+  spec, consts, predictor, aux = method_terms(config, stage, p)
+  state, shardings = create_state(p.params, aux, p.tx, stage_key(config, stage.index, 1), mesh, cfg.mesh)
+  consts_shardings = mesh_lib.shardings_from_config(mesh, consts, cfg.mesh)
+  consts = jax.device_put(consts, consts_shardings)
+  step_fn = core.jit_step(make_train_step(p.model, spec, p.tx, p.schedule, grad_accum_steps=int(cfg.train.grad_accum_steps),
+                                          predictor=predictor), shardings, mesh, consts_shardings)
+  streams = stage_streams(config, stage, p)
   logging.info("%s: %d steps (%d examples of %s; per step %s current + %s buffer from %s), mesh %s", stage.name,
-               total, sum(n_current), shapes, cur_sizes, buf_sizes, [s.name for s in sources], dict(mesh.shape))
+               p.total, sum(p.n_current), p.shapes, p.cur_sizes, p.buf_sizes, [s.name for s in p.sources],
+               dict(mesh.shape))
   writer = writers.create_writer(stage.workdir)
   manager = ckpt_lib.make_manager(stage.workdir, cfg.checkpoint)
-  losses: dict[int, float] = {}
-  stopped = False
   try:
     with jax.set_mesh(mesh):
       if manager.latest_step() is not None:
-        state, _ = ckpt_lib.restore(manager, abstract_state(state, shardings), streams)
+        state, _ = ckpt_lib.restore(manager, core.abstract_state(state, shardings), streams)
       start = int(jax.device_get(state.step))
       if start:
-        logging.info("%s: resuming at step %d of %d", stage.name, start, total)
-
-      def enter_retrain(state, consts):
-        """PackNet: prune at the boundary (idempotent) and train only the kept weights afterwards."""
-        host = jax.device_get(state.params)
-        pruned, owners, counts = packnet.prune(host, owners_before, ranks=ranks, stage_index=stage.index,
-                                               prune_fraction=float(c.packnet.prune_fraction), last_stage=last)
-        params_lib.save_tree_npz(os.path.join(stage.workdir, PACKNET_FILE), owners=owners)
-        logging.info("%s: PackNet kept %d weights, released %d", stage.name, counts["kept"], counts["released"])
-        state = state.replace(params=jax.device_put(pruned, shardings.params))
-        mask = packnet.trainable_mask(pruned, owners, ranks=ranks, stage_index=stage.index, retrain=True)
-        return state, dict(consts, trainable=jax.device_put(mask, consts_shardings["trainable"]))
-
-      if method == "packnet" and start >= boundary:
-        state, consts = enter_retrain(state, consts)
-      pending: list[tuple[int, Any]] = []
-      last_step, last_time = start, time.perf_counter()
-      log_every = max(1, int(cfg.logging.log_every_steps))
+        logging.info("%s: resuming at step %d of %d", stage.name, start, p.total)
+      hooks = []
+      if str(config.continual.method) == "packnet":
+        enter = _packnet_retrain(config, stage, p, shardings, consts_shardings, last)
+        if start >= p.boundary:
+          state, consts = enter(state, consts)
+        hooks.append(lambda step, st, co: enter(st, co) if step == p.boundary else (st, co))
       save_every = max(1, int(cfg.checkpoint.every_steps))
-      for step in range(start + 1, total + 1):
-        batch = mesh_lib.put_batch(mesh, streams.next_batch(step))
-        state, metrics = step_fn(state, batch, consts)
-        pending.append((step, metrics))
-        stop_here = stop_at is not None and tuple(stop_at) == (stage.index, step)
-        if step % log_every == 0 or step == total or step == start + 1 or stop_here:
-          fetched = jax.device_get(pending)
-          pending = []
-          now = time.perf_counter()
-          for s, m in fetched:
-            losses[s] = float(m["loss"])
-          check_losses(fetched, what=stage.name, latest_checkpoint=manager.latest_step())
-          scalars = {f"train/{name}": float(np.mean([float(m[name]) for _, m in fetched])) for name in fetched[-1][1]}
-          scalars["train/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
-          writer.write_scalars(step, scalars)
-          last_step, last_time = step, now
-        if step % save_every == 0 or step == total or stop_here:
-          check_losses(pending, what=stage.name, latest_checkpoint=manager.latest_step())
-          ckpt_lib.save(manager, step, state, streams, cfg, force=True)
-        faults.point(f"train_step:{stage.name}:{step}")
-        if method == "packnet" and step == boundary:
-          state, consts = enter_retrain(state, consts)
-        if stop_here:
-          stopped = True
-          break
+      loop = core.Loop(step_fn=step_fn, next_batch=lambda step: mesh_lib.put_batch(mesh, streams.next_batch(step)),
+                       what=stage.name, log_every=int(cfg.logging.log_every_steps), writer=writer,
+                       save=lambda step, st: ckpt_lib.save(manager, step, st, streams, cfg, force=True),
+                       should_save=lambda step: step % save_every == 0, latest_checkpoint=manager.latest_step,
+                       after_step=hooks)
+      stop_step = int(stop_at[1]) if stop_at is not None and int(stop_at[0]) == stage.index else None
+      state, consts, losses, stopped = loop.run(state, consts, start, p.total, stop_at=stop_step)
       manager.wait_until_finished()
   finally:
     manager.close()
     writer.flush()
     streams.close()
-
-  if stopped:
-    writer.close()
-    return False, {}, losses
   try:
-    info = finish_stage(config, cfg, stage, model, state.params, n_current, shapes, total, prev=prev, last=last,
-                        writer=writer)
+    if stopped:
+      return False, {}, losses
+    return True, finish_stage(config, cfg, stage, p.model, state.params, p.n_current, p.shapes, p.total,
+                              prev=p.prev, last=last, writer=writer), losses
   finally:
     writer.close()
-  return True, info, losses

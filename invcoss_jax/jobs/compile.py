@@ -8,7 +8,7 @@ configuration fits.
 
 Nothing is allocated: parameters, optimiser state and batches are `jax.ShapeDtypeStruct`s carrying the
 shardings the real jobs use (`parallel.mesh`, `config.mesh`). The programs are the real ones:
-`train.pretrain.make_train_step` + `jit_train_step` and `inversion.engine.BatchOptimizer`.
+`train.pretrain.make_train_step` + `train.core.jit_step` and `inversion.engine.BatchOptimizer`.
 
 More devices than the backend has: on CPU the job re-runs itself in a child process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (the flag is read when JAX starts its backend, so it
@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from invcoss_jax import io_utils
+from invcoss_jax.parallel.config import PROGRAMS, compile_config
 
-PROGRAMS = ("pretrain", "invert_2d", "invert_3d")
 # name -> config.model overrides; '' compiles config.model as it is.
 VARIANTS = {
     "f32": dict(dtype="float32", remat=False),
@@ -51,27 +51,6 @@ VARIANTS = {
 }
 REPORT_FILE = "compile_report.json"
 GIB = 2.0**30
-
-
-def compile_config() -> ml_collections.ConfigDict:
-  """Defaults of `config.compile`."""
-  c = ml_collections.ConfigDict()
-  c.num_devices = (1, 8)  # compile for each of these device counts (global batches stay the same)
-  c.programs = PROGRAMS  # any of 'pretrain', 'invert_2d', 'invert_3d'
-  c.variants = ()  # () = config.model as it is; else names of VARIANTS, e.g. ('f32', 'bf16+remat')
-  # Per-example shapes. pretrain: () = the shape config.data gives (224x224x3 for the X-ray stage).
-  c.pretrain_image_shape = ()
-  c.invert_image_shape_2d = (224, 224, 3)
-  c.invert_image_shape_3d = (16, 192, 192, 1)
-  # Size of L_rep's persistent feature pool when config.inversion.pool_size and num_samples are unset
-  # (the paper: as many features as synthetic samples, a 5 % buffer of the stage's data).
-  c.pool_size = 16384
-  c.device_memory_gib = 80.0  # the budget the `fits` column compares the per-device peak with
-  # '' compiles for this host's backend (on CPU with simulated devices). A Cloud TPU topology such as
-  # 'v5p:2x2x2' compiles deviceless for that TPU: XLA's TPU compiler and memory plan, no TPU needed, only the
-  # libtpu package (pip install 'jax[tpu]').
-  c.target = ""
-  return c
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,8 +115,8 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   from invcoss_jax import models
   from invcoss_jax.parallel import mesh as mesh_lib
   from invcoss_jax.train import optim
-  from invcoss_jax.train.pretrain import jit_train_step, make_train_step
-  from invcoss_jax.train.state import create_train_state
+  from invcoss_jax.train.core import create_train_state, jit_step
+  from invcoss_jax.train.pretrain import make_train_step
 
   shape = _pretrain_shape(config)
   run_cfg = copy.deepcopy(config)
@@ -164,7 +143,7 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   with jax.set_mesh(mesh):
     state = jax.eval_shape(abstract_create, key)
     shardings = captured["shardings"]
-    step = jit_train_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
+    step = jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
                                           grad_accum_steps=length.grad_accum_steps), shardings, mesh)
     batch = {"image": jax.ShapeDtypeStruct((micro_batch, *shape), jnp.float32,
                                            sharding=mesh_lib.data_sharding(mesh))}
@@ -393,7 +372,7 @@ def _run_in_child(config: ml_collections.ConfigDict, workdir: str, num_devices: 
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "invcoss_jax.train.compile_job", config_file, workdir]
+  cmd = [sys.executable, "-m", "invcoss_jax.jobs.compile", config_file, workdir]
   proc = subprocess.run(cmd, env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"the compile job's child process ({' '.join(cmd)}) failed with exit status "
@@ -446,9 +425,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[d
 
 
 def _child_main(argv: Sequence[str]) -> None:
-  """`python -m invcoss_jax.train.compile_job CONFIG_JSON WORKDIR` (what `run` starts in a child process)."""
+  """`python -m invcoss_jax.jobs.compile CONFIG_JSON WORKDIR` (what `run` starts in a child process)."""
   if len(argv) != 3:
-    raise SystemExit(f"usage: python -m invcoss_jax.train.compile_job CONFIG_JSON WORKDIR, got {argv[1:]}")
+    raise SystemExit(f"usage: python -m invcoss_jax.jobs.compile CONFIG_JSON WORKDIR, got {argv[1:]}")
   with open(argv[1]) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config = with_compile_defaults(config)

@@ -31,19 +31,9 @@ from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual.stages import STAGE_INFO, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
+from invcoss_jax.retention.config import run_config
 
 RUNS_DIR, MEASURE_DIR, VOCABULARY_DIR = "runs", "measurements", "vocabulary"
-
-
-def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_collections.ConfigDict:
-  """The continual job's config of one (seed, method) run."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.mode = "continual"
-  c.seed = int(seed)
-  if "method" in c:
-    c.method = method
-  c.continual.method = method
-  return c
 
 
 def with_vocabulary(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -157,7 +147,7 @@ def check_plan(config: ml_collections.ConfigDict, path: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs (or resumes) the benchmark; returns the summary (also in workdir/retention.json)."""
-  from invcoss_jax.continual import job as continual_job
+  from invcoss_jax.continual import sequence as continual_job
 
   check_config(config)
   workdir = os.path.abspath(os.fspath(workdir))

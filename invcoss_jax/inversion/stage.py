@@ -1,0 +1,115 @@
+"""What inversion keeps of a trained stage, computed from its parameters in memory and written into a workdir.
+
+- `write_statistics`: one pass over the stage's data -> `statistics.npz` and `statistics.json` (its size next
+  to that of a 1/5/10 % real replay buffer).
+- `invert_stage`: the synthetic set from the stage's model and statistics -> `synthetic/shard_*.npz` (key
+  `images`, float32, model layout; read back by the input layer with format='npz', preprocessed=True),
+  `synthetic_grid.png`, TensorBoard curves of every loss term and `inversion.json` (the achieved L_norm and the
+  per-batch losses).
+The `stats` and `invert` jobs (invcoss_jax/jobs/inversion.py) load a stage from disk and call these; a
+continual stage calls them at its end on the parameters it has just trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from invcoss_jax import npz_io
+from invcoss_jax.inversion import engine, losses, statistics
+from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.workdir import SYNTHETIC_DIR
+
+GRID_FILE = "synthetic_grid.png"
+SUMMARY_FILE = "inversion.json"
+STATS_SUMMARY_FILE = "statistics.json"
+
+
+def statistics_path(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDict) -> str:
+  return os.path.join(os.fspath(workdir), inv_cfg.stats_file)
+
+
+def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg: ml_collections.ConfigDict,
+                     workdir: str | os.PathLike, mesh) -> statistics.FeatureStats:
+  """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`."""
+  from invcoss_jax import data as data_lib
+  workdir = os.fspath(workdir)
+  batches = data_lib.make_eval_iterator(data_cfg, batch_size=int(inv_cfg.stats_batch_size),
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+  stats = statistics.compute_statistics(model, params, batches, mesh=mesh)
+  path = statistics_path(workdir, inv_cfg)
+  file_bytes = statistics.save_statistics(path, stats)
+  nbytes = statistics.statistics_nbytes(stats)
+  buffers = {f"{f:g}": statistics.replay_buffer_nbytes(data_cfg, float(f)) for f in inv_cfg.buffer_fractions}
+  summary = dict(
+      file=os.path.basename(path), count=int(stats.count), num_blocks=int(stats.mean.shape[0]),
+      tokens=int(stats.mean.shape[1]), width=int(stats.mean.shape[2]), statistics_bytes=nbytes,
+      file_bytes=file_bytes, dataset=str(data_cfg.name), num_examples=int(data_lib.num_examples(data_cfg)),
+      image_shape=list(data_lib.image_shape(data_cfg)), replay_buffer_bytes=buffers,
+      replay_buffer_layout="float32 model input, uncompressed",
+      buffer_over_statistics={k: v / nbytes for k, v in buffers.items()})
+  atomic_write_json(os.path.join(workdir, STATS_SUMMARY_FILE), summary)
+  logging.info("statistics of %d examples -> %s: %d bytes; a real replay buffer would take %s",
+               summary["count"], path, nbytes,
+               ", ".join(f"{float(k) * 100:g} %: {v} bytes ({v / nbytes:.1f}x)" for k, v in buffers.items()))
+  return stats
+
+
+def num_synthetic_samples(inv_cfg: ml_collections.ConfigDict, stage_data_cfg) -> int:
+  """config.inversion.num_samples, or buffer_fraction of the stage's dataset (at least 1)."""
+  if int(inv_cfg.num_samples) > 0:
+    return int(inv_cfg.num_samples)
+  from invcoss_jax import data as data_lib
+  frac = float(inv_cfg.buffer_fraction)
+  if not 0.0 < frac <= 1.0:
+    raise ValueError(f"config.inversion.buffer_fraction must be in (0, 1], got {frac}")
+  return max(1, int(frac * data_lib.num_examples(stage_data_cfg)))
+
+
+def _batches(images: np.ndarray, batch_size: int):
+  for start in range(0, len(images), batch_size):
+    yield images[start:start + batch_size]
+
+
+def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
+                 stage_data: ml_collections.ConfigDict, seed: int, workdir: str | os.PathLike, mesh,
+                 mesh_cfg: ml_collections.ConfigDict, writer, stage_dir: str, stats_file: str) -> dict[str, Any]:
+  """Inverts the stage of `model`/`params` (trained on `stage_data`, statistics `stats`) into `workdir`;
+  returns the summary also written as `inversion.json`. `inv_cfg` is config.inversion (its grey setting is
+  resolved for the stage's modality here)."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.train.writers import image_grid, write_png
+  workdir = os.fspath(workdir)
+  inv = engine.resolve_grey(inv_cfg, str(data_lib.resolve(stage_data).modality))
+  image_shape = tuple(int(s) for s in data_lib.image_shape(stage_data))
+  num_samples = num_synthetic_samples(inv, stage_data)
+  os.makedirs(workdir, exist_ok=True)
+  images, report = engine.synthesize_with_report(
+      model, params, stats, inv, image_shape=image_shape, rng=jax.random.key(int(seed)), num_samples=num_samples,
+      mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
+  # The achieved L_norm of the whole synthetic set against the stored statistics.
+  synth_stats = statistics.compute_statistics(model, params, _batches(images, int(inv.stats_batch_size)), mesh=mesh)
+  achieved = float(losses.l_norm(jnp.asarray(synth_stats.mean, jnp.float32), jnp.asarray(synth_stats.var, jnp.float32),
+                                 jnp.asarray(stats.mean), jnp.asarray(stats.var)))
+  writer.write_scalars(sum(b["steps"] for b in report["batches"]), {"inversion/l_norm_synthetic_set": achieved})
+  writer.flush()
+
+  shards = npz_io.write_shards(os.path.join(workdir, SYNTHETIC_DIR), images, int(inv.shard_size))
+  write_png(os.path.join(workdir, GRID_FILE), image_grid(images, int(inv.grid_size)))
+  summary = {k: v for k, v in report.items() if k != "features"}
+  summary.update(
+      stage=os.path.abspath(stage_dir), statistics=os.path.abspath(stats_file), image_shape=list(image_shape),
+      grey=str(inv.grey), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"),
+      l_norm_end=report["end"].get("norm"), shards=shards, synthetic_dir=SYNTHETIC_DIR,
+      input_layer=dict(format="npz", preprocessed=True, path=os.path.join(os.path.abspath(workdir), SYNTHETIC_DIR)))
+  atomic_write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+  logging.info("inversion of %s: %d samples in %d shards under %s; L_norm per batch %s -> %s, whole set %.4g",
+               stage_dir, len(images), len(shards), os.path.join(workdir, SYNTHETIC_DIR),
+               summary["l_norm_start"], summary["l_norm_end"], achieved)
+  return summary

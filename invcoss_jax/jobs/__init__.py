@@ -1,0 +1,43 @@
+"""The jobs: `config.mode` -> the job that runs it, one thin module per job in this folder (each reads its
+config, calls the library and writes outputs; no library folder imports a job). A job module is imported only
+when its mode runs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import ml_collections
+
+# mode -> (module, function); every function is called as fn(config, workdir).
+JOBS: dict[str, tuple[str, str]] = {
+    "pretrain": ("invcoss_jax.jobs.pretrain", "pretrain"),
+    "stats": ("invcoss_jax.jobs.inversion", "run_stats"),
+    "invert": ("invcoss_jax.jobs.inversion", "run_invert"),
+    "continual": ("invcoss_jax.jobs.continual", "run"),
+    "evaluate": ("invcoss_jax.jobs.evaluate", "run_evaluate"),
+    "forgetting": ("invcoss_jax.jobs.evaluate", "run_forgetting"),
+    "audit": ("invcoss_jax.jobs.audit", "run"),
+    "retention": ("invcoss_jax.jobs.retention", "run"),
+    "compile": ("invcoss_jax.jobs.compile", "run"),
+    "export_torch": ("invcoss_jax.jobs.export_torch", "run_export"),
+}
+
+
+def job_for_mode(mode: str):
+  if mode not in JOBS:
+    raise ValueError(f"config.mode={mode!r} is unknown; expected one of {sorted(JOBS)}")
+  module_name, fn_name = JOBS[mode]
+  return getattr(importlib.import_module(module_name), fn_name)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
+  """Runs the job `config.mode` selects in `workdir`; returns what the job returns."""
+  from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  mode = str(config.get("mode", "pretrain"))
+  fn = job_for_mode(mode)
+  config_checks.check_options(config)
+  workdir_lib.claim(workdir, config)
+  return fn(config, os.fspath(workdir))

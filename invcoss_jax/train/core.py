@@ -1,0 +1,220 @@
+"""The trainer core: the one train step and the one loop behind pre-training, continual stages and fine-tuning.
+
+A job describes its training by a loss function and a few callbacks:
+
+  loss_fn(trainable, batch, consts, rng) -> (loss, {name: metric})
+
+`trainable` is what the optimiser updates (`state.trainable`: the parameters, or for continual training the
+MAE parameters and CaSSLe's predictor), `consts` what it reads but never updates (a frozen teacher, EWC's
+anchor, PackNet's masks), `rng` the step's key, fold_in(state.rng, state.step), from which the loss derives
+its masking and drop-path streams (so a resumed run draws the same ones). `make_step` turns it into the pure
+step (state, batch, consts) -> (state, metrics); `jit_step` compiles it with explicit shardings; `Loop` runs
+it with logging, the non-finite guard, checkpoints (state and data iterator), fault points and hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from invcoss_jax import faults
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train.nonfinite import check_losses
+
+LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """`step` counts train-step calls (micro-batches under gradient accumulation); `rng` is the run's base
+  key, folded with `step` for each step's random streams."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def trainable(self) -> Any:
+    """What the optimiser updates (its state was initialised on this tree)."""
+    return self.params
+
+  def with_trainable(self, trainable: Any) -> "TrainState":
+    return self.replace(params=trainable)
+
+
+# --- the sharded state ---------------------------------------------------------------------------------------
+
+
+def create_state(init: Callable[..., Any], args: tuple, layout: Callable[[Any], Any]) -> tuple[Any, Any]:
+  """(state, its shardings): `init(*args)` run under jit with out_shardings `layout(abstract state)`, so no
+  device ever holds more than its share. Array arguments (e.g. parameters carried over from an earlier stage,
+  committed to one device) are fine: jit moves them."""
+  shardings = layout(jax.eval_shape(init, *args))
+  return jax.jit(init, out_shardings=shardings)(*args), shardings
+
+
+def abstract_state(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the shardings: the target orbax restores a checkpoint into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _train_state_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
+  def init(rng, params):
+    init_rng, state_rng = jax.random.split(rng)
+    p = init_params(init_rng) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
+  return init
+
+
+def param_layout(mesh: jax.sharding.Mesh, *, shard_params: bool = False,
+                 fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE) -> Callable[[Any], Any]:
+  """abstract tree -> shardings: replicated, or FSDP-sharded leaves (parallel.mesh.param_shardings)."""
+  return lambda abstract: mesh_lib.param_shardings(mesh, abstract, shard_params, min_size=fsdp_min_size)
+
+
+def abstract_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                         rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
+                         fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
+                         params: Any | None = None) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStructs carrying their shardings, the shardings) of `create_train_state`'s state, without
+  computing it."""
+  shapes = jax.eval_shape(_train_state_init(init_params, tx), rng, params)
+  shardings = param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size)(shapes)
+  return abstract_state(shapes, shardings), shardings
+
+
+def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                       rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
+                       fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
+                       params: Any | None = None) -> tuple[TrainState, Any]:
+  """A `TrainState` built in its sharded layout; returns (state, state_shardings).
+
+  `init_params(rng) -> params` creates float32 parameters from the first half of split(rng) (the second
+  seeds the state's key); `params`, if given, replaces them (e.g. weights carried over from an earlier stage or
+  a PyTorch checkpoint) and is resharded to the same layout."""
+  return create_state(_train_state_init(init_params, tx), (rng, params),
+                      param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size))
+
+
+# --- the step ------------------------------------------------------------------------------------------------
+
+
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+              grad_accum_steps: int = 1,
+              mask_updates: Callable[[Any, Any], Any] | None = None) -> Callable:
+  """The pure step (state, batch, consts) -> (state, metrics).
+
+  metrics: 'loss', 'grad_norm', 'learning_rate' (of the update the step belongs to) and the loss's own.
+  `mask_updates(updates, consts)` may change the updates after the optimiser (PackNet freezes weights there,
+  weight decay included)."""
+
+  def step(state: TrainState, batch: Any, consts: Any = None):
+    rng = jax.random.fold_in(state.rng, state.step)
+    trainable = state.trainable
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch, consts, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    if mask_updates is not None:
+      updates = mask_updates(updates, consts)
+    new = state.with_trainable(optax.apply_updates(trainable, updates))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step // grad_accum_steps), **extra}
+    return new.replace(step=state.step + 1, opt_state=opt_state), metrics
+
+  return step
+
+
+def jit_step(step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh, consts_shardings: Any = None
+             ) -> Callable:
+  """jit with explicit shardings (the batch split over the batch axes); the old state is donated (its buffers
+  become the new state's). Call it as fn(state, batch, consts), or fn(state, batch) when `consts_shardings` is
+  None (a step without constants)."""
+  in_shardings = (state_shardings, mesh_lib.data_sharding(mesh))
+  if consts_shardings is not None:
+    in_shardings += (consts_shardings,)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loop:
+  """Runs train steps start+1 .. end of one run.
+
+  - `next_batch(step)`: the step's device batch (the loop puts nothing on devices itself);
+  - `log_every`: metrics are fetched (one device sync), checked for non-finite losses and written as
+    `train/<name>` means (the learning rate: its last value) at these steps, the last and (`log_first`) the
+    first;
+  - `save(step, state)` at steps where `should_save(step)` and at the end, after the losses since the last
+    check are checked, so no checkpoint keeps a non-finite state; `latest_checkpoint()` names the one a
+    restart would resume from;
+  - `after_step(step, state, consts) -> (state, consts)` hooks run after the step's save (e.g. PackNet's
+    pruning boundary); `on_log(step, state, fetched)` after each fetch (e.g. validation);
+  - `stop_at`: end after that step, as a preempted job would (with a checkpoint).
+  Fault points `train_step:<what>:<step>` (see invcoss_jax.faults) follow each step's save.
+  """
+  step_fn: Callable
+  next_batch: Callable[[int], Any]
+  what: str
+  log_every: int = 1
+  writer: Any = None
+  save: Callable[[int, Any], None] | None = None
+  should_save: Callable[[int], bool] = lambda step: False
+  latest_checkpoint: Callable[[], int | None] = lambda: None
+  after_step: Sequence[Callable[[int, Any, Any], tuple[Any, Any]]] = ()
+  on_log: Callable[[int, Any, list], None] | None = None
+  progress: Callable[[int], None] | None = None
+  fault_prefix: str = "train_step"
+  log_first: bool = True
+
+  def run(self, state: Any, consts: Any, start: int, end: int, stop_at: int | None = None
+          ) -> tuple[Any, Any, dict[int, float], bool]:
+    """(state, consts, {step: loss} of the steps run, stopped early)."""
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, Any]] = []
+    last_step, last_time = start, time.perf_counter()
+    log_every = max(1, int(self.log_every))
+    stopped = False
+    for step in range(start + 1, end + 1):
+      batch = self.next_batch(step)
+      state, metrics = self.step_fn(state, batch) if consts is None else self.step_fn(state, batch, consts)
+      pending.append((step, metrics))
+      if self.progress is not None:
+        self.progress(step)
+      stop_here = stop_at is not None and step == stop_at
+      if step % log_every == 0 or step == end or (self.log_first and step == start + 1) or stop_here:
+        fetched = jax.device_get(pending)
+        pending = []
+        now = time.perf_counter()
+        losses.update({s: float(m["loss"]) for s, m in fetched})
+        check_losses(fetched, what=self.what, latest_checkpoint=self.latest_checkpoint())
+        if self.writer is not None:
+          self.writer.write_scalars(step, _scalars(fetched, (step - last_step) / max(now - last_time, 1e-9)))
+        last_step, last_time = step, now
+        if self.on_log is not None:
+          self.on_log(step, state, fetched)
+      if self.save is not None and (self.should_save(step) or step == end or stop_here):
+        check_losses(pending, what=self.what, latest_checkpoint=self.latest_checkpoint())
+        self.save(step, state)
+      faults.point(f"{self.fault_prefix}:{self.what}:{step}")
+      for hook in self.after_step:
+        state, consts = hook(step, state, consts)
+      if stop_here:
+        stopped = True
+        break
+    return state, consts, losses, stopped
+
+
+def _scalars(fetched: list[tuple[int, dict]], steps_per_sec: float) -> dict[str, float]:
+  """`train/<metric>` over the fetched steps: means, and the learning rate of the last step."""
+  out = {f"train/{name}": float(np.mean([float(m[name]) for _, m in fetched])) for name in fetched[-1][1]}
+  out["train/learning_rate"] = float(fetched[-1][1]["learning_rate"])
+  out["train/steps_per_sec"] = steps_per_sec
+  return out

@@ -7,12 +7,12 @@ Default: the paper's hyper-parameters (Sec. 4.1): ViT-B MAE with 16^3 patches on
 global batch 512, 300 epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine.
 """
 
-from invcoss_jax.defaults import stage_config, use_demo_data
+from invcoss_jax.defaults import pretrain_stage_config, use_demo_data
 
 
 def get_config(arg=None):
   # Your NIfTI copy of ADNI (in-plane resize, 16-slice windows, percentile clip, z-scored per window).
-  c = stage_config(modality="mri", data_format="nifti", data_path="./data/adni", volume_shape=(16, 192, 192))
+  c = pretrain_stage_config(modality="mri", data_format="nifti", data_path="./data/adni", volume_shape=(16, 192, 192))
   if arg == "demo":
     # Embedded demo brain MRI, 16x32x32 windows (32 tokens).
     use_demo_data(c, "demo_mri", global_batch_size=16, volume_shape=(16, 32, 32))

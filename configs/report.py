@@ -16,11 +16,11 @@ $INVCOSS_SHARED_DATA/report/...). The reports are not embedded in the package: w
 
 import os
 
-from invcoss_jax.defaults import shared_data_dir, stage_config, use_demo_data
+from invcoss_jax.defaults import shared_data_dir, pretrain_stage_config, use_demo_data
 
 
 def get_config(arg=None):
-  c = stage_config(modality="report", data_format="text", data_path="./data/mimic_cxr_reports")
+  c = pretrain_stage_config(modality="report", data_format="text", data_path="./data/mimic_cxr_reports")
   c.data.text.max_length = 112
   if arg == "demo":
     # The micro trunk on the Indiana reports: 8,192-token WordPiece vocabulary trained on the training split.

@@ -7,12 +7,12 @@ Default: the paper's hyper-parameters (Sec. 4.1): ViT-B/16 MAE, 224x224, global 
 base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, AdamW (0.9, 0.95), wd 0.05.
 """
 
-from invcoss_jax.defaults import stage_config, use_demo_data
+from invcoss_jax.defaults import pretrain_stage_config, use_demo_data
 
 
 def get_config(arg=None):
   # Your JPEG/PNG copy of MIMIC-CXR-JPG (grey, resized to 224 and replicated to 3 channels).
-  c = stage_config(modality="xray", data_format="images", data_path="./data/mimic_cxr_jpg", image_size=224)
+  c = pretrain_stage_config(modality="xray", data_format="images", data_path="./data/mimic_cxr_jpg", image_size=224)
   if arg == "demo":
     # Embedded demo chest X-rays at 32x32 (16 tokens): the loss visibly falls within 200 steps.
     use_demo_data(c, "demo_xray", global_batch_size=32, image_size=32)

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def stage_config(*, modality: str, data_format: str, data_path: str, **data) -> ml_collections.ConfigDict:
+def pretrain_stage_config(*, modality: str, data_format: str, data_path: str, **data) -> ml_collections.ConfigDict:
   """One pre-training stage on the user's files with the paper's hyper-parameters (Sec. 4.1): ViT-B MAE,
   global batch 512, 300 epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, mask 0.75."""
   c = base_config()

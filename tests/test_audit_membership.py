@@ -31,7 +31,7 @@ def scores_with_ties(seed, shift):
 def test_auc_matches_sklearn_with_ties(shift):
   m, n = scores_with_ties(0, shift)
   expected = roc_auc_score(np.r_[np.ones(m.size), np.zeros(n.size)], np.r_[m, n])
-  assert membership.roc_auc(m, n) == pytest.approx(expected, abs=1e-12)
+  assert membership.attack_auc(m, n) == pytest.approx(expected, abs=1e-12)
 
 
 def test_tpr_at_fpr_matches_sklearn_roc_curve():
@@ -69,7 +69,7 @@ def test_per_sample_masked_mse_matches_numpy_and_the_batch_loss():
   mask[:, :7] = 1.0  # equal masked counts: the batch loss is the mean of the per-sample losses
   for row in mask:
     rng.shuffle(row)
-  got = np.asarray(membership.per_sample_masked_mse(pred, target, mask))
+  got = np.asarray(models.masked_mse(pred, target, mask, per_sample=True))
   ref = np.array([((pred[i] - target[i]) ** 2).mean(-1)[mask[i] > 0].mean() for i in range(6)])
   np.testing.assert_allclose(got, ref, rtol=1e-6)
   np.testing.assert_allclose(got.mean(), float(models.masked_mse(pred, target, mask)), rtol=1e-6)
@@ -77,9 +77,9 @@ def test_per_sample_masked_mse_matches_numpy_and_the_batch_loss():
 
 def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="member_scores is empty"):
-    membership.roc_auc([], [1.0])
+    membership.attack_auc([], [1.0])
   with pytest.raises(ValueError, match="non-finite"):
-    membership.roc_auc([np.nan], [1.0])
+    membership.attack_auc([np.nan], [1.0])
   with pytest.raises(ValueError, match="num_bootstrap"):
     membership.bootstrap_auc([1.0], [0.0], num_bootstrap=0)
   with pytest.raises(ValueError, match="mia_mask_ratio"):

@@ -17,6 +17,7 @@ from invcoss_jax.defaults import load_config_file
 from invcoss_jax import data as data_lib
 from invcoss_jax import models
 from invcoss_jax.continual import guard, packnet, sequence, stages
+from invcoss_jax.data.registry import npz_shards_section
 from invcoss_jax.jobs import continual as job
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import METHODS
@@ -158,7 +159,7 @@ def test_two_stage_run_of_each_method_completes(runs, method):
     assert first["retained_bytes"] == first["statistics_bytes"] + first["synthetic_bytes"]
     assert first["statistics_bytes"] == os.path.getsize(os.path.join(s1, "statistics.npz")) > 0
     assert first["synthetic_bytes"] >= 8 * 16 * 16 * 3 * 4
-    synth = stages.npz_data_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
+    synth = npz_shards_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
     assert data_lib.num_examples(synth) == 8 and data_lib.image_shape(synth) == (16, 16, 3)
     assert os.path.isfile(os.path.join(workdir, "stage_2_ct", "statistics.npz"))
   elif method in ("er", "medcoss"):

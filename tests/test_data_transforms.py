@@ -206,17 +206,17 @@ def test_preprocessed_passes_values_and_resizes():
 def test_preprocessed_replay_buffers_get_the_stages_crop_and_flip_only_when_augmented(tmp_path):
   """Replay buffers (npz shards of preprocessed images) are augmented like the stage when asked to
   (continual.buffer_augment, as MedCoSS's buffer re-reads its samples through the stage's transform)."""
-  from invcoss_jax.continual.stages import npz_data_section
+  from invcoss_jax.data.registry import npz_shards_section
   from invcoss_jax.io_utils import atomic_savez
   images = next(iter(data.make_eval_iterator(make_cfg("demo_xray", image_size=32), batch_size=8)))["image"]
   folder = tmp_path / "buffer"
   folder.mkdir()
   atomic_savez(str(folder / "shard_00000.npz"), images=images)
   stage = make_cfg("demo_xray", image_size=32)
-  plain = next(data.make_train_iterator(npz_data_section(stage, str(folder)), global_batch_size=8, seed=0))["image"]
+  plain = next(data.make_train_iterator(npz_shards_section(stage, str(folder)), global_batch_size=8, seed=0))["image"]
   # Without augmentation every training example is one of the stored images, unchanged.
   assert all(any(np.array_equal(p, x) for x in images) for p in plain)
-  section = npz_data_section(stage, str(folder), augment=True)
+  section = npz_shards_section(stage, str(folder), augment=True)
   assert tuple(section.xray.crop_scale) == tuple(stage.xray.crop_scale)
   aug = next(data.make_train_iterator(section, global_batch_size=8, seed=0))["image"]
   assert aug.shape == images.shape and aug.dtype == np.float32

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from invcoss_jax import models
-from invcoss_jax.audit.membership import per_sample_masked_mse
 
 FEATURES = ("mean", "cls")
 
@@ -64,7 +63,7 @@ def make_loss_fn(model: models.MAE, mask_ratio: float, num_masks: int) -> Callab
     def one_mask(m):
       noise = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, m), (num_tokens,)))(keys)
       out = model.apply({"params": params}, images, mask_ratio=mask_ratio, train=False, noise=noise)
-      return per_sample_masked_mse(out["pred"], out["target"], out["mask"])
+      return models.masked_mse(out["pred"], out["target"], out["mask"], per_sample=True)
 
     # lax.map: one traced model pass whatever num_masks (short compiles), masks evaluated in sequence.
     return jnp.mean(jax.lax.map(one_mask, jnp.arange(num_masks)), axis=0)

@@ -8,23 +8,16 @@ model leaks nothing about membership and 1 when every member reconstructs better
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
 
-def per_sample_masked_mse(pred: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  """(B,) float32: each sample's mean over patch dims of the squared error, averaged over its masked
-  patches (the MAE loss of one image; `masked_mse` is its batch version)."""
-  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(per_patch * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-
-
-def roc_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
-  """P(score of a member > score of a non-member) + 0.5 P(tie): the Mann-Whitney U statistic, normalised."""
+def attack_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+  """P(score of a member > score of a non-member) + 0.5 P(tie): the ROC AUC of members (class 1) against
+  non-members (evaluate.metrics.roc_auc, the package's one AUC)."""
+  from invcoss_jax.evaluate.metrics import roc_auc  # pylint: disable=g-import-not-at-top
   m, n = _scores(member_scores, "member_scores"), _scores(nonmember_scores, "nonmember_scores")
-  return float(_auc_rows(m[None], n[None])[0])
+  return roc_auc(np.r_[np.ones(m.size, np.int64), np.zeros(n.size, np.int64)], np.r_[m, n])
 
 
 def _auc_rows(m: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -51,7 +44,7 @@ def bootstrap_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, nu
     aucs.append(_auc_rows(m[rng.integers(0, m.size, (rows, m.size))], n[rng.integers(0, n.size, (rows, n.size))]))
   aucs = np.concatenate(aucs)
   lo, hi = np.quantile(aucs, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-  return dict(auc=roc_auc(m, n), ci=[float(lo), float(hi)], std=float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0,
+  return dict(auc=attack_auc(m, n), ci=[float(lo), float(hi)], std=float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0,
               level=float(level), num_bootstrap=int(num_bootstrap), num_members=int(m.size),
               num_nonmembers=int(n.size))
 

@@ -96,7 +96,7 @@ def data_identity(data_cfg: ml_collections.ConfigDict) -> tuple[str, tuple[str, 
   from invcoss_jax.data import registry
   cfg = registry.resolve(data_cfg)
   roots: list[str] = []
-  for p in (cfg.path, cfg.get("label_path", "")):
+  for p in (cfg.path, cfg.label_path):
     if p:
       roots.extend(_normalise(str(p)))
   return str(cfg.name), tuple(sorted(set(roots)))

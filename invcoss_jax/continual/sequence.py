@@ -35,9 +35,11 @@ from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
-                                          STORAGE_FILE, Stage, check_method, npz_data_section,
+                                          STORAGE_FILE, Stage, check_method,
                                           plan_stages, read_info, stage_config, stage_key, training_changes)
 from invcoss_jax.continual.step import DistillPredictor, LossSpec, create_state, make_train_step
+from invcoss_jax.data import registry as data_registry
+from invcoss_jax.inversion import stage as inv_stage
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.workdir import SYNTHETIC_DIR
@@ -53,7 +55,6 @@ class BufferSource:
   data: ml_collections.ConfigDict  # format 'npz', preprocessed
   num_examples: int
   image_shape: tuple[int, ...]
-  kind: str  # 'real' | 'synthetic'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,28 +168,24 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
       folder = os.path.join(t.workdir, BUFFER_DIR)
       n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
       out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,
-                              tuple(int(s) for s in info["image_shapes"][0]), "real"))
+                              tuple(int(s) for s in info["image_shapes"][0])))
       continue
     if method == "invcoss" and config.continual.invert_with == "latest":
       folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
       prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
       n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
-      kind = "synthetic"
     elif method == "invcoss":
       folder = os.path.join(t.workdir, SYNTHETIC_DIR)
-      summary = os.path.join(t.workdir, "inversion.json")
+      summary = os.path.join(t.workdir, inv_stage.SUMMARY_FILE)
       if not os.path.isfile(summary):
         raise FileNotFoundError(f"{summary} not found: {t.name} ended without its synthetic set "
                                 "(config.continual.invert_with='own' synthesises it at the end of every stage)")
       n = int(_read_json(summary)["num_samples"])
-      kind = "synthetic"
     else:
       folder = os.path.join(t.workdir, BUFFER_DIR)
       n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
-      kind = "real"
-    shape = tuple(int(s) for s in info["image_shapes"][0])
-    out.append(BufferSource(t.name, npz_data_section(t.data[0], folder, bool(config.continual.buffer_augment)), n,
-                            shape, kind))
+    section = data_registry.npz_shards_section(t.data[0], folder, augment=bool(config.continual.buffer_augment))
+    out.append(BufferSource(t.name, section, n, tuple(int(s) for s in info["image_shapes"][0])))
   return out
 
 
@@ -234,7 +231,7 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
 def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[BufferSource], shards: int
                 ) -> tuple[list[int], list[int]]:
   """(samples per step of each current stream, of each buffer stream)."""
-  k = int(cfg.train.get("grad_accum_steps", 1))
+  k = int(cfg.train.grad_accum_steps)
   micro = int(cfg.train.global_batch_size) // k
   if micro % shards:
     raise ValueError(f"config.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
@@ -262,7 +259,7 @@ def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[B
 
 def distill_weight(c: ml_collections.ConfigDict, cur_sizes: list[int], buf_sizes: list[int]) -> float:
   """The weight of the buffer sub-batch's mean L_reg (config.continual.distill_scale, see continual/config.py)."""
-  scale = str(c.get("distill_scale", "per_step"))
+  scale = str(c.distill_scale)
   if scale not in ("per_step", "per_sample"):
     raise ValueError(f"config.continual.distill_scale must be 'per_step' or 'per_sample', got {scale!r}")
   w = float(c.distill_weight)
@@ -283,7 +280,7 @@ def initial_params(config, stage: Stage, earlier: list[Stage], model: models.MAE
     _, _, prev_params = ckpt_lib.load_trained_stage(prev.workdir)
     return params_lib.hand_over(prev_params, fresh, reinit_decoder=bool(c.reinit_decoder),
                                 where=f"hand-over {prev.name} -> {stage.name}"), prev_params
-  if str(config.get("init_from", "") or ""):
+  if str(config.init_from or ""):
     _, _, start_params = ckpt_lib.load_trained_stage(config.init_from)
     return params_lib.hand_over(start_params, fresh, reinit_decoder=bool(c.reinit_decoder),
                                 where=f"config.init_from={config.init_from!r} -> {stage.name}"), None
@@ -303,7 +300,7 @@ def check_recorded_stages(config, stages: list[Stage]) -> None:
     changes = training_changes(old, ckpt_lib.config_to_dict(stage_config(config, stage)))
     if not changes:
       continue
-    if not bool(config.get("overwrite_workdir", False)):
+    if not bool(config.overwrite_workdir):
       raise ConfigError(
           f"{stage.workdir} was trained with other options than this run asks for ({'; '.join(changes[:5])}"
           f"{'; ...' if len(changes) > 5 else ''}): resuming it would mix the two. Use a new --workdir, or "

@@ -166,31 +166,3 @@ def folder_bytes(path: str) -> int:
   for root, _, files in os.walk(path):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   return total
-
-
-def _resolved(data_cfg):
-  from invcoss_jax.data import registry
-  return registry.resolve(data_cfg)
-
-
-def npz_data_section(source_data: ml_collections.ConfigDict, folder: str, augment: bool = False
-                     ) -> ml_collections.ConfigDict:
-  """The data section reading a folder of npz shards (key `images`) written for a stage of `source_data`;
-  `augment`: the train iterator applies the stage's crop/flip (2D) or mirroring (3D) to them."""
-  from invcoss_jax.data.config import data_config
-  r = _resolved(source_data)
-  d = data_config()
-  d.name = "folder"
-  d.format = "npz"
-  d.path = os.path.abspath(folder)
-  d.modality = r.modality
-  d.spatial_dims = int(r.spatial_dims)
-  d.image_size = int(r.image_size)
-  d.volume_shape = tuple(int(s) for s in r.volume_shape)
-  d.preprocessed = True
-  d.augment = d.augment_preprocessed = bool(augment)
-  for section in ("xray", "pathology"):
-    d[section].update(r[section].to_dict())
-  d.ct.mirror_prob, d.mri.mirror_prob = float(r.ct.mirror_prob), float(r.mri.mirror_prob)
-  d.num_workers = int(r.num_workers)
-  return d

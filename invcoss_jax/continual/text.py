@@ -55,13 +55,13 @@ def prepare_sequence(config: ml_collections.ConfigDict, workdir: str, order: tup
   first = tokenization.ensure_tokenizer(config.continual.datasets[text[0]], first_text_workdir)
   path = str(first.text.tokenizer)
   for m in text:
-    given = str(config.continual.datasets[m].text.get("tokenizer", "") or "")
+    given = str(config.continual.datasets[m].text.tokenizer or "")
     if m != text[0] and given and os.path.abspath(given) != os.path.abspath(path):
       raise ValueError(f"config.continual.datasets.{m}.text.tokenizer={given!r} differs from {path!r} of "
                        f"{text[0]}: the stages of a sequence share one text embedding, so one vocabulary")
     config.continual.datasets[m].text.tokenizer = path
   fields = tokenization.model_text_fields(path)
-  given_vocab = int(config.model.get("vocab_size", 0))
+  given_vocab = int(config.model.vocab_size)
   if given_vocab and given_vocab != fields["vocab_size"]:
     raise ValueError(f"config.model.vocab_size={given_vocab}, but the tokenizer {path} has "
                      f"{fields['vocab_size']} tokens: leave it 0 to take the tokenizer's")

@@ -77,7 +77,7 @@ def _source_and_transform(cfg, split: str):
   if cfg.format == "text":
     source.tokenizer()  # an empty or unreadable data.text.tokenizer fails here, not in a worker
   fn = make_preprocessor(cfg)
-  size = int(cfg.get("window_cache_size", 0))
+  size = int(cfg.window_cache_size)
   if size < 0:
     raise ValueError(f"data.window_cache_size={size}: expected >= 0 (examples kept per process; 0 = off)")
   if size > 0 and hasattr(fn, "prepare"):
@@ -164,7 +164,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_siz
                      f"process count {pc}")
   source, fn = _source_and_transform(cfg, cfg.split)
   ds = _shard(source, cfg, pi, pc, cfg.split).seed(int(seed)).shuffle().repeat(None)
-  augment = bool(cfg.augment) and (not bool(cfg.preprocessed) or bool(cfg.get("augment_preprocessed", False)))
+  augment = bool(cfg.augment) and (not bool(cfg.preprocessed) or bool(cfg.augment_preprocessed))
   ds = ds.random_map(_Augment(fn)) if augment else ds.map(_Preprocess(fn))
   return iter(_to_iter(ds, cfg).batch(global_batch_size // pc, drop_remainder=True))
 

@@ -87,7 +87,7 @@ def resolve(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     text["label_map"] = tuple(f"{k}={v}" for k, v in text["label_map"].items())
     given = dict(given, text=text)
   cfg.update(given)
-  name = str(cfg.get("name", "") or "")
+  name = str(cfg.name or "")
   if name not in DATASETS:
     raise DataError(None, f"unknown dataset data.name={name!r}: expected one of {known_names()} "
                     "('folder' reads your files with data.format, data.path and data.modality)")
@@ -168,3 +168,25 @@ def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
   if cfg.format == "text" and not int(cfg.num_classes):
     return text_io.num_text_classes(cfg)
   return int(cfg.num_classes)
+
+
+def npz_shards_section(source_data: ml_collections.ConfigDict, folder: str, *, augment: bool = False,
+                       split: str = "train") -> ml_collections.ConfigDict:
+  """The data section reading a folder of npz shards (key `images`, model layout and range: a synthetic set
+  or a real replay buffer) written for a stage of `source_data`, resized to its example shape if needed;
+  `augment`: the train iterator applies the stage's crop/flip (2D) or mirroring (3D) to them."""
+  r = resolve(source_data)
+  d = data_config()
+  d.name, d.format, d.split = "folder", "npz", split
+  d.path = os.path.abspath(folder)
+  d.modality = r.modality
+  d.spatial_dims = int(r.spatial_dims)
+  d.image_size = int(r.image_size)
+  d.volume_shape = tuple(int(s) for s in r.volume_shape)
+  d.preprocessed = True
+  d.augment = d.augment_preprocessed = bool(augment)
+  for section in ("xray", "pathology"):
+    d[section].update(r[section].to_dict())
+  d.ct.mirror_prob, d.mri.mirror_prob = float(r.ct.mirror_prob), float(r.mri.mirror_prob)
+  d.num_workers = int(r.num_workers)
+  return d

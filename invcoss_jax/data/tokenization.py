@@ -238,10 +238,10 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
     if not records:
       raise DataError(cfg.path, "no texts in split 'train': expected some to train the tokenizer on")
     tok = train_tokenizer([r.text for r in records], int(t.vocab_size),
-                          kind=str(t.get("tokenizer_kind", "wordpiece")), lowercase=bool(t.lowercase))
+                          kind=str(t.tokenizer_kind), lowercase=bool(t.lowercase))
     with atomic_path(path) as tmp:
       tok.save(tmp)
     logger.info("%s: trained a %s tokenizer of %d tokens on %d texts of split 'train'", path,
-                t.get("tokenizer_kind", "wordpiece"), vocab_size(tok), len(records))
+                t.tokenizer_kind, vocab_size(tok), len(records))
   out.text.tokenizer = path
   return out

@@ -432,7 +432,7 @@ class Finetuner:
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """Metrics of `params` on `split` (whole cases for 3D segmentation with eval_whole_cases)."""
     task = self.task
-    if task.kind == SEGMENTATION and bool(task.get("eval_whole_cases", False)):
+    if task.kind == SEGMENTATION and bool(task.eval_whole_cases):
       batches = whole_case_batches(self.data_lib.make_case_source(task.data, split))
     else:
       batches = self.data_lib.make_eval_iterator(task.data, batch_size=self.eval_batch, split=split)

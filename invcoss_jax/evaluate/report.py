@@ -167,10 +167,3 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
   if missing:
     raise ValueError(f"{path}: not a results.json of an evaluate run (missing {sorted(missing)})")
   return record
-
-
-def write_table(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, **kwargs) -> str:
-  """Table 1 of several evaluate runs (any methods and tasks) written to `out_path`; returns the text."""
-  text = table1_markdown([load_results(p) for p in paths], **kwargs)
-  io_utils.atomic_write(out_path, text)
-  return text

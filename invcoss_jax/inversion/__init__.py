@@ -4,18 +4,54 @@ statistics.py  per-block token statistics (Eq. 9 merging), saved as `statistics.
 losses.py      L_norm, L_task, L_img, L_rep and the registry of objective terms (Eq. 6)
 context.py     what a loss term reads: the synthetic batch and the frozen model's view of it
 engine.py      `synthesize`: generator + latents optimised against the frozen model
-job.py         the `stats` and `invert` jobs
+stage.py       a trained stage's statistics and synthetic set, written into a workdir (the `stats` and
+               `invert` jobs, invcoss_jax/jobs/inversion.py, and continual stage ends call it)
 """
-
-from invcoss_jax.inversion.engine import synthesize, synthesize_with_report
-from invcoss_jax.inversion.losses import (l_img, l_norm, l_rep, l_task, mean_pairwise_cosine, objective,
-                                          register_loss_term, registered_loss_terms)
-from invcoss_jax.inversion.statistics import (FeatureStats, batch_moments, compute_statistics, load_statistics,
-                                              merge_moments, replay_buffer_nbytes, save_statistics,
-                                              statistics_nbytes)
 
 __all__ = [
     "FeatureStats", "batch_moments", "compute_statistics", "l_img", "l_norm", "l_rep", "l_task", "load_statistics",
     "mean_pairwise_cosine", "merge_moments", "objective", "register_loss_term", "registered_loss_terms",
     "replay_buffer_nbytes", "save_statistics", "statistics_nbytes", "synthesize", "synthesize_with_report",
 ]
+
+# Imported on first use (PEP 562), so that reading a config section (defaults.base_config) does not import
+# jax, flax or grain through this package.
+_EXPORTS = {
+    "FeatureStats": "invcoss_jax.inversion.statistics",
+    "batch_moments": "invcoss_jax.inversion.statistics",
+    "compute_statistics": "invcoss_jax.inversion.statistics",
+    "l_img": "invcoss_jax.inversion.losses",
+    "l_norm": "invcoss_jax.inversion.losses",
+    "l_rep": "invcoss_jax.inversion.losses",
+    "l_task": "invcoss_jax.inversion.losses",
+    "load_statistics": "invcoss_jax.inversion.statistics",
+    "mean_pairwise_cosine": "invcoss_jax.inversion.losses",
+    "merge_moments": "invcoss_jax.inversion.statistics",
+    "objective": "invcoss_jax.inversion.losses",
+    "register_loss_term": "invcoss_jax.inversion.losses",
+    "registered_loss_terms": "invcoss_jax.inversion.losses",
+    "replay_buffer_nbytes": "invcoss_jax.inversion.statistics",
+    "save_statistics": "invcoss_jax.inversion.statistics",
+    "statistics_nbytes": "invcoss_jax.inversion.statistics",
+    "synthesize": "invcoss_jax.inversion.engine",
+    "synthesize_with_report": "invcoss_jax.inversion.engine",
+}
+
+
+def __getattr__(name: str):
+  import importlib  # pylint: disable=g-import-not-at-top
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  else:
+    try:
+      value = importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. `data.text_io`
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+      raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -105,9 +105,8 @@ def l_task(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   predict), `mask` `(B, L)` with 1 = masked. Reduced as in pre-training: mean over each patch's pixels, mean
   over the masked patches.
   """
-  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  from invcoss_jax.models.vit_mae import masked_mse  # pylint: disable=g-import-not-at-top
+  return masked_mse(pred, target, mask)
 
 
 def l_img(images: jax.Array, reduction: str = "mean") -> jax.Array:

@@ -25,7 +25,9 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax.audit import distances, figures, forward, membership, memorisation, report, spectrum
+from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write, atomic_write_json
+from invcoss_jax.workdir import SYNTHETIC_DIR
 
 AUDIT_FILE = "audit.json"
 SUMMARY_FILE = "audit.md"
@@ -56,18 +58,6 @@ def stage_data_section(stage_data: ml_collections.ConfigDict, overrides: ml_coll
   return out
 
 
-def npz_set_section(stage_data: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
-  """A data section reading the npz shards in `folder` (key `images`, model layout and range, as `invert`
-  writes them), resized to the stage's image shape if needed."""
-  from invcoss_jax import data as data_lib
-  resolved = data_lib.resolve(stage_data)
-  out = ml_collections.ConfigDict(stage_data.to_dict())
-  out.update(dict(name="folder", format="npz", path=folder, split="all", preprocessed=True, augment=False,
-                  modality=resolved.modality, spatial_dims=int(resolved.spatial_dims), split_fractions=(),
-                  label_path=""))
-  return out
-
-
 def shard_folder(path: str, option: str) -> str:
   """`path` itself when it holds .npz shards, else `path/synthetic` (the workdir of an `invert` run)."""
   if not path or not os.path.isdir(path):
@@ -75,7 +65,7 @@ def shard_folder(path: str, option: str) -> str:
                             f"'images') or the workdir of an `invert` run (with synthetic/ inside)")
   if glob.glob(os.path.join(path, "*.npz")):
     return path
-  sub = os.path.join(path, "synthetic")
+  sub = os.path.join(path, SYNTHETIC_DIR)
   if os.path.isdir(sub) and glob.glob(os.path.join(sub, "*.npz")):
     return sub
   raise FileNotFoundError(f"{option}={path!r} holds no .npz shards (nor does {sub!r}): run "
@@ -161,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   from invcoss_jax.train.checkpoint import load_trained_stage
 
   workdir = os.fspath(workdir)
-  stage_dir = str(config.get("init_from", "") or "")
+  stage_dir = str(config.init_from or "")
   if not stage_dir:
     raise ValueError("config.init_from must name the workdir of a trained stage (its checkpoint and "
                      "config.json) for config.mode='audit'")
@@ -247,7 +237,7 @@ def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train
   idx = subset(n_heldout, int(a.max_heldout), rng)
   sets = {HELDOUT: dict(images=gather(heldout_data, idx, bs), indices=idx, size=n_heldout,
                         source=f"{data_lib.resolve(heldout_data).path} (split {heldout_data.split!r})")}
-  synthetic_dir = shard_folder(str(a.synthetic_path or os.path.join(stage_dir, "synthetic")),
+  synthetic_dir = shard_folder(str(a.synthetic_path or os.path.join(stage_dir, SYNTHETIC_DIR)),
                                "config.audit.synthetic_path")
   sets["synthetic"] = _npz_set(stage_data, synthetic_dir, int(a.max_synthetic), rng, bs, shape)
   if a.buffer_path:
@@ -361,7 +351,7 @@ def _write_outputs(a, workdir: str, out: dict, sets: dict, stream: dict, to_trai
 def _npz_set(stage_data, folder: str, cap: int, rng: np.random.Generator, batch_size: int,
              shape: tuple[int, ...]) -> dict[str, Any]:
   from invcoss_jax import data as data_lib
-  section = npz_set_section(stage_data, folder)
+  section = data_registry.npz_shards_section(stage_data, folder, split="all")
   n = data_lib.num_examples(section)
   idx = subset(n, cap, rng)
   images = gather(section, idx, batch_size)

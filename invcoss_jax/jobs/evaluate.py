@@ -88,7 +88,7 @@ def make_finetuner(config: ml_collections.ConfigDict, task_name: str,
                    model_cfg: ml_collections.ConfigDict) -> finetune_lib.Finetuner:
   return finetune_lib.Finetuner(resolve_task(config, task_name), task_name, model_cfg,
                                 protocol=str(config.evaluate.protocol), mesh_cfg=config.mesh,
-                                max_steps=int(config.get("total_steps", -1)),
+                                max_steps=int(config.total_steps),
                                 batch_shards=bool(config.evaluate.batch_shards))
 
 
@@ -104,11 +104,11 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   task = resolve_task(config, task_name)
   protocol = str(config.evaluate.protocol)
   model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
-  if str(task.data.get("modality", "")) == "report":
+  if str(task.data.modality) == "report":
     task, model_cfg = prepare_text_task(task, task_name, model_cfg, workdir, pretrained is not None)
     config = ml_collections.ConfigDict(config.to_dict())
     config.evaluate.tasks[task_name] = task
-  cap = int(config.get("total_steps", -1))
+  cap = int(config.total_steps)
   finetuners = {} if finetuners is None else finetuners
   per_seed: dict[int, dict[str, float]] = {}
   details: dict[str, Any] = {}

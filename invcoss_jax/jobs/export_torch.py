@@ -33,7 +33,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   """Exports the encoder of every requested dimension the stage has; returns {'2d': path, ...}."""
   workdir = os.fspath(workdir)
   icfg = _interop(config)
-  source = str(config.get("init_from", "") or "") or workdir
+  source = str(config.init_from or "") or workdir
   stage_config, _, params = ckpt_lib.load_trained_stage(source)
   wanted = [str(d).lower() for d in icfg.export_dims]
   bad = [d for d in wanted if d not in ("2d", "3d")]

@@ -137,7 +137,7 @@ def check_plan(config: ml_collections.ConfigDict, path: str) -> None:
                                          {"retention": new.get("retention", {}), "data": new.get("continual", {}).get("datasets", {})},
                                          prefixes=("retention.", "data."))
              if not c.startswith(_IGNORED)]
-  if changes and not bool(config.get("overwrite_workdir", False)):
+  if changes and not bool(config.overwrite_workdir):
     raise ConfigError(f"{os.path.dirname(path)} holds measurements made with other options ({'; '.join(changes[:5])}"
                       f"{'; ...' if len(changes) > 5 else ''}): use a new --workdir, or "
                       "--config.overwrite_workdir=True to measure again")

@@ -213,10 +213,14 @@ def normalized_pixel_targets(patches: Array, eps: float = 1e-6) -> Array:
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
-def masked_mse(pred: Array, target: Array, mask: Array) -> Array:
-  """Mean over patch dims of the squared error, averaged over masked patches only (float32)."""
+def masked_mse(pred: Array, target: Array, mask: Array, *, per_sample: bool = False) -> Array:
+  """Mean over patch dims of the squared error, averaged over masked patches only (float32): the MAE loss
+  (and L_task of inversion). `per_sample`: (B,), each sample's mean over its own masked patches (what the
+  membership attack scores)."""
   per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  mask = mask.astype(jnp.float32)
+  axis = 1 if per_sample else None
+  return jnp.sum(per_patch * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 class MAE(nn.Module):

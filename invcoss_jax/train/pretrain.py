@@ -87,7 +87,7 @@ def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_co
   config = ml_collections.ConfigDict(config.to_dict())
   config.data = tokenization.ensure_tokenizer(config.data, workdir)
   fields = tokenization.model_text_fields(str(config.data.text.tokenizer))
-  given = int(config.model.get("vocab_size", 0))
+  given = int(config.model.vocab_size)
   if given and given != fields["vocab_size"]:
     raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {config.data.text.tokenizer} has "
                      f"{fields['vocab_size']} tokens: leave it 0 to take the tokenizer's")
@@ -96,7 +96,7 @@ def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_co
 
 
 def is_text_stage(config: ml_collections.ConfigDict) -> bool:
-  return str(config.data.get("modality", "")) == "report" or str(config.data.get("format", "")) == "text"
+  return str(config.data.modality) == "report" or str(config.data.format) == "text"
 
 
 def make_reconstruct(model: models.MAE, mask_ratio: float) -> Callable:
@@ -119,12 +119,12 @@ def make_reconstruct(model: models.MAE, mask_ratio: float) -> Callable:
 
 def check_data_available(config: ml_collections.ConfigDict) -> None:
   """A clear error when the configured data path does not exist."""
-  path = str(config.data.get("path", "") or "")
+  path = str(config.data.path or "")
   if path and not os.path.exists(path):
     raise FileNotFoundError(
-        f"config.data.path={path!r} does not exist: expected the {config.data.get('modality', '')} "
-        f"training data (config.data.name={config.data.get('name', '')!r}, format="
-        f"{config.data.get('format', '')!r}) there. Point --config.data.path at your copy, or try the "
+        f"config.data.path={path!r} does not exist: expected the {config.data.modality} "
+        f"training data (config.data.name={config.data.name!r}, format="
+        f"{config.data.format!r}) there. Point --config.data.path at your copy, or try the "
         f"embedded demo data with a ':demo' preset, e.g. --config=configs/xray.py:demo")
 
 
@@ -137,8 +137,8 @@ def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
     n = data_lib.num_examples(config.data)
     shape = tuple(data_lib.image_shape(config.data))
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}\n(config.data.name={config.data.get('name')!r}, "
-                            f"config.data.path={config.data.get('path')!r}; for the embedded demo data "
+    raise FileNotFoundError(f"{e}\n(config.data.name={config.data.name!r}, "
+                            f"config.data.path={config.data.path!r}; for the embedded demo data "
                             f"use a ':demo' preset, e.g. --config=configs/xray.py:demo)") from e
   return it, n, shape
 
@@ -146,7 +146,7 @@ def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
 def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The run's defining options for TensorBoard's HParams view (the whole config is config.json)."""
   out = {"seed": int(config.seed), "total_steps": int(config.total_steps),
-         "data.name": str(config.data.get("name", "")), "data.modality": str(config.data.get("modality", ""))}
+         "data.name": str(config.data.name), "data.modality": str(config.data.modality)}
   for section in ("model", "train"):
     for k, v in config[section].items():
       if isinstance(v, (bool, int, float, str)):
@@ -159,14 +159,14 @@ def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _torch_init_params(config: ml_collections.ConfigDict, init_args: dict[str, Any]) -> Any | None:
   """Host parameters initialised as usual, then overwritten from `config.init_from_torch` (MAE, timm or
   MedCoSS PyTorch weights); None when no PyTorch checkpoint is configured."""
-  path = str(config.get("init_from_torch", "") or "")
+  path = str(config.init_from_torch or "")
   if not path:
     return None
   from invcoss_jax import interop  # Imported only when used: torch is needed only for .pth files.
 
   init_rng, _ = jax.random.split(init_args["rng"])  # the same stream create_train_state initialises from
   params = jax.device_get(init_args["init_params"](init_rng))
-  layout = str(config.get("interop", {}).get("torch_layout", "auto"))
+  layout = str(config.interop.torch_layout)
   logging.info("initialising from PyTorch weights %s (layout %s)", path, layout)
   return interop.load_torch_into_params(path, params, config.model, layout=layout)
 

@@ -77,6 +77,25 @@ def test_fsdp_shards_the_largest_divisible_dim_of_large_leaves():
   assert all(s.spec == P() for s in jax.tree.leaves(mesh_lib.param_shardings(dp, _tree(), True, min_size=1)))
 
 
+def test_sharding_rules_lay_out_named_trees_on_their_own():
+  mesh = mesh_lib.make_mesh(_cfg([("data", -1), ("fsdp", 2)]))
+  c = mesh_config()
+  c.shard_params, c.fsdp_min_size = True, 256
+  c.sharding_rules = (("teacher/.*", "replicated"), (".*/embed", "fsdp"))
+  consts = {"teacher": _tree(), "trainable": _tree()}
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.shardings_from_config(mesh, consts, c))
+  assert all(v == P() for v in specs["teacher"].values())  # 'teacher/embed' too: the first matching rule wins
+  assert specs["trainable"] == {"kernel": P(None, "fsdp"), "odd": P(), "bias": P(), "embed": P(None, None, "fsdp")}
+  # Rules also shard what the default keeps whole, and name a tree by prefix.
+  c.shard_params, c.sharding_rules = False, (("generator/kernel", "fsdp"),)
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.shardings_from_config(mesh, _tree(), c, prefix="generator"))
+  assert specs == {"kernel": P(None, "fsdp"), "odd": P(), "bias": P(), "embed": P()}
+  for bad, match in (((("x", "sharded"),), "layout one of"), ((("(", "fsdp"),), "not a regular expression")):
+    c.sharding_rules = bad
+    with pytest.raises(ValueError, match=match):
+      mesh_lib.shardings_from_config(mesh, _tree(), c)
+
+
 def test_sharded_parameters_hold_the_right_pieces():
   mesh = mesh_lib.make_mesh(_cfg([("data", 1), ("fsdp", 4)]))
   x = np.arange(64 * 96, dtype=np.float32).reshape(64, 96)

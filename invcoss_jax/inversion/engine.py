@@ -253,17 +253,18 @@ def inversion_shardings(mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any
 
   The latents (or, without a generator, the pixels) are split over the batch axes. The teacher's and the
   generator's parameters are replicated, or with `config.mesh.shard_params` split over 'fsdp' like the
-  pre-training state; the Adam moments are created inside the program and follow their parameters. The
+  pre-training state (`config.mesh.sharding_rules` name them 'teacher/...' and 'generator/...'); the Adam moments are created inside the program and follow their parameters. The
   statistics, the feature pool and the generator's BatchNorm state are replicated (they are small, and every
   device reads all of them).
   """
   from invcoss_jax.parallel import mesh as mesh_lib
 
   rep = mesh_lib.replicated(mesh)
-  params = lambda tree: mesh_lib.shardings_from_config(mesh, tree, mesh_cfg)
-  opt_sh = {"generator": params(opt_vars["generator"]),
+  params = lambda tree, name: mesh_lib.shardings_from_config(mesh, tree, mesh_cfg, prefix=name)
+  opt_sh = {"generator": params(opt_vars["generator"], "generator"),
             "latents": jax.tree.map(lambda _: mesh_lib.data_sharding(mesh), opt_vars["latents"])}
-  frozen_sh = {k: (params(v) if k == "params" else jax.tree.map(lambda _: rep, v)) for k, v in frozen.items()}
+  frozen_sh = {k: (params(v, "teacher") if k == "params" else jax.tree.map(lambda _: rep, v))
+               for k, v in frozen.items()}
   return opt_sh, jax.tree.map(lambda _: rep, state), frozen_sh
 
 

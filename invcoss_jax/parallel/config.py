@@ -13,6 +13,12 @@ def mesh_config() -> ml_collections.ConfigDict:
   # Parameters (and their optimiser moments) with fewer elements than this stay replicated under
   # fsdp: biases and norms are cheap to replicate and expensive to gather one by one.
   c.fsdp_min_size = 2**14
+  # (regex, 'replicated' | 'fsdp') rules over leaf paths, first match wins, before the shard_params default:
+  # e.g. (('teacher/.*', 'replicated'),) keeps the frozen teacher whole on every device while the train state
+  # is sharded. Trees are named 'params/...' / 'opt_state/...' (train states), 'teacher', 'ewc_anchor',
+  # 'ewc_fisher', 'trainable' (continual constants), 'generator' (inversion) and 'teacher' for the frozen
+  # model inversion reads too.
+  c.sharding_rules = ()
   return c
 
 

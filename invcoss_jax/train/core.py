@@ -73,33 +73,35 @@ def _train_state_init(init_params: Callable[[jax.Array], Any], tx: optax.Gradien
 
 
 def param_layout(mesh: jax.sharding.Mesh, *, shard_params: bool = False,
-                 fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE) -> Callable[[Any], Any]:
-  """abstract tree -> shardings: replicated, or FSDP-sharded leaves (parallel.mesh.param_shardings)."""
-  return lambda abstract: mesh_lib.param_shardings(mesh, abstract, shard_params, min_size=fsdp_min_size)
+                 fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE, rules: tuple = ()) -> Callable[[Any], Any]:
+  """abstract tree -> shardings: replicated, or FSDP-sharded leaves, with `rules` (config.mesh.sharding_rules)
+  first (parallel.mesh.param_shardings)."""
+  return lambda abstract: mesh_lib.param_shardings(mesh, abstract, shard_params, min_size=fsdp_min_size,
+                                                   rules=rules)
 
 
 def abstract_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                          rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
                          fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
-                         params: Any | None = None) -> tuple[TrainState, Any]:
+                         params: Any | None = None, rules: tuple = ()) -> tuple[TrainState, Any]:
   """(ShapeDtypeStructs carrying their shardings, the shardings) of `create_train_state`'s state, without
   computing it."""
   shapes = jax.eval_shape(_train_state_init(init_params, tx), rng, params)
-  shardings = param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size)(shapes)
+  shardings = param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size, rules=rules)(shapes)
   return abstract_state(shapes, shardings), shardings
 
 
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
                        fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
-                       params: Any | None = None) -> tuple[TrainState, Any]:
+                       params: Any | None = None, rules: tuple = ()) -> tuple[TrainState, Any]:
   """A `TrainState` built in its sharded layout; returns (state, state_shardings).
 
   `init_params(rng) -> params` creates float32 parameters from the first half of split(rng) (the second
   seeds the state's key); `params`, if given, replaces them (e.g. weights carried over from an earlier stage or
   a PyTorch checkpoint) and is resharded to the same layout."""
   return create_state(_train_state_init(init_params, tx), (rng, params),
-                      param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size))
+                      param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size, rules=rules))
 
 
 # --- the step ------------------------------------------------------------------------------------------------

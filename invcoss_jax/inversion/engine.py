@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -338,6 +338,50 @@ def _finite(out: dict) -> bool:
               and np.all(np.isfinite(out["images"])) and np.all(np.isfinite(out["features"])))
 
 
+def _placement(mesh, mesh_cfg, batch_size: int, rank: int) -> tuple[Callable, Callable]:
+  """(place(opt_vars, state, frozen), run context) of the batches of one inversion: identity and no mesh, or
+  `place_inversion_args` and `jax.set_mesh`."""
+  if mesh is None:
+    return (lambda *args: args), contextlib.nullcontext
+  from invcoss_jax.parallel import mesh as mesh_lib
+  from invcoss_jax.parallel.config import mesh_config
+  shards = mesh_lib.num_batch_shards(mesh)
+  if batch_size % shards:
+    raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch_size} must be divisible by the "
+                     f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+  layout = mesh_cfg if mesh_cfg is not None else mesh_config()
+  return (lambda *args: place_inversion_args(mesh, layout, *args)), (lambda: jax.set_mesh(mesh))
+
+
+def _optimise_batch(b: int, fresh_batch: bool, carried, frozen: dict, *, seed, init_fn, runner, sched, inv_cfg,
+                    place, run_context) -> tuple[dict, int, int, bool, Any, list[dict]]:
+  """One batch, retried with a new seed (and a new generator) while its loss is non-finite:
+  (outputs, steps, attempts, fresh, the placed frozen parameters, discarded attempts)."""
+  discarded = []
+  for attempt in range(int(inv_cfg.max_retries) + 1):
+    k_init, k_run = (_rbg_key(seed + [b, attempt, i]) for i in (0, 1))
+    fresh = fresh_batch or attempt > 0  # a retry also gets a new generator
+    opt_vars, state = init_fn(k_init)
+    if not fresh:
+      opt_vars["generator"], state = carried
+    steps = int(sched.init_steps) if fresh else int(sched.steps)
+    opt_vars, state, placed = place(opt_vars, state, frozen)
+    with run_context():
+      out = jax.device_get(runner(opt_vars, state, placed, k_run, attempt, steps))
+    # Histories: steps losses during the optimisation, then the final one.
+    out["totals"], out["final_total"] = out["totals"][:steps], out["totals"][steps]
+    out["final_terms"] = {k: v[steps] for k, v in out["terms"].items()}
+    out["terms"] = {k: v[:steps] for k, v in out["terms"].items()}
+    if _finite(out):
+      return out, steps, attempt + 1, fresh, placed["params"], discarded
+    logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "
+                    "regenerated with a new seed", b, attempt)
+    discarded.append(dict(batch=b, attempt=attempt))
+  raise FloatingPointError(f"inversion batch {b}: the loss stayed non-finite for {int(inv_cfg.max_retries) + 1} "
+                           f"attempts (config.inversion.max_retries={inv_cfg.max_retries}); lower the learning "
+                           "rates or check the statistics")
+
+
 def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
                            image_shape, rng: jax.Array, num_samples: int, mesh=None,
                            mesh_cfg: ml_collections.ConfigDict | None = None,
@@ -369,19 +413,7 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   pool_size = max(int(inv_cfg.pool_size) if int(inv_cfg.pool_size) > 0 else num_samples, batch_size)
   pool = np.zeros((pool_size, feature_dim), np.float32)
   pool_count = 0
-
-  place = lambda *args: args
-  run_context = contextlib.nullcontext
-  if mesh is not None:
-    from invcoss_jax.parallel import mesh as mesh_lib
-    from invcoss_jax.parallel.config import mesh_config
-    shards = mesh_lib.num_batch_shards(mesh)
-    if batch_size % shards:
-      raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch_size} must be divisible by the "
-                       f"{shards} batch shards of the mesh {dict(mesh.shape)}")
-    layout = mesh_cfg if mesh_cfg is not None else mesh_config()
-    place = lambda *args: place_inversion_args(mesh, layout, *args)
-    run_context = lambda: jax.set_mesh(mesh)
+  place, run_context = _placement(mesh, mesh_cfg, batch_size, rank)
 
   cfg_key = (model, generator, _program_config_json(inv_cfg), out_act, image_shape, feature_dim,
              tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
@@ -398,32 +430,11 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   log_every = max(1, int(inv_cfg.log_every_steps))
   num_batches = math.ceil(num_samples / batch_size)
   for b in range(num_batches):
-    reinit = carried is None or b % int(sched.reinit_every) == 0
-    for attempt in range(int(inv_cfg.max_retries) + 1):
-      k_init, k_run = (_rbg_key(seed + [b, attempt, i]) for i in (0, 1))
-      fresh = reinit or attempt > 0  # a retry also gets a new generator
-      opt_vars, state = init_fn(k_init)
-      if not fresh:
-        opt_vars["generator"], state = carried
-      steps = int(sched.init_steps) if fresh else int(sched.steps)
-      frozen = dict(params=params, stats=target, pool=jnp.asarray(pool), pool_count=jnp.asarray(pool_count, jnp.int32))
-      opt_vars, state, frozen = place(opt_vars, state, frozen)
-      params = frozen["params"]  # placed once: the next batches' device_put of it is a no-op
-      with run_context():
-        out = jax.device_get(runner(opt_vars, state, frozen, k_run, attempt, steps))
-      # Histories: steps losses during the optimisation, then the final one.
-      out["totals"], out["final_total"] = out["totals"][:steps], out["totals"][steps]
-      out["final_terms"] = {k: v[steps] for k, v in out["terms"].items()}
-      out["terms"] = {k: v[:steps] for k, v in out["terms"].items()}
-      if _finite(out):
-        break
-      logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "
-                      "regenerated with a new seed", b, attempt)
-      discarded.append(dict(batch=b, attempt=attempt))
-    else:
-      raise FloatingPointError(f"inversion batch {b}: the loss stayed non-finite for {attempt + 1} attempts "
-                               f"(config.inversion.max_retries={inv_cfg.max_retries}); lower the learning rates "
-                               "or check the statistics")
+    frozen = dict(params=params, stats=target, pool=jnp.asarray(pool), pool_count=jnp.asarray(pool_count, jnp.int32))
+    out, steps, attempts, fresh, params, lost = _optimise_batch(
+        b, carried is None or b % int(sched.reinit_every) == 0, carried, frozen, seed=seed, init_fn=init_fn,
+        runner=runner, sched=sched, inv_cfg=inv_cfg, place=place, run_context=run_context)
+    discarded += lost  # params: placed once, so the next batches' device_put of them is a no-op
     carried = (out["opt_vars"]["generator"], out["state"])
     keep = min(batch_size, num_samples - pool_count)  # pool_count = samples kept so far
     kept_images.append(np.asarray(out["images"][:keep], np.float32))
@@ -432,7 +443,7 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     pool[(pool_count + np.arange(keep)) % pool_size] = feats
     pool_count += keep
 
-    batches.append(_batch_summary(out, b, steps, attempt + 1, fresh))
+    batches.append(_batch_summary(out, b, steps, attempts, fresh))
     if writer is not None:
       _write_curves(writer, out, global_step, steps, log_every)
     global_step += steps
@@ -440,7 +451,11 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     logging.info("inversion batch %d/%d: %d steps, loss %.4g -> %.4g (%s)", b + 1, num_batches, steps,
                  batches[-1]["start"]["total"], batches[-1]["end"]["total"],
                  ", ".join(f"{k} {v:.4g}" for k, v in batches[-1]["end"].items() if k != "total"))
+  return _images_and_report(kept_images, kept_features, batches, discarded, num_batches, batch_size, inv_cfg)
 
+
+def _images_and_report(kept_images, kept_features, batches, discarded, num_batches: int, batch_size: int,
+                       inv_cfg) -> tuple[np.ndarray, dict[str, Any]]:
   images = np.concatenate(kept_images, axis=0)
   features = np.concatenate(kept_features, axis=0)
   report = dict(

@@ -144,6 +144,22 @@ def _check_options(a: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.audit.num_pairs must be >= 1, got {a.num_pairs}")
 
 
+def _membership_inference(a, loss_fn, params, heldout: dict, member_losses: np.ndarray, mask_ratio: float
+                          ) -> tuple[dict[str, Any], np.ndarray]:
+  """The loss-threshold attack: training (members) vs held-out (non-members) images; (its figures, the
+  held-out losses)."""
+  heldout_losses = batched(loss_fn, params, heldout["images"], int(a.batch_size),
+                           example_keys(int(a.seed), _HELDOUT_STREAM, heldout["indices"])).astype(np.float64)
+  member_scores, nonmember_scores = -member_losses, -heldout_losses
+  mia = membership.bootstrap_auc(member_scores, nonmember_scores, num_bootstrap=int(a.num_bootstrap),
+                                 level=float(a.ci_level), seed=int(a.seed))
+  mia.update(tpr_at_fpr={f"{f:g}": membership.tpr_at_fpr(member_scores, nonmember_scores, float(f))
+                         for f in a.tpr_at_fpr},
+             mean_loss_members=float(member_losses.mean()), mean_loss_nonmembers=float(heldout_losses.mean()),
+             mask_ratio=mask_ratio, num_masks=int(a.mia_num_masks))
+  return mia, heldout_losses
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Audits the stage in `config.init_from`; writes audit.json, audit.md and the figures into `workdir`
   (process 0) and returns what audit.json holds."""
@@ -184,18 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   members = subset(n_train, int(a.max_members), rng)
   stream = _stream_training(a, train_data, sets, members, feature_fn, loss_fn, params)
 
-  # Membership inference: training (members) vs held-out (non-members) images.
   heldout = sets[HELDOUT]
-  heldout_losses = batched(loss_fn, params, heldout["images"], int(a.batch_size),
-                           example_keys(int(a.seed), _HELDOUT_STREAM, heldout["indices"])).astype(np.float64)
-  member_scores, nonmember_scores = -stream["member_losses"], -heldout_losses
-  mia = membership.bootstrap_auc(member_scores, nonmember_scores, num_bootstrap=int(a.num_bootstrap),
-                                 level=float(a.ci_level), seed=int(a.seed))
-  mia.update(tpr_at_fpr={f"{f:g}": membership.tpr_at_fpr(member_scores, nonmember_scores, float(f))
-                         for f in a.tpr_at_fpr},
-             mean_loss_members=float(stream["member_losses"].mean()),
-             mean_loss_nonmembers=float(heldout_losses.mean()), mask_ratio=mask_ratio,
-             num_masks=int(a.mia_num_masks))
+  mia, heldout_losses = _membership_inference(a, loss_fn, params, heldout, stream["member_losses"], mask_ratio)
 
   # Distances (pixel ones as RMS differences per value), memorisation, high-frequency energy of every set.
   pixel_scale = 1.0 / np.sqrt(float(np.prod(shape)))

@@ -16,7 +16,8 @@ Presets:
 - `report`: the report stage (MLM on the Indiana reports, 600 steps) then X-ray (3000 steps): does the X-ray
   stage forget what the reports taught (normal vs abnormal report probes), and does the real text buffer
   (er: random, invcoss: MedCoSS's k-means, the documented exception to data-free replay) keep it? seqssl, er,
-  invcoss; 4 seeds; one vocabulary for every run (`workdir/vocabulary/tokenizer.json`).
+  invcoss; 4 seeds; one vocabulary for every run (`workdir/vocabulary/tokenizer.json`). 38 minutes on a 2-core
+  CPU (partly shared with other jobs).
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
 

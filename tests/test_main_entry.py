@@ -47,3 +47,21 @@ def test_unknown_preset_is_named():
                                        ("configs/ct.py", os.path.join("workdirs", "ct"))])
 def test_default_workdir(arg, want):
   assert main_lib.default_workdir(arg) == want
+
+
+def test_loading_any_config_imports_no_jax_flax_or_grain():
+  """Reading a config (what `--config=` does before a job starts) stays light: the package __init__s import
+  their modules on first use."""
+  code = ("import sys\nfrom invcoss_jax.defaults import load_config_file\n"
+          "for spec in ('xray', 'ct', 'mri', 'path', 'report', 'continual.py:demo,report', 'retention', "
+          "'evaluate.py:forgetting'):\n"
+          "  load_config_file('configs/' + (spec if '.py' in spec else spec + '.py'))\n"
+          "print(sorted(m for m in ('jax', 'flax', 'grain', 'optax', 'orbax.checkpoint', 'scipy') if m in sys.modules))")
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.strip().splitlines()[-1] == "[]"
+  from invcoss_jax import data, models
+  assert models.MAE.__name__ == "MAE" and data.text_io.__name__ == "invcoss_jax.data.text_io"  # on first use
+  with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+    data.no_such_name  # noqa: B018

@@ -6,6 +6,8 @@ docs/DESIGN.md). Sources, readers and per-modality transforms are public for reu
 Text sections need a tokenizer first: `tokenization.ensure_tokenizer(cfg.data, workdir)`.
 """
 
+from invcoss_jax.lazy import lazy_attributes
+
 __all__ = [
     "Case",
     "CaseSource",
@@ -78,8 +80,6 @@ __all__ = [
     "window_starts",
 ]
 
-# Imported on first use (PEP 562), so that reading a config section (defaults.base_config) does not import
-# jax, flax or grain through this package.
 _EXPORTS = {
     "Case": "invcoss_jax.data.catalog",
     "CaseSource": "invcoss_jax.data.datasets",
@@ -151,21 +151,4 @@ _EXPORTS = {
     "window_starts": "invcoss_jax.data.transforms",
 }
 
-
-def __getattr__(name: str):
-  import importlib  # pylint: disable=g-import-not-at-top
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-  else:
-    try:
-      value = importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. `data.text_io`
-    except ModuleNotFoundError as e:
-      if e.name != f"{__name__}.{name}":
-        raise
-      raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)

@@ -8,14 +8,14 @@ stage.py       a trained stage's statistics and synthetic set, written into a wo
                `invert` jobs, invcoss_jax/jobs/inversion.py, and continual stage ends call it)
 """
 
+from invcoss_jax.lazy import lazy_attributes
+
 __all__ = [
     "FeatureStats", "batch_moments", "compute_statistics", "l_img", "l_norm", "l_rep", "l_task", "load_statistics",
     "mean_pairwise_cosine", "merge_moments", "objective", "register_loss_term", "registered_loss_terms",
     "replay_buffer_nbytes", "save_statistics", "statistics_nbytes", "synthesize", "synthesize_with_report",
 ]
 
-# Imported on first use (PEP 562), so that reading a config section (defaults.base_config) does not import
-# jax, flax or grain through this package.
 _EXPORTS = {
     "FeatureStats": "invcoss_jax.inversion.statistics",
     "batch_moments": "invcoss_jax.inversion.statistics",
@@ -37,21 +37,4 @@ _EXPORTS = {
     "synthesize_with_report": "invcoss_jax.inversion.engine",
 }
 
-
-def __getattr__(name: str):
-  import importlib  # pylint: disable=g-import-not-at-top
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-  else:
-    try:
-      value = importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. `data.text_io`
-    except ModuleNotFoundError as e:
-      if e.name != f"{__name__}.{name}":
-        raise
-      raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)

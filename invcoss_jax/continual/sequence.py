@@ -153,14 +153,14 @@ def _write_storage(workdir: str, infos: list[dict]) -> None:
 # One stage.
 
 
-def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=None, prev_params=None,
+def buffer_sources(cfg, stage: Stage, earlier: list[Stage], prev_model=None, prev_params=None,
                    mesh=None) -> list[BufferSource]:
   """The replay sets stage `stage` trains on (earlier stages' buffers; none for buffer-free methods)."""
-  method = config.continual.method
+  method = cfg.continual.method
   out = []
   if method not in ("invcoss",) + REAL_BUFFER_METHODS or not earlier:
     return out
-  if float(config.continual.buffer_batch_ratio) == 0.0:
+  if float(cfg.continual.buffer_batch_ratio) == 0.0:
     return out
   for t in earlier:
     info = _info_of(t)
@@ -170,21 +170,21 @@ def buffer_sources(config, cfg, stage: Stage, earlier: list[Stage], prev_model=N
       out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,
                               tuple(int(s) for s in info["image_shapes"][0])))
       continue
-    if method == "invcoss" and config.continual.invert_with == "latest":
+    if method == "invcoss" and cfg.continual.invert_with == "latest":
       folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
       prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
-      n = _synthesize_latest(config, cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
+      n = _synthesize_latest(cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
     elif method == "invcoss":
       folder = os.path.join(t.workdir, SYNTHETIC_DIR)
       summary = os.path.join(t.workdir, inv_stage.SUMMARY_FILE)
       if not os.path.isfile(summary):
         raise FileNotFoundError(f"{summary} not found: {t.name} ended without its synthetic set "
-                                "(config.continual.invert_with='own' synthesises it at the end of every stage)")
+                                "(cfg.continual.invert_with='own' synthesises it at the end of every stage)")
       n = int(_read_json(summary)["num_samples"])
     else:
       folder = os.path.join(t.workdir, BUFFER_DIR)
       n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
-    section = data_registry.npz_shards_section(t.data[0], folder, augment=bool(config.continual.buffer_augment))
+    section = data_registry.npz_shards_section(t.data[0], folder, augment=bool(cfg.continual.buffer_augment))
     out.append(BufferSource(t.name, section, n, tuple(int(s) for s in info["image_shapes"][0])))
   return out
 
@@ -196,7 +196,7 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh,
+def _synthesize_latest(cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh,
                        prev_shapes: list[tuple[int, ...]]) -> int:
   """Algorithm 1, lines 3-8: stage t's synthetic set from the newest model f_{T-1} and t's statistics.
 
@@ -217,9 +217,9 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
     inv.loss_weights.task = 0.0
   stats = statistics.load_statistics(os.path.join(t.workdir, inv.stats_file))
   n = int(inv.num_samples) if int(inv.num_samples) > 0 else buffers.buffer_size(
-      int(info["num_examples"][0]), float(config.continual.buffer_fraction))
+      int(info["num_examples"][0]), float(cfg.continual.buffer_fraction))
   images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
-                                                 rng=stage_key(config, 0x5E7, stage.index, t.index), num_samples=n,
+                                                 rng=stage_key(cfg, 0x5E7, stage.index, t.index), num_samples=n,
                                                  mesh=mesh, mesh_cfg=cfg.mesh)
   npz_io.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
@@ -228,31 +228,31 @@ def _synthesize_latest(config, cfg, stage: Stage, t: Stage, info: dict, folder: 
   return int(len(images))
 
 
-def _batch_plan(config, cfg, stage: Stage, n_current: list[int], sources: list[BufferSource], shards: int
+def _batch_plan(cfg, stage: Stage, n_current: list[int], sources: list[BufferSource], shards: int
                 ) -> tuple[list[int], list[int]]:
   """(samples per step of each current stream, of each buffer stream)."""
   k = int(cfg.train.grad_accum_steps)
   micro = int(cfg.train.global_batch_size) // k
   if micro % shards:
-    raise ValueError(f"config.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
+    raise ValueError(f"cfg.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
                      f"{shards} batch shards of the mesh")
   if len(n_current) == 1:
     cur = [micro]
   else:
-    split = str(config.continual.joint_split)
+    split = str(cfg.continual.joint_split)
     if split not in ("proportional", "equal"):
-      raise ValueError(f"config.continual.joint_split must be 'proportional' or 'equal', got {split!r}")
+      raise ValueError(f"cfg.continual.joint_split must be 'proportional' or 'equal', got {split!r}")
     cur = split_batch(micro, n_current if split == "proportional" else [1] * len(n_current), shards)
   if not sources:
     return cur, []
-  ratio = float(config.continual.buffer_batch_ratio)
+  ratio = float(cfg.continual.buffer_batch_ratio)
   n_buf = sum(s.num_examples for s in sources)
   if ratio < 0:
     ratio = n_buf / float(sum(n_current))
   total = min(max(int(round(ratio * micro)), shards), micro)
-  split = str(config.continual.buffer_split)
+  split = str(cfg.continual.buffer_split)
   if split not in ("proportional", "equal"):
-    raise ValueError(f"config.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
+    raise ValueError(f"cfg.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
   weights = [s.num_examples for s in sources] if split == "proportional" else [1] * len(sources)
   return cur, split_batch(total, weights, shards)
 
@@ -346,8 +346,8 @@ def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard)
   shapes = [tuple(int(s) for s in data_lib.image_shape(d)) for d in stage.data]
   model = models.build_mae(cfg.model)
   params, prev_params = initial_params(config, stage, earlier, model)
-  sources = buffer_sources(config, cfg, stage, earlier, model, prev_params, mesh)
-  cur_sizes, buf_sizes = _batch_plan(config, cfg, stage, n_current, sources, mesh_lib.num_batch_shards(mesh))
+  sources = buffer_sources(cfg, stage, earlier, model, prev_params, mesh)
+  cur_sizes, buf_sizes = _batch_plan(cfg, stage, n_current, sources, mesh_lib.num_batch_shards(mesh))
   length = optim.run_length(cfg, sum(n_current))
   retrain = 0
   if str(c.method) == "packnet":
@@ -480,7 +480,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   try:
     if stopped:
       return False, {}, losses
-    return True, finish_stage(config, cfg, stage, p.model, state.params, p.n_current, p.shapes, p.total,
+    return True, finish_stage(cfg, stage, p.model, state.params, p.n_current, p.shapes, p.total,
                               prev=p.prev, last=last, writer=writer), losses
   finally:
     writer.close()

@@ -29,15 +29,16 @@ from invcoss_jax.train import mlm, writers
 from invcoss_jax.workdir import SYNTHETIC_DIR
 
 
-def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
+def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes: list[tuple[int, ...]],
                  total_steps: int, *, prev: Stage | None, last: bool, writer=None) -> dict[str, Any]:
-  """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last."""
+  """Statistics, then what the method keeps of the stage; writes stage_info.json (done) last. `cfg` is the
+  stage's config (`stages.stage_config`: the job config with the stage's data and length)."""
   from invcoss_jax import data as data_lib
   from invcoss_jax.inversion import stage as inv_stage
   from invcoss_jax.inversion import statistics
   from invcoss_jax.parallel import mesh as mesh_lib
 
-  c = config.continual
+  c = cfg.continual
   method = str(c.method)
   d = stage.data[0]
   seq = method != "joint"
@@ -51,9 +52,9 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
   keeps_buffer = method in REAL_BUFFER_METHODS or (text and method == "invcoss")
   if keeps_buffer and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
     if text:
-      text_lib.write_text_buffer(config, cfg, stage, model, params)
+      text_lib.write_text_buffer(cfg, stage, model, params)
     else:
-      _write_real_buffer(config, cfg, stage, model, params, n_current[0])
+      _write_real_buffer(cfg, stage, model, params, n_current[0])
 
   if method == "ewc" and not last and not os.path.isfile(os.path.join(stage.workdir, EWC_FILE)):
     host = jax.device_get(params)
@@ -62,7 +63,7 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
                                           process_count=1)
     masker = mlm.masker_for(str(d.text.tokenizer), float(cfg.train.mlm_probability)) if text else None
     fisher, used = ewc.empirical_fisher(model, host, batches, mask_ratio=float(cfg.train.mask_ratio),
-                                        rng=stage_key(config, stage.index, 3),
+                                        rng=stage_key(cfg, stage.index, 3),
                                         num_examples=int(c.ewc.fisher_num_examples),
                                         batch_size=int(c.ewc.fisher_batch_size), masker=masker)
     previous = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))["fisher"] if prev else None
@@ -77,11 +78,11 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
     # From the parameters just trained and the statistics as stored (what a later reader of the stage sees).
     inv_writer = writer if writer is not None else writers.create_writer(stage.workdir)
     inv_stage.invert_stage(model, params, statistics.load_statistics(stats_file), cfg.inversion,
-                           stage_data=cfg.data, seed=int(config.seed) + 1009 * stage.index, workdir=stage.workdir,
+                           stage_data=cfg.data, seed=int(cfg.seed) + 1009 * stage.index, workdir=stage.workdir,
                            mesh=mesh, mesh_cfg=cfg.mesh, writer=inv_writer, stage_dir=stage.workdir,
                            stats_file=stats_file)
 
-  storage = stage_storage(config, cfg, stage, n_current, shapes)
+  storage = stage_storage(cfg, stage, n_current, shapes)
   if writer is not None:
     writer.write_scalars(total_steps, {f"storage/{k}": float(v) for k, v in storage.items()
                                        if isinstance(v, (int, float))})
@@ -95,10 +96,10 @@ def finish_stage(config, cfg, stage: Stage, model, params, n_current: list[int],
   return info
 
 
-def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None:
+def _write_real_buffer(cfg, stage: Stage, model, params, n: int) -> None:
   """er: a random buffer_fraction of the stage; medcoss: the k-means buffer (main_buffer_kmean.py)."""
   from invcoss_jax import data as data_lib
-  c = config.continual
+  c = cfg.continual
   d = stage.data[0]
   fraction = float(c.buffer_fraction)
 
@@ -106,13 +107,13 @@ def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None
     return data_lib.make_eval_iterator(d, batch_size=batch_size, process_index=0, process_count=1)
 
   if c.method == "er":
-    idx = buffers.random_indices(n, fraction, seed=int(config.seed) + stage.index)
+    idx = buffers.random_indices(n, fraction, seed=int(cfg.seed) + stage.index)
     extra = {}
   else:
     feats = buffers.encoder_features(model, jax.device_get(params), eval_batches(int(c.kmeans.batch_size)),
                                      kind=str(c.kmeans.feature))
     idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
-                                     seed=int(config.seed) + stage.index, n_init=int(c.kmeans.n_init),
+                                     seed=int(cfg.seed) + stage.index, n_init=int(c.kmeans.n_init),
                                      max_iter=int(c.kmeans.max_iter))
     extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
   images = buffers.gather_examples(eval_batches(int(c.kmeans.batch_size)), idx)
@@ -123,10 +124,10 @@ def _write_real_buffer(config, cfg, stage: Stage, model, params, n: int) -> None
         image_shape=list(images.shape[1:]), **extra))
 
 
-def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, Any]:
+def stage_storage(cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, Any]:
   """Bytes the stage leaves for later stages, per kind (uncompressed files on disk), and what a real replay
-  buffer of config.continual.buffer_fraction would take (float32 model layout) - the analogue of Fig. 6a."""
-  method = str(config.continual.method)
+  buffer of cfg.continual.buffer_fraction would take (float32 model layout) - the analogue of Fig. 6a."""
+  method = str(cfg.continual.method)
   w = stage.workdir
   out = dict(
       statistics_bytes=folder_bytes(os.path.join(w, cfg.inversion.stats_file)),
@@ -135,11 +136,11 @@ def stage_storage(config, cfg, stage: Stage, n_current: list[int], shapes) -> di
       ewc_bytes=folder_bytes(os.path.join(w, EWC_FILE)),
       packnet_bytes=folder_bytes(os.path.join(w, PACKNET_FILE)),
       real_buffer_equivalent_bytes=int(sum(
-          buffers.buffer_size(n, float(config.continual.buffer_fraction)) * math.prod(s) * 4
+          buffers.buffer_size(n, float(cfg.continual.buffer_fraction)) * math.prod(s) * 4
           for n, s in zip(n_current, shapes))))
   kinds = {"invcoss": ("statistics",), "er": ("real_buffer",), "medcoss": ("real_buffer",), "ewc": ("ewc",),
            "packnet": ("packnet",)}.get(method, ())
-  if method == "invcoss" and str(config.continual.invert_with) == "own":
+  if method == "invcoss" and str(cfg.continual.invert_with) == "own":
     # 'own' keeps the stage's synthetic set for every later stage (as large as a real buffer); only 'latest'
     # keeps nothing but the statistics between stages.
     kinds = ("statistics", "synthetic")

@@ -79,17 +79,17 @@ def stage_texts(data_cfg: ml_collections.ConfigDict) -> list:
   return text_io.read_split(cfg, str(cfg.split), skips)
 
 
-def write_text_buffer(config, cfg, stage: Stage, model, params) -> dict[str, Any]:
+def write_text_buffer(cfg, stage: Stage, model, params) -> dict[str, Any]:
   """The real text buffer of a finished report stage: random (er) or k-means (medcoss, invcoss) over the
   encoder features of its training texts; returns what buffer.json records."""
   from invcoss_jax import data as data_lib
-  c = config.continual
+  c = cfg.continual
   d = stage.data[0]
   fraction = float(c.buffer_fraction)
   records = stage_texts(d)
   n = len(records)
   if c.method == "er":
-    idx = buffers.random_indices(n, fraction, seed=int(config.seed) + stage.index)
+    idx = buffers.random_indices(n, fraction, seed=int(cfg.seed) + stage.index)
     extra: dict[str, Any] = {}
   else:
     batches = data_lib.make_eval_iterator(d, batch_size=int(c.kmeans.batch_size), process_index=0, process_count=1)
@@ -98,7 +98,7 @@ def write_text_buffer(config, cfg, stage: Stage, model, params) -> dict[str, Any
       raise ValueError(f"{stage.name}: the eval pass read {len(feats)} texts but the split has {n}: the text "
                        "buffer would pick the wrong reports")
     idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
-                                     seed=int(config.seed) + stage.index, n_init=int(c.kmeans.n_init),
+                                     seed=int(cfg.seed) + stage.index, n_init=int(c.kmeans.n_init),
                                      max_iter=int(c.kmeans.max_iter))
     extra = dict(clusters=int(km.n_clusters), inertia=float(km.inertia_))
   info = dict(method=str(c.method), kind="real_text", num_examples=int(len(idx)), fraction=fraction,

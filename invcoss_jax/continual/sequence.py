@@ -1,4 +1,5 @@
-"""The `continual` job: pre-training over a sequence of modality stages with one method of Table 1.
+"""Continual pre-training over a sequence of modality stages with one method of Table 1 (the library behind
+the `continual` job, invcoss_jax/jobs/continual.py).
 
 For every stage T (see stages.py for the layout):
   1. start from stage T-1's model (trunk and tokenizers; the decoder re-initialised when configured),
@@ -9,7 +10,7 @@ For every stage T (see stages.py for the layout):
 A stopped sequence resumes at the stage and step where it stopped (orbax checkpoints of the state and of
 every data stream); finished stages are recognised by their stage_info.json.
 
-`run(config, workdir)` is what `main.py` runs for config.mode = 'continual'.
+`run(config, workdir)` runs (or resumes) the sequence; each stage trains on the trainer core (train/core.py).
 """
 
 from __future__ import annotations
@@ -35,24 +36,24 @@ from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
-                                          STORAGE_FILE, Stage, check_method,
-                                          plan_stages, read_info, stage_config, stage_key, training_changes)
+                                          STORAGE_FILE, Stage, check_method, plan_stages, read_info, stage_config,
+                                          stage_key, training_changes)
 from invcoss_jax.continual.step import DistillPredictor, LossSpec, create_state, make_train_step
+from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.inversion import stage as inv_stage
-from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.io_utils import atomic_write_json
-from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import core, mlm, optim, writers
+from invcoss_jax.workdir import SYNTHETIC_DIR
 
 
 @dataclasses.dataclass(frozen=True)
 class BufferSource:
   """One earlier stage's replay set as the input layer reads it."""
   name: str  # the earlier stage's name
-  data: ml_collections.ConfigDict  # format 'npz', preprocessed
+  data: ml_collections.ConfigDict  # format 'npz', preprocessed (a report stage's: format 'text', its JSONL buffer)
   num_examples: int
   image_shape: tuple[int, ...]
 

@@ -2,14 +2,14 @@
 
 For every seed and method of `config.retention`, the continual sequence of `config.continual` runs in
 `workdir/runs/seed_<s>/<method>/` (the continual job itself: it resumes after a kill). After each of its stages
-the stage's model is measured on held-out data of every stage of the sequence (evaluate.py): frozen-feature
+the stage's model is measured on held-out data of every stage (retention/evaluate.py): frozen-feature
 probes where the data has labels, the drift from each earlier stage's own model (linear CKA), optional
 fine-tuning with a small label budget, and, for the replay methods, the quality of what the stage left for
 later stages (Fréchet distance in the stage encoder's feature space, diversity, nearest neighbours). Every
 measurement is written atomically under `workdir/measurements/` as soon as it is made, so a restarted job
-only measures what is missing. Summary (summary.py): gain over a random-init encoder, forgetting, the
+only measures what is missing. Summary (retention/summary.py): gain over a random-init encoder, forgetting, the
 fraction of the baseline's forgetting avoided and drift, each a mean with a 95 % interval over seeds;
-report.py writes them as JSON, Markdown and plots.
+retention/report.py writes them as JSON, Markdown and plots.
 
 `run(config, workdir)` is what `main.py` runs for config.mode = 'retention' (configs/retention.py).
 """

@@ -21,13 +21,11 @@ then cosine, a 5 % buffer. The report stage cannot be inverted: invcoss keeps a 
 (5 %, clusters 1 %), the one documented exception (docs/continual.md).
 """
 
-import os
-
 import ml_collections
 
 from invcoss_jax.continual.config import (IMAGE_ALTERNATIVE_ORDER, IMAGE_ORDER, METHODS, PAPER_ALTERNATIVE_ORDER,
                                           PAPER_ORDER)
-from invcoss_jax.defaults import base_config, shared_data_dir
+from invcoss_jax.defaults import base_config, use_indiana_reports
 from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config, model_config
 
@@ -74,11 +72,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 def _demo_reports(c: ml_collections.ConfigDict) -> None:
   """The Indiana reports (../shared/data/report, or $INVCOSS_SHARED_DATA) as the demo's report stage; with
   labels, so the stage's held-out split also serves the normal-vs-abnormal probe."""
-  d = c.continual.datasets.report
-  d.name, d.format = "indiana_reports", "text"
-  d.path = os.path.join(shared_data_dir(), "report", "indiana_reports.csv")
-  d.text.label_column, d.text.label_rule = "Problems", "normal_vs_abnormal"
-  d.lenient = True  # 25 reports have neither findings nor impression: skipped and counted
+  use_indiana_reports(c.continual.datasets.report)
 
 
 def get_config(arg=None):

@@ -29,7 +29,7 @@ import os
 
 import ml_collections
 
-from invcoss_jax.defaults import base_config, shared_data_dir
+from invcoss_jax.defaults import base_config, shared_data_dir, use_indiana_reports
 from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config
 from invcoss_jax.retention.config import retention_config
@@ -98,15 +98,10 @@ def _full(c: ml_collections.ConfigDict) -> None:
 
 def _report(c: ml_collections.ConfigDict) -> None:
   _quick(c)
-  root = shared_data_dir()
   c.continual.order = ("report", "xray")
-  d = c.continual.datasets.report
-  d.name, d.format, d.modality = "indiana_reports", "text", "report"
-  d.path = os.path.join(root, "report", "indiana_reports.csv")
-  d.text.label_column, d.text.label_rule = "Problems", "normal_vs_abnormal"  # the probes' labels
+  d = use_indiana_reports(c.continual.datasets.report)  # with the probes' labels
   d.text.vocab_size = 2000  # the corpus has about 4,000 distinct words; the MLM head dominates a CPU step
   d.text.max_length = 112
-  d.lenient = True  # 25 reports have neither findings nor impression: skipped and counted
   c.continual.stage_steps = (600, 3000)
   c.retention.methods = ("seqssl", "er", "invcoss")
   c.retention.seeds = (0, 1, 2, 3)

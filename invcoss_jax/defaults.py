@@ -73,6 +73,17 @@ def shared_data_dir() -> str:
   return os.path.join(os.path.dirname(repo), "shared", "data")
 
 
+def use_indiana_reports(d: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A data section on the Indiana chest X-ray reports of ../shared/data (not embedded in the package), with
+  the normal-vs-abnormal labels of its `Problems` column; its 25 reports without findings or impression are
+  skipped and counted (lenient)."""
+  d.name, d.format, d.modality = "indiana_reports", "text", "report"
+  d.path = os.path.join(shared_data_dir(), "report", "indiana_reports.csv")
+  d.text.label_column, d.text.label_rule = "Problems", "normal_vs_abnormal"
+  d.lenient = True
+  return d
+
+
 def use_demo_data(c: ml_collections.ConfigDict, name: str, *, global_batch_size: int,
                   **data) -> ml_collections.ConfigDict:
   """Switches a stage config to an embedded demo dataset and the demo micro model: peak lr 1.5e-3, 200 steps,

@@ -23,7 +23,9 @@ from invcoss_jax.config_checks import ConfigError
 
 IDENTITY_FILE = "workdir.json"
 CONFIG_FILE = "config.json"
-SYNTHETIC_DIR = "synthetic"  # a stage's synthetic set (npz shards, key `images`), written by inversion# Modes that may write into the workdir of another mode's run (and keep its identity).
+SYNTHETIC_DIR = "synthetic"  # a stage's synthetic set (npz shards, key `images`), written by inversion
+
+# Modes that may write into the workdir of another mode's run (and keep its identity).
 ATTACHED = {"stats": ("pretrain",), "invert": ("pretrain",)}
 
 

@@ -493,3 +493,32 @@ def test_registry_and_options(csv_path):
       data.resolve(report_cfg(csv_path, **bad))
   with pytest.raises(data.DataError, match="format 'text' with modality 'report'"):
     data.resolve(make_cfg("folder", format="npz", modality="report", path=csv_path))
+
+
+def test_sub_headings_inside_findings_stay_in_the_section(tmp_path):
+  """'LUNGS: Clear.' under FINDINGS is part of the findings; only a top-level MIMIC header (COMPARISON,
+  IMPRESSION, ...) ends the section."""
+  from invcoss_jax.data import text_io
+  report = ("EXAMINATION: CHEST (PA AND LAT)\nINDICATION: cough.\nFINDINGS:\nLUNGS: Clear.\nHEART: Normal size.\n"
+            "IMPRESSION:\nLINES/TUBES: None.\nNo acute process.\nRECOMMENDATION(S): None.\n")
+  sections = text_io.report_sections(report)
+  assert sections["findings"] == (3, "LUNGS: Clear. HEART: Normal size.")
+  assert sections["impression"] == (6, "LINES/TUBES: None. No acute process.")
+  assert sections["indication"][1] == "cough." and "lungs" not in sections and "heart" not in sections
+  assert "recommendation(s)" in sections  # a top-level header still ends the impression
+  path = tmp_path / "s1.txt"
+  path.write_text(report)
+  text, line = text_io.read_mimic_report(path)
+  assert text == "LUNGS: Clear. HEART: Normal size. LINES/TUBES: None. No acute process." and line == 3
+  # Outside FINDINGS / IMPRESSION any upper-case header still starts a section (MIMIC writes them so).
+  assert text_io.report_sections("WET READ: none.\nCOMPARISON: None.\n")["wet read"][1] == "none."
+
+
+def test_format_text_implies_the_report_modality(csv_path):
+  from invcoss_jax.data import registry
+  d = data.data_config()
+  d.name, d.format, d.path, d.modality = "folder", "text", str(csv_path), ""
+  assert registry.resolve(d).modality == "report" and registry.is_text(d)
+  d.modality = "xray"
+  with pytest.raises(data.DataError, match="format 'text' with modality 'report'"):
+    registry.resolve(d)

@@ -10,7 +10,7 @@ def _ci(d: dict) -> str:
 
 
 def markdown(audit: dict[str, Any]) -> str:
-  """audit.md from the dict `job.run` writes to audit.json."""
+  """audit.md from the dict the audit job (invcoss_jax/jobs/audit.py) writes to audit.json."""
   mia = audit["membership_inference"]
   th = audit["memorisation_thresholds"]
   q = th["quantile"]

@@ -1,6 +1,7 @@
 """Continual pre-training across modality stages: InvCoSS and the comparison methods of Table 1.
 
-job.py (the `continual` mode: the sequence and each stage's training), stages.py (stage plan and workdir
+sequence.py (the sequence and each stage's training, on the trainer core; the `continual` job is
+invcoss_jax/jobs/continual.py), stages.py (stage plan and workdir
 layout), step.py (the composite train step), streams.py (current and buffer data per step), losses.py,
 buffers.py (er / medcoss buffers), ewc.py, packnet.py, params.py (hand-over), stage_end.py (what a stage
 leaves behind), guard.py (the data-free guard). See docs/continual.md.

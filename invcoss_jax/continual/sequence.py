@@ -108,9 +108,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   stages = plan_stages(config, workdir)
-  text_stages = [s for s in stages if any(text_lib.is_text_data(d) for d in s.data)]
+  text_stages = [s for s in stages if any(data_registry.is_text(d) for d in s.data)]
   if text_stages:  # one vocabulary for the sequence, settled before the first stage (continual/text.py)
-    config = text_lib.prepare_sequence(config, workdir, tuple(str(m) for m in config.continual.order),
+    config = text_lib.prepare_sequence(config, tuple(str(m) for m in config.continual.order),
                                        text_stages[0].workdir)
     stages = plan_stages(config, workdir)
   if method != "joint":
@@ -165,7 +165,7 @@ def buffer_sources(cfg, stage: Stage, earlier: list[Stage], prev_model=None, pre
     return out
   for t in earlier:
     info = _info_of(t)
-    if text_lib.is_text_data(t.data[0]):  # text: the real k-means buffer (er: random), for every buffer method
+    if data_registry.is_text(t.data[0]):  # text: the real k-means buffer (er: random), for every buffer method
       folder = os.path.join(t.workdir, BUFFER_DIR)
       n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
       out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,

@@ -24,6 +24,7 @@ from invcoss_jax.continual.config import REAL_BUFFER_METHODS
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR,
                                           Stage, folder_bytes, stage_key, write_info)
+from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.train import mlm, writers
 from invcoss_jax.workdir import SYNTHETIC_DIR
@@ -42,7 +43,7 @@ def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes:
   method = str(c.method)
   d = stage.data[0]
   seq = method != "joint"
-  text = seq and text_lib.is_text_data(d)
+  text = seq and data_registry.is_text(d)
   stats_file = inv_stage.statistics_path(stage.workdir, cfg.inversion)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   if (seq and not text and (bool(c.statistics_after_stage) or method == "invcoss")
@@ -144,7 +145,7 @@ def stage_storage(cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, 
     # 'own' keeps the stage's synthetic set for every later stage (as large as a real buffer); only 'latest'
     # keeps nothing but the statistics between stages.
     kinds = ("statistics", "synthetic")
-  text = method != "joint" and text_lib.is_text_data(stage.data[0])
+  text = method != "joint" and data_registry.is_text(stage.data[0])
   if text and method == "invcoss":
     kinds = ("real_buffer",)
   out["retained_kind"] = "+".join(kinds) or "none"

@@ -73,7 +73,7 @@ class StageStreams:
 
   def _draw(self, stream: Stream, step: int, source_index: int) -> np.ndarray | dict[str, np.ndarray]:
     batch = next(stream.iterator)
-    rng = np.random.default_rng([self.seed, self.stage_index, int(step), source_index])
+    rng = lambda: np.random.default_rng([self.seed, self.stage_index, int(step), source_index])
     if stream.is_text:
       return self._draw_text(stream, batch, rng)
     x = np.asarray(batch["image"], np.float32)
@@ -81,11 +81,12 @@ class StageStreams:
       raise ValueError(f"stream {stream.name}: expected examples of shape {tuple(stream.image_shape)}, got "
                        f"{tuple(x.shape[1:])}")
     if stream.mixup:
-      x, _, _ = losses.intra_modal_mixup(x, rng)
+      x, _, _ = losses.intra_modal_mixup(x, rng())
     return x
 
   @staticmethod
-  def _draw_text(stream: Stream, batch: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def _draw_text(stream: Stream, batch: dict, rng: Callable[[], np.random.Generator]) -> dict[str, np.ndarray]:
+    """`rng()`: the step's generator, made only for a stream that draws (masks or mixup)."""
     if "tokens" not in batch:
       raise ValueError(f"stream {stream.name}: expected a text batch (tokens, attention_mask, word_ids), got "
                        f"keys {sorted(batch)}")
@@ -96,9 +97,9 @@ class StageStreams:
     attention = np.asarray(batch["attention_mask"], np.int32)
     if stream.masker is not None:
       return stream.masker(dict(tokens=tokens, attention_mask=attention, word_ids=np.asarray(batch["word_ids"])),
-                           rng)
+                           rng())
     if stream.mixup:
-      tokens, attention, _, _ = losses.token_mixup(tokens, attention, rng)
+      tokens, attention, _, _ = losses.token_mixup(tokens, attention, rng())
     return dict(tokens=tokens, attention_mask=attention)
 
   def next_batch(self, step: int) -> dict[str, tuple[Any, ...]]:

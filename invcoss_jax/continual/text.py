@@ -33,24 +33,17 @@ EXCEPTION = ("text cannot be inverted: a real k-means buffer of the stage's text
              "MedCoSS); it is the only real data of an earlier stage any later stage reads")
 
 
-def is_text_data(data_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether a data section is text (format 'text', or the 'report' modality)."""
-  from invcoss_jax.data import registry
-  r = registry.resolve(data_cfg)
-  return str(r.format) == "text" or str(r.modality) == "report"
-
-
-def prepare_sequence(config: ml_collections.ConfigDict, workdir: str, order: tuple[str, ...],
+def prepare_sequence(config: ml_collections.ConfigDict, order: tuple[str, ...],
                      first_text_workdir: str) -> ml_collections.ConfigDict:
   """A copy of `config` whose text datasets all name one tokenizer and whose model has its vocabulary.
 
   `first_text_workdir`: the workdir of the first stage that reads text (its training split trains the
-  vocabulary unless data.text.tokenizer names a file). Unchanged (a copy) when no stage reads text."""
-  from invcoss_jax.data import tokenization
-  config = ml_collections.ConfigDict(config.to_dict())
-  text = [m for m in order if is_text_data(config.continual.datasets[m])]
+  vocabulary unless data.text.tokenizer names a file). `config` itself when no stage reads text."""
+  from invcoss_jax.data import registry, tokenization
+  text = [m for m in order if registry.is_text(config.continual.datasets[m])]
   if not text:
     return config
+  config = ml_collections.ConfigDict(config.to_dict())
   os.makedirs(first_text_workdir, exist_ok=True)
   first = tokenization.ensure_tokenizer(config.continual.datasets[text[0]], first_text_workdir)
   path = str(first.text.tokenizer)
@@ -60,12 +53,7 @@ def prepare_sequence(config: ml_collections.ConfigDict, workdir: str, order: tup
       raise ValueError(f"config.continual.datasets.{m}.text.tokenizer={given!r} differs from {path!r} of "
                        f"{text[0]}: the stages of a sequence share one text embedding, so one vocabulary")
     config.continual.datasets[m].text.tokenizer = path
-  fields = tokenization.model_text_fields(path)
-  given_vocab = int(config.model.vocab_size)
-  if given_vocab and given_vocab != fields["vocab_size"]:
-    raise ValueError(f"config.model.vocab_size={given_vocab}, but the tokenizer {path} has "
-                     f"{fields['vocab_size']} tokens: leave it 0 to take the tokenizer's")
-  config.model.update(fields)
+  fields = tokenization.set_model_vocabulary(config.model, path)
   logging.info("continual: text stages %s share the tokenizer %s (%d tokens)", text, path, fields["vocab_size"])
   return config
 

@@ -104,6 +104,8 @@ def resolve(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       cfg.label_path = os.path.join(DEMO_ROOT, entry["label_path"])
   if cfg.format not in FORMATS:
     raise DataError(None, f"data.format={cfg.format!r}: expected one of {FORMATS} (data.name={name!r})")
+  if cfg.format == "text" and not cfg.modality:
+    cfg.modality = "report"  # text is the report modality's only format
   if cfg.modality not in MODALITIES:
     raise DataError(None, f"data.modality={cfg.modality!r}: expected one of {MODALITIES} "
                     f"(data.name={name!r})")
@@ -190,3 +192,8 @@ def npz_shards_section(source_data: ml_collections.ConfigDict, folder: str, *, a
   d.ct.mirror_prob, d.mri.mirror_prob = float(r.ct.mirror_prob), float(r.mri.mirror_prob)
   d.num_workers = int(r.num_workers)
   return d
+
+
+def is_text(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether a data section reads text (format 'text', or the 'report' modality), after resolving its name."""
+  return str(resolve(data_cfg).format) == "text"  # resolve() pairs format 'text' with modality 'report' 

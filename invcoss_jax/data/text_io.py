@@ -37,6 +37,13 @@ PUBMED_LABELS = ("BACKGROUND", "OBJECTIVE", "METHODS", "RESULTS", "CONCLUSIONS")
 PUBMED_SPLIT_FILES = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}
 LABEL_RULES = ("", "normal_vs_abnormal")
 MIMIC_SECTIONS = ("findings", "impression")
+# MIMIC-CXR's top-level headers (its section parser's names): inside FINDINGS or IMPRESSION only these start
+# another section; any other upper-case "NAME:" line there ("LUNGS: Clear.") is a sub-heading of the section.
+TOP_LEVEL_SECTIONS = frozenset({
+    "findings", "impression", "indication", "indications", "history", "clinical history", "comparison",
+    "comparisons", "technique", "examination", "exam", "reason for examination", "reason for exam",
+    "clinical information", "wet read", "notification", "recommendation", "recommendations",
+    "recommendation(s)", "final report", "procedure", "conclusion", "addendum", "study", "type of examination"})
 
 # A section header at the start of a line: "FINDINGS:", "IMPRESSION :", "WET READ:", "PA AND LATERAL:".
 _HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9 /&(),'-]{0,60}?)[ \t]*:")
@@ -84,7 +91,9 @@ def report_sections(text: str) -> dict[str, tuple[int, str]]:
 
   A header is a line starting with `NAME:`; FINDINGS and IMPRESSION are recognised in any case, other
   headers only in upper case (MIMIC writes them so), which keeps sentences like "Note: ..." inside
-  their section. A section runs until the next header; a repeated section is concatenated.
+  their section. Inside FINDINGS or IMPRESSION only a top-level header (`TOP_LEVEL_SECTIONS`) ends the
+  section: "LUNGS: Clear." there is a sub-heading and stays in the text. A section runs until the next
+  header; a repeated section is concatenated.
   """
   sections: dict[str, tuple[int, list[str]]] = {}
   current = None
@@ -92,7 +101,10 @@ def report_sections(text: str) -> dict[str, tuple[int, str]]:
     m = _HEADER.match(line)
     if m:
       name = m.group(1).strip()
-      if name.lower() in MIMIC_SECTIONS or (name.upper() == name and any(c.isalpha() for c in name)):
+      upper = name.upper() == name and any(c.isalpha() for c in name)
+      if upper and current in MIMIC_SECTIONS and name.lower() not in TOP_LEVEL_SECTIONS:
+        upper = False  # a sub-heading of FINDINGS / IMPRESSION: part of its text
+      if name.lower() in MIMIC_SECTIONS or upper:
         current = name.lower()
         if current not in sections:
           sections[current] = (lineno, [])

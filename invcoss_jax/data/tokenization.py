@@ -153,6 +153,18 @@ def model_text_fields(path: str) -> dict[str, object]:
   return dict(vocab_size=vocab_size(tok), pad_id=special_ids(tok)["pad"], tokenizer=str(path))
 
 
+def set_model_vocabulary(model_cfg: ml_collections.ConfigDict, path: str) -> dict[str, object]:
+  """Writes `model_text_fields(path)` into config.model (in place) and returns them; a config.model.vocab_size
+  already set to another size is refused (0 takes the tokenizer's)."""
+  fields = model_text_fields(path)
+  given = int(model_cfg.vocab_size)
+  if given and given != fields["vocab_size"]:
+    raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {path} has {fields['vocab_size']} tokens: "
+                     "leave it 0 to take the tokenizer's")
+  model_cfg.update(fields)
+  return fields
+
+
 def without_padding(tokenizer: Tokenizer) -> Tokenizer:
   """The tokenizer without its own truncation/padding (a tokenizer.json may carry them; a copy then):
   `encode_into` places [CLS], [SEP] and [PAD] itself."""

@@ -2,6 +2,6 @@
 
 metrics.py (plain NumPy metrics), losses.py, heads.py (classifier, UNETR), sliding_window.py,
 finetune.py (one task, every seed), report.py (results.json/.csv/.md, Table 1), forgetting.py
-(stage x task matrix and plot), job.py (`run_evaluate`, `run_forgetting`), config.py (defaults
+(stage x task matrix and plot), (the jobs: invcoss_jax/jobs/evaluate.py), config.py (defaults
 and task presets).
 """

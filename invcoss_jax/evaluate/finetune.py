@@ -415,9 +415,10 @@ class Finetuner:
     self.model = build_model(task, model_cfg, protocol, self.image_shape)
     abstract = jax.eval_shape(lambda r: self.model.init(r, self.image_shape), jax.random.PRNGKey(0))
     self.tx, self.schedule = make_optimizer(task, self.total, abstract, self.model.freeze_backbone)
-    layout = core.param_layout(self.mesh)
+    init = _init_state(self.tx)
     with jax.set_mesh(self.mesh):
-      self.shardings = layout(jax.eval_shape(_init_state(self.tx), abstract, jax.random.PRNGKey(0)))
+      self.shardings = core.param_layout(self.mesh)(jax.eval_shape(init, abstract, jax.random.PRNGKey(0)))
+    self.init_state = jax.jit(init, out_shardings=self.shardings)  # compiled once, for every seed
     self.step_fn = core.jit_step(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
                                  self.shardings, self.mesh)
     self.predict = jax.jit(make_predict(self.model, task),
@@ -463,7 +464,7 @@ class Finetuner:
         best[:] = [score, jax.device_get(state.params), step, val]
 
     with jax.set_mesh(self.mesh):
-      state, _ = core.create_state(_init_state(self.tx), (params, state_rng), lambda _: self.shardings)
+      state = self.init_state(params, state_rng)
       train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
                                                      seed=int(seed))
 
@@ -473,7 +474,8 @@ class Finetuner:
 
       # Validation (model selection) every eval_every steps and at the last; no checkpoints (runs are short).
       core.Loop(step_fn=self.step_fn, next_batch=next_batch, what=f"{name}:{seed}", log_every=self.eval_every,
-                on_log=validate, fault_prefix="finetune_step", log_first=False).run(state, None, 0, self.total)
+                on_log=validate, fault_prefix="finetune_step", log_first=False,
+                nonfinite_hint=f"lower config.evaluate.tasks.{name}.lr").run(state, None, 0, self.total)
       _, best_params, best_step, best_val = best
       params = jax.device_put(best_params, self.shardings.params)
     test = self.evaluate(params, task.test_split)

@@ -41,6 +41,7 @@ import ml_collections
 
 from invcoss_jax import io_utils
 from invcoss_jax.parallel.config import PROGRAMS, compile_config
+from invcoss_jax.train import core
 
 # name -> config.model overrides; '' compiles config.model as it is.
 VARIANTS = {
@@ -98,10 +99,6 @@ def _key_struct():
   return jax.eval_shape(lambda: jax.random.key(0))
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _pretrain_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   shape = tuple(int(s) for s in config.compile.pretrain_image_shape)
   if shape:
@@ -115,7 +112,7 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   from invcoss_jax import models
   from invcoss_jax.parallel import mesh as mesh_lib
   from invcoss_jax.train import optim
-  from invcoss_jax.train.core import create_train_state, jit_step
+  from invcoss_jax.train.core import abstract_train_state, jit_step
   from invcoss_jax.train.pretrain import make_train_step
 
   shape = _pretrain_shape(config)
@@ -128,26 +125,20 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
   model = models.build_mae(config.model)
 
-  # create_train_state traced abstractly: the same state structure and shardings as a real run.
-  captured = {}
-
-  def abstract_create(rng):
-    state, shardings = create_train_state(
-        lambda r: models.init_mae_params(model, r, [shape]), tx, rng, mesh,
-        shard_params=bool(config.mesh.shard_params),
-        fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)))
-    captured["shardings"] = shardings
-    return state
-
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # abstract: the mesh's devices may be compile-only
+  # The state pre-training restores into (core.abstract_train_state): its structure and shardings, the mesh's
+  # rules included, without allocating (the mesh's devices may be compile-only).
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   with jax.set_mesh(mesh):
-    state = jax.eval_shape(abstract_create, key)
-    shardings = captured["shardings"]
+    state, shardings = abstract_train_state(
+        lambda r: models.init_mae_params(model, r, [shape]), tx, key, mesh,
+        shard_params=bool(config.mesh.shard_params),
+        fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)),
+        rules=tuple(config.mesh.get("sharding_rules", ())))
     step = jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
-                                          grad_accum_steps=length.grad_accum_steps), shardings, mesh)
+                                    grad_accum_steps=length.grad_accum_steps), shardings, mesh)
     batch = {"image": jax.ShapeDtypeStruct((micro_batch, *shape), jnp.float32,
                                            sharding=mesh_lib.data_sharding(mesh))}
-    lowered = step.lower(_with_shardings(state, shardings), batch)
+    lowered = step.lower(state, batch)
   facts = dict(image_shape=list(shape), global_batch=micro_batch,
                per_device_batch=micro_batch // mesh_lib.num_batch_shards(mesh),
                num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
@@ -208,7 +199,7 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
                 pool=jax.ShapeDtypeStruct((_pool_size(config, batch), feature_dim), jnp.float32),
                 pool_count=jax.ShapeDtypeStruct((), jnp.int32))
   shardings = engine.inversion_shardings(mesh, config.mesh, opt_vars, gen_state, frozen)
-  args = [_with_shardings(t, s) for t, s in zip((opt_vars, gen_state, frozen), shardings)]
+  args = [core.abstract_state(t, s) for t, s in zip((opt_vars, gen_state, frozen), shardings)]
   rep = mesh_lib.replicated(mesh)
   key_struct = _key_struct()
   args.append(jax.ShapeDtypeStruct(key_struct.shape, key_struct.dtype, sharding=rep))

@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from invcoss_jax import io_utils
+from invcoss_jax.data import registry as data_registry
 from invcoss_jax.evaluate import finetune as finetune_lib
 from invcoss_jax.evaluate import forgetting as forgetting_lib
 from invcoss_jax.evaluate import report
@@ -104,7 +105,7 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   task = resolve_task(config, task_name)
   protocol = str(config.evaluate.protocol)
   model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
-  if str(task.data.modality) == "report":
+  if data_registry.is_text(task.data):
     task, model_cfg = prepare_text_task(task, task_name, model_cfg, workdir, pretrained is not None)
     config = ml_collections.ConfigDict(config.to_dict())
     config.evaluate.tasks[task_name] = task

@@ -41,10 +41,8 @@ def with_vocabulary(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
   `workdir/vocabulary/tokenizer.json`, or the configured file), so that seeds and methods differ in nothing
   else (two trainings of a WordPiece vocabulary on the same texts can differ, huggingface/tokenizers#1794)."""
   from invcoss_jax.continual import text as text_lib
-  order = tuple(str(m) for m in config.continual.order)
-  if not any(text_lib.is_text_data(config.continual.datasets[m]) for m in order):
-    return config
-  return text_lib.prepare_sequence(config, workdir, order, os.path.join(workdir, VOCABULARY_DIR))
+  return text_lib.prepare_sequence(config, tuple(str(m) for m in config.continual.order),
+                                   os.path.join(workdir, VOCABULARY_DIR))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

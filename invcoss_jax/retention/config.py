@@ -1,4 +1,4 @@
-"""Defaults of `config.retention`: the retention benchmark (mode='retention', invcoss_jax/retention/job.py).
+"""Defaults of `config.retention`: the retention benchmark (mode='retention', invcoss_jax/jobs/retention.py).
 
 The benchmark runs the continual sequence of `config.continual` once per (seed, method) and, after every
 stage, measures the model on held-out data of every stage (see docs/results.md for the protocol).

@@ -159,7 +159,7 @@ class Measurer:
     return {f"finetune_{k}": float(v) for k, v in res.test.items() if isinstance(v, (int, float))}
 
   def random_params(self, seed: int):
-    """The encoder every run of `seed` starts from (continual.job.initial_params of stage 1)."""
+    """The encoder every run of `seed` starts from (continual.sequence.initial_params of stage 1)."""
     from invcoss_jax.continual.sequence import fresh_params_fn
     from invcoss_jax.retention.config import run_config
     return fresh_params_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))

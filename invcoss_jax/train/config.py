@@ -23,7 +23,7 @@ def train_config() -> ml_collections.ConfigDict:
   # Parameters whose '/'-joined path matches one of these regexes get no weight decay, nor does
   # any parameter of rank <= 1 (biases, norm scales).
   c.no_decay_patterns = ("cls_token", "pos_embed", "mask_token")
-  # A finished pre-training run ends with the stage's statistics pass (inversion.job.run_stats).
+  # A finished pre-training run ends with the stage's statistics pass (the `pretrain` job calls jobs.inversion.run_stats).
   c.stats_after_pretrain = True
   return c
 

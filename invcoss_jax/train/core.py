@@ -53,8 +53,9 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create_state(init: Callable[..., Any], args: tuple, layout: Callable[[Any], Any]) -> tuple[Any, Any]:
   """(state, its shardings): `init(*args)` run under jit with out_shardings `layout(abstract state)`, so no
-  device ever holds more than its share. Array arguments (e.g. parameters carried over from an earlier stage,
-  committed to one device) are fine: jit moves them."""
+  device ever holds more than its share. Arguments committed to other devices than the layout's (e.g. an
+  earlier stage's parameters on one device) are `device_put` to their layout by the caller first
+  (continual.step.create_state)."""
   shardings = layout(jax.eval_shape(init, *args))
   return jax.jit(init, out_shardings=shardings)(*args), shardings
 
@@ -175,6 +176,7 @@ class Loop:
   progress: Callable[[int], None] | None = None
   fault_prefix: str = "train_step"
   log_first: bool = True
+  nonfinite_hint: str = "Lower train.base_lr or check the data (data.nonfinite)"  # what a non-finite loss asks
 
   def run(self, state: Any, consts: Any, start: int, end: int, stop_at: int | None = None
           ) -> tuple[Any, Any, dict[int, float], bool]:
@@ -196,14 +198,14 @@ class Loop:
         pending = []
         now = time.perf_counter()
         losses.update({s: float(m["loss"]) for s, m in fetched})
-        check_losses(fetched, what=self.what, latest_checkpoint=self.latest_checkpoint())
+        check_losses(fetched, what=self.what, latest_checkpoint=self.latest_checkpoint(), hint=self.nonfinite_hint)
         if self.writer is not None:
           self.writer.write_scalars(step, _scalars(fetched, (step - last_step) / max(now - last_time, 1e-9)))
         last_step, last_time = step, now
         if self.on_log is not None:
           self.on_log(step, state, fetched)
       if self.save is not None and (self.should_save(step) or step == end or stop_here):
-        check_losses(pending, what=self.what, latest_checkpoint=self.latest_checkpoint())
+        check_losses(pending, what=self.what, latest_checkpoint=self.latest_checkpoint(), hint=self.nonfinite_hint)
         self.save(step, state)
       faults.point(f"{self.fault_prefix}:{self.what}:{step}")
       for hook in self.after_step:

@@ -82,21 +82,12 @@ class TextMasker:
 
 def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """A copy of a report stage's config with its tokenizer (trained on the stage's training split into
-  `workdir/tokenizer.json`, reused when there, or the user's file) and config.model.vocab_size set from it."""
+  `workdir/tokenizer.json`, reused when there, or the user's file) and config.model's vocabulary set from it."""
   from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   config.data = tokenization.ensure_tokenizer(config.data, workdir)
-  fields = tokenization.model_text_fields(str(config.data.text.tokenizer))
-  given = int(config.model.vocab_size)
-  if given and given != fields["vocab_size"]:
-    raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {config.data.text.tokenizer} has "
-                     f"{fields['vocab_size']} tokens: leave it 0 to take the tokenizer's")
-  config.model.update(fields)
+  tokenization.set_model_vocabulary(config.model, str(config.data.text.tokenizer))
   return config
-
-
-def is_text_stage(config: ml_collections.ConfigDict) -> bool:
-  return str(config.data.modality) == "report" or str(config.data.format) == "text"
 
 
 def make_reconstruct(model: models.MAE, mask_ratio: float) -> Callable:
@@ -192,7 +183,8 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
   micro_batch = int(train_cfg.global_batch_size) // k
   mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
 
-  text = is_text_stage(config)
+  from invcoss_jax.data import registry  # pylint: disable=g-import-not-at-top
+  text = registry.is_text(config.data)
   if text:
     config = prepare_text_stage(config, workdir)
   data_iter, num_examples, image_shape = _open_train_data(config, micro_batch)

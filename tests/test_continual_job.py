@@ -70,6 +70,9 @@ def tiny_config(method: str, xray_path: str | None = None) -> ml_collections.Con
   # Direct pixel optimisation (Table 2's "w/o G"): the generators have their own tests; this one is about the
   # sequence, and compiles faster.
   c.inversion.generator = "none"
+  if method == "noise":  # the control replays a generator's output at initialisation: it needs a generator
+    c.inversion.generator = "invunet"
+    c.inversion.invunet.channels = (4, 8)
   for s in (c.inversion.schedule_2d, c.inversion.schedule_3d):
     s.batch_size, s.steps, s.init_steps, s.latent_dim = 4, 2, 2, 8
   c.continual.kmeans.batch_size = 128
@@ -162,6 +165,22 @@ def test_two_stage_run_of_each_method_completes(runs, method):
     synth = npz_shards_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
     assert data_lib.num_examples(synth) == 8 and data_lib.image_shape(synth) == (16, 16, 3)
     assert os.path.isfile(os.path.join(workdir, "stage_2_ct", "statistics.npz"))
+  elif method == "noise":
+    # The control keeps what invcoss keeps, but its set is the generator's output at initialisation, drawn
+    # from the key inversion would start from (nothing optimised), and stage 2 replays it.
+    from invcoss_jax.inversion import engine, stage as inv_stage
+    assert first["retained_kind"] == "statistics+synthetic"
+    synth = npz_shards_section(config.continual.datasets.xray, os.path.join(s1, "synthetic"))
+    assert data_lib.num_examples(synth) == 8
+    with open(os.path.join(s1, inv_stage.SUMMARY_FILE)) as f:
+      assert json.load(f)["optimised"] is False
+    stored = np.concatenate([np.load(p)["images"] for p in sorted(
+        os.path.join(s1, "synthetic", n) for n in os.listdir(os.path.join(s1, "synthetic")))])
+    inv = engine.resolve_grey(config.inversion, "xray")
+    expected = engine.generator_at_init(inv, image_shape=(16, 16, 3), rng=jax.random.key(int(config.seed) + 1009),
+                                        num_samples=8)
+    np.testing.assert_allclose(stored, expected, rtol=1e-6, atol=1e-6)
+    assert np.all(stored[..., 0] == stored[..., 1])  # the grey prior, as invcoss's generator
   elif method in ("er", "medcoss"):
     with open(os.path.join(s1, stages.BUFFER_INFO)) as f:
       buf = json.load(f)

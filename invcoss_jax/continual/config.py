@@ -8,9 +8,13 @@ import ml_collections
 
 from invcoss_jax.data.config import data_config
 
-METHODS = ("invcoss", "seqssl", "er", "medcoss", "ewc", "cassle", "packnet", "joint")
+METHODS = ("invcoss", "seqssl", "er", "medcoss", "ewc", "cassle", "packnet", "joint", "noise")
 REAL_BUFFER_METHODS = ("er", "medcoss")  # keep real samples of every stage
-TEACHER_METHODS = ("invcoss", "er", "medcoss", "cassle")  # distil to the frozen previous model
+# Replay generator output: invcoss its inverted set; noise (the control) the same generator's output at
+# initialisation, with everything else of invcoss (set size, distillation, mixup), so that the difference
+# between the two is what the inversion contributes.
+SYNTHETIC_METHODS = ("invcoss", "noise")
+TEACHER_METHODS = ("invcoss", "noise", "er", "medcoss", "cassle")  # distil to the frozen previous model
 IMAGE_MODALITIES = ("xray", "ct", "mri", "path")
 MODALITIES = ("report",) + IMAGE_MODALITIES
 # Paper Sec. 4.1 / App. C: Report, X-ray, CT, MRI, pathology; Table 5's alternative order Path., MRI, Report,
@@ -37,7 +41,7 @@ def _report_dataset() -> ml_collections.ConfigDict:
 
 def continual_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "invcoss"  # invcoss | seqssl | er | medcoss | ewc | cassle | packnet | joint
+  c.method = "invcoss"  # invcoss | seqssl | er | medcoss | ewc | cassle | packnet | joint | noise (the control)
   c.order = DEFAULT_ORDER  # one stage per entry, each a key of `datasets`
   # Steps of each stage of `order` (same length); () or an entry <= 0: config.total_steps. Joint trains the sum.
   c.stage_steps = ()

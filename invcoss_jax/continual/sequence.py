@@ -32,7 +32,7 @@ from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual import params as params_lib
-from invcoss_jax.continual.config import REAL_BUFFER_METHODS, TEACHER_METHODS
+from invcoss_jax.continual.config import REAL_BUFFER_METHODS, SYNTHETIC_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
@@ -159,7 +159,7 @@ def buffer_sources(cfg, stage: Stage, earlier: list[Stage], prev_model=None, pre
   """The replay sets stage `stage` trains on (earlier stages' buffers; none for buffer-free methods)."""
   method = cfg.continual.method
   out = []
-  if method not in ("invcoss",) + REAL_BUFFER_METHODS or not earlier:
+  if method not in SYNTHETIC_METHODS + REAL_BUFFER_METHODS or not earlier:
     return out
   if float(cfg.continual.buffer_batch_ratio) == 0.0:
     return out
@@ -171,11 +171,11 @@ def buffer_sources(cfg, stage: Stage, earlier: list[Stage], prev_model=None, pre
       out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,
                               tuple(int(s) for s in info["image_shapes"][0])))
       continue
-    if method == "invcoss" and cfg.continual.invert_with == "latest":
+    if method in SYNTHETIC_METHODS and cfg.continual.invert_with == "latest":
       folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
       prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
       n = _synthesize_latest(cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
-    elif method == "invcoss":
+    elif method in SYNTHETIC_METHODS:
       folder = os.path.join(t.workdir, SYNTHETIC_DIR)
       summary = os.path.join(t.workdir, inv_stage.SUMMARY_FILE)
       if not os.path.isfile(summary):
@@ -219,9 +219,12 @@ def _synthesize_latest(cfg, stage: Stage, t: Stage, info: dict, folder: str, mod
   stats = statistics.load_statistics(os.path.join(t.workdir, inv.stats_file))
   n = int(inv.num_samples) if int(inv.num_samples) > 0 else buffers.buffer_size(
       int(info["num_examples"][0]), float(cfg.continual.buffer_fraction))
-  images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape,
-                                                 rng=stage_key(cfg, 0x5E7, stage.index, t.index), num_samples=n,
-                                                 mesh=mesh, mesh_cfg=cfg.mesh)
+  key = stage_key(cfg, 0x5E7, stage.index, t.index)
+  if str(cfg.continual.method) == "noise":  # the control: the generator's output, not optimised
+    images, report = engine.generator_at_init(inv, image_shape=shape, rng=key, num_samples=n), dict(end={})
+  else:
+    images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape, rng=key,
+                                                   num_samples=n, mesh=mesh, mesh_cfg=cfg.mesh)
   npz_io.write_shards(folder, images, int(inv.shard_size))
   atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
                                  task_weight=float(inv.loss_weights.get("task", 0.0)),

@@ -20,7 +20,7 @@ from absl import logging
 from invcoss_jax import faults, npz_io
 from invcoss_jax.continual import buffers, ewc
 from invcoss_jax.continual import text as text_lib
-from invcoss_jax.continual.config import REAL_BUFFER_METHODS
+from invcoss_jax.continual.config import REAL_BUFFER_METHODS, SYNTHETIC_METHODS
 from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR,
                                           Stage, folder_bytes, stage_key, write_info)
@@ -46,11 +46,11 @@ def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes:
   text = seq and data_registry.is_text(d)
   stats_file = inv_stage.statistics_path(stage.workdir, cfg.inversion)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  if (seq and not text and (bool(c.statistics_after_stage) or method == "invcoss")
+  if (seq and not text and (bool(c.statistics_after_stage) or method in SYNTHETIC_METHODS)
       and not os.path.isfile(stats_file)):
     inv_stage.write_statistics(model, params, cfg.data, cfg.inversion, stage.workdir, mesh)
 
-  keeps_buffer = method in REAL_BUFFER_METHODS or (text and method == "invcoss")
+  keeps_buffer = method in REAL_BUFFER_METHODS or (text and method in SYNTHETIC_METHODS)
   if keeps_buffer and not last and not os.path.isfile(os.path.join(stage.workdir, BUFFER_INFO)):
     if text:
       text_lib.write_text_buffer(cfg, stage, model, params)
@@ -73,7 +73,7 @@ def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes:
     logging.info("%s: EWC Fisher information from %d examples", stage.name, used)
 
   synth_summary = os.path.join(stage.workdir, inv_stage.SUMMARY_FILE)
-  wants_synthetic = (method == "invcoss" and c.invert_with == "own" and not text
+  wants_synthetic = (method in SYNTHETIC_METHODS and c.invert_with == "own" and not text
                      and (not last or bool(c.synthesize_last_stage)))
   if wants_synthetic and not os.path.isfile(synth_summary):
     # From the parameters just trained and the statistics as stored (what a later reader of the stage sees).
@@ -81,7 +81,7 @@ def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes:
     inv_stage.invert_stage(model, params, statistics.load_statistics(stats_file), cfg.inversion,
                            stage_data=cfg.data, seed=int(cfg.seed) + 1009 * stage.index, workdir=stage.workdir,
                            mesh=mesh, mesh_cfg=cfg.mesh, writer=inv_writer, stage_dir=stage.workdir,
-                           stats_file=stats_file)
+                           stats_file=stats_file, optimise=method == "invcoss")
 
   storage = stage_storage(cfg, stage, n_current, shapes)
   if writer is not None:
@@ -139,19 +139,20 @@ def stage_storage(cfg, stage: Stage, n_current: list[int], shapes) -> dict[str, 
       real_buffer_equivalent_bytes=int(sum(
           buffers.buffer_size(n, float(cfg.continual.buffer_fraction)) * math.prod(s) * 4
           for n, s in zip(n_current, shapes))))
-  kinds = {"invcoss": ("statistics",), "er": ("real_buffer",), "medcoss": ("real_buffer",), "ewc": ("ewc",),
+  kinds = {"invcoss": ("statistics",), "noise": ("statistics",), "er": ("real_buffer",),
+           "medcoss": ("real_buffer",), "ewc": ("ewc",),
            "packnet": ("packnet",)}.get(method, ())
-  if method == "invcoss" and str(cfg.continual.invert_with) == "own":
+  if method in SYNTHETIC_METHODS and str(cfg.continual.invert_with) == "own":
     # 'own' keeps the stage's synthetic set for every later stage (as large as a real buffer); only 'latest'
     # keeps nothing but the statistics between stages.
     kinds = ("statistics", "synthetic")
   text = method != "joint" and data_registry.is_text(stage.data[0])
-  if text and method == "invcoss":
+  if text and method in SYNTHETIC_METHODS:
     kinds = ("real_buffer",)
   out["retained_kind"] = "+".join(kinds) or "none"
   out["retained_bytes"] = int(sum(out[f"{k}_bytes"] for k in kinds))
   if text and "real_buffer" in kinds:
     out["retained_kind"] = "real_text_buffer"
-    if method == "invcoss":
+    if method in SYNTHETIC_METHODS:
       out["exception"] = text_lib.EXCEPTION
   return out

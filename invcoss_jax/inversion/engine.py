@@ -475,3 +475,30 @@ def synthesize(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collec
   images, _ = synthesize_with_report(model, params, stats, inv_cfg, image_shape=image_shape, rng=rng,
                                      num_samples=num_samples, mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
   return images
+
+
+def generator_at_init(inv_cfg: ml_collections.ConfigDict, *, image_shape, rng: jax.Array,
+                      num_samples: int) -> np.ndarray | None:
+  """`num_samples` images `(N, *image_shape)` float32 of the generator at initialisation: freshly initialised
+  weights and latents, drawn batch by batch as inversion starts each batch, with no optimisation step.
+
+  This is the `noise` method's replay set (the control that keeps everything of invcoss but the inversion)
+  and the reference a trained generator must beat. None when `config.inversion.generator` is 'none' (there
+  is no generator whose output could be replayed)."""
+  image_shape = tuple(int(s) for s in image_shape)
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  generator = build_generator(inv_cfg, image_shape)
+  if generator is None:
+    return None
+  rank = spatial_rank_of(image_shape)
+  sched = schedule_for(inv_cfg, rank)
+  out_act = output_activation(inv_cfg, rank)
+  batch, latent = int(sched.batch_size), int(sched.latent_dim)
+  draw = _cached(("init_images", generator, out_act, image_shape, batch, latent), lambda: jax.jit(
+      lambda k: render(generator, out_act, *init_variables(generator, image_shape, batch, latent, k))[0]))
+  out, key = [], rng
+  while sum(len(o) for o in out) < num_samples:
+    key, sub = jax.random.split(key)
+    out.append(np.asarray(jax.device_get(draw(sub)), np.float32))
+  return np.concatenate(out)[:num_samples]

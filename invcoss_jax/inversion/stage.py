@@ -79,10 +79,15 @@ def _batches(images: np.ndarray, batch_size: int):
 
 def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
                  stage_data: ml_collections.ConfigDict, seed: int, workdir: str | os.PathLike, mesh,
-                 mesh_cfg: ml_collections.ConfigDict, writer, stage_dir: str, stats_file: str) -> dict[str, Any]:
+                 mesh_cfg: ml_collections.ConfigDict, writer, stage_dir: str, stats_file: str,
+                 optimise: bool = True) -> dict[str, Any]:
   """Inverts the stage of `model`/`params` (trained on `stage_data`, statistics `stats`) into `workdir`;
   returns the summary also written as `inversion.json`. `inv_cfg` is config.inversion (its grey setting is
-  resolved for the stage's modality here)."""
+  resolved for the stage's modality here).
+
+  `optimise=False` writes the generator's output at initialisation instead, with the same layout, size and
+  summary (the `noise` method: everything of invcoss but the inversion, so that a benchmark can tell what the
+  inversion itself contributes)."""
   from invcoss_jax import data as data_lib
   from invcoss_jax.train.writers import image_grid, write_png
   workdir = os.fspath(workdir)
@@ -90,9 +95,18 @@ def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_coll
   image_shape = tuple(int(s) for s in data_lib.image_shape(stage_data))
   num_samples = num_synthetic_samples(inv, stage_data)
   os.makedirs(workdir, exist_ok=True)
-  images, report = engine.synthesize_with_report(
-      model, params, stats, inv, image_shape=image_shape, rng=jax.random.key(int(seed)), num_samples=num_samples,
-      mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
+  if optimise:
+    images, report = engine.synthesize_with_report(
+        model, params, stats, inv, image_shape=image_shape, rng=jax.random.key(int(seed)),
+        num_samples=num_samples, mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
+  else:
+    images = engine.generator_at_init(inv, image_shape=image_shape, rng=jax.random.key(int(seed)),
+                                      num_samples=num_samples)
+    if images is None:
+      raise ValueError("the noise control replays the generator's output at initialisation; "
+                       "config.inversion.generator='none' has no generator (pick invunet, cmi or cmi_large)")
+    report = dict(num_samples=int(len(images)), generator=str(inv.generator), optimised=False, batches=[],
+                  start={}, end={})
   # The achieved L_norm of the whole synthetic set against the stored statistics.
   synth_stats = statistics.compute_statistics(model, params, _batches(images, int(inv.stats_batch_size)), mesh=mesh)
   achieved = float(losses.l_norm(jnp.asarray(synth_stats.mean, jnp.float32), jnp.asarray(synth_stats.var, jnp.float32),
@@ -105,7 +119,7 @@ def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_coll
   summary = {k: v for k, v in report.items() if k != "features"}
   summary.update(
       stage=os.path.abspath(stage_dir), statistics=os.path.abspath(stats_file), image_shape=list(image_shape),
-      grey=str(inv.grey), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"),
+      grey=str(inv.grey), optimised=bool(optimise), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"),
       l_norm_end=report["end"].get("norm"), shards=shards, synthetic_dir=SYNTHETIC_DIR,
       input_layer=dict(format="npz", preprocessed=True, path=os.path.join(os.path.abspath(workdir), SYNTHETIC_DIR)))
   atomic_write_json(os.path.join(workdir, SUMMARY_FILE), summary)

@@ -194,8 +194,24 @@ def test_registry_errors_are_clear():
 
 def test_paper_default_weights():
   w = inversion_config().loss_weights
-  assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1)
+  assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1, pixel=0.0, tv_target=0.0)
+  assert losses.active_terms(inversion_config()) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1)  # priors opt-in
   assert set(w) <= set(losses.registered_loss_terms())
+
+
+def test_pixel_prior_against_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(6, 8, 8, 3)).astype(np.float32)
+  mu, var = rng.uniform(size=(8, 8, 3)).astype(np.float32), rng.uniform(size=(8, 8, 3)).astype(np.float32)
+  want = np.linalg.norm(x.mean(0) - mu) + np.linalg.norm(x.var(0) - var)
+  np.testing.assert_allclose(float(losses.l_pixel(jnp.asarray(x), jnp.asarray(mu), jnp.asarray(var))), want,
+                             rtol=1e-5)
+  assert float(losses.l_pixel(jnp.asarray(x), jnp.asarray(x.mean(0)), jnp.asarray(x.var(0)))) < 1e-5
+  tv = np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()
+  np.testing.assert_allclose(float(losses.l_tv_target(jnp.asarray(x), 0.25)), abs(tv - 0.25), rtol=1e-5)
+  # The stored TV is the mean of per-image TVs, and that mean equals l_img's batch 'mean' reduction.
+  from invcoss_jax.inversion import statistics
+  np.testing.assert_allclose(statistics.image_tv(x).mean(), float(losses.l_img(jnp.asarray(x), "mean")), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- context

@@ -182,3 +182,25 @@ def test_centered_rep_feature_has_zero_mean_over_the_data(model_and_reference, x
   assert np.abs(feats).mean() > 1e-2  # not trivially zero
   with pytest.raises(ValueError, match="needs the last block"):
     rep_features(tokens, "centered_mean")
+
+
+def test_pixel_statistics_equal_numpy_for_any_batching_and_round_trip(tmp_path, model_and_reference, xrays):
+  """The input-space statistics (config.inversion.pixel_statistics) merged over ragged batches equal NumPy's
+  over the whole set, survive save/load, and are counted in the stored bytes."""
+  model, params, *_ = model_and_reference
+  x = np.asarray(xrays, np.float64)
+  want_tv = np.mean([np.abs(np.diff(im, axis=0)).mean() + np.abs(np.diff(im, axis=1)).mean() for im in x])
+  for size in (40, 7):
+    stats = statistics.compute_statistics(model, params, (xrays[i:i + size] for i in range(0, len(xrays), size)),
+                                          pixel=True)
+    np.testing.assert_allclose(stats.pixel["mean"], x.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(stats.pixel["var"], x.var(0), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(stats.pixel["tv"], want_tv, rtol=1e-10)
+  path = tmp_path / "statistics.npz"
+  statistics.save_statistics(path, stats)
+  back = statistics.load_statistics(path)
+  np.testing.assert_allclose(back.pixel["mean"], x.mean(0), rtol=1e-6)
+  assert statistics.statistics_nbytes(back) == 2 * back.mean.size * 4 + 8 + 4 * (2 * x[0].size + 1)
+  assert statistics.load_statistics(path).pixel is not None
+  plain = statistics.compute_statistics(model, params, [xrays])
+  assert plain.pixel is None

@@ -21,6 +21,9 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.stats_batch_size = 64  # batch size of the statistics pass (the result does not depend on it)
   c.stats_file = "statistics.npz"  # inside the stage workdir
   c.buffer_fractions = (0.01, 0.05, 0.10)  # real replay-buffer sizes the statistics' size is compared with
+  # Also keep input-space statistics (per-pixel mean and variance, the mean total variation; a few KB), which
+  # the opt-in priors `pixel` and `tv_target` below match. Beyond the paper; counted in the storage log.
+  c.pixel_statistics = False
 
   # --- What to synthesise ---
   # Number of synthetic samples; <= 0 derives it from `buffer_fraction` of the stage's dataset size
@@ -70,6 +73,9 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.loss_weights.norm = 1.0  # alpha_norm, L_norm, Eq. 3
   c.loss_weights.img = 0.1  # alpha_img, L_img, Eq. 8
   c.loss_weights.rep = 0.1  # alpha_rep, L_rep, Eq. 5
+  # Priors beyond the paper, off by default (docs/continual.md); both need pixel_statistics = True:
+  c.loss_weights.pixel = 0.0  # batch moments of the pixels vs the stored per-pixel mean and variance
+  c.loss_weights.tv_target = 0.0  # |TV - the real images' TV| (PSAQ-ViT), instead of L_img's minimisation
   c.task_mask_ratio = 0.75  # MAE masking ratio of L_task (the pre-training ratio)
   # L_img reduction: 'mean' = sum over axes of the mean absolute neighbour difference (scale-free, so
   # alpha_img = 0.1 is meaningful at any resolution); 'sum' = Eq. 8 literally (sum per image, batch mean).

@@ -291,7 +291,7 @@ def _cached(key: tuple, build):
 
 # Options only the host loop reads: changing them must not recompile the inner loop.
 _HOST_ONLY = ("inner_loop", "max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size",
-              "stats_batch_size", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d",
+              "stats_batch_size", "pixel_statistics", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d",
               "schedule_3d")
 
 
@@ -406,9 +406,17 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   generator = build_generator(inv_cfg, image_shape)
   out_act = output_activation(inv_cfg, rank)
 
+  pixel = None
+  if stats.pixel is not None:
+    pixel = {k: jnp.asarray(v, jnp.float32) for k, v in stats.pixel.items()}
+  needs = [n for n in losses.active_terms(inv_cfg) if n in losses.PIXEL_TERMS]
+  if needs and pixel is None:
+    raise ValueError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
+                     "statistics, but its statistics file holds none: run the statistics pass with "
+                     "config.inversion.pixel_statistics=True")
   target = statistics.FeatureStats(count=jnp.asarray(stats.count, jnp.float32),
                                    mean=jnp.asarray(stats.mean, jnp.float32),
-                                   var=jnp.asarray(stats.var, jnp.float32))
+                                   var=jnp.asarray(stats.var, jnp.float32), pixel=pixel if needs else None)
   feature_dim = int(target.mean.shape[-1])
   pool_size = max(int(inv_cfg.pool_size) if int(inv_cfg.pool_size) > 0 else num_samples, batch_size)
   pool = np.zeros((pool_size, feature_dim), np.float32)

@@ -180,6 +180,45 @@ def img_term(ctx, inv_cfg) -> jax.Array:
   return l_img(ctx.images, inv_cfg.img_reduction)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Priors beyond the paper (opt-in: weight 0 by default; docs/continual.md). They read the stage's input-space
+# statistics (config.inversion.pixel_statistics), a few kilobytes kept beside Eq. 9's feature statistics.
+
+PIXEL_TERMS = ("pixel", "tv_target")
+
+
+def l_pixel(images: jax.Array, target_mean: jax.Array, target_var: jax.Array) -> jax.Array:
+  """||mean_b x - mu||_2 + ||var_b x - sigma^2||_2 over every pixel and channel: L_norm's form applied to the
+  input, as DeepInversion's first BatchNorm layer (whose statistics are per channel of the pixels) and weighted
+  apart. Per-position block statistics fix the layout of the batch's feature moments; this fixes the batch's
+  mean image and where it varies (the real X-rays vary little over the mediastinum, much at the lung edges)."""
+  x = images.astype(jnp.float32)
+  if x.shape[1:] != target_mean.shape:
+    raise ValueError(f"pixel statistics of shape {target_mean.shape} do not fit images of shape {x.shape[1:]}")
+  mean = jnp.mean(x, axis=0)
+  var = jnp.mean(jnp.square(x - mean), axis=0)
+  return _norm(mean - target_mean) + _norm(var - target_var)
+
+
+def l_tv_target(images: jax.Array, target_tv: jax.Array) -> jax.Array:
+  """|TV(x) - tau|: the batch's mean total variation pulled towards the real images' (PSAQ-ViT pulls TV
+  towards a target rather than minimising it: minimising TV rewards flat fields, which inpaint easily)."""
+  return jnp.abs(l_img(images, "mean") - jnp.asarray(target_tv, jnp.float32))
+
+
+@register_loss_term("pixel")
+def pixel_term(ctx, inv_cfg) -> jax.Array:
+  """Batch moments of the pixels vs the stage's pixel statistics (opt-in)."""
+  p = ctx.target_stats.pixel
+  return l_pixel(ctx.images, p["mean"], p["var"])
+
+
+@register_loss_term("tv_target")
+def tv_target_term(ctx, inv_cfg) -> jax.Array:
+  """Total variation towards the real images' (opt-in; use with loss_weights.img = 0)."""
+  return l_tv_target(ctx.images, ctx.target_stats.pixel["tv"])
+
+
 @register_loss_term("rep")
 def rep_term(ctx, inv_cfg) -> jax.Array:
   """alpha_rep * L_rep: repulsion from the persistent feature pool (current batch included, Sec. 3.4)."""

@@ -42,14 +42,16 @@ def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg
   workdir = os.fspath(workdir)
   batches = data_lib.make_eval_iterator(data_cfg, batch_size=int(inv_cfg.stats_batch_size),
                                         process_index=jax.process_index(), process_count=jax.process_count())
-  stats = statistics.compute_statistics(model, params, batches, mesh=mesh)
+  stats = statistics.compute_statistics(model, params, batches, mesh=mesh,
+                                       pixel=bool(inv_cfg.get("pixel_statistics", False)))
   path = statistics_path(workdir, inv_cfg)
   file_bytes = statistics.save_statistics(path, stats)
   nbytes = statistics.statistics_nbytes(stats)
   buffers = {f"{f:g}": statistics.replay_buffer_nbytes(data_cfg, float(f)) for f in inv_cfg.buffer_fractions}
   summary = dict(
       file=os.path.basename(path), count=int(stats.count), num_blocks=int(stats.mean.shape[0]),
-      tokens=int(stats.mean.shape[1]), width=int(stats.mean.shape[2]), statistics_bytes=nbytes,
+      tokens=int(stats.mean.shape[1]), width=int(stats.mean.shape[2]), pixel_statistics=stats.pixel is not None,
+      statistics_bytes=nbytes,
       file_bytes=file_bytes, dataset=str(data_cfg.name), num_examples=int(data_lib.num_examples(data_cfg)),
       image_shape=list(data_lib.image_shape(data_cfg)), replay_buffer_bytes=buffers,
       replay_buffer_layout="float32 model input, uncompressed",

@@ -34,6 +34,10 @@ class FeatureStats:
   count: Any
   mean: Any
   var: Any
+  # Optional input-space statistics (config.inversion.pixel_statistics), or None: {'mean', 'var'} over the
+  # batch of every pixel and channel (the image shape) and 'tv', the mean total variation of an image (the
+  # `l_img` 'mean' reduction). The analogue of DeepInversion's first BatchNorm layer, which sees pixels.
+  pixel: Any = None
 
   @property
   def num_blocks(self) -> int:
@@ -145,7 +149,20 @@ def _moments_fn(model):
   return moments_fn
 
 
-def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> FeatureStats:
+def image_tv(x: np.ndarray) -> np.ndarray:
+  """Per-image anisotropic total variation `(B,)`: the sum over spatial axes of the mean absolute neighbour
+  difference (the `losses.l_img` 'mean' reduction, image by image)."""
+  x = np.asarray(x, np.float64)
+  return sum(np.mean(np.abs(np.diff(x, axis=a)), axis=tuple(range(1, x.ndim))) for a in range(1, x.ndim - 1))
+
+
+def pixel_moments(x: np.ndarray) -> tuple[FeatureStats, float]:
+  """(moments over the batch of every pixel and channel, summed per-image TV) of one host batch (float64)."""
+  m = batch_moments(np.asarray(x, np.float64), axis=0, dtype=np.float64)
+  return m, float(np.sum(image_tv(x)))
+
+
+def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bool = False) -> FeatureStats:
   """Per-block token statistics of `model` over every example of `batches` (one pass, Eq. 9 merging).
 
   `batches` yields image arrays or dicts with 'image' (the input layer's eval iterator; the last batch may be
@@ -153,6 +170,7 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> Featur
   function serves every batch; the padded rows carry weight 0. With `mesh`, the batch is split over the batch
   axes and the reductions over the batch axis run across devices inside the compiled function. Per-batch
   moments are float32 two-pass; batches are merged on the host in float64. Returns float64 NumPy arrays.
+  With `pixel`, the input-space statistics (`FeatureStats.pixel`) are accumulated in the same pass.
   """
   from invcoss_jax.parallel import mesh as mesh_lib
 
@@ -162,11 +180,15 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> Featur
   if mesh is not None:
     params = jax.device_put(params, mesh_lib.replicated(mesh))
   total = None
+  pix, tv_sum = None, 0.0
   padded_size = None
   for batch in batches:
     x = _images_of(batch)
     if x.shape[0] == 0:
       continue
+    if pixel:
+      m, tv = pixel_moments(x)
+      pix, tv_sum = (m if pix is None else merge_moments(pix, m)), tv_sum + tv
     if padded_size is None or x.shape[0] > padded_size:
       padded_size = -(-x.shape[0] // shards) * shards
     x, w = _pad_batch(x.astype(np.float32), padded_size)
@@ -178,10 +200,13 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None) -> Featur
     total = m if total is None else merge_moments(total, m)
   if total is None:
     raise ValueError("compute_statistics: the batches were empty (no examples to compute statistics on)")
+  if pixel:
+    total = total.replace(pixel=dict(mean=pix.mean, var=pix.var, tv=np.float64(tv_sum / float(pix.count))))
   return total
 
 
 _STATS_KEYS = ("count", "mean", "var")
+_PIXEL_KEYS = ("pixel_mean", "pixel_var", "pixel_tv")
 
 
 def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> int:
@@ -190,7 +215,12 @@ def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> int:
   if mean.shape != var.shape or mean.ndim != 3:
     raise ValueError(f"statistics must have mean and var of one shape (num_blocks, 1 + L, D), got "
                      f"{mean.shape} and {var.shape}")
-  atomic_savez(path, count=np.asarray(stats.count, np.int64), mean=mean, var=var)
+  extra = {}
+  if stats.pixel is not None:
+    extra = dict(pixel_mean=np.asarray(stats.pixel["mean"], np.float32),
+                 pixel_var=np.asarray(stats.pixel["var"], np.float32),
+                 pixel_tv=np.asarray(stats.pixel["tv"], np.float32))
+  atomic_savez(path, count=np.asarray(stats.count, np.int64), mean=mean, var=var, **extra)
   return os.path.getsize(path)
 
 
@@ -203,7 +233,7 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
   try:
     with zipfile.ZipFile(path) as zf:
       present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-    arrays = npz_io.load_npz(path, [k for k in _STATS_KEYS if k in present])
+    arrays = npz_io.load_npz(path, [k for k in _STATS_KEYS + _PIXEL_KEYS if k in present])
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"statistics file {path!r} is not a readable .npz: {e}") from e
   missing = [k for k in _STATS_KEYS if k not in arrays]
@@ -215,12 +245,23 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
                      f"scalar count, got mean {mean.shape}, var {var.shape}, count {count.shape}")
   if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0) and count > 0):
     raise ValueError(f"statistics file {path!r} holds non-finite or negative values (or a count of 0)")
-  return FeatureStats(count=count, mean=mean.astype(np.float32), var=var.astype(np.float32))
+  pixel = None
+  if all(k in arrays for k in _PIXEL_KEYS):
+    pixel = {k[len("pixel_"):]: arrays[k].astype(np.float32) for k in _PIXEL_KEYS}
+    if (pixel["mean"].shape != pixel["var"].shape or pixel["tv"].shape != ()
+        or not all(np.all(np.isfinite(v)) for v in pixel.values()) or np.any(pixel["var"] < 0)):
+      raise ValueError(f"statistics file {path!r}: its pixel statistics are malformed (expected pixel_mean and "
+                       "pixel_var of the image shape, non-negative variances and a scalar pixel_tv)")
+  elif any(k in arrays for k in _PIXEL_KEYS):
+    raise ValueError(f"statistics file {path!r} holds only some of {list(_PIXEL_KEYS)}")
+  return FeatureStats(count=count, mean=mean.astype(np.float32), var=var.astype(np.float32), pixel=pixel)
 
 
 def statistics_nbytes(stats: FeatureStats) -> int:
-  """Bytes the statistics take as stored (float32 mean and var, int64 count; no compression)."""
-  return int(2 * np.asarray(stats.mean).size * 4 + 8)
+  """Bytes the statistics take as stored (float32 mean and var, int64 count, and the float32 pixel
+  statistics when kept; no compression)."""
+  pixel = 0 if stats.pixel is None else 4 * sum(int(np.asarray(v).size) for v in stats.pixel.values())
+  return int(2 * np.asarray(stats.mean).size * 4 + 8 + pixel)
 
 
 def replay_buffer_nbytes(data_cfg, fraction: float, *, bytes_per_value: int = 4) -> int:

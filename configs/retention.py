@@ -107,6 +107,30 @@ def _report(c: ml_collections.ConfigDict) -> None:
   c.retention.seeds = (0, 1, 2, 3)
 
 
+def mri_slices_path() -> str:
+  """The grey MRI slices of `content` (scripts/build_mri_slices.py writes them; $INVCOSS_MRI_SLICES elsewhere)."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.environ.get("INVCOSS_MRI_SLICES", os.path.join(here, "workdirs", "data", "hippocampus_slices_32.npz"))
+
+
+def _content(c: ml_collections.ConfigDict) -> None:
+  """A regime where what is replayed can matter: X-ray, then a grey stage in the X-ray's input range.
+
+  Pathology's colour tiles leave the grey X-ray features mostly alone (quick: every replay, noise included,
+  keeps the stage). Brain-MRI slices are grey like the X-rays (one channel replicated to three), so the second
+  stage rewrites the features X-rays use, and only replay that looks like X-rays pins them where X-rays lie.
+  Distillation at a tenth of the paper's weight, so that replay does not keep the stage by freezing the trunk.
+  """
+  _quick(c)
+  c.continual.order = ("xray", "mri")
+  d = c.continual.datasets.mri
+  _npz(d, mri_slices_path(), "xray")  # grey 2D slices, fed like X-rays: 3 equal channels
+  c.continual.stage_steps = (3000, 1500)
+  c.continual.distill_weight = 0.1
+  c.retention.methods = ("seqssl", "er", "noise", "invcoss", "cassle")
+  c.retention.seeds = (0, 1, 2, 3)
+
+
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """Embedded demo data (X-ray with labels, unlabelled pathology tiles), a 2-block ViT, a few steps."""
   c.continual.order = ("xray", "path")
@@ -129,9 +153,11 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.retention.replay.max_nn_reference = 256
   c.retention.replay.grid_size = 4
   c.retention.knn_k = 5
+  c.retention.recon.refit_steps = 5
+  c.retention.recon.mask_draws = 2
 
 
-PRESETS = {"quick": _quick, "full": _full, "report": _report, "tiny": _tiny}
+PRESETS = {"quick": _quick, "full": _full, "report": _report, "content": _content, "tiny": _tiny}
 
 
 def get_config(arg=None):

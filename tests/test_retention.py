@@ -145,6 +145,8 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
   config.train.base_lr = 0.0  # every stage's encoder stays the random initialisation
   config.retention.finetune.enabled = True  # fine-tuning from the same weights with the same seed: the same result
   config.retention.finetune.steps = 2
+  config.retention.recon.refit_steps = 3
+  config.retention.recon.mask_draws = 2
   out = retention_job.run(config, tmp_path)
   for m in ("seqssl", "invcoss"):
     for k in ("knn_auc", "logreg_auc", "logreg_acc", "finetune_acc", "finetune_auc"):
@@ -158,10 +160,21 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
   replay = out["replay"]["invcoss"]["stage_1_xray"]
   assert replay["num_samples"] == 16 and replay["replay"]["frechet"]["mean"] > 0
   assert not out["targets"]["pretraining_gain_xray"]["met"]
+  # The same encoder after every stage: the re-fitted decoder (same fresh decoder, batches and masks per
+  # (seed, stage)) reconstructs stage 1's images exactly as well, and no feature moved.
+  for m in ("seqssl", "invcoss"):
+    r = out["recon"][m]["stage_1_xray"]
+    assert r["mae_mse_refit"]["increase"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert r["mae_mse_refit"]["own"]["mean"] > 0 and r["mae_mse"]["final"]["mean"] > 0
+    assert r["feature_distance"]["final"]["mean"] == pytest.approx(0.0, abs=1e-6)
+  assert out["paired"]["invcoss-seqssl"]["avg"]["mean"] == pytest.approx(0.0, abs=1e-9)
+  assert not out["targets"]["avg_invcoss_above_seqssl"]["met"]
+  last = json.loads((tmp_path / "measurements" / "seed_0" / "invcoss" / "stage_2_path.json").read_text())
+  assert set(last["recon"]) == set(last["feature_distance"]) == {"stage_1_xray", "stage_2_path"}  # unlabelled too
   # Stage 1 was trained once per seed and copied: invcoss's first stage measures exactly as seqssl's.
   m = tmp_path / "measurements" / "seed_1"
-  first = [json.loads((m / x / "stage_1_xray.json").read_text())["tasks"] for x in ("seqssl", "invcoss")]
-  assert first[0] == first[1]
+  first = [json.loads((m / x / "stage_1_xray.json").read_text()) for x in ("seqssl", "invcoss")]
+  assert first[0]["tasks"] == first[1]["tasks"] and first[0]["recon"] == first[1]["recon"]
   for f in ("retention.json", "retention.md", "retention_xray_knn_auc.png"):
     assert os.path.isfile(tmp_path / f)
   assert os.path.isfile(tmp_path / "measurements" / "grids" / "seed_1_invcoss_stage_1_xray.png")
@@ -171,8 +184,13 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
   kept = tmp_path / "measurements" / "seed_0" / "seqssl" / "stage_2_path.json"
   mtime = kept.stat().st_mtime_ns
   lost.unlink()
+  # A measurement made before the reconstruction measures existed gets them added, the same as measured whole.
+  older = tmp_path / "measurements" / "seed_0" / "invcoss" / "stage_2_path.json"
+  whole = json.loads(older.read_text())
+  older.write_text(json.dumps({k: v for k, v in whole.items() if k not in ("recon", "feature_distance")}))
   retention_job.run(config, tmp_path)
   assert lost.is_file() and kept.stat().st_mtime_ns == mtime
+  assert json.loads(older.read_text()) == whole
   assert json.loads((tmp_path / "retention.json").read_text()) == before
 
 

@@ -3,7 +3,9 @@
 For every seed and method of `config.retention`, the continual sequence of `config.continual` runs in
 `workdir/runs/seed_<s>/<method>/` (the continual job itself: it resumes after a kill). After each of its stages
 the stage's model is measured on held-out data of every stage (retention/evaluate.py): frozen-feature
-probes where the data has labels, the drift from each earlier stage's own model (linear CKA), optional
+probes where the data has labels, the drift from each earlier stage's own model (linear CKA and the relative
+feature distance), the masked-reconstruction error on each earlier image stage (with the model's decoder and
+with a re-fitted one), optional
 fine-tuning with a small label budget, and, for the replay methods, the quality of what the stage left for
 later stages (Fréchet distance in the stage encoder's feature space, diversity, nearest neighbours). Every
 measurement is written atomically under `workdir/measurements/` as soon as it is made, so a restarted job

@@ -38,6 +38,19 @@ def retention_config() -> ml_collections.ConfigDict:
   c.finetune.lr = 1e-3
   c.finetune.protocol = "finetune"  # finetune | linear
 
+  # --- Masked reconstruction and feature drift on each earlier image stage's held-out images ---
+  # After stage i, for every image stage j <= i (text stages have none): the MAE's own masked-patch loss on
+  # stage j's test images with the current model (its own decoder, which fits only the last stage when
+  # config.continual.reinit_decoder) and after re-fitting a fresh decoder on the frozen encoder (fit split), and
+  # the relative distance of each test image's feature from stage j's own model's. Masks, the fresh decoder and
+  # the re-fit batches depend only on (seed, stage j): every method and later stage is measured alike.
+  c.recon = ml_collections.ConfigDict()
+  c.recon.enabled = True
+  c.recon.mask_draws = 4  # independent masks per test image (ratio config.train.mask_ratio), averaged
+  c.recon.refit_steps = 300  # Adam steps of the decoder re-fit (0: no re-fit, no mae_mse_refit)
+  c.recon.refit_lr = 1e-3
+  c.recon.refit_batch_size = 64
+
   # --- Replay-set quality (invcoss's synthetic set, er's real buffer) at the end of every stage ---
   c.replay = ml_collections.ConfigDict()
   c.replay.enabled = True

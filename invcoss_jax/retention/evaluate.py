@@ -3,7 +3,9 @@
 Layout under `workdir/measurements/`:
   seed_<s>/random.json                 the random-init encoder (stage 1's starting point) on every stage's data
   seed_<s>/<method>/<stage>.json       the model after <stage> on every stage's data, CKA to earlier stages'
-                                       own models, and the quality of the replay set the stage left
+                                       own models (and, per image stage, masked-reconstruction error with the
+                                       model's decoder and a re-fitted one, and feature distance: `recon`,
+                                       `feature_distance`), and the quality of the replay set the stage left
   grids/seed_<s>_<method>_<stage>.png  the replay set beside as many held-out real images
 Each file is written atomically once its measurement is complete: a killed job re-measures only what is
 missing, and never reads half a result.
@@ -12,6 +14,7 @@ missing, and never reads half a result.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from typing import Any
@@ -22,12 +25,14 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax import models, npz_io
+from invcoss_jax.continual.config import SYNTHETIC_METHODS
 from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, Stage, stage_key
 from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import features, metrics
 
-REPLAY_METHODS = ("invcoss", "er", "medcoss")
+REPLAY_METHODS = ("invcoss", "noise", "er", "medcoss")
+RECON_KEY = 7919  # folded with a stage's index into PRNGKey(seed): the masks and re-fit of that stage's measures
 
 
 def _read_json(path: str) -> dict | None:
@@ -38,11 +43,11 @@ def _read_json(path: str) -> dict | None:
 
 
 def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
-  """The images stage `stage` left for later stages (invcoss: synthetic/, er and medcoss: buffer/), or None.
+  """The images stage `stage` left for later stages (invcoss, noise: synthetic/; er, medcoss: buffer/), or None.
 
   Shards are read one after another in this thread (numpy's .npy header parser is not thread safe on
   CPython 3.11, python/cpython#106905)."""
-  folder = os.path.join(stage.workdir, SYNTHETIC_DIR if method == "invcoss" else BUFFER_DIR)
+  folder = os.path.join(stage.workdir, SYNTHETIC_DIR if method in SYNTHETIC_METHODS else BUFFER_DIR)
   files = sorted(glob.glob(os.path.join(folder, "*.npz")))
   if not files:
     return None
@@ -59,31 +64,25 @@ def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
 def initial_generator_images(stage: Stage, num: int, seed: int) -> np.ndarray | None:
   """`num` images of the stage's generator at initialisation (the latents and weights inversion starts from):
   the reference a trained generator must beat. None when the stage inverts without a generator."""
+  from invcoss_jax import data as data_lib
   from invcoss_jax.inversion import engine
   from invcoss_jax.train import checkpoint as ckpt_lib
   cfg = ckpt_lib.read_config(stage.workdir)
   info = _read_json(os.path.join(stage.workdir, STAGE_INFO)) or {}
-  shape = tuple(int(s) for s in info["image_shapes"][0])
-  from invcoss_jax import data as data_lib
   inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(cfg.data).modality))
-  generator = engine.build_generator(inv, shape)
-  if generator is None:
-    return None
-  rank = engine.spatial_rank_of(shape)
-  sched = engine.schedule_for(inv, rank)
-  out_act = engine.output_activation(inv, rank)
-  batch, latent = int(sched.batch_size), int(sched.latent_dim)
+  return engine.generator_at_init(inv, image_shape=info["image_shapes"][0], rng=jax.random.PRNGKey(seed),
+                                  num_samples=num)
 
-  @jax.jit
-  def draw(key):
-    opt_vars, state = engine.init_variables(generator, shape, batch, latent, key)
-    return engine.render(generator, out_act, opt_vars, state)[0]
 
-  out, key = [], jax.random.PRNGKey(seed)
-  while sum(len(o) for o in out) < num:
-    key, sub = jax.random.split(key)
-    out.append(np.asarray(jax.device_get(draw(sub)), np.float32))
-  return np.concatenate(out)[:num]
+def _fingerprint(params) -> str:
+  """A digest of every parameter's values (identical copies of a stage's model measure alike)."""
+  h = hashlib.sha1()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    a = np.ascontiguousarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 class Measurer:
@@ -95,6 +94,8 @@ class Measurer:
     self.model = models.build_mae(config.model)
     self._splits: dict[tuple[str, str], features.Split] = {}
     self._finetuners: dict[str, Any] = {}
+    self._recon = None
+    self._recon_cache: dict[tuple[int, int, str], dict[str, float]] = {}
 
   # --- data ---
 
@@ -158,6 +159,48 @@ class Measurer:
     res = self.finetuner(modality).run(seed, pretrained=jax.device_get(params), source=f"retention {modality}")
     return {f"finetune_{k}": float(v) for k, v in res.test.items() if isinstance(v, (int, float))}
 
+  def is_image(self, modality: str) -> bool:
+    """Whether a stage's data are images or volumes (text stages have no masked-patch reconstruction)."""
+    from invcoss_jax.data import registry as data_registry
+    return not data_registry.is_text(self.data(modality))
+
+  def reconstructor(self):
+    """The compiled masked-reconstruction error and decoder re-fit (retention/reconstruction.py), built once."""
+    if self._recon is None:
+      from invcoss_jax.retention import reconstruction
+      r = self.rc.recon
+      self._recon = reconstruction.Reconstruction(
+          self.model, mask_ratio=float(self.config.train.mask_ratio), batch_size=int(self.rc.feature_batch_size),
+          refit_batch_size=int(r.refit_batch_size), refit_lr=float(r.refit_lr))
+    return self._recon
+
+  def reconstruction(self, seed: int, stage: Stage, params) -> dict[str, float]:
+    """Masked-reconstruction error of `params` on `stage`'s held-out images: with its own decoder
+    (`mae_mse`) and with a fresh decoder re-fitted on the frozen encoder on the stage's fit split
+    (`mae_mse_refit`). Masks, the fresh decoder and the re-fit's batches depend on (seed, stage) only."""
+    from invcoss_jax.retention import reconstruction
+    cache_key = (int(seed), int(stage.index), _fingerprint(params))
+    if cache_key in self._recon_cache:  # e.g. the first stage, shared by every method of a seed
+      return dict(self._recon_cache[cache_key])
+    r, rec = self.rc.recon, self.reconstructor()
+    m = stage.modality
+    test = self.split(m, str(self.rc.test_split)).images
+    key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), RECON_KEY + int(stage.index))
+    noise_key, init_key, refit_key = jax.random.split(key, 3)
+    noises = reconstruction.fixed_noises(noise_key, len(test),
+                                         reconstruction.num_tokens(self.model.cfg, test.shape[1:]),
+                                         int(r.mask_draws))
+    out = dict(mae_mse=rec.error(params, test, noises))
+    if int(r.refit_steps) > 0:
+      fit = self.split(m, str(self.rc.fit_split)).images
+      refit, losses = rec.refit_decoder(params, reconstruction.fresh_decoder(self.model.cfg, init_key), fit,
+                                        steps=int(r.refit_steps), key=refit_key,
+                                        seed=int(seed) * 1000 + int(stage.index))
+      out["mae_mse_refit"] = rec.error(refit, test, noises)
+      out["refit_loss_last"] = float(np.mean(losses[-10:]))
+    self._recon_cache[cache_key] = dict(out)
+    return out
+
   def random_params(self, seed: int):
     """The encoder every run of `seed` starts from (continual.sequence.initial_params of stage 1)."""
     from invcoss_jax.continual.sequence import fresh_params_fn
@@ -183,9 +226,11 @@ class Measurer:
     return False
 
   def measure_run(self, seed: int, method: str, stages: list[Stage]) -> bool:
-    """Measures every stage of one finished run that has no measurement yet; returns whether any was made."""
+    """Measures every stage of one finished run that has no measurement yet; returns whether any was made.
+    A measurement made before `recon` existed (config.retention.recon.enabled) gets it added in place."""
     from invcoss_jax.train import checkpoint as ckpt_lib
     params: dict[int, Any] = {}
+    recon = bool(self.rc.recon.enabled)
 
     def stage_params(i: int):
       if i not in params:
@@ -195,18 +240,18 @@ class Measurer:
     made = False
     for i, stage in enumerate(stages):
       path = self._path(seed, method, stage.name)
-      if os.path.isfile(path):
+      old = _read_json(path)
+      if old is not None:
+        if recon and "recon" not in old:
+          old.update(self.earlier_stages(seed, stages, i, stage_params, cka=False, recon=True))
+          atomic_write_json(path, old)
+          made = True
+          logging.info("retention: seed %d %s %s: reconstruction measures added", seed, method, stage.name)
         continue
       p = stage_params(i)
       result = dict(seed=seed, method=method, stage=stage.name, index=stage.index, modality=stage.modality,
-                    tasks=self.tasks(p, seed), cka={})
-      for j in range(i + 1):  # drift from each earlier stage's own model, on that stage's held-out images
-        m = stages[j].modality
-        if m not in self.order:  # joint's one stage spans every modality: no earlier model to drift from
-          continue
-        test = self.split(m, str(self.rc.test_split)).images
-        result["cka"][stages[j].name] = (1.0 if j == i else
-                                         metrics.linear_cka(self.feats(stage_params(j), test), self.feats(p, test)))
+                    tasks=self.tasks(p, seed))
+      result.update(self.earlier_stages(seed, stages, i, stage_params, cka=True, recon=recon))
       if bool(self.rc.replay.enabled) and method in REPLAY_METHODS:
         result["replay"] = self.replay_quality(seed, method, stage, p)
       atomic_write_json(path, result)
@@ -215,6 +260,37 @@ class Measurer:
                    {m: round(v[str(self.rc.headline)], 4) for m, v in result["tasks"].items()
                     if str(self.rc.headline) in v})
     return made
+
+  def earlier_stages(self, seed: int, stages: list[Stage], i: int, stage_params, *, cka: bool, recon: bool
+                     ) -> dict[str, dict[str, Any]]:
+    """The model after stage i on the held-out test data of every stage j <= i: drift from stage j's own model
+    (`cka`: linear CKA; with `recon`, per image stage, `feature_distance`) and the masked-reconstruction errors
+    (`recon`). `stage_params(j)` gives stage j's parameters."""
+    out: dict[str, dict[str, Any]] = {}
+    if cka:
+      out["cka"] = {}
+    if recon:
+      out["recon"], out["feature_distance"] = {}, {}
+    p = stage_params(i)
+    for j in range(i + 1):
+      m, name = stages[j].modality, stages[j].name
+      if m not in self.order:  # joint's one stage spans every modality: no earlier model to drift from
+        continue
+      image = recon and self.is_image(m)
+      if j == i:
+        if cka:
+          out["cka"][name] = 1.0
+        distance = 0.0
+      elif cka or image:
+        test = self.split(m, str(self.rc.test_split)).images
+        f_own, f_now = self.feats(stage_params(j), test), self.feats(p, test)
+        if cka:
+          out["cka"][name] = metrics.linear_cka(f_own, f_now)
+        distance = metrics.relative_feature_distance(f_now, f_own)
+      if image:
+        out["feature_distance"][name] = distance
+        out["recon"][name] = self.reconstruction(seed, stages[j], p)
+    return out
 
   def replay_quality(self, seed: int, method: str, stage: Stage, params) -> dict[str, Any] | None:
     """How close the stage's replay set is to its held-out data, in the frozen stage encoder's features."""

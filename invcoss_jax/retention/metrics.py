@@ -5,6 +5,8 @@ and the seed statistics the report is made of.
   and scored on a held-out one (scikit-learn).
 - `linear_cka`: linear centred kernel alignment of two feature matrices of the same examples
   (Kornblith et al. 2019, Eq. 5): 1 for features equal up to rotation and isotropic scaling.
+- `relative_feature_distance`: mean over examples of ||x_i - y_i|| / ||y_i||, the drift of each example's
+  feature from a reference model's (0 for the same model; not invariant to rotation and scale, unlike CKA).
 - `frechet_distance`: the Fréchet distance of two Gaussians fitted to two feature sets (Heusel et al.
   2017, the FID formula), here in the frozen stage encoder's feature space.
 - `mean_ci`: mean and the half-width of its 95 % Student-t confidence interval over seeds.
@@ -42,6 +44,18 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
   if norm == 0.0:
     raise ValueError("linear_cka: one feature matrix is constant over the examples")
   return float(cross / norm)
+
+
+def relative_feature_distance(x: np.ndarray, reference: np.ndarray) -> float:
+  """Mean over the N examples of ||x_i - reference_i||_2 / ||reference_i||_2 (features (N, D) of the same
+  examples by two models)."""
+  x = _check_features("relative_feature_distance x", x)
+  reference = _check_features("relative_feature_distance reference", reference)
+  if x.shape != reference.shape:
+    raise ValueError(f"relative_feature_distance: shapes {x.shape} and {reference.shape} differ; expected the "
+                     "features of the same examples")
+  norm = np.linalg.norm(reference, axis=1)
+  return float(np.mean(np.linalg.norm(x - reference, axis=1) / np.maximum(norm, 1e-12)))
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:

@@ -74,6 +74,8 @@ def markdown(s: dict[str, Any]) -> str:
   for m in s["methods"]:
     lines.append(f"| {m} | " + " | ".join(fmt(s["cka"][m].get(st)) for st in s["stages"][:-1]) + " |")
   lines.append("")
+  lines += _recon_markdown(s)
+  lines += _across_methods_markdown(s)
   if s["replay"]:
     lines += ["## Replay sets", "",
               "Fréchet distance to the stage's held-out images in the frozen stage encoder's feature space "
@@ -98,6 +100,76 @@ def markdown(s: dict[str, Any]) -> str:
                                       if "of_means" in v else ", ".join(f"{k} {x:.2f}" for k, x in v.items()))
     lines.append(f"| {name} | {'yes' if t['met'] else 'no'} | {txt} |")
   return "\n".join(lines) + "\n"
+
+
+def _recon_markdown(s: dict[str, Any]) -> list[str]:
+  if not s.get("recon"):
+    return []
+  lines = ["## Masked reconstruction and feature distance", "",
+           "On each earlier image stage's held-out images, under the same fixed masks for every method: the MAE "
+           "masked-patch error with the model's own decoder (`mae_mse`; with config.continual.reinit_decoder, a "
+           "later model's decoder was trained on the later stage only) and with a fresh decoder re-fitted on the frozen encoder "
+           "(`mae_mse_refit`), after the stage itself and after the last stage, and the increase (positive = "
+           "forgetting); and the mean relative distance of each image's feature from the stage's own model's after "
+           "the last stage (0 = no drift).", "",
+           "| method | stage | mae_mse own | mae_mse last | increase | refit own | refit last | refit increase | "
+           "feature distance |", "|---|---|---|---|---|---|---|---|---|"]
+  for m, per_stage in s["recon"].items():
+    for st, r in per_stage.items():
+      cells = []
+      for k in ("mae_mse", "mae_mse_refit"):
+        cells += [fmt(r.get(k, {}).get(x), 4) for x in ("own", "final", "increase")]
+      cells.append(fmt(r.get("feature_distance", {}).get("final"), 4))
+      lines.append(f"| {m} | {st} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def _pair_order(methods: list[str]) -> list[tuple[str, str]]:
+  """Each unordered pair once, as (a, b) with invcoss first where present, else in the run's order (the JSON
+  has every ordered pair)."""
+  order = (["invcoss"] if "invcoss" in methods else []) + [m for m in methods if m != "invcoss"]
+  return [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+
+
+def _across_methods_markdown(s: dict[str, Any]) -> list[str]:
+  if not s.get("avg") and not s.get("paired"):
+    return []
+  h, first = s["headline"], s.get("first_stage", {})
+  t1, st1 = first.get("task"), first.get("stage")
+  recon1 = {m: per.get(st1, {}) for m, per in s.get("recon", {}).items()}
+  lines = ["## AVG and the first stage after the last", "",
+           f"AVG: per seed, the mean {h} over every labelled task after the last stage. The first stage "
+           f"({st1}) after the last: its task's probes"
+           + ("" if t1 else " (none: the stage has no labelled task)") +
+           ", and its reconstruction measures (increase since the stage; feature distance).", "",
+           f"| method | AVG ({h}) | {t1} {h} | {t1} logreg_auc | mae_mse increase | mae_mse_refit increase | "
+           "feature distance |", "|---|---|---|---|---|---|---|"]
+  for m in s["methods"]:
+    curve = s["curves"].get(m, {}).get(t1, {}) if t1 else {}
+    r = recon1.get(m, {})
+    lines.append(f"| {m} | {fmt(s.get('avg', {}).get(m))} | "
+                 f"{fmt(curve[h][-1]) if h in curve else '-'} | "
+                 f"{fmt(curve['logreg_auc'][-1]) if 'logreg_auc' in curve else '-'} | "
+                 f"{fmt(r.get('mae_mse', {}).get('increase'), 4)} | "
+                 f"{fmt(r.get('mae_mse_refit', {}).get('increase'), 4)} | "
+                 f"{fmt(r.get('feature_distance', {}).get('final'), 4)} |")
+  lines.append("")
+  if s.get("paired"):
+    lines += ["Paired differences a - b per seed (after the last stage; errors and distance on the first stage's "
+              "images: negative = a keeps more):", "",
+              f"| a - b | {t1} {h} | AVG ({h}) | mae_mse | mae_mse_refit | feature distance |",
+              "|---|---|---|---|---|---|"]
+    for a, b in _pair_order(s["methods"]):
+      d = s["paired"].get(f"{a}-{b}", {})
+      lines.append(f"| {a} - {b} | {fmt(d.get('first_task'))} | {fmt(d.get('avg'))} | {fmt(d.get('mae_mse'), 4)} | "
+                   f"{fmt(d.get('mae_mse_refit'), 4)} | {fmt(d.get('feature_distance'), 4)} |")
+    lines.append("")
+  if "ratio" in s:
+    r = s["ratio"]
+    lines += [f"Content ratio on {r['task']} after the last stage, (invcoss - noise) / (er - noise) of the means "
+              "over seeds (for an error, (noise - invcoss) / (noise - er)): " +
+              ", ".join(f"{k} {v['value']:.2f}" for k, v in r["per_metric"].items()) + ".", ""]
+  return lines
 
 
 def plot(s: dict[str, Any], task: str, metric: str):

@@ -7,6 +7,21 @@ For a task of stage t (its held-out labelled data) and a metric (e.g. knn_auc):
   when config.retention.share_first_stage, so the pairing is exact for the first stage), and as a ratio of the
   means over seeds;
 - drift: linear CKA between stage t's model and the last model on stage t's held-out images.
+
+For an earlier image stage j (its held-out images, labelled or not; evaluate.Measurer.reconstruction):
+- recon: the masked-reconstruction error with the model's own decoder (`mae_mse`) and with a decoder re-fitted on
+  the frozen encoder (`mae_mse_refit`) after stage j, after the last stage, and its increase (last minus own;
+  positive = forgetting), and the relative feature distance from stage j's model after the last stage.
+
+Across methods (the runs of a seed are paired; 'joint' is left out):
+- avg: per seed, the mean over every labelled task of the headline metric after the last stage (the paper's
+  AVG), then mean and interval over seeds;
+- paired: for every ordered pair of methods "a-b", the per-seed difference a - b of the first stage's task's
+  headline metric after the last stage, of AVG, and of the recon measures' final values on the first stage;
+- ratio (with 'invcoss', 'noise' and 'er' all present): (invcoss - noise) / (er - noise) of the means over
+  seeds after the last stage, on the first stage's task: what fraction of real replay's benefit over an
+  untrained generator the inverted content gives. For an error (lower is better) it is written
+  (noise - invcoss) / (noise - er): the same number, so > 0 always means invcoss is on er's side of noise.
 """
 
 from __future__ import annotations
@@ -19,6 +34,9 @@ import numpy as np
 from invcoss_jax.retention.metrics import mean_ci, significant
 
 REPLAY_SETS = ("replay", "real_same_size", "generator_init")
+RECON_MEASURES = ("mae_mse", "mae_mse_refit")  # errors: lower is better
+FINAL_MEASURES = RECON_MEASURES + ("feature_distance",)  # the first stage's values after the last stage
+RATIO_METHODS = ("invcoss", "noise", "er")
 
 
 def _task_stages(stage_names: list[str]) -> dict[str, int]:
@@ -97,8 +115,92 @@ def summarize(config: ml_collections.ConfigDict, data: dict[str, Any], stage_nam
           mb = float(np.mean(f_b))
           out["avoided"][m][t][k] = dict(per_seed=mean_ci(ratio), seeds_with_forgetting=len(ratio),
                                          of_means=(1.0 - float(np.mean(f_m)) / mb) if mb > 0 else float("nan"))
+  _recon(out, data, stage_names, methods, seeds)
+  _across_methods(out, data, stage_names, methods, seeds)
   out["targets"] = targets(out)
   return out
+
+
+def _measure(data: dict[str, Any], method: str, seed, after: str, on: str, name: str) -> float | None:
+  """A recon measure (or 'feature_distance') of the model after stage `after` on stage `on`'s images; None
+  when it was not measured (a text stage, or config.retention.recon disabled)."""
+  r = data["runs"][method][seed][after]
+  v = r.get("feature_distance", {}).get(on) if name == "feature_distance" else r.get("recon", {}).get(on, {}).get(name)
+  return None if v is None else float(v)
+
+
+def _all_seeds(values: list[float | None]) -> list[float] | None:
+  return None if any(v is None for v in values) else values
+
+
+def _recon(out: dict[str, Any], data: dict[str, Any], stage_names: list[str], methods: list[str], seeds) -> None:
+  """out['recon'][method][stage j] for every earlier stage j measured for every seed."""
+  last = stage_names[-1]
+  out["recon"] = {}
+  for m in methods:
+    per_stage = {}
+    for j in stage_names[:-1]:
+      r: dict[str, Any] = {}
+      for k in RECON_MEASURES:
+        own = _all_seeds([_measure(data, m, s, j, j, k) for s in seeds])
+        final = _all_seeds([_measure(data, m, s, last, j, k) for s in seeds])
+        if own is not None and final is not None:
+          r[k] = dict(own=mean_ci(own), final=mean_ci(final), increase=mean_ci([b - a for a, b in zip(own, final)]))
+      fd = _all_seeds([_measure(data, m, s, last, j, "feature_distance") for s in seeds])
+      if fd is not None:
+        r["feature_distance"] = dict(final=mean_ci(fd))
+      if r:
+        per_stage[j] = r
+    if per_stage:
+      out["recon"][m] = per_stage
+
+
+def _across_methods(out: dict[str, Any], data: dict[str, Any], stage_names: list[str], methods: list[str],
+                    seeds) -> None:
+  """AVG per method, paired differences of every ordered pair of methods, and invcoss's content ratio."""
+  h, first, last = out["headline"], stage_names[0], stage_names[-1]
+  tasks = [t for t in out["tasks"] if h in out["tasks"][t]["metrics"]]
+  first_task = next((t for t in tasks if out["tasks"][t]["stage"] == first), None)
+  out["first_stage"] = dict(stage=first, task=first_task)
+
+  def after_last(m, s, t, k):
+    return float(data["runs"][m][s][last]["tasks"][t][k])
+
+  # Per method and seed: every figure the paired differences and the ratio are made of.
+  per_seed: dict[str, dict[str, list[float]]] = {}
+  for m in methods:
+    v: dict[str, list[float]] = {}
+    if tasks:
+      v["avg"] = [float(np.mean([after_last(m, s, t, h) for t in tasks])) for s in seeds]
+    if first_task is not None:
+      for k in out["tasks"][first_task]["metrics"]:
+        v[f"first_task_{k}"] = [after_last(m, s, first_task, k) for s in seeds]
+      v["first_task"] = v[f"first_task_{h}"]
+    for k in FINAL_MEASURES:
+      vals = _all_seeds([_measure(data, m, s, last, first, k) for s in seeds])
+      if vals is not None:
+        v[k] = vals
+    per_seed[m] = v
+  out["avg"] = {m: mean_ci(per_seed[m]["avg"]) for m in methods if "avg" in per_seed[m]}
+  shown = ("first_task", "avg") + FINAL_MEASURES
+  out["paired"] = {}
+  for a in methods:
+    for b in methods:
+      if a == b:
+        continue
+      out["paired"][f"{a}-{b}"] = {k: mean_ci([x - y for x, y in zip(per_seed[a][k], per_seed[b][k])])
+                                   for k in shown if k in per_seed[a] and k in per_seed[b]}
+  if all(m in methods for m in RATIO_METHODS) and first_task is not None:
+    per_metric = {}
+    for name, key in ((h, f"first_task_{h}"), ("logreg_auc", "first_task_logreg_auc"),
+                      ("mae_mse_refit", "mae_mse_refit")):
+      if all(key in per_seed[m] for m in RATIO_METHODS):
+        inv, noise, er = (float(np.mean(per_seed[m][key])) for m in RATIO_METHODS)
+        lower_better = name in RECON_MEASURES
+        num, den = (noise - inv, noise - er) if lower_better else (inv - noise, er - noise)
+        per_metric[name] = dict(value=num / den if den != 0 else float("nan"), invcoss=inv, noise=noise, er=er,
+                                lower_is_better=lower_better)
+    out["ratio"] = dict(task=first_task, metric=h, value=per_metric[h]["value"], per_metric=per_metric)
 
 
 def targets(s: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +218,17 @@ def targets(s: dict[str, Any]) -> dict[str, Any]:
       if m != b and t in av:
         a = av[t][h]
         out[f"{m}_avoids_half_{t}"] = dict(value=a, met=bool(np.isfinite(a["of_means"]) and a["of_means"] >= 0.5))
+  paired = s.get("paired", {})
+  if "ratio" in s and "invcoss-noise" in paired:
+    d = paired["invcoss-noise"]["first_task"]
+    v = s["ratio"]["value"]
+    out["invcoss_vs_noise_content_ratio"] = dict(
+        value=dict(ratio=v, invcoss_minus_noise=d["mean"], ci=d["ci"]),
+        met=bool(np.isfinite(v) and v >= 0.5 and significant(d) and d["mean"] > 0))
+  for other in ("seqssl", "noise", "cassle"):
+    d = paired.get(f"invcoss-{other}", {}).get("avg")
+    if d is not None:
+      out[f"avg_invcoss_above_{other}"] = dict(value=d, met=significant(d) and d["mean"] > 0)
   for stage, r in s["replay"].get("invcoss", {}).items():
     if "generator_init" in r:
       fd, fd0 = r["replay"]["frechet"]["mean"], r["generator_init"]["frechet"]["mean"]

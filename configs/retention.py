@@ -155,6 +155,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.retention.knn_k = 5
   c.retention.recon.refit_steps = 5
   c.retention.recon.mask_draws = 2
+  c.retention.replay.judges.folds = 2
+  c.retention.replay.judges.cnn_steps = 10
+  c.retention.replay.judges.judge_net_steps = 10
 
 
 PRESETS = {"quick": _quick, "full": _full, "report": _report, "content": _content, "tiny": _tiny}

@@ -159,6 +159,15 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
   assert "joint" not in out["forgetting"]
   replay = out["replay"]["invcoss"]["stage_1_xray"]
   assert replay["num_samples"] == 16 and replay["replay"]["frechet"]["mean"] > 0
+  # Independent judges: the set and its anchors against the same held-out images (val split).
+  judged = replay["judges"]
+  assert set(judged) == {"replay", "real_vs_real", "smoothed_noise", "generator_init"}
+  for j in judged.values():
+    for k in ("c2st_logistic_auc", "c2st_statistics_auc", "c2st_cnn_auc"):
+      assert 0.0 <= j[k]["mean"] <= 1.0
+    assert j["kid"]["n"] == 2 and 0.0 <= j["coverage"]["mean"] <= 1.0  # the demo X-rays are labelled
+  assert "invcoss_realism_stage_1_xray" in out["targets"]
+  assert (tmp_path / "measurements" / "seed_0" / "anchors_stage_1_xray_16.json").is_file()
   assert not out["targets"]["pretraining_gain_xray"]["met"]
   # The same encoder after every stage: the re-fitted decoder (same fresh decoder, batches and masks per
   # (seed, stage)) reconstructs stage 1's images exactly as well, and no feature moved.

@@ -56,6 +56,21 @@ def retention_config() -> ml_collections.ConfigDict:
   c.replay.enabled = True
   c.replay.max_nn_reference = 5000  # training examples the nearest-neighbour search compares with
   c.replay.grid_size = 16  # synthetic images beside as many real ones in the PNG
+  # Judges that never saw the inverted model (retention/judges.py): classifier two-sample tests (logistic
+  # regression on pixels, gradient boosting on pixel statistics, a small CNN from scratch; k-fold, AUC 0.5 =
+  # indistinguishable), KID and precision/recall/density/coverage in the features of a CNN trained supervised
+  # on the stage's labels (the judge net), and pixel statistics. Every replay set is judged against the same
+  # held-out sample, beside anchors judged the same way: real vs real, smoothed noise, the generator at init.
+  c.replay.judges = ml_collections.ConfigDict()
+  c.replay.judges.enabled = True
+  # Held-out real images: 'val' by default. PneumoniaMNIST's test split comes from another distribution than its
+  # training split (a training subset vs test scores AUC 0.59 on the pixel judge, vs val 0.46), which would
+  # count against any replay set drawn to match the training data; the training split is the anchors' source.
+  c.replay.judges.split = "val"
+  c.replay.judges.folds = 5
+  c.replay.judges.cnn_steps = 300  # steps of the two-sample CNN per fold (0: no CNN judge)
+  c.replay.judges.judge_net_steps = 1000  # supervised steps of the judge net (0: no KID / PRDC)
+  c.replay.judges.noise_sigma = 1.5  # Gaussian smoothing (pixels) of the noise anchor
   return c
 
 

@@ -95,6 +95,8 @@ class Measurer:
     self._splits: dict[tuple[str, str], features.Split] = {}
     self._finetuners: dict[str, Any] = {}
     self._recon = None
+    self._judge_nets: dict[str, Any] = {}
+    self._generator_init: dict[tuple, Any] = {}
     self._recon_cache: dict[tuple[int, int, str], dict[str, float]] = {}
 
   # --- data ---
@@ -247,6 +249,12 @@ class Measurer:
           atomic_write_json(path, old)
           made = True
           logging.info("retention: seed %d %s %s: reconstruction measures added", seed, method, stage.name)
+        replay = old.get("replay")
+        if replay and self.judging(stage) and "judges" not in replay:
+          replay["judges"] = self.judges(seed, method, stage)
+          atomic_write_json(path, old)
+          made = True
+          logging.info("retention: seed %d %s %s: judges of the replay set added", seed, method, stage.name)
         continue
       p = stage_params(i)
       result = dict(seed=seed, method=method, stage=stage.name, index=stage.index, modality=stage.modality,
@@ -305,8 +313,8 @@ class Measurer:
     real = features.random_sample(train, len(images), seed)
     f_test = self.feats(params, test)
     sets = {"replay": images, "real_same_size": real}
-    if method == "invcoss":
-      init = initial_generator_images(stage, len(images), seed + 17)
+    if method in SYNTHETIC_METHODS:
+      init = self.generator_init(seed, stage, len(images))
       if init is not None:
         sets["generator_init"] = init
     out: dict[str, Any] = dict(num_samples=int(len(images)), feature_dim=int(f_test.shape[1]))
@@ -322,6 +330,8 @@ class Measurer:
     # a replay set much closer to the training images than held-out images are would be memorised data.
     out["nn_replay_to_train"] = distances.summarize_distances(distances.nearest_neighbours(images, train).distance)
     out["nn_test_to_train"] = distances.summarize_distances(distances.nearest_neighbours(test, train).distance)
+    if self.judging(stage):
+      out["judges"] = self.judges(seed, method, stage, images)
     k = int(self.rc.replay.grid_size)
     if k > 0:
       a, b = image_grid(images, k), image_grid(test, k)
@@ -329,6 +339,79 @@ class Measurer:
       pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
       grid = np.concatenate([pad(a), np.full((h, 6, 3), 255, np.uint8), pad(b)], axis=1)
       write_png(os.path.join(self.root, "grids", f"seed_{seed}_{method}_{stage.name}.png"), grid)
+    return out
+
+  # --- independent judges of a replay set (retention/judges.py) ---
+
+  def generator_init(self, seed: int, stage: Stage, num: int) -> np.ndarray | None:
+    key = (seed, stage.workdir, num)
+    if key not in self._generator_init:
+      self._generator_init[key] = initial_generator_images(stage, num, seed + 17)
+    return self._generator_init[key]
+
+  def judging(self, stage: Stage) -> bool:
+    """Judges apply to 2D image stages (volumes are judged by their central slice; text never)."""
+    return bool(self.rc.replay.judges.enabled) and self.is_image(stage.modality)
+
+  def judge_net(self, modality: str):
+    """The judge net of a labelled stage: a small CNN trained supervised on the stage's training split (another
+    objective than the MAE's, never the inverted model); None without labels or with judge_net_steps 0."""
+    from invcoss_jax.retention import judges
+    steps = int(self.rc.replay.judges.judge_net_steps)
+    if modality not in self._judge_nets:
+      # The whole training split: a capped one is its first examples, which can be of one class (files sorted
+      # by class, as the demo X-rays are).
+      train = features.load_split(self.data(modality), "train", -1)
+      ok = steps > 0 and train.labels is not None and len(np.unique(train.labels)) > 1
+      self._judge_nets[modality] = judges.train_judge_features(train.images, train.labels, seed=0, steps=steps
+                                                               ) if ok else None
+    return self._judge_nets[modality]
+
+  def _judge_kwargs(self, seed: int) -> dict[str, Any]:
+    j = self.rc.replay.judges
+    return dict(seed=int(seed), folds=int(j.folds), cnn_steps=int(j.cnn_steps))
+
+  def _held_out(self, seed: int, modality: str, n: int) -> np.ndarray:
+    """The same n held-out real images for every set judged for (seed, stage)."""
+    held = self.split(modality, str(self.rc.replay.judges.split)).images
+    if n > len(held):
+      raise ValueError(f"retention judges: {n} images to judge but the {self.rc.replay.judges.split!r} split of "
+                       f"{modality!r} holds {len(held)}; set config.retention.replay.judges.split to a larger one")
+    return features.random_sample(held, n, int(seed) + 31)
+
+  def anchors(self, seed: int, stage: Stage, n: int) -> dict[str, dict[str, float]]:
+    """Real vs real (a training sample) and smoothed noise vs real, judged as a replay set of n images is;
+    cached per (seed, stage, n) in `seed_<s>/anchors_<stage>_<n>.json`: every method of a seed shares them."""
+    from invcoss_jax.retention import judges
+    path = os.path.join(self.root, f"seed_{seed}", f"anchors_{stage.name}_{n}.json")
+    cached = _read_json(path)
+    if cached is not None:
+      return cached
+    m, kw = stage.modality, self._judge_kwargs(seed)
+    held, net = self._held_out(seed, m, n), self.judge_net(m)
+    train = self.split(m, "train").images
+    real = features.random_sample(train, n, int(seed) + 37)
+    noise = judges.smoothed_noise_like(train, n, seed=int(seed) + 41, sigma=float(self.rc.replay.judges.noise_sigma))
+    out = {name: judges.judge_set(x, held, feature_fn=None if net is None else net.features, **kw)
+           for name, x in (("real_vs_real", real), ("smoothed_noise", noise))}
+    atomic_write_json(path, out)
+    return out
+
+  def judges(self, seed: int, method: str, stage: Stage, images: np.ndarray | None = None
+             ) -> dict[str, dict[str, float]]:
+    """{'replay': the set's judges, 'real_vs_real', 'smoothed_noise', 'generator_init' (synthetic methods)}, all
+    against the same held-out sample of the set's size."""
+    from invcoss_jax.retention import judges
+    images = read_replay_set(stage, method) if images is None else images
+    n, m, kw = len(images), stage.modality, self._judge_kwargs(seed)
+    held, net = self._held_out(seed, m, n), self.judge_net(m)
+    feature_fn = None if net is None else net.features
+    out = dict(self.anchors(seed, stage, n))
+    out["replay"] = judges.judge_set(images, held, feature_fn=feature_fn, **kw)
+    if method in SYNTHETIC_METHODS:
+      init = self.generator_init(seed, stage, n)
+      if init is not None:
+        out["generator_init"] = judges.judge_set(init, held, feature_fn=feature_fn, **kw)
     return out
 
   # --- reading back ---

@@ -23,6 +23,48 @@ def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
   return f"{stat['mean']:.{digits}f} ± {stat['ci']:.{digits}f}"
 
 
+def _flat(v: dict[str, Any], prefix: str = "") -> str:
+  """'k 0.12, group.k 0.34' for a (nested) dict of numbers."""
+  parts = []
+  for k, x in v.items():
+    if isinstance(x, dict):
+      parts.append(_flat(x, f"{prefix}{k}."))
+    else:
+      parts.append(f"{prefix}{k} {float(x):.2f}")
+  return ", ".join(parts)
+
+
+JUDGE_COLUMNS = (("c2st_logistic_auc", "C2ST pixels (logistic)"), ("c2st_statistics_auc", "C2ST pixel statistics (GBM)"),
+                 ("c2st_cnn_auc", "C2ST CNN"), ("kid", "KID (judge net)"), ("precision", "precision"),
+                 ("recall", "recall"), ("density", "density"), ("coverage", "coverage"),
+                 ("mean_map_corr", "mean-map corr"), ("std_map_corr", "std-map corr"), ("hist_w1", "histogram W1"),
+                 ("spectrum_l2", "spectrum L2"), ("tv", "TV"))
+
+
+def _judges_markdown(s: dict[str, Any]) -> list[str]:
+  """The independent judges of every replay set beside the anchors judged the same way."""
+  rows = []
+  for m, per_stage in s["replay"].items():
+    for st, r in per_stage.items():
+      for name, j in r.get("judges", {}).items():
+        label = m if name == "replay" else f"({name.replace('_', ' ')})"
+        if name != "replay" and any(row[0] == label and row[1] == st for row in rows):
+          continue  # anchors are shared by the methods of a seed: shown once per stage
+        rows.append((label, st, j))
+  if not rows:
+    return []
+  lines = ["## Independent judges of the replay sets", "",
+           "Classifier two-sample tests against the same held-out real images (AUC, out-of-fold; 0.5 = cannot be "
+           "told apart, 1 = always told apart), distances in the features of a CNN trained supervised on the "
+           "stage's labels (never the inverted model), and pixel statistics. Anchors in parentheses are judged "
+           "the same way: real vs real is the best any set can do, smoothed noise the floor.", "",
+           "| set | stage | " + " | ".join(c for _, c in JUDGE_COLUMNS) + " |",
+           "|---|---|" + "---|" * len(JUDGE_COLUMNS)]
+  for label, st, j in rows:
+    lines.append(f"| {label} | {st} | " + " | ".join(fmt(j.get(k), 3) for k, _ in JUDGE_COLUMNS) + " |")
+  return lines + [""]
+
+
 def markdown(s: dict[str, Any]) -> str:
   h, b = s["headline"], s["baseline"]
   lines = [f"# Retention benchmark", "",
@@ -93,11 +135,12 @@ def markdown(s: dict[str, Any]) -> str:
                      f"{fmt(r['replay']['mean_pairwise_cosine'])} | {fmt(r['test']['mean_pairwise_cosine'])} | "
                      f"{fmt(r['nn_replay_to_train']['median'], 2)} | {fmt(r['nn_test_to_train']['median'], 2)} |")
     lines.append("")
+    lines += _judges_markdown(s)
   lines += ["## Targets", "", "| target | met | figures |", "|---|---|---|"]
   for name, t in s["targets"].items():
     v = t["value"]
     txt = fmt(v) if "mean" in v else (f"of means {v['of_means']:.2f}, per seed {fmt(v['per_seed'], 2)}"
-                                      if "of_means" in v else ", ".join(f"{k} {x:.2f}" for k, x in v.items()))
+                                      if "of_means" in v else _flat(v))
     lines.append(f"| {name} | {'yes' if t['met'] else 'no'} | {txt} |")
   return "\n".join(lines) + "\n"
 

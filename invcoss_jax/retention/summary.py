@@ -87,6 +87,8 @@ def summarize(config: ml_collections.ConfigDict, data: dict[str, Any], stage_nam
           r[name] = {k: mean_ci([p[name][k] for p in per_seed]) for k in per_seed[0][name]}
       for name in ("nn_replay_to_train", "nn_test_to_train"):
         r[name] = {k: mean_ci([p[name][k] for p in per_seed]) for k in ("median", "min")}
+      if all("judges" in p for p in per_seed):
+        r["judges"] = judge_summary([p["judges"] for p in per_seed])
       replay[stage_names[i]] = r
     if replay:
       out["replay"][m] = replay
@@ -203,6 +205,31 @@ def _across_methods(out: dict[str, Any], data: dict[str, Any], stage_names: list
     out["ratio"] = dict(task=first_task, metric=h, value=per_metric[h]["value"], per_metric=per_metric)
 
 
+JUDGE_AUCS = ("c2st_logistic_auc", "c2st_statistics_auc", "c2st_cnn_auc")
+
+
+def judge_summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+  """{set: {judge key: mean_ci over seeds}} for the sets every seed judged (the replay set and its anchors)."""
+  names = [n for n in per_seed[0] if all(n in p for p in per_seed)]
+  out: dict[str, dict[str, Any]] = {}
+  for n in names:
+    keys = [k for k in per_seed[0][n] if all(k in p[n] for p in per_seed)]
+    out[n] = {k: mean_ci([float(p[n][k]) for p in per_seed]) for k in keys}
+  return out
+
+
+def judge_targets(r: dict[str, Any], limit: float = 0.85, noise_floor: float = 0.95) -> dict[str, Any]:
+  """The realism target of a replay set: the linear pixel judge and a nonlinear one (the CNN, or gradient
+  boosting on pixel statistics) at most `limit` on the set, while the smoothed-noise anchor stays above
+  `noise_floor` on the same judges (else the judges are too weak to mean anything)."""
+  j = r["judges"]
+  auc = {k: j["replay"][k]["mean"] for k in JUDGE_AUCS if k in j["replay"]}
+  floor = {k: j["smoothed_noise"][k]["mean"] for k in JUDGE_AUCS if k in j.get("smoothed_noise", {})}
+  ok = {k: bool(auc.get(k, 1.0) <= limit and floor.get(k, 0.0) > noise_floor) for k in JUDGE_AUCS}
+  met = ok["c2st_logistic_auc"] and (ok["c2st_cnn_auc"] or ok["c2st_statistics_auc"])
+  return dict(value=dict(replay=auc, smoothed_noise=floor), per_judge=ok, met=bool(met))
+
+
 def targets(s: dict[str, Any]) -> dict[str, Any]:
   """The issue's targets on the headline metric, each with the figures it was judged on."""
   h, b = s["headline"], s["baseline"]
@@ -233,4 +260,6 @@ def targets(s: dict[str, Any]) -> dict[str, Any]:
     if "generator_init" in r:
       fd, fd0 = r["replay"]["frechet"]["mean"], r["generator_init"]["frechet"]["mean"]
       out[f"invcoss_frechet_below_half_init_{stage}"] = dict(value=dict(synthetic=fd, init=fd0), met=fd < 0.5 * fd0)
+    if "judges" in r:
+      out[f"invcoss_realism_{stage}"] = judge_targets(r)
   return out

@@ -10,7 +10,12 @@ baseline's as in the benchmark itself. Writes `<out>/ablation.json` and `<out>/a
       --variant='grey:inversion.grey="yes"' --variant='noise:inversion.schedule_2d.init_steps=1,inversion.schedule_2d.steps=1'
 
 A variant is `name:key=value,key=value` (values are Python literals; keys are config paths). `--preset` picks the
-configs/retention.py preset (default quick).
+configs/retention.py preset (default quick). `--keep=er,noise,cassle` copies those methods' runs too, so the
+variant's summary pairs the ablated method with each of them (AVG, the content ratio, the judges):
+
+  python benchmarks/retention_ablation.py --preset=content --base=workdirs/retention_content \
+      --out=workdirs/ablation_content --keep=er,noise,cassle \
+      --variant='priors:inversion.pixel_statistics=True,inversion.loss_weights.pixel=10.0,...'
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def seed_workdir(base: str, out: str, baseline: str, seeds) -> None:
     shutil.copy2(r, os.path.join(out, "measurements", f"seed_{s}", "random.json"))
 
 
-def row(name: str, overrides: dict, s: dict, method: str) -> dict:
+def row(name: str, overrides: dict, s: dict, method: str, keep=()) -> dict:
   h, b = s["headline"], s["baseline"]
   first_task = next(iter(s["forgetting"][method]))
   last_task = next(t for t, i in s["tasks"].items() if i["stage"] == s["stages"][-1])
@@ -84,7 +89,13 @@ def row(name: str, overrides: dict, s: dict, method: str) -> dict:
     out["frechet"] = rep["replay"]["frechet"]
     out["frechet_real"] = rep["real_same_size"]["frechet"]
     out["frechet_init"] = rep.get("generator_init", {}).get("frechet")
+  if rep and "judges" in rep:
+    out["judges"] = rep["judges"]
   out["tasks"] = (first_task, last_task)
+  out["paired_vs"] = {m: s.get("paired", {}).get(f"{method}-{m}") for m in (b,) + tuple(keep)}
+  out["avg"] = s.get("avg", {}).get(method)
+  out["ratio"] = s.get("ratio")
+  out["recon"] = s.get("recon", {}).get(method)
   return out
 
 
@@ -139,6 +150,27 @@ def markdown(rows: list[dict], headline: str) -> str:
     d = r.get("paired", {})
     lines.append(f"| {r['variant']} | {fmt(d.get('first_task'))} | {fmt(d.get('last_task'))} | "
                  f"{fmt(d.get('frechet'), 2)} |")
+  if any(r.get("paired_vs") and any(r["paired_vs"].values()) for r in rows):
+    lines += ["", f"Paired per seed within the variant's benchmark: the ablated method minus each other method "
+              f"(the first task's {headline} after the last stage; AVG over every task after the last stage):", "",
+              "| variant | vs | Δ first task | Δ AVG | Δ re-fitted MAE error, stage 1 |", "|---|---|---|---|---|"]
+    for r in rows:
+      for m, d in (r.get("paired_vs") or {}).items():
+        if d:
+          lines.append(f"| {r['variant']} | {m} | {fmt(d.get('first_task'))} | {fmt(d.get('avg'))} | "
+                       f"{fmt(d.get('mae_mse_refit'), 4)} |")
+  judged = [r for r in rows if r.get("judges")]
+  if judged:
+    lines += ["", "Independent judges of the ablated method's stage-1 replay set (two-sample AUC against held-out "
+              "real images; smoothed noise and real vs real are the anchors):", "",
+              "| variant | C2ST pixels | C2ST pixel statistics | C2ST CNN | KID | coverage | noise anchor (pixels / "
+              "statistics / CNN) |", "|---|---|---|---|---|---|---|"]
+    for r in judged:
+      j, a = r["judges"]["replay"], r["judges"].get("smoothed_noise", {})
+      lines.append(f"| {r['variant']} | {fmt(j.get('c2st_logistic_auc'))} | {fmt(j.get('c2st_statistics_auc'))} | "
+                   f"{fmt(j.get('c2st_cnn_auc'))} | {fmt(j.get('kid'), 4)} | {fmt(j.get('coverage'))} | "
+                   f"{fmt(a.get('c2st_logistic_auc'))} / {fmt(a.get('c2st_statistics_auc'))} / "
+                   f"{fmt(a.get('c2st_cnn_auc'))} |")
   return "\n".join(lines) + "\n"
 
 
@@ -149,6 +181,7 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="quick")
   p.add_argument("--method", default="invcoss", help="the ablated method")
   p.add_argument("--variant", action="append", required=True, help="name:key=value,...")
+  p.add_argument("--keep", default="", help="comma-separated methods whose runs are copied from --base as well")
   args = p.parse_args(argv)
 
   from absl import logging
@@ -161,7 +194,8 @@ def main(argv=None) -> int:
   for name, overrides in variants:
     config = load_config_file(f"configs/retention.py:{args.preset}")
     baseline = str(config.retention.baseline)
-    config.retention.methods = (baseline, args.method)
+    keep = tuple(m for m in args.keep.split(",") if m and m not in (baseline, args.method))
+    config.retention.methods = (baseline,) + keep + (args.method,)
     for key, value in overrides.items():
       node, *path = key.split(".")
       target = config
@@ -173,9 +207,10 @@ def main(argv=None) -> int:
         raise KeyError(f"--variant {name}: config has no {key!r}")
       target[path[-1] if path else node] = value
     workdir = os.path.join(os.path.abspath(args.out), name)
-    seed_workdir(os.path.abspath(args.base), workdir, baseline, [int(s) for s in config.retention.seeds])
+    for m in (baseline,) + keep:
+      seed_workdir(os.path.abspath(args.base), workdir, m, [int(s) for s in config.retention.seeds])
     s = job.run(config, workdir)
-    r = row(name, overrides, s, args.method)
+    r = row(name, overrides, s, args.method, keep)
     r["paired"] = paired_difference(os.path.abspath(args.base), workdir, args.method, s["seeds"], s["stages"],
                                     r["tasks"], s["headline"])
     rows.append(r)

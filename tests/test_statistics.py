@@ -204,3 +204,21 @@ def test_pixel_statistics_equal_numpy_for_any_batching_and_round_trip(tmp_path, 
   assert statistics.load_statistics(path).pixel is not None
   plain = statistics.compute_statistics(model, params, [xrays])
   assert plain.pixel is None
+
+
+def test_a_stage_without_the_asked_pixel_statistics_is_recomputed(tmp_path, model_and_reference):
+  """A stage copied from a run without pixel statistics (the retention benchmark shares stage 1) must get its
+  statistics pass again when the inversion asks for them; with them, or without the ask, it is complete."""
+  from invcoss_jax.inversion import stage as inv_stage
+  from invcoss_jax.inversion.config import inversion_config
+  model, params, mean, var = model_and_reference
+  cfg = inversion_config()
+  assert not inv_stage.has_statistics(tmp_path, cfg)
+  statistics.save_statistics(tmp_path / cfg.stats_file, statistics.FeatureStats(count=np.float64(4), mean=mean, var=var))
+  assert inv_stage.has_statistics(tmp_path, cfg)
+  cfg.pixel_statistics = True
+  assert not inv_stage.has_statistics(tmp_path, cfg)
+  pixel = dict(mean=np.zeros((4, 4, 3)), var=np.ones((4, 4, 3)), tv=np.float64(0.1))
+  statistics.save_statistics(tmp_path / cfg.stats_file,
+                             statistics.FeatureStats(count=np.float64(4), mean=mean, var=var, pixel=pixel))
+  assert inv_stage.has_statistics(tmp_path, cfg)

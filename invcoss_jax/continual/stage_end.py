@@ -47,7 +47,7 @@ def finish_stage(cfg, stage: Stage, model, params, n_current: list[int], shapes:
   stats_file = inv_stage.statistics_path(stage.workdir, cfg.inversion)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   if (seq and not text and (bool(c.statistics_after_stage) or method in SYNTHETIC_METHODS)
-      and not os.path.isfile(stats_file)):
+      and not inv_stage.has_statistics(stage.workdir, cfg.inversion)):
     inv_stage.write_statistics(model, params, cfg.data, cfg.inversion, stage.workdir, mesh)
 
   keeps_buffer = method in REAL_BUFFER_METHODS or (text and method in SYNTHETIC_METHODS)

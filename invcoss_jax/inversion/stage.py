@@ -35,6 +35,15 @@ def statistics_path(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDi
   return os.path.join(os.fspath(workdir), inv_cfg.stats_file)
 
 
+def has_statistics(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the stage's statistics file exists with everything `inv_cfg` asks for (the pixel statistics
+  when `pixel_statistics`: a stage copied from a run without them gets its statistics pass again)."""
+  path = statistics_path(workdir, inv_cfg)
+  if not os.path.isfile(path):
+    return False
+  return not bool(inv_cfg.get("pixel_statistics", False)) or statistics.load_statistics(path).pixel is not None
+
+
 def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg: ml_collections.ConfigDict,
                      workdir: str | os.PathLike, mesh) -> statistics.FeatureStats:
   """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`."""

@@ -133,3 +133,17 @@ def test_summary_avg_paired_differences_and_content_ratio_match_hand_computation
   del data["runs"]["noise"]
   s = summary.summarize(config, data, STAGES)
   assert "ratio" not in s and "invcoss_vs_noise_content_ratio" not in s["targets"]
+
+
+def test_realism_target_needs_a_linear_and_a_nonlinear_judge_near_chance_and_a_strong_noise_anchor():
+  from invcoss_jax.retention.summary import judge_targets
+  ci = lambda v: dict(mean=v, ci=0.01, n=4)
+  def judged(lin, stat, cnn, noise=0.999):
+    return dict(judges=dict(replay=dict(c2st_logistic_auc=ci(lin), c2st_statistics_auc=ci(stat), c2st_cnn_auc=ci(cnn)),
+                            smoothed_noise={k: ci(noise) for k in ("c2st_logistic_auc", "c2st_statistics_auc",
+                                                                     "c2st_cnn_auc")}))
+  assert judge_targets(judged(0.6, 0.8, 0.99))["met"]  # linear and gradient boosting near chance
+  assert judge_targets(judged(0.6, 0.99, 0.84))["met"]  # or linear and the CNN
+  assert not judge_targets(judged(0.6, 0.99, 0.99))["met"]  # only the linear judge is fooled (mean image copy)
+  assert not judge_targets(judged(0.1, 0.8, 0.8))["met"]  # far below chance is told apart too
+  assert not judge_targets(judged(0.6, 0.8, 0.8, noise=0.9))["met"]  # judges too weak to call noise noise

@@ -193,3 +193,28 @@ def test_grey_prior_generates_one_channel_repeated_and_auto_follows_the_modality
   cfg.grey = "maybe"
   with pytest.raises(ValueError, match="grey"):
     engine.build_generator(cfg, (16, 16, 3))
+
+
+def test_realism_priors_pull_the_batch_towards_the_real_pixel_statistics(trained_xray):
+  """With the opt-in pixel statistics, the 'pixel' and 'tv_target' terms move the synthetic batch's mean image,
+  pixel variance and total variation towards the real X-rays' (what the paper's terms alone leave far off), and
+  asking for them without stored pixel statistics is a clear error."""
+  from invcoss_jax.inversion.config import use_realism_priors
+  model, params, stats = trained_xray
+  x = np.asarray(demo_xrays(256), np.float64)
+  pm, tv = statistics.pixel_moments(x)
+  with_pixel = stats.replace(pixel=dict(mean=pm.mean, var=pm.var, tv=tv / len(x)))
+  cfg = small_config(steps=60, batch_size=16)
+  with pytest.raises(ValueError, match="pixel_statistics"):
+    engine.synthesize_with_report(model, params, stats, use_realism_priors(small_config()), image_shape=(28, 28, 3),
+                                  rng=jax.random.key(0), num_samples=4)
+
+  def errors(c):
+    images = engine.synthesize(model, params, with_pixel, c, image_shape=(28, 28, 3), rng=jax.random.key(3),
+                               num_samples=16).astype(np.float64)
+    return (np.linalg.norm(images.mean(0) - pm.mean), np.linalg.norm(images.var(0) - pm.var),
+            abs(statistics.image_tv(images).mean() - tv / len(x)))
+
+  paper = errors(cfg)
+  priors = errors(use_realism_priors(small_config(steps=60, batch_size=16)))
+  assert priors[0] < 0.5 * paper[0] and priors[1] < paper[1] and priors[2] < paper[2]

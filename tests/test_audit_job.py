@@ -34,16 +34,18 @@ SIZES = dict(train=600, val=200, test=200)
 
 @pytest.fixture(scope="module")
 def iid_splits(tmp_path_factory):
-  """An npz (MedMNIST keys) whose train/val/test are disjoint random parts of the demo training split."""
+  """An npz (MedMNIST keys) whose train/val/test are disjoint random parts of the demo training split, with
+  their labels (the judge net of the audit's judges trains on them)."""
   cfg = data_lib.data_config()
   cfg.name = "demo_xray"
   path = data_lib.resolve(cfg).path
   with np.load(path) as f:
-    images = f["train_images"]
+    images, labels = f["train_images"], f["train_labels"]
   order = np.random.default_rng(0).permutation(len(images))
   out, start = {}, 0
   for split, n in SIZES.items():
     out[f"{split}_images"] = images[order[start:start + n]]
+    out[f"{split}_labels"] = labels[order[start:start + n]]
     start += n
   file = str(tmp_path_factory.mktemp("data") / "xray_iid.npz")
   np.savez(file, **out)
@@ -76,6 +78,7 @@ def audit_config(stage_dir, synthetic_path, **audit):
   c.audit.num_bootstrap = 200
   c.audit.memorisation_quantile = Q
   c.audit.num_pairs = 4
+  c.audit.judges.update(dict(folds=2, cnn_steps=10, judge_net_steps=10))
   c.audit.update(audit)
   return c
 
@@ -183,3 +186,44 @@ def test_subset_is_all_or_a_sorted_sample_without_repeats():
   np.testing.assert_array_equal(audit_job.subset(5, 9, rng), np.arange(5))
   s = audit_job.subset(100, 10, rng)
   assert len(np.unique(s)) == 10 and np.all(np.diff(s) > 0) and s.max() < 100
+
+
+def test_judges_of_every_set_against_the_same_heldout_images(audit, unseen_as_synthetic, iid_splits):
+  workdir, out = audit
+  judged, info = out["judges"], out["judges_info"]
+  assert list(judged) == ["synthetic", "er_buffer", "real_vs_real", "smoothed_noise"]
+  assert info["n"] == 30  # the replay buffer is the smallest set
+  # The judge net trains on training images outside the real-vs-real sample and the drawn buffer (30 each).
+  assert info["judge_net"]["trained"] and 600 - 60 <= info["judge_net"]["num_train"] <= 600 - 30
+  assert 0.0 <= info["judge_net"]["heldout_accuracy"] <= 1.0
+  for name, j in judged.items():
+    assert j["n_candidate"] == j["n_real"] == 30, name
+    for key in ("c2st_logistic_auc", "c2st_statistics_auc", "c2st_cnn_auc"):
+      assert 0.0 <= j[key] <= 1.0, (name, key, j[key])
+    for key in ("kid", "precision", "recall", "density", "coverage", "mean_map_corr", "std_map_corr"):
+      assert j[key] is not None and np.isfinite(j[key]), (name, key)
+  # Real vs real: training images, none of them among the held-out ones (nor among the held-out split).
+  assert judged["real_vs_real"]["heldout_duplicates"] == 0
+  with np.load(iid_splits) as f:
+    train, val = f["train_images"], f["val_images"]
+  assert not {x.tobytes() for x in train} & {x.tobytes() for x in val}
+  # Smoothed noise has no anatomy: even a linear classifier on pixels tells it from real images. (Not the
+  # statistics judge here: at 30 images per fold its gradient boosting, 20 examples per leaf, cannot split.)
+  assert judged["smoothed_noise"]["c2st_logistic_auc"] > 0.8 > judged["real_vs_real"]["c2st_logistic_auc"]
+  with open(os.path.join(workdir, "audit.md")) as f:
+    md = f.read()
+  assert "## Independent judges of the synthetic set" in md and "AUC is 0.5 when" in md
+  assert "| set | C2ST logistic AUC | C2ST statistics AUC | C2ST CNN AUC | KID |" in md
+  for row in ("| synthetic |", "| replay buffer |", "| real vs real |", "| smoothed noise |"):
+    assert row in md.split("## Independent judges")[1], row
+
+
+def test_judges_report_without_judge_net_or_when_skipped():
+  from invcoss_jax.audit import report
+  row = dict(c2st_logistic_auc=0.5, c2st_statistics_auc=0.61, c2st_cnn_auc=None, mean_map_corr=0.9, std_map_corr=0.8)
+  info = dict(n=12, judge_net=dict(trained=False, reason="the training split has no class labels"))
+  md = "\n".join(report._judges_section({"synthetic": row}, info))
+  assert "No judge net (the training split has no class labels)" in md
+  assert "| synthetic | 0.500 | 0.610 | - | - | - | - | - | - | 0.900 | 0.800 |" in md
+  md = "\n".join(report._judges_section({}, dict(n=3, skipped="n = 3 images per set")))
+  assert "Skipped: n = 3 images per set." in md and "| set |" not in md

@@ -117,7 +117,10 @@ def test_audit_killed_while_writing_its_outputs_audits_again(run_main, retention
   stage = retention_straight / "runs" / "seed_0" / "invcoss" / "stage_1_xray"
   args = ["--config=configs/xray.py:demo", "--config.mode=audit", f"--config.init_from={stage}",
           f"--config.audit.synthetic_path={stage / 'synthetic'}", "--config.audit.num_bootstrap=50",
-          "--config.audit.max_members=64"]
+          "--config.audit.max_members=64",
+          # The judges at test sizes: their outputs are in audit.json, which must come out identical.
+          "--config.audit.judges.folds=2", "--config.audit.judges.cnn_steps=10",
+          "--config.audit.judges.judge_net_steps=10"]
   run_main(args + [f"--workdir={tmp_path / 'straight'}"])
   killed = tmp_path / "killed"
   run_main(args + [f"--workdir={killed}"], kill_at="atomic:audit.json")

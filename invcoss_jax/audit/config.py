@@ -60,6 +60,19 @@ def audit_config() -> ml_collections.ConfigDict:
   c.hf_cutoff = 0.5  # normalised radius (1 = Nyquist along an axis): detail finer than 4 pixels
   c.spectrum_bins = 32  # radial bins of the spectrum figure
 
+  # --- Independent judges of the synthetic set (invcoss_jax/retention/judges.py; 2D, volumes by their
+  # central slice): the synthetic set, the replay buffer, a training sample (real vs real) and smoothed noise,
+  # each against the same n held-out images, n = min(set sizes, held-out count, max_images) ---
+  c.judges = ml_collections.ConfigDict()
+  c.judges.enabled = True
+  c.judges.folds = 5  # stratified folds of the classifier two-sample tests
+  c.judges.cnn_steps = 300  # Adam steps per fold of the CNN two-sample test; 0 skips it
+  c.judges.judge_net_steps = 1000  # steps of the supervised judge net (KID, PRDC); 0 skips it (as no labels do)
+  c.judges.judge_net_max_train = 20000  # its training images: a uniform random sample of the training split
+  c.judges.judge_net_max_values = 2**28  # ... and at most this many grey pixels of them in memory (8 B each)
+  c.judges.noise_sigma = 1.5  # blur (pixels) of the smoothed-noise anchor
+  c.judges.max_images = 512  # cap of n; <= 0 = no cap
+
   # --- Figures ---
   c.num_pairs = 8  # closest (query, training image) pairs shown per set and space
   c.thumbnail_size = 96  # longest side of the stored nearest-neighbour images (memory bound for the figure)

@@ -9,6 +9,46 @@ def _ci(d: dict) -> str:
   return f"[{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"
 
 
+_JUDGE_ROWS = (("synthetic", "synthetic"), ("er_buffer", "replay buffer"), ("real_vs_real", "real vs real"),
+               ("smoothed_noise", "smoothed noise"))
+_JUDGE_COLUMNS = (("c2st_logistic_auc", "C2ST logistic AUC"), ("c2st_statistics_auc", "C2ST statistics AUC"),
+                  ("c2st_cnn_auc", "C2ST CNN AUC"), ("kid", "KID"), ("precision", "precision"),
+                  ("recall", "recall"), ("density", "density"), ("coverage", "coverage"),
+                  ("mean_map_corr", "mean-map corr"), ("std_map_corr", "std-map corr"))
+
+
+def _num(v) -> str:
+  return "-" if v is None else f"{v:.3f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _judges_section(judged: dict[str, dict], info: dict[str, Any]) -> list[str]:
+  """The independent judges of the synthetic set (invcoss_jax/retention/judges.py) as a table."""
+  lines = ["", "## Independent judges of the synthetic set", ""]
+  if info.get("skipped"):
+    return lines + [f"Skipped: {info['skipped']}."]
+  net = info.get("judge_net", {})
+  lines += [
+      f"Each set ({info['n']} images) against the same {info['n']} held-out real images. A classifier two-sample "
+      "test's AUC is 0.5 when a classifier trained from scratch cannot tell the set from held-out real images "
+      "and 1 when it always can; none of these judges ever saw the inverted model (the classifiers are fitted "
+      "on the two sets, KID and precision/recall/density/coverage live in a small CNN trained on the training "
+      "split's class labels, the map correlations are fixed pixel statistics). Real vs real (training images) "
+      "is the best a set can do, smoothed noise the floor it must clearly beat.", "",
+  ]
+  if net.get("trained"):
+    acc = (f"; held-out accuracy {net['heldout_accuracy']:.3f} (majority class "
+           f"{net['heldout_majority_class_rate']:.3f})" if "heldout_accuracy" in net else "")
+    lines += [f"Judge net: {net['steps']} steps on {net['num_train']} training images{acc}.", ""]
+  else:
+    lines += [f"No judge net ({net.get('reason', 'not trained')}): no KID nor PRDC.", ""]
+  lines += ["| set | " + " | ".join(title for _, title in _JUDGE_COLUMNS) + " |",
+            "|---|" + "---|" * len(_JUDGE_COLUMNS)]
+  for key, title in _JUDGE_ROWS:
+    if key in judged:
+      lines.append(f"| {title} | " + " | ".join(_num(judged[key].get(c)) for c, _ in _JUDGE_COLUMNS) + " |")
+  return lines
+
+
 def markdown(audit: dict[str, Any]) -> str:
   """audit.md from the dict the audit job (invcoss_jax/jobs/audit.py) writes to audit.json."""
   mia = audit["membership_inference"]
@@ -61,6 +101,8 @@ def markdown(audit: dict[str, Any]) -> str:
   ]
   for name, s in audit["sets"].items():
     lines.append(f"| {name} | {s['high_frequency']['mean']:.4f} | {s['high_frequency']['relative_to_training']:.3f} |")
+  if "judges_info" in audit:
+    lines += _judges_section(audit["judges"], audit["judges_info"])
   lines += ["", "## Figures", ""]
   lines += [f"- `{f}`" for f in audit.get("figures", {}).values()]
   return "\n".join(lines) + "\n"

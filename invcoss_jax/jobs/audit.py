@@ -2,7 +2,8 @@
 about the stage's training images. Definitions and how to read the report: docs/privacy_audit.md.
 
 `run(config, workdir)` with `config.init_from` = a trained stage's workdir writes into `workdir`:
-  audit.json            every number below, with the options that produced it
+  audit.json            every number below, with the options that produced it, and the independent judges
+                        of the synthetic set (`judges`, `judges_info`; config.audit.judges)
   audit.md              a readable summary
   closest_pairs_*.png   per set: the queries closest to a training image, next to that image
   nn_distances.png      nearest-training distances of every set against the memorisation threshold
@@ -35,6 +36,11 @@ SPACES = ("pixel", "feature")
 HELDOUT = "heldout"
 # Streams folded into the audit seed, so member and held-out masks are drawn independently.
 _MEMBER_STREAM, _HELDOUT_STREAM = 0xA0D1, 0xA0D2
+# The judges' own random stream: enabling them changes no other number of the audit.
+_JUDGES_STREAM = 0xA0D3
+# Sets of the judges section, in the report's order.
+JUDGED = ("synthetic", "er_buffer", "real_vs_real", "smoothed_noise")
+PRDC_K = 5  # nearest neighbours of the PRDC manifolds (judges.judge_set's default)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,20 +96,64 @@ def subset(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
   return np.sort(rng.choice(n, size=cap, replace=False))
 
 
-def read_examples(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int,
-                  split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(indices, images float32) batches of the given examples of a split, preprocessed without augmentation."""
+def _read_batches(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int,
+                  split: str | None = None, source=None) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+  """(indices, preprocessed examples) batches of the given examples of a split, without augmentation."""
   from invcoss_jax import data as data_lib
-  source = data_lib.make_source(data_cfg, split)
+  source = data_lib.make_source(data_cfg, split) if source is None else source
   preprocess = data_lib.make_preprocessor(data_cfg)
   for start in range(0, len(indices), batch_size):
     idx = indices[start:start + batch_size]
-    yield idx, np.stack([np.asarray(preprocess(source[int(i)], None)["image"], np.float32) for i in idx])
+    yield idx, [preprocess(source[int(i)], None) for i in idx]
+
+
+def read_examples(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int,
+                  split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(indices, images float32) batches of the given examples of a split, preprocessed without augmentation."""
+  for idx, examples in _read_batches(data_cfg, indices, batch_size, split):
+    yield idx, np.stack([np.asarray(e["image"], np.float32) for e in examples])
 
 
 def gather(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int) -> np.ndarray:
   parts = [x for _, x in read_examples(data_cfg, indices, batch_size)]
   return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
+def _class_labels(labels: list[np.ndarray], option: str) -> np.ndarray | None:
+  """(N,) int64 class labels, or None (logged) when an example's label is not one class (e.g. multi-label)."""
+  if any(np.size(v) != 1 for v in labels):
+    logging.warning("audit judges: %s holds labels that are not one class per example (e.g. multi-label): "
+                    "no judge net", option)
+    return None
+  return np.asarray([int(np.asarray(v).reshape(())) for v in labels], np.int64)
+
+
+def gather_grey_labelled(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int
+                         ) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """The given examples as the judges see them, grey (N, H, W, 1) float32 (the central slice of a volume),
+  with their class labels (N,); (None, None) when the split has no class labels."""
+  from invcoss_jax import data as data_lib
+  from invcoss_jax.retention import judges
+  source = data_lib.make_source(data_cfg, None)
+  if not getattr(source, "has_labels", False):
+    return None, None
+  images, labels = [], []
+  for _, examples in _read_batches(data_cfg, indices, batch_size, source=source):
+    x = np.stack([np.asarray(e["image"], np.float32) for e in examples])
+    images.append(judges.to_grey(x).astype(np.float32)[..., None])  # one batch in float64 at a time
+    labels += [e["label"] for e in examples]
+  y = _class_labels(labels, f"{data_lib.resolve(data_cfg).path} (split {data_cfg.split!r})")
+  return (None, None) if y is None else (np.concatenate(images), y)
+
+
+def read_labels(data_cfg: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
+  """The class labels (N,) of the given examples (raw records, nothing preprocessed); None without labels."""
+  from invcoss_jax import data as data_lib
+  source = data_lib.make_source(data_cfg, None)
+  if not getattr(source, "has_labels", False):
+    return None
+  return _class_labels([source[int(i)]["label"] for i in indices],
+                       f"{data_lib.resolve(data_cfg).path} (split {data_cfg.split!r})")
 
 
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
@@ -142,6 +192,15 @@ def _check_options(a: ml_collections.ConfigDict) -> None:
                      f"{a.buffer_fraction}")
   if int(a.num_pairs) < 1:
     raise ValueError(f"config.audit.num_pairs must be >= 1, got {a.num_pairs}")
+  j = a.judges
+  if j.enabled:
+    if int(j.folds) < 2:
+      raise ValueError(f"config.audit.judges.folds must be >= 2, got {j.folds}")
+    for key in ("cnn_steps", "judge_net_steps"):
+      if int(j[key]) < 0:
+        raise ValueError(f"config.audit.judges.{key} must be >= 0 (0 skips it), got {j[key]}")
+    if not float(j.noise_sigma) >= 0:
+      raise ValueError(f"config.audit.judges.noise_sigma must be >= 0 pixels, got {j.noise_sigma}")
 
 
 def _membership_inference(a, loss_fn, params, heldout: dict, member_losses: np.ndarray, mask_ratio: float
@@ -212,6 +271,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   train_hf = stream["member_hf"]
   results = {name: _set_results(a, name, s, heldout, to_train, train_hf.mean(), pixel_scale)
              for name, s in sets.items()}
+  judged = _judge_sets(a, train_data, heldout_data, sets, n_train, shape) if a.judges.enabled else None
   out = dict(
       stage=os.path.abspath(stage_dir), workdir=os.path.abspath(workdir), image_shape=list(shape),
       train=dict(source=f"{data_lib.resolve(train_data).path} (split {train_data.split!r})", num_examples=n_train),
@@ -226,6 +286,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                  feature=f"Euclidean distance between {'L2-normalised ' if a.normalize_features else ''}"
                          f"'{a.feature}' encoder features"),
       config=a.to_dict())
+  if judged is not None:
+    out["judges"], out["judges_info"] = judged
   if jax.process_index() == 0:
     _write_outputs(a, workdir, out, sets, stream, to_train, thresholds, heldout_losses)
   logging.info("audit of %s: MIA AUC %.3f %s; memorisation (pixel) %s", stage_dir, mia["auc"], mia["ci"],
@@ -322,6 +384,103 @@ def _set_results(a, name: str, s: dict, heldout: dict, to_train: dict, train_hf_
   r["high_frequency"] = dict(mean=float(hf.mean()), median=float(np.median(hf)),
                              relative_to_training=float(hf.mean() / max(train_hf_mean, 1e-30)))
   return r
+
+
+def _finite_or_none(d: dict[str, float]) -> dict[str, float | None]:
+  """NaN (an undefined judge, e.g. the CNN test at cnn_steps 0) as None: audit.json stays standard JSON."""
+  return {k: (float(v) if np.isfinite(v) else None) for k, v in d.items()}
+
+
+def _judge_sets(a, train_data, heldout_data, sets: dict, n_train: int, shape: tuple[int, ...]
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  """Independent judges (invcoss_jax/retention/judges.py) of the synthetic set, the replay buffer, a sample of
+  training images (real vs real) and smoothed noise, each against the same n held-out real images; (the
+  judges {set: {key: value}}, what they were computed from).
+
+  n = min(set sizes, held-out count, `judges.max_images`); each set is a seeded random subsample of n. The
+  judge net (KID, PRDC) is trained on the training split's class labels, on a uniform random sample of the
+  training images that leaves out the real-vs-real sample and a replay buffer drawn here (a split sorted by
+  class is sampled across all its classes); without labels (or at judge_net_steps 0) there is no judge net."""
+  import time
+  from invcoss_jax.retention import judges
+  j = a.judges
+  seed, bs = int(a.seed), int(a.batch_size)
+  rng = np.random.default_rng([seed, _JUDGES_STREAM])
+  held_all = sets[HELDOUT]["images"]
+  candidates = {name: sets[name]["images"] for name in ("synthetic", "er_buffer") if name in sets}
+  sizes = [len(held_all), n_train] + [len(x) for x in candidates.values()]
+  if int(j.max_images) > 0:
+    sizes.append(int(j.max_images))
+  n = int(min(sizes))
+  info: dict[str, Any] = dict(n=n, folds=int(j.folds), cnn_steps=int(j.cnn_steps), noise_sigma=float(j.noise_sigma),
+                              prdc_k=PRDC_K, seed=seed,
+                              reference=f"{n} of the held-out images in memory, drawn at random")
+  if n < max(int(j.folds), PRDC_K + 1):
+    info["skipped"] = (f"n = {n} images per set (the smallest of the sets and the held-out images): too few for "
+                       f"{int(j.folds)} folds and PRDC with k = {PRDC_K}; expected at least "
+                       f"{max(int(j.folds), PRDC_K + 1)}")
+    logging.warning("audit judges skipped: %s", info["skipped"])
+    return {}, info
+  start = time.time()
+  held = held_all[subset(len(held_all), n, rng)]
+  judged = {name: x[subset(len(x), n, rng)] for name, x in candidates.items()}
+  real_idx = subset(n_train, n, rng)  # training images: disjoint from the held-out split (checked above)
+  real = gather(train_data, real_idx, bs)
+  judged["real_vs_real"] = real
+  judged["smoothed_noise"] = judges.smoothed_noise_like(real, n, seed=seed + 41, sigma=float(j.noise_sigma))
+  info["sources"] = dict(
+      synthetic=f"{n} of the synthetic set's {len(candidates['synthetic'])} samples in memory, at random",
+      real_vs_real=f"{n} training images drawn uniformly at random (split {train_data.split!r})",
+      smoothed_noise=f"{n} images of Gaussian noise blurred by {float(j.noise_sigma):g} pixels, with the mean "
+                     "and std of the real-vs-real images")
+  if "er_buffer" in candidates:
+    info["sources"]["er_buffer"] = f"{n} of the replay buffer's {len(candidates['er_buffer'])} samples in memory"
+
+  net, net_info = _train_judge_net(a, train_data, heldout_data, sets, n_train, shape, real_idx, rng)
+  info["judge_net"] = net_info
+  kw = dict(feature_fn=None if net is None else net.features, seed=seed, folds=int(j.folds),
+            cnn_steps=int(j.cnn_steps), prdc_k=PRDC_K)
+  out = {name: _finite_or_none(judges.judge_set(judged[name], held, **kw)) for name in JUDGED if name in judged}
+  held_keys = {np.asarray(h, np.float32).tobytes() for h in held}
+  out["real_vs_real"]["heldout_duplicates"] = int(sum(np.asarray(r, np.float32).tobytes() in held_keys
+                                                      for r in real))
+  # The time is logged, not stored: an audit run twice writes the same audit.json.
+  logging.info("audit judges (n = %d, %.0f s): C2ST AUCs %s", n, time.time() - start,
+               {k: [v["c2st_logistic_auc"], v["c2st_statistics_auc"], v["c2st_cnn_auc"]] for k, v in out.items()})
+  return out, info
+
+
+def _train_judge_net(a, train_data, heldout_data, sets: dict, n_train: int, shape: tuple[int, ...],
+                     real_idx: np.ndarray, rng: np.random.Generator):
+  """(the judge net or None, what it was trained on): a `judges.JudgeNet` trained supervised on the class
+  labels of a uniform random sample of the training split, leaving out `real_idx` and a buffer drawn here."""
+  from invcoss_jax.retention import judges
+  j = a.judges
+  steps = int(j.judge_net_steps)
+  if steps == 0:
+    return None, dict(trained=False, reason="config.audit.judges.judge_net_steps = 0")
+  excluded = [real_idx]
+  if "er_buffer" in sets and not a.buffer_path:  # drawn from the training split here
+    excluded.append(np.asarray(sets["er_buffer"]["indices"]))
+  pool = np.setdiff1d(np.arange(n_train), np.concatenate(excluded))
+  pixels = int(np.prod(shape[-3:-1]))  # the judges see one grey 2D image (a volume's central slice)
+  cap = min(int(j.judge_net_max_train), max(int(j.judge_net_max_values) // pixels, 1))
+  idx = pool[subset(len(pool), cap, rng)]
+  images, labels = gather_grey_labelled(train_data, idx, int(a.batch_size))
+  if labels is None:
+    return None, dict(trained=False, reason="the training split has no class labels (one per example)")
+  classes = np.unique(labels)
+  if len(classes) < 2:
+    return None, dict(trained=False, reason=f"the sampled training images hold one class ({classes.tolist()})")
+  net = judges.train_judge_features(images, labels, seed=int(a.seed), steps=steps)
+  info: dict[str, Any] = dict(trained=True, steps=steps, num_train=int(len(idx)),
+                              class_counts={str(c): int(np.sum(labels == c)) for c in classes})
+  held_labels = read_labels(heldout_data, np.asarray(sets[HELDOUT]["indices"]))
+  if held_labels is not None and set(np.unique(held_labels)) <= set(classes.tolist()):
+    info["heldout_accuracy"] = net.accuracy(sets[HELDOUT]["images"], held_labels)
+    info["heldout_majority_class_rate"] = float(np.max(np.unique(held_labels, return_counts=True)[1])
+                                                / len(held_labels))
+  return net, info
 
 
 def _write_outputs(a, workdir: str, out: dict, sets: dict, stream: dict, to_train: dict, thresholds: dict,

@@ -33,6 +33,8 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
+from invcoss_jax.retention.metrics import _check_features  # pylint: disable=protected-access
+
 SPECTRUM_BINS = 8
 QUANTILES = (5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0)
 
@@ -73,15 +75,6 @@ def _check_pair(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("a", "b"
     raise ValueError(f"{names[0]} and {names[1]}: image sizes differ ({ga.shape[1:]} vs {gb.shape[1:]}); expected "
                      "the same spatial shape")
   return ga, gb
-
-
-def _check_features(name: str, x: np.ndarray, min_rows: int) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  if x.ndim != 2 or x.shape[0] < min_rows:
-    raise ValueError(f"{name}: expected an (N >= {min_rows}, D) feature matrix, got shape {x.shape}")
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name}: the features hold NaN or Inf")
-  return x
 
 
 # ------------------------------------------------------------------------- classifier two-sample tests

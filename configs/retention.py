@@ -18,6 +18,10 @@ Presets:
   (er: random, invcoss: MedCoSS's k-means, the documented exception to data-free replay) keep it? seqssl, er,
   invcoss; 4 seeds; one vocabulary for every run (`workdir/vocabulary/tokenizer.json`). 38 minutes on a 2-core
   CPU (partly shared with other jobs).
+- `content`: X-ray (as `quick`) then grey MRI slices (`python scripts/build_mri_slices.py` writes them first),
+  distillation 0.1; seqssl, er, noise, invcoss, cassle; 4 seeds: does what is replayed matter? 37 minutes on a
+  2-core CPU shared with other jobs, plus 6 for the judges.
+- `priors` (a modifier, e.g. `content,priors`): invcoss's inversion with the realism priors beyond the paper.
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
 

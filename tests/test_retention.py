@@ -132,6 +132,20 @@ def test_bad_options_are_refused_before_any_run(tmp_path):
   config.retention.fit_split = "test"
   with pytest.raises(ValueError, match="fit_split and test_split"):
     retention_job.run(config, tmp_path)
+  from invcoss_jax.config_checks import ConfigError  # printed as one line by the entry point
+  config = load_config_file("configs/retention.py:tiny")
+  config.retention.replay.judges.folds = 1
+  with pytest.raises(ConfigError, match="judges.*folds=1"):
+    retention_job.run(config, tmp_path)
+  config = load_config_file("configs/retention.py:content")
+  config.continual.datasets.mri.path = str(tmp_path / "missing" / "hippocampus_slices_32.npz")
+  with pytest.raises(ConfigError, match="datasets.mri.path=.*build_mri_slices.py"):
+    retention_job.run(config, tmp_path)
+  config = load_config_file("configs/retention.py:tiny")
+  config.retention.methods = ("seqssl", "noise")
+  config.inversion.generator = "none"
+  with pytest.raises(ConfigError, match="'noise'.*generator='none'"):
+    retention_job.run(config, tmp_path)
   assert not os.listdir(tmp_path)
 
 

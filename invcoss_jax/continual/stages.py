@@ -54,6 +54,10 @@ def check_method(config: ml_collections.ConfigDict) -> str:
   method = str(config.continual.method)
   if method not in METHODS:
     raise ValueError(f"config.continual.method={method!r}: expected one of {list(METHODS)}")
+  if method == "noise" and str(config.inversion.generator) == "none":
+    from invcoss_jax.config_checks import ConfigError
+    raise ConfigError("config.continual.method='noise' replays a generator's output at initialisation, but "
+                      "config.inversion.generator='none' has no generator; pick invunet, cmi or cmi_large")
   return method
 
 

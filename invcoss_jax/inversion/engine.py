@@ -411,7 +411,8 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     pixel = {k: jnp.asarray(v, jnp.float32) for k, v in stats.pixel.items()}
   needs = [n for n in losses.active_terms(inv_cfg) if n in losses.PIXEL_TERMS]
   if needs and pixel is None:
-    raise ValueError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
+    from invcoss_jax.config_checks import ConfigError
+    raise ConfigError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
                      "statistics, but its statistics file holds none: run the statistics pass with "
                      "config.inversion.pixel_statistics=True")
   target = statistics.FeatureStats(count=jnp.asarray(stats.count, jnp.float32),

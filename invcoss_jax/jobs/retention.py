@@ -30,7 +30,7 @@ from absl import logging
 
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.config_checks import ConfigError
-from invcoss_jax.continual.stages import STAGE_INFO, plan_stages, training_changes
+from invcoss_jax.continual.stages import STAGE_INFO, check_method, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
 from invcoss_jax.retention.config import run_config
@@ -66,6 +66,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.retention.seeds={tuple(rc.seeds)}: expected distinct seeds (3 or more for intervals)")
   if len(config.continual.order) < 2:
     raise ValueError(f"config.continual.order={tuple(config.continual.order)}: retention needs two or more stages")
+  j = rc.replay.judges
+  if bool(j.enabled) and (int(j.folds) < 2 or int(j.cnn_steps) < 0 or int(j.judge_net_steps) < 0
+                          or float(j.noise_sigma) < 0):
+    raise ConfigError(f"config.retention.replay.judges: expected folds >= 2 and cnn_steps, judge_net_steps, "
+                      f"noise_sigma >= 0, got folds={j.folds}, cnn_steps={j.cnn_steps}, "
+                      f"judge_net_steps={j.judge_net_steps}, noise_sigma={j.noise_sigma}")
+  for m in methods:  # each method's own checks (e.g. noise needs a generator), before any run writes anything
+    check_method(run_config(config, seeds[0], m))
+  for m in config.continual.order:
+    path = str(config.continual.datasets[m].get("path", "") or "")
+    if path and not os.path.exists(path):
+      hint = (" (configs/retention.py:content's grey MRI slices: run `python scripts/build_mri_slices.py` first, "
+              "or set $INVCOSS_MRI_SLICES)" if path.endswith("hippocampus_slices_32.npz") else "")
+      raise ConfigError(f"config.continual.datasets.{m}.path={path!r} does not exist{hint}")
   if str(rc.fit_split) == str(rc.test_split):
     raise ValueError(f"config.retention.fit_split and test_split are both {rc.fit_split!r}: the probes must be "
                      "scored on examples they were not fitted on")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 from typing import Iterable, Sequence
 
 import ml_collections
+from absl import logging
 
 
 class ConfigError(ValueError):
@@ -83,11 +85,77 @@ def _patch_grid(section: str, d: ml_collections.ConfigDict, model: ml_collection
   return math.prod(s // p for s, p in zip(shape, patch))
 
 
+def _check_seed(option: str, value) -> int:
+  """A seed: a non-negative integer (NumPy's generators, which the input layer seeds with it, refuse a negative
+  one with an error that does not name the option)."""
+  try:
+    seed = operator.index(value)
+  except TypeError:
+    seed = None
+  if seed is None or isinstance(value, bool) or not 0 <= seed < 2**63:
+    raise ConfigError(f"{option}={value!r}: expected a non-negative integer seed (below 2**63)")
+  return seed
+
+
+def check_seeds(option: str, seeds, *, required: bool = True, distinct: bool = False) -> list[int]:
+  """A tuple of seeds: each non-negative, at least one when `required`, none twice when `distinct`."""
+  seeds = tuple(seeds or ())
+  if required and not seeds:
+    raise ConfigError(f"{option}=(): expected at least one seed, e.g. (0,)")
+  out = [_check_seed(f"{option}[{i}]", s) for i, s in enumerate(seeds)]
+  if distinct and len(set(out)) != len(out):
+    raise ConfigError(f"{option}={seeds}: a seed repeats; expected distinct seeds")
+  return out
+
+
+def check_steps(config: ml_collections.ConfigDict) -> None:
+  """`total_steps`: positive, or -1 (the length follows from train.num_epochs); a sequence's
+  `continual.stage_steps`: one entry per stage, each positive or 0 (the stage takes total_steps)."""
+  total = int(config.get("total_steps", -1))
+  if total != -1 and total <= 0:
+    raise ConfigError(f"total_steps={total}: expected a positive number of training steps, or -1 to take the "
+                      "length from train.num_epochs")
+  mode = str(config.get("mode", "pretrain"))
+  if mode in ("continual", "retention") and "continual" in config:
+    given = tuple(config.continual.get("stage_steps") or ())
+    bad = [s for s in given if int(s) < 0]
+    if bad:
+      raise ConfigError(f"continual.stage_steps={given}: expected positive steps (0: the stage takes "
+                        f"total_steps={total})")
+
+
+def check_batch_fits(option: str, batch: int, num_examples: int, what: str, *, used: int | None = None,
+                     volumes: bool = False) -> None:
+  """A batch larger than its dataset would repeat every example several times in one step (and a batch far
+  larger runs out of memory only after tens of seconds): refused, with the dataset's size. `used`: the
+  examples of this dataset in each batch when the batch mixes several (default: all of it). `volumes`: the
+  examples are 3D volumes, of which each step samples windows (a batch of windows from fewer volumes is
+  usual): said, not refused."""
+  used = int(batch) if used is None else int(used)
+  if used <= int(num_examples):
+    return
+  share = "" if used == int(batch) else f" (of which {used} from {what})"
+  message = (f"{option}={int(batch)}{share} is larger than the {int(num_examples)} examples of {what}: every "
+             "step would repeat examples")
+  if volumes:
+    logging.warning("%s (windows sampled from the same volumes)", message)
+    return
+  raise ConfigError(f"{message}; expected at most {int(num_examples)}")
+
+
 def check_options(config: ml_collections.ConfigDict) -> None:
   """Ranges and consistency of the options every training job shares; raises ValueError naming the option."""
   from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from invcoss_jax.data.registry import resolve  # pylint: disable=g-import-not-at-top
 
+  mode = str(config.get("mode", "pretrain"))
+  if "seed" in config:
+    _check_seed("seed", config.seed)
+  check_steps(config)
+  if "evaluate" in config and "seeds" in config.evaluate:
+    check_seeds("evaluate.seeds", config.evaluate.seeds, required=mode in ("evaluate", "forgetting"))
+  if mode == "retention" and "retention" in config:
+    check_seeds("retention.seeds", config.retention.seeds, distinct=True)
   train = config.get("train")
   if train is not None:
     r = float(train.get("mask_ratio", 0.75))
@@ -97,6 +165,10 @@ def check_options(config: ml_collections.ConfigDict) -> None:
     b = int(train.get("global_batch_size", 1))
     if b <= 0:
       raise ConfigError(f"train.global_batch_size={b}: expected a positive number of examples per step")
+    k = int(train.get("grad_accum_steps", 1))
+    if k < 1 or b % k:
+      raise ConfigError(f"train.grad_accum_steps={k}: expected a positive divisor of train.global_batch_size={b} "
+                        "(each step accumulates that many equal micro-batches)")
     lr = float(train.get("base_lr", 1.0))
     if not (math.isfinite(lr) and lr > 0):
       raise ConfigError(f"train.base_lr={lr}: expected a positive, finite learning rate")

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A workdir holding another run (mode, modality, model, sequence, task: workdir.json) is refused; True
   # deletes that run first. A run restarted on its own workdir resumes either way.
   c.overwrite_workdir = False
+  # The entry point prints an error the user can fix as one line (`error: ...`); True keeps its traceback
+  # (as the environment variable INVCOSS_DEBUG=1 does). Changes nothing a run computes.
+  c.debug = False
   return c
 
 

@@ -81,3 +81,80 @@ def test_entry_point_reports_option_errors_without_a_traceback(tmp_path):
     assert p.returncode == 2 and f"error: " in p.stderr and want in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("spec, key, value, match", [
+    ("configs/xray.py:demo", "seed", -1, r"^seed=-1: expected a non-negative integer seed"),  # numpy named no option
+    ("configs/xray.py:demo", "total_steps", -3, r"^total_steps=-3: expected a positive number of training steps, "
+                                                r"or -1"),  # ran 300 epochs
+    ("configs/xray.py:demo", "total_steps", 0, r"^total_steps=0: expected a positive number"),
+    ("configs/evaluate.py:pneumonia", "evaluate.seeds", (), r"^evaluate.seeds=\(\): expected at least one seed"),
+    ("configs/evaluate.py:pneumonia", "evaluate.seeds", (0, -5), r"^evaluate.seeds\[1\]=-5: expected a non-negative"),
+    ("configs/retention.py:tiny", "retention.seeds", (), r"^retention.seeds=\(\): expected at least one seed"),
+    ("configs/retention.py:tiny", "retention.seeds", (1, 1), r"^retention.seeds=\(1, 1\): a seed repeats"),
+    ("configs/continual.py:demo", "continual.stage_steps", (5, -1, 5, 5), r"^continual.stage_steps=\(5, -1, 5, 5\): "
+                                                                          r"expected positive steps"),
+    ("configs/xray.py:demo", "train.grad_accum_steps", 3, r"^train.grad_accum_steps=3: expected a positive divisor "
+                                                          r"of train.global_batch_size=32"),
+])
+def test_steps_seeds_and_batches_are_checked_for_sign_and_range(spec, key, value, match):
+  c = load_config_file(os.path.join(REPO, spec))
+  *parents, leaf = key.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    config_checks.check_options(c)
+
+
+def test_a_batch_larger_than_the_dataset_is_refused_with_its_size(tmp_path):
+  """Each demo X-ray was repeated 16 times in a batch; a batch of 100,000 ran 44 s into an out-of-memory."""
+  c = load_config_file(os.path.join(REPO, "configs/xray.py:demo"))
+  c.train.global_batch_size = 1504
+  with pytest.raises(ConfigError, match=r"^train.global_batch_size=1504 is larger than the 1500 examples of data "
+                                        r"\(name 'demo_xray', split 'train'\): every step would repeat examples; "
+                                        r"expected at most 1500"):
+    jobs.run(c, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+  # Windows of 3D volumes: a batch of windows from fewer volumes is usual; said, not refused.
+  config_checks.check_batch_fits("train.global_batch_size", 64, 27, "continual.datasets.ct", volumes=True)
+
+
+def test_a_typo_in_the_method_or_order_is_refused_before_the_workdir_records_it(tmp_path):
+  """It was recorded in workdir.json first; the corrected rerun was then refused as 'another run'."""
+  from invcoss_jax import workdir as workdir_lib
+  w = tmp_path / "w"
+  for key, value, match in (("method", "invcos", r"config.continual.method='invcos': expected one of"),
+                            ("order", ("xray", "ctt"), r"config.continual.order names \['ctt'\]"),
+                            ("stage_steps", (5, 5, 5), r"stage_steps=\(5, 5, 5\): expected one entry per stage")):
+    c = load_config_file(os.path.join(REPO, "configs/continual.py:demo"))
+    c.continual[key] = value
+    with pytest.raises(ConfigError, match=match):
+      jobs.run(c, w)
+    assert not os.path.exists(w)
+  r = load_config_file(os.path.join(REPO, "configs/retention.py:tiny"))
+  r.retention.methods = ("seqssl", "invcos")
+  with pytest.raises(ConfigError, match=r"config.retention.methods: \['invcos'\] are not continual methods"):
+    jobs.run(r, w)
+  assert not os.path.exists(w)
+  good = load_config_file(os.path.join(REPO, "configs/continual.py:demo"))
+  jobs.check_job_options(good)
+  workdir_lib.claim(w, good)  # the corrected run is this workdir's first
+
+
+def test_init_from_a_continual_workdir_names_its_stages(tmp_path):
+  seq = tmp_path / "continual_run"
+  for name in ("stage_1_xray", "stage_2_ct"):
+    os.makedirs(seq / name / "checkpoints" / "2")
+    (seq / name / "config.json").write_text("{}")
+  (seq / "continual.json").write_text("{}")
+  c = load_config_file(os.path.join(REPO, "configs/evaluate.py:pneumonia"))
+  c.init_from = str(seq)
+  with pytest.raises(ConfigError, match=rf"config.init_from='{seq}' is a continual run's workdir, not a stage's: "
+                                        rf"point it at one of its stages, e.g. {seq}/stage_2_ct \(stages: "
+                                        r"stage_1_xray, stage_2_ct\)"):
+    jobs.run(c, tmp_path / "eval")
+  assert not os.path.exists(tmp_path / "eval")
+  c.init_from = str(seq / "stage_2_ct")
+  jobs.check_job_options(c)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from invcoss_jax import data
+from invcoss_jax.data import text_io, tokenization
 
 from conftest import make_cfg
 
@@ -287,3 +288,324 @@ def test_npz_arrays_of_the_wrong_kind_name_the_file(tmp_path, images, labels, ma
   c = make_cfg("folder", format="npz", modality="path", path=str(path), image_size=8, split="all")
   with pytest.raises(data.DataError, match=r"bad\.npz: .*" + match):
     read_all(c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The second sweep (issue 22): inputs checked where they are read, each error naming the file (and row).
+
+
+def images_cfg(path, **kw):
+  kw.setdefault("image_size", 32)
+  kw.setdefault("split", "all")
+  return make_cfg("folder", format="images", modality="path", path=str(path), **kw)
+
+
+def npz_cfg(path, **kw):
+  kw.setdefault("image_size", 16)
+  kw.setdefault("split", "all")
+  return make_cfg("folder", format="npz", modality="xray", path=str(path), **kw)
+
+
+def count(batches):
+  return sum(b["image"].shape[0] for b in batches)
+
+
+def test_nonfinite_pixels_in_npz_name_the_file_and_row(tmp_path, warnings_of_data):
+  images = np.random.default_rng(0).random((4, 16, 16), dtype=np.float32)
+  images[2, 3, 4] = np.nan
+  images[2, 5, 6] = np.inf
+  np.savez(tmp_path / "bad.npz", images=images, labels=np.arange(4))
+  with pytest.raises(data.DataError, match=r"bad\.npz:images\[2\]: 2 NaN/Inf pixel\(s\) of 256: expected finite "
+                     r"intensities \(set data\.nonfinite='zero'"):
+    read_all(npz_cfg(tmp_path / "bad.npz"))
+  # Lenient: only that row is skipped, not the file.
+  assert count(read_all(npz_cfg(tmp_path / "bad.npz", lenient=True))) == 3
+  out = read_all(npz_cfg(tmp_path / "bad.npz", nonfinite="zero"))
+  assert count(out) == 4 and all(np.all(np.isfinite(b["image"])) for b in out)
+  assert any("bad.npz" in r.getMessage() and "replaced by 0" in r.getMessage() for r in warnings_of_data.records)
+
+
+def test_nonfinite_pixels_in_a_float_tiff_name_the_file(tmp_path):
+  from PIL import Image
+  os.makedirs(tmp_path / "tiles")
+  good = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+  Image.fromarray(good).save(tmp_path / "tiles" / "a.tif")
+  bad = good.copy()
+  bad[0, :3] = [np.nan, np.inf, -np.inf]
+  Image.fromarray(bad).save(tmp_path / "tiles" / "b.tif")
+  with pytest.raises(data.DataError, match=r"b\.tif: 3 NaN/Inf pixel\(s\) of 1024: expected finite intensities"):
+    read_all(images_cfg(tmp_path / "tiles"))
+  assert count(read_all(images_cfg(tmp_path / "tiles", lenient=True))) == 1
+  out = read_all(images_cfg(tmp_path / "tiles", nonfinite="zero"))
+  assert count(out) == 2 and all(np.all(np.isfinite(b["image"])) for b in out)
+
+
+@pytest.mark.parametrize("side", [1, 7])
+def test_images_smaller_than_the_minimum_are_refused(tmp_path, side):
+  from PIL import Image
+  os.makedirs(tmp_path / "tiles")
+  Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(tmp_path / "tiles" / "a.png")
+  Image.fromarray(np.full((side, side, 3), 100, np.uint8)).save(tmp_path / "tiles" / "tiny.png")
+  with pytest.raises(data.DataError, match=rf"tiny\.png: an image of {side}x{side} pixels: expected at least "
+                     r"16x16 \(data\.min_image_size"):
+    read_all(images_cfg(tmp_path / "tiles"))
+  assert count(read_all(images_cfg(tmp_path / "tiles", lenient=True))) == 1
+  assert count(read_all(images_cfg(tmp_path / "tiles", min_image_size=0))) == 2
+  # npz arrays are checked from their headers, before anything is read.
+  np.savez(tmp_path / "small.npz", images=np.zeros((4, side, side), np.uint8))
+  with pytest.raises(data.DataError, match=rf"small\.npz: array 'images' holds images of {side}x{side} pixels: "
+                     r"expected at least 16x16"):
+    data.num_examples(npz_cfg(tmp_path / "small.npz", image_size=224))
+  # A configured image size below the minimum lowers it: images already that small are what was asked for.
+  assert data.num_examples(npz_cfg(tmp_path / "small.npz", image_size=side)) == 4
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  from PIL import Image, ImageOps
+  pixels = np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3)
+  im = Image.fromarray(pixels)
+  exif = im.getexif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+  im.save(tmp_path / "rotated.png", exif=exif)
+  got = data.read_image(tmp_path / "rotated.png")
+  with Image.open(tmp_path / "rotated.png") as ref:
+    expected = np.asarray(ImageOps.exif_transpose(ref))
+  assert got.shape == (24, 16, 3)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(got, np.rot90(pixels, -1))
+
+
+def write_dicom(path, pixels, *, z, series_uid=None, series_number=None, orientation=(1, 0, 0, 0, 1, 0),
+                instance=1, study_uid="1.2.826.0.1.3680043.8.498.1"):
+  """A minimal CT slice: int16 pixels at `z` mm along the slice normal."""
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = CTImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.StudyInstanceUID = "CT", study_uid
+  if series_uid is not None:
+    ds.SeriesInstanceUID = series_uid
+  if series_number is not None:
+    ds.SeriesNumber = series_number
+  ds.InstanceNumber = instance
+  ds.ImagePositionPatient = (float(z) * np.cross(orientation[:3], orientation[3:])).tolist()
+  ds.ImageOrientationPatient = list(orientation)
+  ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+  ds.Rows, ds.Columns = pixels.shape
+  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+  ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+  ds.PixelData = pixels.astype(np.int16).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("tags,match", [
+    (lambda s: dict(series_number=s + 1), r"SeriesNumber 1 and 2"),
+    (lambda s: dict(orientation=(1, 0, 0, 0, 1, 0) if s == 0 else (1, 0, 0, 0, 0, -1)), r"ImageOrientationPatient"),
+    (lambda s: dict(study_uid=f"1.2.3.{s}"), r"StudyInstanceUID"),
+    (lambda s: dict(), r"InstanceNumber 1 is held by"),
+])
+def test_interleaved_dicom_series_without_uid_are_refused(tmp_path, tags, match):
+  """Two series of 3 slices each in one folder, interleaved in position (0, 2, 4 and 1, 3, 5), without a
+  SeriesInstanceUID: merged into one 6-slice volume before."""
+  folder = tmp_path / "case"
+  os.makedirs(folder)
+  for s in range(2):
+    for k in range(3):
+      write_dicom(folder / f"s{s}_{k}.dcm", np.full((8, 8), 100 * s + k), z=2 * k + s, instance=k + 1, **tags(s))
+  with pytest.raises(data.DataError, match=r"case: expected one series per folder, found 2 .*" + match):
+    data.read_dicom_series(folder)
+  # The same slices in two folders are two volumes of 3 slices.
+  for s in range(2):
+    os.makedirs(tmp_path / "split" / f"series{s}")
+    for k in range(3):
+      shutil.copy(folder / f"s{s}_{k}.dcm", tmp_path / "split" / f"series{s}" / f"{k}.dcm")
+    vol, _ = data.read_dicom_series(tmp_path / "split" / f"series{s}")
+    np.testing.assert_array_equal(vol[:, 0, 0], [100 * s, 100 * s + 1, 100 * s + 2])
+
+
+def test_mixed_dicom_series_are_a_data_error(tmp_path):
+  folder = tmp_path / "case"
+  os.makedirs(folder)
+  for s in range(2):
+    write_dicom(folder / f"{s}.dcm", np.zeros((8, 8)), z=s, series_uid=f"1.2.3.{s}")
+  c = make_cfg("folder", format="dicom", modality="ct", path=str(tmp_path), split="all", volume_shape=(16, 32, 32))
+  with pytest.raises(data.DataError, match=r"case: expected one series per folder, found 2 .*SeriesInstanceUID"):
+    data.num_examples(c)
+
+
+def test_a_dicom_slice_without_rows_is_a_data_error(tmp_path):
+  import pydicom
+  folder = tmp_path / "case"
+  os.makedirs(folder)
+  for k in range(2):
+    write_dicom(folder / f"{k}.dcm", np.zeros((8, 8)), z=k, series_uid="1.2.3")
+  ds = pydicom.dcmread(folder / "1.dcm")
+  del ds.Rows
+  ds.save_as(folder / "1.dcm")
+  with pytest.raises(data.DataError, match=r"1\.dcm: .*Rows"):
+    data.read_dicom_series(folder)
+
+
+def test_four_d_nifti_is_a_data_error(tmp_path):
+  import nibabel as nib
+  images = copy_cases(tmp_path)
+  nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), images / "four_d.nii.gz")
+  with pytest.raises(data.DataError, match=r"four_d\.nii\.gz: expected a 3D volume, got a 4D array of shape "
+                     r"\(8, 8, 8, 2\) \(a 4D series"):
+    data.num_examples(mri_cfg(images, split="all"))
+
+
+def test_an_empty_image_folder_is_a_data_error(tmp_path):
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(data.DataError, match=r"empty'? holds no 2D image files"):
+    data.num_examples(images_cfg(tmp_path / "empty"))
+  with pytest.raises(data.DataError, match="does not exist"):
+    data.num_examples(images_cfg(tmp_path / "nowhere"))
+
+
+def test_npz_labels_of_another_count_are_a_data_error(tmp_path):
+  np.savez(tmp_path / "x.npz", images=np.zeros((4, 16, 16), np.uint8), labels=np.zeros(3, np.int64))
+  with pytest.raises(data.DataError, match=r"x\.npz: 'labels' has 3 rows: expected 4 like 'images'"):
+    data.num_examples(npz_cfg(tmp_path / "x.npz"))
+
+
+def test_data_errors_survive_pickling():
+  """grain's worker processes send a reader's error to the main process pickled."""
+  import pickle
+  for e in (data.DataError("/d/x.png", "cannot decode"), data.DataError(None, "data.path is empty")):
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is type(e) and (back.path, back.problem, str(back)) == (e.path, e.problem, str(e))
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def text_cfg(path, **kw):
+  return make_cfg("folder", format="text", modality="report", path=str(path), split="all", **kw)
+
+
+@pytest.mark.parametrize("value,kind", [("42", "number"), ('{"a": 1}', "object"), ("true", "boolean"),
+                                        ("[1]", "array")])
+def test_non_string_report_text_in_json_lines_is_refused(tmp_path, value, kind):
+  f = tmp_path / "r.jsonl"
+  f.write_text('{"findings": "Clear.", "impression": "Normal."}\n'
+               f'{{"findings": {value}, "impression": "Normal."}}\n', encoding="utf-8")
+  with pytest.raises(data.DataError, match=rf"r\.jsonl:2: key 'findings' holds a JSON {kind} \(.+\): expected the "
+                     r"report text as a JSON string"):
+    data.make_source(text_cfg(f))
+  assert [r.text for r in data.make_source(text_cfg(f, lenient=True)).records] == ["Clear. Normal."]
+
+
+def test_a_csv_report_over_the_default_csv_field_limit_is_read(tmp_path):
+  f = tmp_path / "r.csv"
+  long_report = " ".join(["effusion"] * 20000)  # 179,999 characters: over csv's default 131,072
+  f.write_text(f"findings,impression\nClear.,Normal.\n\"{long_report}\",Big.\n", encoding="utf-8")
+  got = data.make_source(text_cfg(f)).records
+  assert len(got) == 2 and got[1].text == long_report + " Big."
+
+
+def test_a_text_over_the_text_limit_names_the_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(text_io, "MAX_TEXT_CHARS", 1000)
+  f = tmp_path / "r.csv"
+  f.write_text("findings,impression\nClear.,Normal.\n" + "x " * 600 + ",Big.\n", encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"r\.csv:3: a text of 1,204 characters: expected at most 1,000"):
+    data.make_source(text_cfg(f))
+
+
+def test_an_unbalanced_quote_names_the_line_it_opens(tmp_path):
+  f = tmp_path / "r.csv"
+  f.write_text('findings\nClear lungs.\n"Effusion, left.\nEdema.\nNormal.\n', encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"r\.csv:3: malformed CSV row .*unexpected end of data.*quote"):
+    data.make_source(text_cfg(f, **{"text.text_columns": ("findings",)}))
+
+
+@pytest.mark.parametrize("body,match", [
+    ("", r"r\.csv:1: empty CSV file: expected a header row"),
+    ("findings,impression\n", r"no examples in split 'all'"),
+    ("uid,findings\n1,Clear.\n", r"r\.csv:1: no column 'impression'"),
+])
+def test_empty_and_incomplete_csv_files_are_data_errors(tmp_path, body, match):
+  f = tmp_path / "r.csv"
+  f.write_text(body, encoding="utf-8")
+  with pytest.raises(data.DataError, match=match):
+    data.make_source(text_cfg(f))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_lenient_skips_only_the_row_that_is_not_utf8(tmp_path, suffix, warnings_of_data):
+  f = tmp_path / f"r{suffix}"
+  rows = [f"Report {i} of the lungs.".encode() for i in range(300)]
+  rows[150] = b"Opacity, caf\xe9."
+  if suffix == ".csv":
+    body = b"findings\n" + b"".join(b'"' + r + b'"\n' for r in rows)
+  else:
+    body = b"".join(b'{"findings": "' + r + b'"}\n' for r in rows)
+  f.write_bytes(body)
+  cfg = text_cfg(f, **{"text.text_columns": ("findings",)})
+  line = 152 if suffix == ".csv" else 151
+  with pytest.raises(data.DataError, match=rf"r{suffix}:{line}: byte 0xe9 .* is not UTF-8"):
+    data.make_source(cfg)
+  cfg.lenient = True
+  source = data.make_source(cfg)
+  assert len(source) == 299 and "caf" not in " ".join(r.text for r in source.records)
+  assert list(source.skips.skipped) == [f"{f}:{line}"]
+
+
+def test_lenient_pubmed_skips_only_the_line_that_is_not_utf8(tmp_path):
+  f = tmp_path / "abstracts.txt"
+  f.write_bytes(b"###1\nBACKGROUND\tAsthma is common .\nMETHODS\tWe enrolled caf\xe9 owners .\n"
+                b"RESULTS\tIt helped .\n")
+  cfg = text_cfg(f, lenient=True, **{"text.layout": "pubmed"})
+  assert [r.text for r in data.make_source(cfg).records] == ["Asthma is common .", "It helped ."]
+
+
+def test_a_five_megabyte_word_does_not_make_tokenizer_training_quadratic(tmp_path, warnings_of_data):
+  """One base64-like blob without spaces: WordPiece training took minutes (quadratic in the word's length)."""
+  import time
+  texts = ["The lungs are clear, no effusion."] * 20 + ["Attachment: " + "Q" * 5_000_000 + " end."]
+  start = time.perf_counter()
+  tok = tokenization.train_tokenizer(texts, 200)
+  assert time.perf_counter() - start < 5
+  assert "attachment" in tok.get_vocab() and not any(len(t) > 100 for t in tok.get_vocab())
+  assert any("longer than 100 characters" in r.getMessage() for r in warnings_of_data.records)
+  # The long word still encodes, as one [UNK] (WordPiece's limit for a word).
+  ids = tokenization.encode(tok, [texts[-1]], 8)["tokens"][0]
+  assert tokenization.special_ids(tok)["unk"] in ids.tolist()
+
+
+def test_a_vocab_size_below_the_alphabet_is_refused(tmp_path):
+  texts = ["The lungs are clear, no effusion.", "Mild cardiomegaly; small left pleural effusion."]
+  with pytest.raises(data.DataError, match=r"data\.text\.vocab_size=6: expected at least \d+ \(the 5 special "
+                     r"tokens and \d+ tokens of this corpus's alphabet: its characters"):
+    tokenization.train_tokenizer(texts, 6)
+  f = tmp_path / "r.csv"
+  f.write_text("findings,impression\n" + "".join(f'"{t}",x\n' for t in texts), encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"data\.text\.vocab_size=6: expected at least"):
+    tokenization.ensure_tokenizer(text_cfg(f, **{"text.vocab_size": 6}), tmp_path)
+
+
+@pytest.mark.parametrize("body,match", [
+    ("[PAD]\n[CLS]\n[SEP]\n[MASK]\nlung\n", r"vocab\.txt: the vocabulary lacks \['\[UNK\]'\]"),
+    ("[PAD]\n[UNK]\n[CLS]\n\n[SEP]\n[MASK]\n", r"vocab\.txt:4: empty line"),
+    (b"[PAD]\n[UNK]\n\xff\n", r"vocab\.txt:3: byte 0xff"),
+    (None, r"vocab\.txt'? does not exist"),
+])
+def test_a_bad_vocab_txt_is_a_data_error(tmp_path, body, match):
+  f = tmp_path / "r.csv"
+  f.write_text("findings,impression\nClear.,Normal.\n", encoding="utf-8")
+  vocab = tmp_path / "vocab.txt"
+  if isinstance(body, bytes):
+    vocab.write_bytes(body)
+  elif body is not None:
+    vocab.write_text(body, encoding="utf-8")
+  cfg = text_cfg(f, **{"text.tokenizer": str(vocab)})
+  with pytest.raises(data.DataError, match=match):
+    tokenization.ensure_tokenizer(cfg, tmp_path)
+  with pytest.raises(data.DataError, match=match):
+    data.make_eval_iterator(cfg, batch_size=1, process_index=0, process_count=1)

@@ -142,3 +142,48 @@ def test_a_few_mlm_steps_learn_the_masked_tokens(model_and_params):
     first = float(loss) if first is None else first
   assert first == pytest.approx(np.log(VOCAB), rel=0.3)
   assert float(loss) < 0.3 * first
+
+
+def test_the_gathered_mlm_head_scores_the_same_positions_as_the_full_one(model_and_params):
+  """With `max_predictions` = the masker's budget of the padded length, the head sees only the corrupted
+  positions: the loss and every gradient equal the full head's (every position through the vocabulary
+  projection) to float tolerance, and the logits are the full logits at the gathered positions."""
+  model, params = model_and_params
+  rng = np.random.default_rng(5)
+  word_ids, attn = _word_ids([9, 20, 32, 5], (1, 2, 1, 3), 32)
+  tokens = np.where(attn > 0, rng.integers(5, VOCAB, attn.shape), 0).astype(np.int32)
+  batch = mlm.mlm_inputs(dict(tokens=tokens, attention_mask=attn, word_ids=word_ids), rng, mask_id=4,
+                         vocab_size=VOCAB, keep_ids=(0, 1, 2, 3, 4), probability=0.15)
+  budget = mlm.prediction_budget(32, 0.15)
+  assert budget < 32 and batch["mlm_mask"].sum(1).max() <= budget
+
+  def run(p, k):
+    return model.apply({"params": p}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
+                       batch["labels"], max_predictions=k, method=model.mlm)
+
+  full, gathered = run(params, None), run(params, budget)
+  assert gathered["logits"].shape == (4, budget, VOCAB)
+  np.testing.assert_allclose(float(gathered["loss"]), float(full["loss"]), rtol=1e-6)
+  pos, m = np.asarray(gathered["positions"]), np.asarray(gathered["mask"]) > 0
+  np.testing.assert_array_equal(m.sum(1), batch["mlm_mask"].sum(1))  # every corrupted position is scored
+  for b in range(4):
+    np.testing.assert_array_equal(np.sort(pos[b][m[b]]), np.flatnonzero(batch["mlm_mask"][b]))
+    np.testing.assert_allclose(np.asarray(gathered["logits"])[b][m[b]],
+                               np.asarray(full["logits"])[b][pos[b][m[b]]], rtol=1e-5, atol=1e-5)
+  g_full = jax.grad(lambda p: run(p, None)["loss"])(params)
+  g_gathered = jax.grad(lambda p: run(p, budget)["loss"])(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_gathered)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # A budget below the corrupted count drops positions: the test above would see it.
+  short = run(params, 1)
+  assert np.asarray(short["mask"]).sum() < batch["mlm_mask"].sum()
+
+
+def test_the_masker_never_chooses_more_than_the_prediction_budget():
+  rng = np.random.default_rng(6)
+  for length, p in ((12, 0.15), (112, 0.15), (40, 0.3), (7, 0.15)):
+    lengths = list(rng.integers(1, length + 1, 16))
+    word_ids, attn = _word_ids(lengths, (1, 2, 3), length)
+    for _ in range(10):
+      m = mlm.whole_word_mask(word_ids, attn, rng, p)
+      assert m.sum(1).max() <= mlm.prediction_budget(length, p)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from invcoss_jax import models, npz_io
-from invcoss_jax.config_checks import ConfigError
+from invcoss_jax import models, npz_io, workdir_lock
+from invcoss_jax.config_checks import ConfigError, check_batch_fits
 from invcoss_jax.continual import buffers, packnet
 from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual import params as params_lib
@@ -36,8 +36,8 @@ from invcoss_jax.continual.config import REAL_BUFFER_METHODS, SYNTHETIC_METHODS,
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
-                                          STORAGE_FILE, Stage, check_method, plan_stages, read_info, stage_config,
-                                          stage_key, training_changes)
+                                          STORAGE_FILE, Stage, check_method, check_sequence, plan_stages, read_info,
+                                          stage_config, stage_key, training_changes)
 from invcoss_jax.continual.step import DistillPredictor, LossSpec, create_state, make_train_step
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.data import registry as data_registry
@@ -46,6 +46,7 @@ from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import core, mlm, optim, writers
+from invcoss_jax.train import vocabulary as vocab_lib
 from invcoss_jax.workdir import SYNTHETIC_DIR
 
 
@@ -102,8 +103,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   (e.g. to delete the data at its site).
 
   Returns dict(method, workdir, stages [stage_info of each finished stage], losses {stage: {step: loss}} of
-  the steps run now, stopped).
+  the steps run now, stopped). The workdir is locked for the run (workdir_lock; re-entrant, so `jobs.run`
+  holding it already is fine).
   """
+  check_sequence(config)  # before the lock creates the workdir
+  with workdir_lock.hold(workdir):
+    return _run(config, workdir, stop_at=stop_at, after_stage=after_stage)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at: tuple[int, int] | None,
+         after_stage: Callable[[Stage, dict], None] | None) -> dict[str, Any]:
   method = check_method(config)
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -115,17 +124,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     stages = plan_stages(config, workdir)
   if method != "joint":
     check_disjoint([(s.name, s.data[0]) for s in stages])
+  check_recorded_stages(config, stages)
+  check_vocabularies(config, stages)
+  # Recorded only now that the sequence and the stages already on disk were checked.
   atomic_write_json(os.path.join(workdir, SEQUENCE_FILE), dict(
       method=method, stages=[s.name for s in stages], order=list(config.continual.order),
       buffer_fraction=float(config.continual.buffer_fraction), config=ckpt_lib.config_to_dict(config)))
-  check_recorded_stages(config, stages)
   guard = DataFreeGuard(enabled=bool(config.continual.data_free_guard) and method != "joint")
   infos, losses = [], {}
   with guard.active():
     for i, stage in enumerate(stages):
       info = read_info(stage)
       if info and info.get("method", method) != method:
-        raise ValueError(f"{stage.workdir} holds a stage of method {info.get('method')!r} but "
+        raise ConfigError(f"{stage.workdir} holds a stage of method {info.get('method')!r} but "
                          f"config.continual.method={method!r}: use another workdir for another method")
       if not (info and info.get("done")):
         logging.info("continual (%s): %s", method, stage.name)
@@ -316,6 +327,30 @@ def check_recorded_stages(config, stages: list[Stage]) -> None:
     return
 
 
+def check_vocabularies(config, stages: list[Stage]) -> None:
+  """The sequence's vocabulary (config.model.tokenizer, settled by text.prepare_sequence) against the one every
+  stage already trained recorded, and config.init_from's: a stage trained with another vocabulary would be
+  resumed or handed over with its text embedding's rows meaning other tokens (train/vocabulary.py)."""
+  tokenizer = str(config.model.get("tokenizer", "") or "")
+  if not tokenizer:
+    return
+  for i, stage in enumerate(stages):
+    if not vocab_lib.has_checkpoint(stage.workdir):
+      continue
+    try:
+      vocab_lib.check(stage.workdir, tokenizer, f"resuming {stage.name} (or starting a later stage from it)")
+    except vocab_lib.VocabularyError:
+      if not bool(config.overwrite_workdir):
+        raise
+      for later in stages[i:]:  # as check_recorded_stages does for other training options
+        if os.path.isdir(later.workdir):
+          logging.warning("config.overwrite_workdir: deleting %s (trained with another vocabulary)", later.workdir)
+          shutil.rmtree(later.workdir)
+      break
+  if str(config.init_from or ""):
+    vocab_lib.check(str(config.init_from), tokenizer, "starting the sequence from config.init_from")
+
+
 @dataclasses.dataclass
 class StagePlan:
   """What one stage trains on and with (`plan_stage`)."""
@@ -342,7 +377,6 @@ def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard)
   c = config.continual
   cfg = stage_config(config, stage)
   os.makedirs(stage.workdir, exist_ok=True)
-  ckpt_lib.write_config(stage.workdir, cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   for d in stage.data:
     guard.check_config(d, what=f"{stage.name} (its own data)")
@@ -352,6 +386,14 @@ def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard)
   params, prev_params = initial_params(config, stage, earlier, model)
   sources = buffer_sources(cfg, stage, earlier, model, prev_params, mesh)
   cur_sizes, buf_sizes = _batch_plan(cfg, stage, n_current, sources, mesh_lib.num_batch_shards(mesh))
+  for m, n, b, shape in zip(stage.modalities, n_current, cur_sizes, shapes):
+    check_batch_fits("train.global_batch_size", int(cfg.train.global_batch_size), n,
+                     f"continual.datasets.{m} ({stage.name})", used=b * int(cfg.train.grad_accum_steps),
+                     volumes=len(shape) == 4)
+  # Recorded once the stage's data and starting point were read (a stage that fails here leaves no record).
+  ckpt_lib.write_config(stage.workdir, cfg)
+  if str(cfg.model.get("tokenizer", "") or ""):
+    vocab_lib.check_or_record(stage.workdir, str(cfg.model.tokenizer))
   length = optim.run_length(cfg, sum(n_current))
   retrain = 0
   if str(c.method) == "packnet":
@@ -373,7 +415,8 @@ def method_terms(config, stage: Stage, p: StagePlan) -> tuple[LossSpec, dict, Di
   spec = LossSpec(mask_ratio=float(p.cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
                   distill_weight=distill_weight(c, p.cur_sizes, p.buf_sizes), buffer_mae_weight=float(c.buffer_mae_weight),
                   ewc_weight=float(c.ewc.weight) if method == "ewc" and prev is not None else 0.0,
-                  cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0)
+                  cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0,
+                  mlm_probability=float(p.cfg.train.mlm_probability))
   consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)
   if method in TEACHER_METHODS and prev is not None:
     consts["teacher"] = params_lib.split_params(p.prev_params)[0]  # the frozen encoder (the decoder is not used)

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.io_utils import atomic_write_json
 
@@ -53,30 +54,38 @@ def stage_key(config: ml_collections.ConfigDict, *folds: int):
 def check_method(config: ml_collections.ConfigDict) -> str:
   method = str(config.continual.method)
   if method not in METHODS:
-    raise ValueError(f"config.continual.method={method!r}: expected one of {list(METHODS)}")
+    raise ConfigError(f"config.continual.method={method!r}: expected one of {list(METHODS)}")
   if method == "noise" and str(config.inversion.generator) == "none":
-    from invcoss_jax.config_checks import ConfigError
     raise ConfigError("config.continual.method='noise' replays a generator's output at initialisation, but "
                       "config.inversion.generator='none' has no generator; pick invunet, cmi or cmi_large")
   return method
+
+
+def check_sequence(config: ml_collections.ConfigDict) -> str:
+  """The sequence's options (order, datasets, stage steps, method), checked before anything is written;
+  returns the method."""
+  c = config.continual
+  order = tuple(str(m) for m in c.order)
+  if not order:
+    raise ConfigError("config.continual.order is empty: expected modalities such as ('xray', 'ct', 'mri', 'path')")
+  if len(set(order)) != len(order):
+    raise ConfigError(f"config.continual.order={order} repeats a modality: each stage needs its own data")
+  missing = [m for m in order if m not in c.datasets]
+  if missing:
+    raise ConfigError(f"config.continual.order names {missing}, which config.continual.datasets lacks "
+                      f"(it has {sorted(c.datasets)})")
+  stage_steps(config)
+  return check_method(config)
 
 
 def plan_stages(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Stage]:
   """The stages of `config.continual.order` (one 'joint' stage for method joint)."""
   c = config.continual
   order = tuple(str(m) for m in c.order)
-  if not order:
-    raise ValueError("config.continual.order is empty: expected modalities such as ('xray', 'ct', 'mri', 'path')")
-  if len(set(order)) != len(order):
-    raise ValueError(f"config.continual.order={order} repeats a modality: each stage needs its own data")
-  missing = [m for m in order if m not in c.datasets]
-  if missing:
-    raise ValueError(f"config.continual.order names {missing}, which config.continual.datasets lacks "
-                     f"(it has {sorted(c.datasets)})")
-  stage_steps(config)  # checked before any stage starts
+  method = check_sequence(config)  # checked before any stage starts
   workdir = os.path.abspath(os.fspath(workdir))
   data = tuple(_data_section(c.datasets[m], m) for m in order)
-  if check_method(config) == "joint":
+  if method == "joint":
     return [Stage(1, "joint", os.path.join(workdir, "stage_1_joint"), order, data)]
   return [Stage(k, m, os.path.join(workdir, f"stage_{k}_{m}"), (m,), (d,))
           for k, (m, d) in enumerate(zip(order, data), start=1)]
@@ -112,7 +121,7 @@ def stage_steps(config: ml_collections.ConfigDict) -> list[int]:
   order = tuple(config.continual.order)
   given = tuple(int(s) for s in (config.continual.get("stage_steps") or ()))
   if given and len(given) != len(order):
-    raise ValueError(f"config.continual.stage_steps={given}: expected one entry per stage of "
+    raise ConfigError(f"config.continual.stage_steps={given}: expected one entry per stage of "
                      f"config.continual.order={order} (or () for config.total_steps={int(config.total_steps)} each)")
   given = given or (0,) * len(order)
   return [s if s > 0 else int(config.total_steps) for s in given]
@@ -155,7 +164,8 @@ def read_info(stage: Stage) -> dict[str, Any] | None:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
+      from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+      raise DataError(path, f"not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
 
 
 def write_info(stage: Stage, info: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from invcoss_jax import models
 from invcoss_jax.continual import losses
 from invcoss_jax.continual.params import split_params
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train import core
+from invcoss_jax.train import core, mlm
 from invcoss_jax.train.core import TrainState
 
 
@@ -74,6 +74,7 @@ class LossSpec:
   buffer_mae_weight: float = 0.0
   ewc_weight: float = 0.0
   cassle_weight: float = 0.0
+  mlm_probability: float | None = None  # text: the head scores only the gathered corrupted positions
 
 
 def num_patches(model_cfg: models.ViTConfig, image_shape) -> int:
@@ -105,11 +106,14 @@ def text_valid(batch: dict) -> jax.Array:
   return jnp.concatenate([jnp.ones((a.shape[0], 1), jnp.float32), a], axis=1)
 
 
-def mlm_forward(model: models.MAE, params, batch: dict, *, train: bool, rng=None):
-  """(MLM loss, encoder output tokens) of one text sub-batch (MAE.mlm)."""
+def mlm_forward(model: models.MAE, params, batch: dict, *, train: bool, rng=None,
+                probability: float | None = None):
+  """(MLM loss, encoder output tokens) of one text sub-batch (MAE.mlm; with the masking `probability` only
+  the corrupted positions, at most `train.mlm.prediction_budget` of the padded length, reach the head)."""
   rngs = {"dropout": rng} if rng is not None else None
+  budget = None if probability is None else mlm.prediction_budget(batch["tokens"].shape[1], probability)
   out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
-                    batch["labels"], train=train, rngs=rngs, method=models.MAE.mlm)
+                    batch["labels"], train=train, rngs=rngs, max_predictions=budget, method=models.MAE.mlm)
   return out["loss"], out["tokens"]
 
 
@@ -166,7 +170,7 @@ def composite_loss(model: models.MAE, spec: LossSpec, params, aux, batch: dict, 
   task, cassle = [], []
   for x, noise in zip(current, noises["current"]):
     if is_text_batch(x):
-      loss, tokens = mlm_forward(model, params, x, train=True, rng=key())
+      loss, tokens = mlm_forward(model, params, x, train=True, rng=key(), probability=spec.mlm_probability)
     else:
       loss, tokens = mae_forward(model, params, x, noise, mask_ratio=spec.mask_ratio, train=True, rng=key())
     task.append(loss)

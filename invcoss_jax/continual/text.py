@@ -50,7 +50,8 @@ def prepare_sequence(config: ml_collections.ConfigDict, order: tuple[str, ...],
   for m in text:
     given = str(config.continual.datasets[m].text.tokenizer or "")
     if m != text[0] and given and os.path.abspath(given) != os.path.abspath(path):
-      raise ValueError(f"config.continual.datasets.{m}.text.tokenizer={given!r} differs from {path!r} of "
+      from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(f"config.continual.datasets.{m}.text.tokenizer={given!r} differs from {path!r} of "
                        f"{text[0]}: the stages of a sequence share one text embedding, so one vocabulary")
     config.continual.datasets[m].text.tokenizer = path
   fields = tokenization.set_model_vocabulary(config.model, path)

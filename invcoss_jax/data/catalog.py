@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from invcoss_jax.data.errors import DataError, SkipLog
+from invcoss_jax.data.errors import DataError, MissingDataError, SkipLog
 
 SPLITS = ("train", "val", "test")
 
@@ -17,7 +17,7 @@ def require_path(path: str, what: str) -> str:
   if not path:
     raise DataError(None, f"data.path is empty: expected the {what}")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"data.path={path!r} does not exist: expected the {what}")
+    raise MissingDataError(None, f"data.path={path!r} does not exist: expected the {what}")
   return path
 
 
@@ -180,8 +180,8 @@ def pair_with_labels(image_files: Sequence[str], image_root: str, label_root: st
   """Cases with the label map of the same case id. An image without a label or a label without an
   image is an error naming the file, or, with `skips` (lenient), a logged skip."""
   if not os.path.isdir(label_root):
-    raise FileNotFoundError(f"data.label_path={label_root!r} is not a folder: expected the label maps "
-                            "paired with the images by file name")
+    raise MissingDataError(None, f"data.label_path={label_root!r} is not a folder: expected the label maps "
+                           "paired with the images by file name")
   labels = {naming.label_id(f, label_root, suffixes): f for f in find_files(label_root, suffixes)}
   cases, used = [], set()
   for f in image_files:

@@ -44,6 +44,10 @@ def data_config() -> ml_collections.ConfigDict:
 
   # Output sizes.
   c.image_size = 224  # 2D: square side after resizing / cropping
+  # 2D images (files, npz rows, DICOM slices) with a side below this many pixels are refused (an error naming
+  # the file; lenient: skipped) rather than upsampled: 16 is the ViT patch side. Capped at image_size (data
+  # already that small is what was asked for); 0 accepts any size.
+  c.min_image_size = 16
   c.volume_shape = (16, 192, 192)  # 3D (D, H, W) of every window; multiples of the 16^3 patch
   c.volume_mode = "windows"  # windows: depth windows of each volume | whole: each volume resized
 
@@ -55,7 +59,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.augment_preprocessed = False
   # Bad files: False raises an error naming the file; True logs each skip and counts them.
   c.lenient = False
-  c.nonfinite = "error"  # NaN/Inf voxels: error (or skip if lenient) | zero (replace by 0 after a warning)
+  # NaN/Inf pixels or voxels (float npz arrays, TIFF, NIfTI, DICOM, TFDS), checked as each file (npz: row) is
+  # read: error naming it (lenient: skipped) | zero (replaced by 0 after a warning naming it)
+  c.nonfinite = "error"
 
   # Loading.
   c.num_workers = 0  # grain worker processes; 0 = in-process (tests)
@@ -147,7 +153,10 @@ def data_config() -> ml_collections.ConfigDict:
   # tokenization.ensure_tokenizer (the jobs call it) and kept as workdir/tokenizer.json.
   c.text.tokenizer = ""
   c.text.tokenizer_kind = "wordpiece"  # when trained: wordpiece | bpe
-  c.text.vocab_size = 8192  # when trained; a small corpus may yield fewer (every word a single token)
+  # When trained: the most tokens, [PAD] [UNK] [CLS] [SEP] [MASK] included. WordPiece and BPE always hold the
+  # corpus's alphabet (each character, and its ## continuation) on top of the specials: a vocab_size below that
+  # is refused with the least it can be. A small corpus may yield fewer (every word a single token).
+  c.text.vocab_size = 8192
   c.text.max_length = 112  # tokens per example, [CLS] and [SEP] included (the paper)
   c.text.lowercase = True  # BERT normalisation of a trained tokenizer or a vocab.txt (a .json keeps its own)
   return c

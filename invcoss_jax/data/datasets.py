@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from invcoss_jax.data import catalog, image_io, text_io, volume_io, wsi
-from invcoss_jax.data.errors import DataError, SkipLog, logger
+from invcoss_jax.data.errors import DataError, MissingDataError, SkipLog, logger
 from invcoss_jax.data.preprocessing import volume_geometry
 from invcoss_jax.data.registry import resolve
 from invcoss_jax.data.sources import (DicomSliceSource, ImageFolderSource, NpzSource, TextSource,
@@ -48,8 +48,13 @@ def num_examples(data_cfg: ml_collections.ConfigDict, split: str | None = None) 
 
 def _not_empty(files: list[str], root: str, what: str) -> list[str]:
   if not files:
-    raise FileNotFoundError(f"data.path={root!r} holds no {what}: expected at least one")
+    raise MissingDataError(None, f"data.path={root!r} holds no {what}: expected at least one")
   return files
+
+
+def min_image_size(cfg) -> int:
+  """The smallest side a 2D image may have (data.min_image_size, capped at data.image_size)."""
+  return min(int(cfg.min_image_size), int(cfg.image_size))
 
 
 def _naming(cfg) -> catalog.Naming:
@@ -116,7 +121,8 @@ def _npz_source(cfg, split: str, skips: SkipLog) -> NpzSource:
       for s in keys:
         ikey = ik if s is None else f"{s}_{ik}"
         lkey = lk if s is None else f"{s}_{lk}"
-        _check_npz_arrays(f, ikey, info[ikey], lkey, info.get(lkey), int(cfg.spatial_dims))
+        _check_npz_arrays(f, ikey, info[ikey], lkey, info.get(lkey), int(cfg.spatial_dims),
+                          min_image_size(cfg))
         n = info[ikey][0][0]
         if lkey in info and info[lkey][0][0] != n:
           raise DataError(f, f"{lkey!r} has {info[lkey][0][0]} rows: expected {n} like {ikey!r}")
@@ -135,12 +141,14 @@ def _npz_source(cfg, split: str, skips: SkipLog) -> NpzSource:
     idx = catalog.split_indices(len(rows), split, tuple(cfg.split_fractions), int(cfg.split_seed),
                                 what=f"data.path={cfg.path!r}")
     rows = [rows[i] for i in idx]
-  return NpzSource(parts, rows, skips=skips, lenient=bool(cfg.lenient))
+  return NpzSource(parts, rows, skips=skips, lenient=bool(cfg.lenient), nonfinite=cfg.nonfinite)
 
 
-def _check_npz_arrays(path: str, ikey: str, image_info, lkey: str, label_info, spatial_dims: int) -> None:
-  """Images of an .npz: real numbers, one example per row, (N, H, W[, C]) or (N, D, H, W[, 1]); labels numeric
-  with one row per image. Checked from the headers, before anything is decompressed."""
+def _check_npz_arrays(path: str, ikey: str, image_info, lkey: str, label_info, spatial_dims: int,
+                      min_size: int = 0) -> None:
+  """Images of an .npz: real numbers, one example per row, (N, H, W[, C]) or (N, D, H, W[, 1]), 2D images of
+  sides >= `min_size`; labels numeric with one row per image. Checked from the headers, before anything is
+  decompressed."""
   shape, dtype = image_info
   if dtype.kind not in "biuf":
     what = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects"}.get(dtype.kind, f"{dtype}")
@@ -156,6 +164,8 @@ def _check_npz_arrays(path: str, ikey: str, image_info, lkey: str, label_info, s
   if len(shape) == ranks[1] and shape[-1] not in ((1, 3, 4) if spatial_dims == 2 else (1,)):
     raise DataError(path, f"array {ikey!r} of shape {shape}: its last axis ({shape[-1]}) is not a channel count "
                     f"{'(1, 3 or 4)' if spatial_dims == 2 else '(1)'}; expected {layout}")
+  if spatial_dims == 2:
+    image_io.check_image_size(shape[1:3], path, min_size, f"array {ikey!r} holds images")
   if label_info is not None and label_info[1].kind not in "biuf":
     raise DataError(path, f"array {lkey!r} holds dtype {label_info[1]}: expected numeric class labels")
 
@@ -165,7 +175,8 @@ def _images_source(cfg, split: str, skips: SkipLog) -> ImageFolderSource:
   cases = _folder_cases(cfg, split, skips, suffixes=exts, what=f"2D image files {exts}",
                         find=lambda root: catalog.find_files(root, exts, exclude=[cfg.label_path]))
   return ImageFolderSource(cases, skips=skips, lenient=bool(cfg.lenient),
-                           mask_values=tuple(cfg.mask_values), mask_binarize=bool(cfg.mask_binarize))
+                           mask_values=tuple(cfg.mask_values), mask_binarize=bool(cfg.mask_binarize),
+                           nonfinite=cfg.nonfinite, min_size=min_image_size(cfg))
 
 
 def _volume_source(cfg, split: str, skips: SkipLog, cases, reader: str, whole: bool = False):
@@ -211,7 +222,8 @@ def _dicom_source(cfg, split: str, skips: SkipLog):
   sfx = volume_io.DICOM_SUFFIXES
   cases = _folder_cases(cfg, split, skips, suffixes=sfx, labels_ok=False, what="DICOM slices (.dcm)",
                         find=lambda root: catalog.find_files(root, sfx))
-  return DicomSliceSource(cases, skips=skips, lenient=bool(cfg.lenient), nonfinite=cfg.nonfinite)
+  return DicomSliceSource(cases, skips=skips, lenient=bool(cfg.lenient), nonfinite=cfg.nonfinite,
+                          min_size=min_image_size(cfg))
 
 
 def _wsi_source(cfg, split: str, skips: SkipLog):

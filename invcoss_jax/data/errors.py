@@ -17,6 +17,15 @@ class DataError(ValueError):
     self.problem = problem
     super().__init__(problem if path is None else f"{self.path}: {problem}")
 
+  # grain's worker processes send a reader's error to the main process pickled; the default would call
+  # __init__ with the message alone.
+  def __reduce__(self):
+    return type(self), (self.path, self.problem)
+
+
+class MissingDataError(DataError, FileNotFoundError):
+  """A data path that does not exist or holds none of the files expected (still a FileNotFoundError)."""
+
 
 # Paths already warned about in this process: the same bad file met again by another pass (each split, the
 # tokenizer, every evaluation) is logged at DEBUG, not as a new warning.

@@ -135,6 +135,8 @@ def resolve(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise DataError(None, f"data.volume_shape={vs}: expected three positive sizes (D, H, W)")
   if cfg.spatial_dims == 2 and int(cfg.image_size) <= 0:
     raise DataError(None, f"data.image_size={cfg.image_size}: expected a positive size")
+  if int(cfg.min_image_size) < 0:
+    raise DataError(None, f"data.min_image_size={cfg.min_image_size}: expected >= 0 (0 accepts any size)")
   return cfg
 
 

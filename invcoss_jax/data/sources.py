@@ -71,17 +71,18 @@ def remap_mask(mask: np.ndarray, values: Sequence[int], path: str, binarize: boo
   return order[pos].astype(np.int32)
 
 
-def check_finite(array: np.ndarray, path: str, policy: str) -> np.ndarray:
-  """Non-finite voxels: `error` raises naming the file and the count; `zero` replaces them by 0."""
+def check_finite(array: np.ndarray, path: str, policy: str, unit: str = "voxel") -> np.ndarray:
+  """Non-finite values (`unit`: voxel or pixel): `error` raises naming the file and the count; `zero`
+  replaces them by 0 after a warning naming the file."""
   if np.issubdtype(array.dtype, np.floating):
     bad = ~np.isfinite(array)
     n = int(bad.sum())
     if n:
       if policy == "zero":
-        logger.warning("%s: %d NaN/Inf voxel(s) replaced by 0 (data.nonfinite='zero')", path, n)
+        logger.warning("%s: %d NaN/Inf %s(s) replaced by 0 (data.nonfinite='zero')", path, n, unit)
         array = np.where(bad, 0, array).astype(array.dtype)
       else:
-        raise DataError(path, f"{n} NaN/Inf voxel(s) of {array.size}: expected finite intensities "
+        raise DataError(path, f"{n} NaN/Inf {unit}(s) of {array.size}: expected finite intensities "
                         "(set data.nonfinite='zero' to replace them, or data.lenient=True to skip the file)")
   return array
 
@@ -110,47 +111,85 @@ class _Base:
 
 class NpzSource(_Base):
   """Rows of arrays in .npz files: MedMNIST (`{split}_images`, `{split}_labels`) or shards with
-  `images` (and optional `labels`), e.g. the synthetic buffer written by inversion."""
+  `images` (and optional `labels`), e.g. the synthetic buffer written by inversion.
+
+  Non-finite pixels are found per file when its array is loaded and reported per row as it is read
+  (`nonfinite='error'`: a DataError naming "file:key[row]"; lenient skips that row only) or replaced by 0
+  once per file (`'zero'`). An unreadable file is skipped whole.
+  """
 
   def __init__(self, parts: Sequence[tuple[str, str, str | None]], rows: Sequence[tuple[int, int]],
-               *, skips: SkipLog, lenient: bool = False, cache_size: int = 4):
+               *, skips: SkipLog, lenient: bool = False, cache_size: int = 4, nonfinite: str = "error"):
     """parts: (file, image key, label key or None); rows: (part index, row) of every example."""
     super().__init__(skips, lenient)
     self.parts = list(parts)
     self.rows = np.asarray(rows, np.int64).reshape(-1, 2)
     self.has_labels = bool(self.parts) and all(p[2] is not None for p in self.parts)
+    self.nonfinite = nonfinite
     self._cache = LruCache(max(cache_size, 1))
 
   def __len__(self) -> int:
     return len(self.rows)
 
-  def _array(self, part: int, key: str) -> np.ndarray:
+  def _load(self, path: str, key: str, images: bool) -> tuple[np.ndarray, dict[int, int]]:
+    """(array, {row: its non-finite pixel count}) of one array; with nonfinite='zero' the pixels are
+    replaced (labels are checked per row as read: a NaN class has no replacement)."""
+    arr = image_io.load_npz_array(path, key)
+    if not images or not np.issubdtype(arr.dtype, np.floating) or arr.ndim == 0:
+      return arr, {}
+    bad = ~np.isfinite(arr)
+    per_row = bad.reshape(len(arr), -1).sum(axis=1)
+    rows = {int(r): int(per_row[r]) for r in np.flatnonzero(per_row)}
+    if rows and self.nonfinite == "zero":
+      logger.warning("%s: %d NaN/Inf pixel(s) in %d row(s) of %r replaced by 0 (data.nonfinite='zero')", path,
+                     int(per_row.sum()), len(rows), key)
+      return np.where(bad, 0, arr).astype(arr.dtype), {}
+    return arr, rows
+
+  def _array(self, part: int, key: str, images: bool) -> tuple[np.ndarray, dict[int, int]]:
     path = self.parts[part][0]
-    return self._cache.get((part, key), lambda: image_io.load_npz_array(path, key))
+    return self._cache.get((part, key), lambda: self._load(path, key, images))
 
   def __getitem__(self, i: int):
     part, row = (int(v) for v in self.rows[i])
     path, image_key, label_key = self.parts[part]
-
-    def read():
-      rec = {"image": self._array(part, image_key)[row]}
+    if self.lenient and self.skips.is_skipped(path):
+      return None
+    try:
+      images, bad = self._array(part, image_key, True)
+      where = f"{path}:{image_key}[{row}]"
+      if row in bad:
+        raise DataError(where, f"{bad[row]} NaN/Inf pixel(s) of {images[row].size}: expected finite "
+                        "intensities (set data.nonfinite='zero' to replace them, or data.lenient=True to skip "
+                        "the row)")
+      rec = {"image": images[row]}
       if self.has_labels:
-        lab = np.asarray(self._array(part, label_key)[row])
+        labels, _ = self._array(part, label_key, False)
+        lab = np.asarray(labels[row])
+        if not np.all(np.isfinite(lab)):
+          raise DataError(f"{path}:{label_key}[{row}]", f"label {lab.tolist()}: expected a finite class id")
         rec["label"] = lab.reshape(()) if lab.size == 1 else lab
       return rec
-
-    return self._guard(path, read)
+    except DataError as e:
+      if not self.lenient:
+        raise
+      # A bad row skips itself (its "file:key[row]"); a file that cannot be read skips all its rows.
+      self.skips.skip(e.path or path, e.problem)
+      return None
 
 
 class ImageFolderSource(_Base):
   """2D image files, with an optional class label (sub-folder) and label-map file per image."""
 
   def __init__(self, cases: Sequence[Case], *, skips: SkipLog, lenient: bool = False,
-               mask_values: Sequence[int] = (), mask_binarize: bool = False):
+               mask_values: Sequence[int] = (), mask_binarize: bool = False, nonfinite: str = "error",
+               min_size: int = 0):
     super().__init__(skips, lenient)
     self.cases = list(cases)
     self.mask_values = tuple(int(v) for v in mask_values)
     self.mask_binarize = bool(mask_binarize)
+    self.nonfinite = nonfinite
+    self.min_size = int(min_size)
     self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
     self.has_masks = bool(self.cases) and all(c.label_path is not None for c in self.cases)
 
@@ -161,7 +200,9 @@ class ImageFolderSource(_Base):
     case = self.cases[i]
 
     def read():
-      rec = {"image": image_io.read_image(case.path)}
+      image = image_io.read_image(case.path)
+      image_io.check_image_size(image.shape, case.path, self.min_size)
+      rec = {"image": check_finite(image, case.path, self.nonfinite, "pixel")}  # float TIFFs
       if self.has_labels:
         rec["label"] = np.int32(case.label)
       if self.has_masks:
@@ -181,10 +222,11 @@ class DicomSliceSource(_Base):
   """Single DICOM slices as 2D images in modality units (CT: Hounsfield units)."""
 
   def __init__(self, cases: Sequence[Case], *, skips: SkipLog, lenient: bool = False,
-               nonfinite: str = "error"):
+               nonfinite: str = "error", min_size: int = 0):
     super().__init__(skips, lenient)
     self.cases = list(cases)
     self.nonfinite = nonfinite
+    self.min_size = int(min_size)
     self.has_labels = bool(self.cases) and all(c.label is not None for c in self.cases)
 
   def __len__(self) -> int:
@@ -195,7 +237,8 @@ class DicomSliceSource(_Base):
 
     def read():
       image, spacing = volume_io.read_dicom_slice(case.path)
-      rec = {"image": check_finite(image, case.path, self.nonfinite),
+      image_io.check_image_size(image.shape, case.path, self.min_size, "a slice")
+      rec = {"image": check_finite(image, case.path, self.nonfinite, "pixel"),
              "spacing": np.asarray(spacing, np.float32)}
       if self.has_labels:
         rec["label"] = np.int32(case.label)

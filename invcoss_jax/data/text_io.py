@@ -11,9 +11,13 @@ Three layouts (`data.text.layout`):
 
 Files are decoded as UTF-8 strictly: a report with stray Latin-1 bytes is an error naming the file and
 line rather than silently altered text. Every problem is a `DataError` naming "file:line"; with
-`lenient=True` the record (or undecodable file) is skipped and counted in the `SkipLog` instead. Texts
-are returned with runs of whitespace collapsed to one space (tokenizers ignore them anyway, and records
-then compare equal across line-wrapping styles). Plain Python only: nothing here needs the tokenizer.
+`lenient=True` the record is skipped and counted in the `SkipLog` instead (in a table or a PubMed file
+only the row or line holding a bad byte; a MIMIC report is one record, skipped whole). Report text must be
+text: a JSON number, boolean, object or array where a text column is expected is refused, and a text over
+`MAX_TEXT_CHARS` characters is an error (CSV fields up to that length are read: Python's csv module alone
+stops at 131,072). Texts are returned with runs of whitespace collapsed to one space (tokenizers ignore
+them anyway, and records then compare equal across line-wrapping styles). Plain Python only: nothing here
+needs the tokenizer.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import ml_collections
 
 from invcoss_jax.data import catalog
-from invcoss_jax.data.errors import DataError, SkipLog
+from invcoss_jax.data.errors import DataError, MissingDataError, SkipLog
 
 LAYOUTS = ("auto", "mimic", "table", "pubmed")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
@@ -44,6 +48,14 @@ TOP_LEVEL_SECTIONS = frozenset({
     "comparisons", "technique", "examination", "exam", "reason for examination", "reason for exam",
     "clinical information", "wet read", "notification", "recommendation", "recommendations",
     "recommendation(s)", "final report", "procedure", "conclusion", "addendum", "study", "type of examination"})
+
+# The longest text (a report, a joined row, a sentence) read, in characters: a thousand times a long report,
+# far below what would exhaust memory. Also the CSV field limit (csv's own default is 131,072).
+MAX_TEXT_CHARS = 1 << 24
+# Bytes that are not UTF-8, kept as lone surrogates (errors='surrogateescape') when decoding leniently, so that
+# the rows holding them are found and skipped one by one.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+_QUOTE_HINT = ": a quoted field opened on this line is never closed (an unbalanced \")"
 
 # A section header at the start of a line: "FINDINGS:", "IMPRESSION :", "WET READ:", "PA AND LATERAL:".
 _HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9 /&(),'-]{0,60}?)[ \t]*:")
@@ -62,6 +74,23 @@ def _clean(text: str) -> str:
 
 def _where(path: str, line: int) -> str:
   return f"{path}:{line}"
+
+
+def _length_problem(text: str) -> str:
+  """'' when `text` is within MAX_TEXT_CHARS, else what is wrong."""
+  if len(text) <= MAX_TEXT_CHARS:
+    return ""
+  return (f"a text of {len(text):,} characters: expected at most {MAX_TEXT_CHARS:,} (a report, not a file "
+          "pasted into a field?)")
+
+
+def _undecoded_problem(text: str) -> str:
+  """'' when `text` was valid UTF-8, else what is wrong (its first byte that was not)."""
+  m = _UNDECODED.search(text)
+  if m is None:
+    return ""
+  return (f"byte 0x{ord(m.group()) - 0xdc00:02x} is not UTF-8: expected UTF-8 text (re-encode the file, e.g. "
+          "iconv -f latin1 -t utf-8)")
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -121,6 +150,8 @@ def read_mimic_report(path: str | os.PathLike) -> tuple[str, int]:
   DataError naming the file and line: a report without text would train on [CLS] [SEP] alone."""
   path = os.fspath(path)
   text = read_text_file(path)
+  if _length_problem(text):
+    raise DataError(_where(path, 1), _length_problem(text))
   sections = report_sections(text)
   kept = [sections[s] for s in MIMIC_SECTIONS if s in sections]
   if kept:
@@ -184,15 +215,24 @@ def parse_label_map(label_map: Any) -> dict[str, int]:
   return out
 
 
-def _decoded(path: str, skips: SkipLog | None) -> str | None:
-  """The file's text, or (lenient) None after logging the skip of a file that is not UTF-8."""
-  try:
+def _decoded(path: str, skips: SkipLog | None) -> str:
+  """The file's text. Strict: bytes that are not UTF-8 are an error naming the line. Lenient: they are
+  kept as lone surrogates (surrogateescape), and the rows holding them are skipped one by one
+  (`_undecoded_problem`), not the whole file."""
+  if skips is None:
     return read_text_file(path)
-  except DataError as e:
-    if skips is None:
-      raise
-    skips.skip(e.path or path, e.problem)
-    return None
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(path, f"cannot read the file ({type(e).__name__}: {e}); expected a readable text "
+                    "file") from e
+  return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _csv_error(e: csv.Error) -> str:
+  # Strict quoting reports a quote never closed at the end of the file: the row it opens is the one to fix.
+  return f"{e}{_QUOTE_HINT if 'end of data' in str(e) else ''}"
 
 
 def _row_problem(skips: SkipLog | None, where: str, problem: str) -> None:
@@ -202,14 +242,23 @@ def _row_problem(skips: SkipLog | None, where: str, problem: str) -> None:
 
 
 def _csv_rows(path: str, text: str, needed: Sequence[str], label_column: str, skips: SkipLog | None):
-  """(line, {column: value}) of every data row of a CSV file; the header must hold `needed`."""
-  reader = csv.reader(io.StringIO(text, newline=""))
+  """(line, {column: value}) of every data row of a CSV file; the header must hold `needed`.
+
+  Strict quoting: a quote that is never closed is an error naming the line it opens (not the rest of the
+  file read silently into one field)."""
+  # Process-wide, only ever raised: fields up to the text limit are read.
+  csv.field_size_limit(max(csv.field_size_limit(), MAX_TEXT_CHARS))
+  reader = csv.reader(io.StringIO(text, newline=""), strict=True)
   try:
     header = [h.strip() for h in next(reader)]
   except StopIteration:
     raise DataError(_where(path, 1), "empty CSV file: expected a header row of column names") from None
   except csv.Error as e:
-    raise DataError(_where(path, 1), f"malformed CSV header ({e}): expected a row of column names") from None
+    raise DataError(_where(path, 1), f"malformed CSV header ({_csv_error(e)}): expected a row of column "
+                    "names") from None
+  bad = _undecoded_problem("".join(header))
+  if bad:
+    raise DataError(_where(path, 1), f"the header: {bad}")
   for c in needed:
     if c not in header:
       raise DataError(_where(path, 1), f"no column {c!r} ({_option(c, label_column)}): the header has "
@@ -221,10 +270,14 @@ def _csv_rows(path: str, text: str, needed: Sequence[str], label_column: str, sk
     except StopIteration:
       return
     except csv.Error as e:
-      raise DataError(_where(path, start), f"malformed CSV row ({e})") from None
+      raise DataError(_where(path, start), f"malformed CSV row ({_csv_error(e)})") from None
     line, start = start, reader.line_num + 1
     if not fields or (len(fields) == 1 and not fields[0].strip()):
       continue  # a blank line
+    bad = _undecoded_problem("".join(fields))
+    if bad:
+      _row_problem(skips, _where(path, line), bad)
+      continue
     if len(fields) != len(header):
       _row_problem(skips, _where(path, line), f"row has {len(fields)} fields: expected {len(header)} "
                    f"like the header {header}")
@@ -239,6 +292,10 @@ def _jsonl_rows(path: str, text: str, needed: Sequence[str], label_column: str,
     if not raw.strip():
       continue
     where = _where(path, line)
+    bad = _undecoded_problem(raw)
+    if bad:
+      _row_problem(skips, where, bad)
+      continue
     try:
       row = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -249,14 +306,32 @@ def _jsonl_rows(path: str, text: str, needed: Sequence[str], label_column: str,
       _row_problem(skips, where, f"a JSON {type(row).__name__}: expected one JSON object per line "
                    "(JSON lines)")
       continue
-    values = {str(k): "" if v is None else (v if isinstance(v, str) else json.dumps(v))
-              for k, v in row.items()}
-    missing = [c for c in needed if c not in values]
+    missing = [c for c in needed if c not in row]
     if missing:
       _row_problem(skips, where, f"no key {missing[0]!r} ({_option(missing[0], label_column)}): this row has "
-                   f"keys {list(values)}")
+                   f"keys {list(row)}")
       continue
-    yield line, values
+    # Text is a JSON string (null: empty); a class is a string or a number. Anything else would be read as
+    # its JSON spelling ("42", "{\"a\": 1}", "true") and trained on as if it were a report.
+    wrong = [(c, row[c]) for c in needed if row[c] is not None and not isinstance(row[c], str) and (
+        c != label_column or isinstance(row[c], (bool, dict, list)))]
+    if wrong:
+      c, v = wrong[0]
+      expected = ("a class value as a JSON string or number" if c == label_column else
+                  "the report text as a JSON string (or null)")
+      _row_problem(skips, where, f"key {c!r} holds a JSON {_json_kind(v)} ({json.dumps(v)[:40]}): expected "
+                   f"{expected}")
+      continue
+    yield line, {str(k): "" if v is None else (v if isinstance(v, str) else json.dumps(v)) for k, v in row.items()}
+
+
+def _json_kind(value: Any) -> str:
+  if isinstance(value, bool):
+    return "boolean"
+  if isinstance(value, (int, float)):
+    return "number"
+  return "object" if isinstance(value, dict) else "array" if isinstance(value, list) else type(value).__name__
+
 
 
 def _option(column: str, label_column: str) -> str:
@@ -288,8 +363,6 @@ def read_table(path: str | os.PathLike, *, text_columns: Sequence[str], label_co
   if label_rule and mapping:
     raise DataError(None, "data.text.label_rule and data.text.label_map are both set: expected one")
   text = _decoded(path, skips)
-  if text is None:
-    return []
   needed = text_columns + ((label_column,) if label_column else ())
   reader = _csv_rows if path.lower().endswith(".csv") else _jsonl_rows
   rows = reader(path, text, needed, label_column, skips)
@@ -298,7 +371,9 @@ def read_table(path: str | os.PathLike, *, text_columns: Sequence[str], label_co
     where = _where(path, line)
     joined = _clean(" ".join(row[c] for c in text_columns))
     value = row[label_column].strip() if label_column else ""
-    if not joined:
+    if _length_problem(joined):
+      _row_problem(skips, where, _length_problem(joined))
+    elif not joined:
       _row_problem(skips, where, f"empty text in column(s) {list(text_columns)}: expected report text")
     elif label_column and not value:
       _row_problem(skips, where, f"empty label in column {label_column!r}: expected a class value")
@@ -336,18 +411,18 @@ def _read_pubmed(path: str, skips: SkipLog | None) -> list[tuple[int, TextRecord
   text = _decoded(path, skips)
   out = []
   abstract = -1
-  for line, raw in enumerate((text or "").splitlines(), start=1):
+  for line, raw in enumerate(text.splitlines(), start=1):
     if not raw.strip():
       continue
     if raw.startswith("###"):
       abstract += 1
       continue
     where = _where(path, line)
-    problem = ""
-    if "\t" not in raw:
+    problem = _undecoded_problem(raw) or _length_problem(raw)
+    if not problem and "\t" not in raw:
       problem = (f"no tab in {raw[:60]!r}: expected 'LABEL<TAB>sentence' (or a '###<id>' line starting "
                  "an abstract)")
-    else:
+    elif not problem:
       label, _, sentence = raw.partition("\t")
       label = label.strip()
       sentence = _clean(sentence)
@@ -447,8 +522,8 @@ def read_split(cfg: ml_collections.ConfigDict, split: str, skips: SkipLog) -> li
     for name in names:
       f = os.path.join(path, name)
       if not os.path.isfile(f):
-        raise FileNotFoundError(f"data.path={path!r} has no {name}: expected the PubMed RCT split files "
-                                f"{list(PUBMED_SPLIT_FILES.values())}")
+        raise MissingDataError(None, f"data.path={path!r} has no {name}: expected the PubMed RCT split files "
+                               f"{list(PUBMED_SPLIT_FILES.values())}")
       out.extend(r for _, r in _read_pubmed(f, lenient))
     return out
   if os.path.isfile(path):
@@ -457,8 +532,8 @@ def read_split(cfg: ml_collections.ConfigDict, split: str, skips: SkipLog) -> li
   root, native = catalog.split_root(path, split, tuple(cfg.split_fractions))
   files = catalog.find_files(root, (".txt",))
   if not files:
-    raise FileNotFoundError(f"data.path={root!r} holds no .txt reports: expected MIMIC-CXR style "
-                            "files/pXX/pXXXXXXXX/sXXXXXXXX.txt (data.text.layout='mimic')")
+    raise MissingDataError(None, f"data.path={root!r} holds no .txt reports: expected MIMIC-CXR style "
+                           "files/pXX/pXXXXXXXX/sXXXXXXXX.txt (data.text.layout='mimic')")
   records = read_mimic_folder(root, files=files, skips=lenient)
   if native:
     return records

@@ -21,15 +21,17 @@ whole-word masking, -1 on [CLS], [SEP] and [PAD].
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.data import text_io
 from invcoss_jax.data.config import data_config
-from invcoss_jax.data.errors import DataError, SkipLog, logger
+from invcoss_jax.data.errors import DataError, MissingDataError, SkipLog, logger
 from invcoss_jax.data.registry import resolve
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -37,6 +39,17 @@ _SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
 TOKENIZER_FILE = "tokenizer.json"
 KINDS = ("wordpiece", "bpe")
 PREFIX = "##"  # continuation pieces, for both kinds (so one decoder and one word numbering serve both)
+# The longest word (after BERT normalisation and pre-tokenisation) trained on: WordPiece's own limit
+# (max_input_chars_per_word), which encodes a longer word as one [UNK]. Training time grows with the square of
+# a word's length (a 5 MB base64 blob without spaces took hours), so longer words are left out beforehand.
+MAX_WORD_CHARS = 100
+# A run of more characters than this without whitespace is no text (a pasted blob): left out of training
+# whole, and encoded as one [UNK] without being normalised (the tokenizer takes about a second per megabyte).
+MAX_CHUNK_CHARS = 10_000
+# Where a text is cut into chunks before those checks: only characters the BERT normaliser keeps as spaces
+# (Python's str.split() also cuts at control characters such as \x1f, which the normaliser deletes, joining
+# the words around them).
+_SPACES = re.compile(r"[ \t\n\r]+")
 
 
 def _bert_parts(tok: Tokenizer, lowercase: bool) -> Tokenizer:
@@ -56,10 +69,52 @@ def _post_processor(tok: Tokenizer) -> Tokenizer:
   return tok
 
 
+def _without_long_words(texts: Sequence[str], lowercase: bool, sources: Sequence[str] | None
+                        ) -> list[str]:
+  """`texts` with every word longer than MAX_WORD_CHARS (and every run of over MAX_CHUNK_CHARS without
+  whitespace) left out, logged with a count and where the first was; a text without one is kept as it is."""
+  bert = _bert_parts(Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")), lowercase)
+  out, dropped, longest, first = [], 0, 0, None
+  for k, text in enumerate(texts):
+    # A whitespace-separated chunk is at least as long as each word cut from it: only long chunks need the
+    # tokenizer's own normalisation and pre-tokenisation to find the words that are too long.
+    chunks = _SPACES.split(text) if len(text) > MAX_WORD_CHARS else []
+    if all(len(c) <= MAX_WORD_CHARS for c in chunks):
+      out.append(text)
+      continue
+    kept = []
+    for chunk in chunks:
+      if len(chunk) <= MAX_WORD_CHARS:
+        kept.append(chunk)
+        continue
+      words = [chunk] if len(chunk) > MAX_CHUNK_CHARS else [
+          w for w, _ in bert.pre_tokenizer.pre_tokenize_str(bert.normalizer.normalize_str(chunk))]
+      for word in words:
+        if len(word) <= MAX_WORD_CHARS:
+          kept.append(word)
+        else:
+          dropped += 1
+          longest = max(longest, len(word))
+          if first is None:
+            first = sources[k] if sources is not None else f"text {k}"
+    out.append(" ".join(kept))
+  if dropped:
+    logger.warning("%d word(s) longer than %d characters (the longest %s characters; the first in %s) left out "
+                   "of the tokenizer's training texts: WordPiece encodes such a word as [UNK], and training on it "
+                   "would take time growing with the square of its length", dropped, MAX_WORD_CHARS,
+                   f"{longest:,}", first)
+  return out
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int, *, kind: str = "wordpiece",
-                    lowercase: bool = True) -> Tokenizer:
+                    lowercase: bool = True, sources: Sequence[str] | None = None) -> Tokenizer:
   """A BERT-style tokenizer trained on `texts`, with at most `vocab_size` tokens (specials included; a
-  small corpus may yield fewer: every word of it is then a single token)."""
+  small corpus may yield fewer: every word of it is then a single token).
+
+  Words longer than MAX_WORD_CHARS are left out of training (see `_without_long_words`; `sources` names
+  where each text came from, for that warning). Every vocabulary holds the 5 specials and the corpus's
+  alphabet (each character, and its ## continuation) whatever `vocab_size` says: a smaller `vocab_size` is
+  a DataError giving the least it can be."""
   if kind not in KINDS:
     raise DataError(None, f"tokenizer kind {kind!r}: expected one of {KINDS}")
   vocab_size = int(vocab_size)
@@ -78,7 +133,14 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, *, kind: str = "wordp
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   continuing_subword_prefix=PREFIX, show_progress=False)
   _bert_parts(tok, lowercase)
+  texts = _without_long_words(texts, lowercase, sources)
   tok.train_from_iterator(texts, trainer, length=len(texts))
+  size = tok.get_vocab_size(with_added_tokens=True)
+  if size > vocab_size:
+    raise DataError(None, f"data.text.vocab_size={vocab_size}: expected at least {size} (the "
+                    f"{len(SPECIAL_TOKENS)} special tokens and {size - len(SPECIAL_TOKENS)} tokens of this corpus's "
+                    f"alphabet: its characters, alone and as {PREFIX} continuations, which every {kind} "
+                    "vocabulary holds before any learnt piece)")
   return _post_processor(tok)
 
 
@@ -108,8 +170,8 @@ def load_tokenizer(path: str | os.PathLike, *, lowercase: bool = True) -> Tokeni
     raise DataError(None, "data.text.tokenizer is empty: expected a tokenizer.json or vocab.txt (or call "
                     "invcoss_jax.data.tokenization.ensure_tokenizer to train one)")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.text.tokenizer={path!r} does not exist: expected a tokenizer.json or "
-                            "a BERT vocab.txt")
+    raise MissingDataError(None, f"data.text.tokenizer={path!r} does not exist: expected a tokenizer.json or "
+                           "a BERT vocab.txt")
   if path.lower().endswith(".json"):
     try:
       tok = Tokenizer.from_file(path)
@@ -159,8 +221,8 @@ def set_model_vocabulary(model_cfg: ml_collections.ConfigDict, path: str) -> dic
   fields = model_text_fields(path)
   given = int(model_cfg.vocab_size)
   if given and given != fields["vocab_size"]:
-    raise ValueError(f"config.model.vocab_size={given}, but the tokenizer {path} has {fields['vocab_size']} tokens: "
-                     "leave it 0 to take the tokenizer's")
+    raise ConfigError(f"config.model.vocab_size={given}, but the tokenizer {path} has {fields['vocab_size']} "
+                      "tokens: leave it 0 to take the tokenizer's")
   model_cfg.update(fields)
   return fields
 
@@ -179,7 +241,11 @@ def without_padding(tokenizer: Tokenizer) -> Tokenizer:
 def encode_into(tok: Tokenizer, ids: dict[str, int], text: str, max_length: int,
                 tokens: np.ndarray, mask: np.ndarray, words: np.ndarray) -> None:
   """One text into the (max_length,) rows `tokens`, `mask`, `words` (see `encode`); `tok` from
-  `without_padding`, `ids` its `special_ids`."""
+  `without_padding`, `ids` its `special_ids`. A run of over MAX_CHUNK_CHARS without whitespace is one [UNK]."""
+  if len(text) > MAX_CHUNK_CHARS:
+    chunks = _SPACES.split(text)
+    if any(len(c) > MAX_CHUNK_CHARS for c in chunks):
+      text = " ".join(c if len(c) <= MAX_CHUNK_CHARS else SPECIAL_TOKENS[1] for c in chunks)
   enc = tok.encode(text, add_special_tokens=False)
   body = enc.ids[:max_length - 2]
   n = len(body)
@@ -249,8 +315,8 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
     skips.log_summary()
     if not records:
       raise DataError(cfg.path, "no texts in split 'train': expected some to train the tokenizer on")
-    tok = train_tokenizer([r.text for r in records], int(t.vocab_size),
-                          kind=str(t.tokenizer_kind), lowercase=bool(t.lowercase))
+    tok = train_tokenizer([r.text for r in records], int(t.vocab_size), kind=str(t.tokenizer_kind),
+                          lowercase=bool(t.lowercase), sources=[r.source for r in records])
     with atomic_path(path) as tmp:
       tok.save(tmp)
     logger.info("%s: trained a %s tokenizer of %d tokens on %d texts of split 'train'", path,

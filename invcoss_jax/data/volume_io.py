@@ -168,29 +168,83 @@ def _slice_geometry(ds, path: str):
   return float(np.dot(np.cross(row, col), np.asarray(pos, float))), inst
 
 
+# What tells series apart, besides SeriesInstanceUID (absent from some anonymised or converted exports):
+# slices of one series share all of these.
+_SERIES_TAGS = ("SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "Modality", "ImageOrientationPatient",
+                "Rows", "Columns", "PixelSpacing")
+
+
+def _series_key(ds, path: str) -> tuple:
+  """The values of `_SERIES_TAGS` of a slice (orientation and spacing rounded, so float noise does not split)."""
+  out = []
+  for tag in _SERIES_TAGS:
+    value = ds.get(tag)
+    if tag in ("Rows", "Columns"):
+      if value is None:
+        raise DataError(path, f"no {tag} in the DICOM header: expected an image slice")
+      value = int(value)
+    elif tag in ("ImageOrientationPatient", "PixelSpacing"):
+      value = None if value is None else tuple(round(float(v), 3) for v in value)
+    elif value is not None:
+      value = str(value)
+    out.append(value)
+  return tuple(out)
+
+
+def _mixed_series(folder: str, keys: list[tuple], files: list[str]) -> DataError:
+  """The error for slices of several series in one folder, saying which tags differ and where."""
+  groups: dict[tuple, list[str]] = {}
+  for k, f in zip(keys, files):
+    groups.setdefault(k, []).append(f)
+  differ = [t for i, t in enumerate(_SERIES_TAGS) if len({k[i] for k in groups}) > 1]
+  tag = differ[0]
+  i = _SERIES_TAGS.index(tag)
+  firsts = sorted(groups.items(), key=lambda kv: kv[1][0])
+  values = " and ".join(str(k[i]) for k, _ in firsts[:3]) + (" ..." if len(firsts) > 3 else "")
+  examples = ", ".join(os.path.basename(fs[0]) for _, fs in firsts[:3])
+  return DataError(folder, f"expected one series per folder, found {len(groups)} series told apart by "
+                   f"{'/'.join(differ)} ({tag} {values}; e.g. {examples}): put each series in its own folder")
+
+
 def dicom_series_header(folder: str | os.PathLike) -> tuple[VolumeHeader, list[str]]:
-  """Shape/spacing of the series in `folder` and its files ordered along the slice normal."""
+  """Shape/spacing of the series in `folder` and its files ordered along the slice normal.
+
+  The slices must be one series: they agree on SeriesInstanceUID and on the tags that tell series apart
+  without it (study, series number, modality, orientation, size, pixel spacing); without a
+  SeriesInstanceUID, two slices with one InstanceNumber are taken as two interleaved series too. Several
+  series in one folder are refused (a DataError saying which tags differ), never merged into one volume.
+  """
   import pydicom  # pylint: disable=g-import-not-at-top
   folder = os.fspath(folder)
   files = list_dicom_files(folder)
   if not files:
     raise DataError(folder, "expected a folder of DICOM slices (.dcm) forming one series, found none")
-  keys, shapes, series = [], set(), set()
+  geometry, series, instances = [], [], {}
   first = None
   for f in files:
     try:
       ds = pydicom.dcmread(f, stop_before_pixels=True)
+      key = _series_key(ds, f)
+      geometry.append(_slice_geometry(ds, f) + (f,))
+    except DataError:
+      raise
     except _dicom_errors() as e:
       raise DataError(f, f"cannot read the DICOM header ({type(e).__name__}: {e}); expected a "
                       "readable DICOM slice") from e
     first = first or ds
-    shapes.add((int(ds.Rows), int(ds.Columns)))
-    series.add(str(ds.get("SeriesInstanceUID", "")))
-    keys.append(_slice_geometry(ds, f) + (f,))
-  if len(shapes) != 1:
-    raise DataError(folder, f"expected slices of one size in a series, got sizes {sorted(shapes)}")
-  if len(series) != 1:
-    raise DataError(folder, f"expected one series per folder, found {len(series)} SeriesInstanceUIDs")
+    series.append(key)
+    inst = geometry[-1][1]
+    if inst and key[0] is None:
+      instances.setdefault(inst, []).append(f)
+  if len(set(series)) > 1:
+    raise _mixed_series(folder, series, files)
+  repeated = sorted((fs, inst) for inst, fs in instances.items() if len(fs) > 1)
+  if repeated:
+    names, inst = ", ".join(os.path.basename(f) for f in repeated[0][0][:3]), repeated[0][1]
+    raise DataError(folder, f"expected one series per folder, found 2 or more interleaved: InstanceNumber {inst} "
+                    f"is held by {names}, and the slices have no SeriesInstanceUID to tell them apart: put each "
+                    "series in its own folder")
+  keys = geometry
   if all(k[0] is not None for k in keys):
     keys.sort(key=lambda k: (k[0], k[1]))
     positions = np.asarray([k[0] for k in keys])
@@ -201,7 +255,7 @@ def dicom_series_header(folder: str | os.PathLike) -> tuple[VolumeHeader, list[s
   else:
     keys.sort(key=lambda k: k[1])
     dz = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
-  rows, cols = shapes.pop()
+  rows, cols = series[0][_SERIES_TAGS.index("Rows")], series[0][_SERIES_TAGS.index("Columns")]
   ps = [float(s) for s in first.get("PixelSpacing", (1.0, 1.0))]
   header = VolumeHeader(folder, (len(files), rows, cols), (dz, ps[0], ps[1]))
   return header, [k[2] for k in keys]

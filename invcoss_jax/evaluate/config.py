@@ -44,7 +44,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
 def task_config(name: str) -> ml_collections.ConfigDict:
   """Settings of one downstream task (a copy; change it freely)."""
   if name not in TASK_BUILDERS:
-    raise ValueError(f"config.evaluate.task={name!r} is unknown: expected one of {sorted(TASK_BUILDERS)} "
+    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"config.evaluate.task={name!r} is unknown: expected one of {sorted(TASK_BUILDERS)} "
                      "or an entry of config.evaluate.tasks")
   return TASK_BUILDERS[name]()
 

@@ -28,6 +28,7 @@ import optax
 from absl import logging
 
 from invcoss_jax import models
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.parallel import mesh as mesh_lib
@@ -100,22 +101,22 @@ def check_task(task: ml_collections.ConfigDict, name: str) -> None:
   """Clear errors for options the fine-tuning reads."""
   where = f"config.evaluate.tasks.{name}"
   if task.kind not in (CLASSIFICATION, SEGMENTATION):
-    raise ValueError(f"{where}.kind={task.kind!r}: expected {CLASSIFICATION!r} or {SEGMENTATION!r}")
+    raise ConfigError(f"{where}.kind={task.kind!r}: expected {CLASSIFICATION!r} or {SEGMENTATION!r}")
   if int(task.num_classes) < 2:
-    raise ValueError(f"{where}.num_classes={task.num_classes}: expected >= 2 (segmentation counts background)")
+    raise ConfigError(f"{where}.num_classes={task.num_classes}: expected >= 2 (segmentation counts background)")
   if task.kind == SEGMENTATION and task.seg_loss not in ("dice_bce", "dice_ce"):
-    raise ValueError(f"{where}.seg_loss={task.seg_loss!r}: expected 'dice_bce' or 'dice_ce'")
+    raise ConfigError(f"{where}.seg_loss={task.seg_loss!r}: expected 'dice_bce' or 'dice_ce'")
   if int(task.batch_size) < 1 or int(task.eval_batch_size) < 1:
-    raise ValueError(f"{where}: batch_size and eval_batch_size must be >= 1")
+    raise ConfigError(f"{where}: batch_size and eval_batch_size must be >= 1")
   if int(task.steps) <= 0 and float(task.epochs) <= 0:
-    raise ValueError(f"{where}: set steps > 0 or epochs > 0")
+    raise ConfigError(f"{where}: set steps > 0 or epochs > 0")
   path = str(task.data.get("path", "") or "")
   if task.data.get("name") == "folder" and not path:
-    raise ValueError(f"{where}.data.path is empty: point it at your copy of the {name} dataset "
+    raise ConfigError(f"{where}.data.path is empty: point it at your copy of the {name} dataset "
                      f"(format {task.data.get('format')!r}), e.g. --{where}.data.path=/data/{name}")
   if (task.kind == SEGMENTATION and task.data.get("name") == "folder"
       and not str(task.data.get("label_path", "") or "")):
-    raise ValueError(f"{where}.data.label_path is empty: segmentation needs the folder of label maps "
+    raise ConfigError(f"{where}.data.label_path is empty: segmentation needs the folder of label maps "
                      f"(masks) parallel to {where}.data.path")
   if path and not os.path.exists(path):
     raise FileNotFoundError(f"{where}.data.path={path!r} does not exist: expected the {name} "
@@ -174,10 +175,13 @@ def init_params(model: DownstreamModel, rng: jax.Array, image_shape: tuple[int, 
   if pretrained and f"patch_embed_{rank}d" in fresh:
     # The input layer of this task's dimensionality was never trained: the result would be that of a random
     # tokenizer under a pre-trained trunk, reported as the checkpoint's.
-    raise ValueError(f"{source or 'the checkpoint'} has no {rank}D tokenizer (patch_embed_{rank}d): it was "
-                     f"pre-trained on {'3D volumes' if rank == 2 else '2D images'} only, and this task's "
-                     f"{rank}D inputs would enter through a random input layer. Fine-tune a checkpoint of a "
-                     f"stage that saw {rank}D data (a continual stage carries every earlier tokenizer)")
+    text_only = "token_embed" in pretrained and f"patch_embed_{5 - rank}d" not in pretrained
+    seen = ("report text only (a report stage)" if text_only else
+            f"{'3D volumes' if rank == 2 else '2D images'} only")
+    raise ConfigError(f"{source or 'the checkpoint'} has no {rank}D tokenizer (patch_embed_{rank}d): it was "
+                      f"pre-trained on {seen}, and this task's {rank}D inputs would enter through a random input "
+                      f"layer. Fine-tune a checkpoint of a stage that saw {rank}D data (a continual stage carries "
+                      "every earlier tokenizer)")
   if fresh:
     if loaded:
       logging.warning("%s has no %s: initialised randomly", source or "the checkpoint", fresh)

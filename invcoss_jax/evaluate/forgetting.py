@@ -15,6 +15,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from invcoss_jax import io_utils
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.evaluate.config import DISPLAY_NAMES
 from invcoss_jax.evaluate.report import HEADLINE_METRIC
 
@@ -45,7 +46,7 @@ def parse_runs(entries: Sequence[str], init_from: str = "") -> list[tuple[str, s
   """'Method=/path' entries (or just '/path', named by its folder) -> [(method, path)]."""
   if not entries:
     if not init_from:
-      raise ValueError("config.evaluate.forgetting.runs is empty and config.init_from is not set: "
+      raise ConfigError("config.evaluate.forgetting.runs is empty and config.init_from is not set: "
                        "expected 'Method=/path/to/continual_workdir' entries")
     entries = [init_from]
   runs = []
@@ -54,11 +55,11 @@ def parse_runs(entries: Sequence[str], init_from: str = "") -> list[tuple[str, s
     if not sep:
       method, path = os.path.basename(os.path.normpath(method)), method
     if not method or not path:
-      raise ValueError(f"config.evaluate.forgetting.runs entry {e!r}: expected 'Method=/path'")
+      raise ConfigError(f"config.evaluate.forgetting.runs entry {e!r}: expected 'Method=/path'")
     runs.append((method, path))
   names = [m for m, _ in runs]
   if len(set(names)) != len(names):
-    raise ValueError(f"config.evaluate.forgetting.runs: method names must be unique, got {names}")
+    raise ConfigError(f"config.evaluate.forgetting.runs: method names must be unique, got {names}")
   return runs
 
 

@@ -1,6 +1,12 @@
 """The jobs: `config.mode` -> the job that runs it, one thin module per job in this folder (each reads its
 config, calls the library and writes outputs; no library folder imports a job). A job module is imported only
-when its mode runs."""
+when its mode runs.
+
+`run` checks before it records: the options every job shares (`config_checks.check_options`), then the job's
+own (`check_config(config)` of its module, where it has one: methods, orders, stage steps, seeds, init_from),
+then the workdir (another run's: refused); only then does it lock the workdir (`workdir_lock`, held until the
+job returns) and record the run in `workdir.json`.
+"""
 
 from __future__ import annotations
 
@@ -27,17 +33,30 @@ JOBS: dict[str, tuple[str, str]] = {
 
 def job_for_mode(mode: str):
   if mode not in JOBS:
-    raise ValueError(f"config.mode={mode!r} is unknown; expected one of {sorted(JOBS)}")
+    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"config.mode={mode!r} is unknown; expected one of {sorted(JOBS)}")
   module_name, fn_name = JOBS[mode]
   return getattr(importlib.import_module(module_name), fn_name)
 
 
+def check_job_options(config: ml_collections.ConfigDict) -> None:
+  """Every option of the job `config.mode` selects, checked without writing anything (ConfigError)."""
+  from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
+  mode = str(config.get("mode", "pretrain"))
+  job_for_mode(mode)
+  config_checks.check_options(config)
+  check = getattr(importlib.import_module(JOBS[mode][0]), "check_config", None)
+  if check is not None:
+    check(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
   """Runs the job `config.mode` selects in `workdir`; returns what the job returns."""
-  from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
   from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  mode = str(config.get("mode", "pretrain"))
-  fn = job_for_mode(mode)
-  config_checks.check_options(config)
-  workdir_lib.claim(workdir, config)
-  return fn(config, os.fspath(workdir))
+  from invcoss_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  fn = job_for_mode(str(config.get("mode", "pretrain")))
+  check_job_options(config)
+  workdir_lib.check(workdir, config)  # another run's workdir: refused before the lock creates anything
+  with workdir_lock.hold(workdir):
+    workdir_lib.claim(workdir, config)
+    return fn(config, os.fspath(workdir))

@@ -219,6 +219,16 @@ def _membership_inference(a, loss_fn, params, heldout: dict, member_losses: np.n
   return mia, heldout_losses
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """config.init_from names a trained stage; checked before anything is written."""
+  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  if not str(config.init_from or ""):
+    raise ConfigError("config.init_from must name the workdir of a trained stage (its checkpoint and "
+                      "config.json) for config.mode='audit'")
+  workdir_lib.check_stage_workdir(str(config.init_from))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Audits the stage in `config.init_from`; writes audit.json, audit.md and the figures into `workdir`
   (process 0) and returns what audit.json holds."""

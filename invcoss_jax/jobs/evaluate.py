@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from invcoss_jax import io_utils
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.evaluate import finetune as finetune_lib
 from invcoss_jax.evaluate import forgetting as forgetting_lib
@@ -51,25 +52,47 @@ def load_backbone(config: ml_collections.ConfigDict, init_from: str) -> tuple[ml
 
 
 def prepare_text_task(task: ml_collections.ConfigDict, name: str, model_cfg: ml_collections.ConfigDict,
-                      workdir: str, pretrained: bool) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+                      workdir: str, pretrained: bool, stage_dir: str = ""
+                      ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """A text task reads its ids with the vocabulary of the checkpoint's text tokenizer (config.model.tokenizer
   of the report stage), or its own `data.text.tokenizer`; from scratch, one trained on the task's training
-  split into the workdir. Returns copies of the task and model configs with both set."""
+  split into the workdir. The vocabulary must be the one the checkpoint in `stage_dir` recorded (its size and
+  its token list: train/vocabulary.py). Returns copies of the task and model configs with both set."""
   from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.train import vocabulary  # pylint: disable=g-import-not-at-top
   task = ml_collections.ConfigDict(task.to_dict())
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if not str(task.data.text.tokenizer or ""):
     task.data.text.tokenizer = str(model_cfg.get("tokenizer", "") or "")
   if pretrained and not str(task.data.text.tokenizer):
-    raise ValueError(f"config.evaluate.tasks.{name}: the checkpoint has no text tokenizer (config.model.tokenizer "
-                     "is empty: it never trained a report stage); set data.text.tokenizer to its vocabulary")
+    raise ConfigError(f"config.evaluate.tasks.{name}: the checkpoint has no text tokenizer (config.model.tokenizer "
+                      "is empty: it never trained a report stage); set data.text.tokenizer to its vocabulary")
   task.data.text.tokenizer = str(tokenization.ensure_tokenizer(task.data, workdir).text.tokenizer)
+  if pretrained and stage_dir:
+    vocabulary.check(stage_dir, str(task.data.text.tokenizer), f"fine-tuning it on {name}")
   fields = tokenization.model_text_fields(str(task.data.text.tokenizer))
   if pretrained and int(model_cfg.get("vocab_size", 0)) != fields["vocab_size"]:
-    raise ValueError(f"config.evaluate.tasks.{name}.data.text.tokenizer has {fields['vocab_size']} tokens, the "
-                     f"checkpoint's text embedding {model_cfg.get('vocab_size', 0)}: use the pre-training vocabulary")
+    raise vocabulary.VocabularyError(
+        str(task.data.text.tokenizer), f"has {fields['vocab_size']} tokens, the text embedding of the checkpoint "
+        f"(config.evaluate.tasks.{name}) {model_cfg.get('vocab_size', 0)}: use the pre-training vocabulary")
   model_cfg.update(fields)
   return task, model_cfg
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The tasks, seeds and checkpoints an `evaluate` or `forgetting` run names, before anything is written."""
+  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if str(config.mode) == "forgetting":
+    runs = forgetting_lib.parse_runs(list(config.evaluate.forgetting.runs), str(config.init_from or ""))
+    for _, path in runs:
+      forgetting_lib.find_stages(path)
+    tasks = [str(t) for t in (config.evaluate.forgetting.tasks or (config.evaluate.task,))]
+  else:
+    if str(config.init_from or ""):
+      workdir_lib.check_stage_workdir(str(config.init_from))
+    tasks = [str(config.evaluate.task)]
+  for name in tasks:
+    finetune_lib.check_task(resolve_task(config, name), name)
 
 
 def _checkpoint_steps(init_from: str) -> list[int]:
@@ -106,7 +129,8 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   protocol = str(config.evaluate.protocol)
   model_cfg, pretrained = backbone if backbone is not None else load_backbone(config, init_from)
   if data_registry.is_text(task.data):
-    task, model_cfg = prepare_text_task(task, task_name, model_cfg, workdir, pretrained is not None)
+    task, model_cfg = prepare_text_task(task, task_name, model_cfg, workdir, pretrained is not None,
+                                        stage_dir=init_from)
     config = ml_collections.ConfigDict(config.to_dict())
     config.evaluate.tasks[task_name] = task
   cap = int(config.total_steps)
@@ -157,10 +181,12 @@ def default_method_name(config: ml_collections.ConfigDict) -> str:
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """mode='evaluate': the results record (also written to `workdir`)."""
   workdir = os.fspath(workdir)
+  init_from = str(config.init_from or "")
+  backbone = load_backbone(config, init_from)  # the checkpoint read before the run is recorded
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.write_config(workdir, config)
-  return evaluate_task(config, str(config.evaluate.task), workdir, init_from=str(config.init_from or ""),
-                       method=default_method_name(config))
+  return evaluate_task(config, str(config.evaluate.task), workdir, init_from=init_from,
+                       method=default_method_name(config), backbone=backbone)
 
 
 def run_forgetting(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:

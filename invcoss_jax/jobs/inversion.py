@@ -17,6 +17,18 @@ from invcoss_jax.inversion import stage as inv_stage
 from invcoss_jax.inversion import statistics
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """`invert` names a trained stage in config.init_from; checked before anything is written."""
+  if str(config.get("mode", "")) != "invert":
+    return
+  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  if not str(config.init_from or ""):
+    raise ConfigError("config.init_from must name the workdir of a trained stage (its checkpoint and "
+                      "statistics.npz) for config.mode='invert'")
+  workdir_lib.check_stage_workdir(str(config.init_from))
+
+
 def run_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, params=None
               ) -> statistics.FeatureStats:
   """Statistics pass of the stage in `workdir` over `config.data` (its whole `split`).

@@ -30,10 +30,11 @@ from absl import logging
 
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.config_checks import ConfigError
-from invcoss_jax.continual.stages import STAGE_INFO, check_method, plan_stages, training_changes
+from invcoss_jax.continual.stages import STAGE_INFO, check_sequence, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
 from invcoss_jax.retention.config import run_config
+from invcoss_jax.train.vocabulary import VOCAB_FILE
 
 RUNS_DIR, MEASURE_DIR, VOCABULARY_DIR = "runs", "measurements", "vocabulary"
 
@@ -48,24 +49,23 @@ def with_vocabulary(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Options are checked before any run starts."""
+  """Options are checked before any run starts (`jobs.run` calls this before it records the workdir)."""
+  from invcoss_jax.config_checks import check_seeds  # pylint: disable=g-import-not-at-top
   rc = config.retention
   methods = [str(m) for m in rc.methods]
   if not methods:
-    raise ValueError("config.retention.methods is empty: expected continual methods, e.g. ('seqssl', 'invcoss')")
+    raise ConfigError("config.retention.methods is empty: expected continual methods, e.g. ('seqssl', 'invcoss')")
   bad = [m for m in methods if m not in METHODS]
   if bad:
-    raise ValueError(f"config.retention.methods: {bad} are not continual methods; expected some of {list(METHODS)}")
+    raise ConfigError(f"config.retention.methods: {bad} are not continual methods; expected some of {list(METHODS)}")
   if all(m == "joint" for m in methods):
-    raise ValueError("config.retention.methods: 'joint' (one stage over every modality) is only an upper bound; "
-                     "name at least one sequential method too")
+    raise ConfigError("config.retention.methods: 'joint' (one stage over every modality) is only an upper bound; "
+                      "name at least one sequential method too")
   if len(set(methods)) != len(methods):
-    raise ValueError(f"config.retention.methods lists a method twice: {methods}")
-  seeds = [int(s) for s in rc.seeds]
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"config.retention.seeds={tuple(rc.seeds)}: expected distinct seeds (3 or more for intervals)")
+    raise ConfigError(f"config.retention.methods lists a method twice: {methods}")
+  seeds = check_seeds("config.retention.seeds", rc.seeds, distinct=True)
   if len(config.continual.order) < 2:
-    raise ValueError(f"config.continual.order={tuple(config.continual.order)}: retention needs two or more stages")
+    raise ConfigError(f"config.continual.order={tuple(config.continual.order)}: retention needs two or more stages")
   j = rc.replay.judges
   if bool(j.enabled) and (int(j.folds) < 2 or int(j.cnn_steps) < 0 or int(j.judge_net_steps) < 0
                           or float(j.noise_sigma) < 0):
@@ -73,7 +73,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"noise_sigma >= 0, got folds={j.folds}, cnn_steps={j.cnn_steps}, "
                       f"judge_net_steps={j.judge_net_steps}, noise_sigma={j.noise_sigma}")
   for m in methods:  # each method's own checks (e.g. noise needs a generator), before any run writes anything
-    check_method(run_config(config, seeds[0], m))
+    check_sequence(run_config(config, seeds[0], m))
   for m in config.continual.order:
     path = str(config.continual.datasets[m].get("path", "") or "")
     if path and not os.path.exists(path):
@@ -81,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               "or set $INVCOSS_MRI_SLICES)" if path.endswith("hippocampus_slices_32.npz") else "")
       raise ConfigError(f"config.continual.datasets.{m}.path={path!r} does not exist{hint}")
   if str(rc.fit_split) == str(rc.test_split):
-    raise ValueError(f"config.retention.fit_split and test_split are both {rc.fit_split!r}: the probes must be "
+    raise ConfigError(f"config.retention.fit_split and test_split are both {rc.fit_split!r}: the probes must be "
                      "scored on examples they were not fitted on")
 
 
@@ -100,6 +100,8 @@ def share_first_stage(source: str, target: str) -> bool:
   try:
     shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(tmp, "checkpoints"))
     shutil.copy2(os.path.join(src, "config.json"), os.path.join(tmp, "config.json"))
+    if os.path.isfile(os.path.join(src, VOCAB_FILE)):  # the copied checkpoint's vocabulary goes with it
+      shutil.copy2(os.path.join(src, VOCAB_FILE), os.path.join(tmp, VOCAB_FILE))
     os.replace(tmp, dst)  # the stage appears whole or not at all
   finally:
     if os.path.exists(tmp):

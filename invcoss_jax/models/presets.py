@@ -41,8 +41,12 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.decoder_cls_pos = False  # learned decoder position of the CLS token (MAE's sin-cos row is zero)
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters and the loss stay float32)
   c.remat = False  # rematerialise each transformer block in the backward pass
-  # Text (the report stage): the tokenizer's vocabulary; 0 = no text tokenizer. The report stage sets it from
-  # the tokenizer it trains or loads (config.data.text.tokenizer).
+  # Text (the report stage): the size of the text embedding's id space, i.e. the number of tokens of its
+  # vocabulary, specials and added tokens included (row i of token_embed embeds token id i); 0 = no text
+  # tokenizer. It is not chosen: the report stage sets it from the tokenizer it trains or loads
+  # (config.data.text.tokenizer). config.data.text.vocab_size is another thing, the most tokens of a vocabulary
+  # the stage trains (data/config.py); a small corpus yields fewer. The vocabulary itself is recorded with the
+  # checkpoint (vocabulary.json, train/vocabulary.py).
   c.vocab_size = 0
   c.text_max_len = 512  # rows of the learned 1D position table (MedCoSS: 512; reports use 112)
   c.pad_id = 0  # the tokenizer's [PAD] id (first special token; BERT vocabularies too)

@@ -321,21 +321,38 @@ class MAE(nn.Module):
 
   @nn.compact
   def mlm(self, tokens: Array, attention_mask: Array, mlm_mask: Array, labels: Array, *,
-          train: bool = False) -> dict[str, Array]:
+          train: bool = False, max_predictions: int | None = None) -> dict[str, Array]:
     """Masked language modelling: the encoder reads the corrupted ids `tokens` (B, L); the head predicts the
     original ids `labels` at the positions of `mlm_mask` (B, L, 1 = corrupted). Returns dict(loss (mean
-    cross-entropy over corrupted positions, float32), logits (B, L, vocab) float32, mask, tokens (the encoder
-    output (B, 1 + L, width), CLS first: what continual training distils))."""
+    cross-entropy over corrupted positions, float32), logits (B, P, vocab) float32, mask (B, P), positions
+    (B, P) int32, tokens (the encoder output (B, 1 + L, width), CLS first: what continual training distils)).
+
+    Without `max_predictions` P = L: every position goes through the head. With it (static; at least the
+    number of corrupted positions of every example, `train.mlm.prediction_budget` of the padded length) the
+    corrupted positions are gathered first and only P = max_predictions of them reach the vocabulary
+    projection, which dominates the step at a large vocabulary; the loss is the same up to float summation
+    order. Were an example to have more corrupted positions than P, the extra ones (the last by position)
+    would go unscored."""
     from invcoss_jax.train.mlm import mlm_loss  # pylint: disable=g-import-not-at-top  (pure loss)
     cfg = self.cfg
     x, _, _ = self.encode(tokens, train=train, attention_mask=attention_mask)
+    h, mask = x[:, 1:], mlm_mask
+    positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), mask.shape)
+    if max_predictions is not None and int(max_predictions) < h.shape[1]:
+      # Corrupted positions first, in position order (a stable sort of the negated mask), then the rest as
+      # padding whose mask is 0.
+      positions = jnp.argsort(-mask.astype(jnp.int32), axis=1, stable=True)[:, :int(max_predictions)]
+      positions = positions.astype(jnp.int32)
+      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+      mask = jnp.take_along_axis(mask, positions, axis=1)
+      labels = jnp.take_along_axis(labels, positions, axis=1)
     # BERT's prediction head: transform (dense, GELU, LayerNorm), then the vocabulary projection.
-    h = nn.Dense(cfg.width, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_transform")(x[:, 1:])
+    h = nn.Dense(cfg.width, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_transform")(h)
     h = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="mlm_norm")(nn.gelu(h, approximate=False))
     logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, kernel_init=_dense_init, name="mlm_head")(h)
     logits = logits.astype(jnp.float32)
-    return dict(loss=mlm_loss(logits, labels, mlm_mask), logits=logits, mask=mlm_mask.astype(jnp.float32),
-                tokens=x)
+    return dict(loss=mlm_loss(logits, labels, mask), logits=logits, mask=mask.astype(jnp.float32),
+                positions=positions, tokens=x)
 
   @nn.compact
   def decode(self, tokens: Array, ids_restore: Array, grid: Sequence[int], train: bool = False) -> Array:

@@ -157,9 +157,10 @@ def shardings_from_config(mesh: Mesh, abstract_tree: Any, mesh_cfg: ml_collectio
 
 def check_global_batch(mesh: Mesh, global_batch_size: int, option: str = "config.train.global_batch_size"):
   """A clear error, naming `option`, when the batch cannot be split evenly over the mesh."""
+  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   shards = num_batch_shards(mesh)
   if global_batch_size % shards or global_batch_size % jax.process_count():
-    raise ValueError(f"{option}={global_batch_size} must be divisible by the {shards} batch shards "
+    raise ConfigError(f"{option}={global_batch_size} must be divisible by the {shards} batch shards "
                      f"of the mesh {dict(mesh.shape)} (and by {jax.process_count()} processes)")
 
 

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from invcoss_jax import faults, io_utils
+from invcoss_jax.data.errors import DataError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -39,11 +40,16 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
   return path
 
 
+class CheckpointError(DataError):
+  """A checkpoint on disk that does not fit this run's model (restored arrays of other shapes)."""
+
+
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: {os.fspath(workdir)!r} is not the workdir of a "
-                            f"trained stage (expected {CONFIG_FILE} and {CHECKPOINT_DIR}/ there)")
+    from invcoss_jax.workdir import not_a_stage  # pylint: disable=g-import-not-at-top
+    raise FileNotFoundError(not_a_stage(workdir, "workdir") or f"{path} not found: {os.fspath(workdir)!r} is "
+                            f"not the workdir of a trained stage (expected {CONFIG_FILE} and {CHECKPOINT_DIR}/)")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -105,7 +111,15 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any 
   args = {ITEM_STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     args[ITEM_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except ValueError as e:
+    if "shape" not in str(e):
+      raise
+    # orbax names neither the checkpoint nor the array; its first sentence says what differs.
+    raise CheckpointError(os.path.join(os.fspath(manager.directory), str(step)),
+                          f"does not fit this run's model ({str(e).split('. ')[0]}): it was saved by a run of "
+                          "another model or vocabulary; use that run's options, or another --workdir") from e
   logging.info("restored checkpoint %d from %s", step, manager.directory)
   return restored[ITEM_STATE], step
 

@@ -27,8 +27,18 @@ def mlm_loss(logits: Any, labels: Any, mask: Any) -> Any:
   return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+MAX_PREDICTIONS = 512  # BERT's cap on predicted tokens per example
+
+
+def prediction_budget(length: int, probability: float = 0.15, max_predictions: int = MAX_PREDICTIONS) -> int:
+  """Tokens `whole_word_mask` chooses at most in an example of `length` real tokens. With the padded length
+  it is a static bound on every example of a batch, so the MLM head can gather that many positions before
+  the vocabulary projection (`MAE.mlm(max_predictions=...)`) and score exactly the chosen ones."""
+  return min(int(max_predictions), max(1, int(round(int(length) * float(probability)))))
+
+
 def whole_word_mask(word_ids: np.ndarray, attention_mask: np.ndarray, rng: np.random.Generator,
-                    probability: float = 0.15, max_predictions: int = 512) -> np.ndarray:
+                    probability: float = 0.15, max_predictions: int = MAX_PREDICTIONS) -> np.ndarray:
   """(B, L) bool: the tokens chosen for prediction, whole words at a time (see the module docstring)."""
   word_ids = np.asarray(word_ids)
   attention_mask = np.asarray(attention_mask)
@@ -45,7 +55,7 @@ def whole_word_mask(word_ids: np.ndarray, attention_mask: np.ndarray, rng: np.ra
     candidates = list(words.values())
     rng.shuffle(candidates)
     n_real = int(attention_mask[b].sum())
-    budget = min(max_predictions, max(1, int(round(n_real * probability))))
+    budget = prediction_budget(n_real, probability, max_predictions)
     chosen = 0
     for positions in candidates:
       if chosen >= budget:

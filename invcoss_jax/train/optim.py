@@ -39,18 +39,19 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int | None) -> R
 
   The warm-up keeps its fraction of the run (warmup_epochs / num_epochs) when the run is capped.
   """
+  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   t = config.train
   k = int(t.get("grad_accum_steps", 1))
   if k < 1:
-    raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {k}")
+    raise ConfigError(f"config.train.grad_accum_steps must be >= 1, got {k}")
   if int(t.global_batch_size) % k:
-    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} must be divisible by "
+    raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} must be divisible by "
                      f"config.train.grad_accum_steps={k}")
   steps_per_epoch = int(t.get("steps_per_epoch", -1))
   if steps_per_epoch <= 0 and num_examples is not None:
     steps_per_epoch = max(1, int(num_examples) // int(t.global_batch_size))
   if steps_per_epoch <= 0 and int(config.total_steps) <= 0:
-    raise ValueError("config.train.steps_per_epoch is -1, config.total_steps is -1 and the number of "
+    raise ConfigError("config.train.steps_per_epoch is -1, config.total_steps is -1 and the number of "
                      "examples is unknown: set one of them")
   num_epochs = float(t.num_epochs)
   if int(config.total_steps) > 0:
@@ -60,7 +61,7 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int | None) -> R
     total = int(round(num_epochs * steps_per_epoch))
     warmup = int(round(float(t.warmup_epochs) * steps_per_epoch))
   if total <= 0:
-    raise ValueError(f"the run has no steps: config.total_steps={config.total_steps}, "
+    raise ConfigError(f"the run has no steps: config.total_steps={config.total_steps}, "
                      f"config.train.num_epochs={t.num_epochs}, steps_per_epoch={steps_per_epoch}")
   return RunLength(total_steps=total, warmup_steps=min(warmup, total - 1) if total > 1 else 0,
                    steps_per_epoch=max(steps_per_epoch, 0), grad_accum_steps=k)

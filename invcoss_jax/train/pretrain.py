@@ -21,7 +21,7 @@ from clu import parameter_overview, periodic_actions
 from invcoss_jax import models
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import core, optim, writers
+from invcoss_jax.train import core, mlm, optim, writers
 
 # Streams folded into the run's key, so each random use is independent of the others.
 _IMAGE_STREAM = 0x1A6E
@@ -41,15 +41,18 @@ def mae_loss(model: models.MAE, mask_ratio: float) -> core.LossFn:
   return loss_fn
 
 
-def mlm_loss(model: models.MAE) -> core.LossFn:
+def mlm_loss(model: models.MAE, probability: float | None = None) -> core.LossFn:
   """The report stage's loss: masked language modelling on a batch of corrupted ids (`train.mlm.mlm_inputs`
-  prepares it on the host: tokens, attention_mask, mlm_mask, labels)."""
+  prepares it on the host: tokens, attention_mask, mlm_mask, labels). With the masking `probability` the head
+  scores only the gathered corrupted positions (`mlm.prediction_budget` of the padded length bounds them);
+  None puts every position through the vocabulary projection (the reference path)."""
 
   def loss_fn(params, batch, consts, rng):
     del consts
+    budget = None if probability is None else mlm.prediction_budget(batch["tokens"].shape[1], probability)
     out = model.apply({"params": params}, batch["tokens"], batch["attention_mask"], batch["mlm_mask"],
                       batch["labels"], train=True, rngs={"dropout": jax.random.fold_in(rng, 1)},
-                      method=models.MAE.mlm)
+                      max_predictions=budget, method=models.MAE.mlm)
     return out["loss"].astype(jnp.float32), {}
 
   return loss_fn
@@ -62,9 +65,9 @@ def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedul
 
 
 def make_text_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                         grad_accum_steps: int = 1) -> Callable:
-  """The report stage's pure train step (core.make_step of `mlm_loss`)."""
-  return core.make_step(mlm_loss(model), tx, schedule, grad_accum_steps=grad_accum_steps)
+                         grad_accum_steps: int = 1, probability: float | None = None) -> Callable:
+  """The report stage's pure train step (core.make_step of `mlm_loss`; `probability` as there)."""
+  return core.make_step(mlm_loss(model, probability), tx, schedule, grad_accum_steps=grad_accum_steps)
 
 
 class TextMasker:
@@ -72,7 +75,6 @@ class TextMasker:
   masks."""
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, seed: int, probability: float):
-    from invcoss_jax.train import mlm  # pylint: disable=g-import-not-at-top
     self.mask = mlm.masker_for(str(data_cfg.text.tokenizer), probability)
     self.seed = int(seed)
 
@@ -178,20 +180,27 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
   train_cfg = config.train
   k = int(train_cfg.grad_accum_steps)
   if int(train_cfg.global_batch_size) % k:
-    raise ValueError(f"config.train.global_batch_size={train_cfg.global_batch_size} must be divisible by "
+    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"config.train.global_batch_size={train_cfg.global_batch_size} must be divisible by "
                      f"config.train.grad_accum_steps={k}")
   micro_batch = int(train_cfg.global_batch_size) // k
   mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
 
+  from invcoss_jax.config_checks import check_batch_fits  # pylint: disable=g-import-not-at-top
   from invcoss_jax.data import registry  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.train import vocabulary  # pylint: disable=g-import-not-at-top
   text = registry.is_text(config.data)
   if text:
     config = prepare_text_stage(config, workdir)
   data_iter, num_examples, image_shape = _open_train_data(config, micro_batch)
+  check_batch_fits("train.global_batch_size", int(train_cfg.global_batch_size), num_examples,
+                   f"data (name {config.data.name!r}, split {config.data.get('split', 'train')!r})",
+                   volumes=len(image_shape) == 4)
+  if text:  # before the first checkpoint: the checkpoint's text embedding is only meaningful with it
+    vocabulary.check_or_record(workdir, str(config.model.tokenizer))
   length = optim.run_length(config, num_examples)
   tx, schedule = optim.make_optimizer(train_cfg, length)
   model = models.build_mae(config.model)
-  ckpt_lib.write_config(workdir, config)
   logging.info("pre-training %s on %s (%d examples of shape %s): %d updates (%d warm-up), %d per epoch, "
                "peak lr %.3g, mesh %s", config.model.get("preset", "?"), config.data.get("name"),
                num_examples, image_shape, length.total_steps, length.warmup_steps, length.steps_per_epoch,
@@ -214,6 +223,10 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
       else:
         state, shardings = core.create_train_state(**init_args, params=_torch_init_params(config, init_args))
       start = int(jax.device_get(state.step))
+      # Recorded once the run was checked and its checkpoint restored into this run's model (a failed resume
+      # leaves the record as it was), and never again for a finished stage: it describes what trained it.
+      if start < total or not os.path.isfile(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
+        ckpt_lib.write_config(workdir, config)
       if start == 0:
         parameter_overview.log_parameter_overview(state.params, msg="MAE parameters")
         writer.write_hparams(_hparams(config))
@@ -239,7 +252,8 @@ def _loop(config, model, text: bool, mesh, shardings, tx, schedule, data_iter, w
   grids, checkpoints of the state and the iterator."""
   k = int(config.train.grad_accum_steps)
   if text:
-    step_fn = core.jit_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k), shardings, mesh)
+    step_fn = core.jit_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k,
+                                                 probability=float(config.train.mlm_probability)), shardings, mesh)
     masker = TextMasker(config.data, int(config.seed), float(config.train.mlm_probability))
   else:
     step_fn = core.jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),

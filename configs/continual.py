@@ -11,7 +11,7 @@ the package embeds no reports), `report` (with `demo`: the report stage first, o
 ../shared/data; the paper's default already starts with it), `alt` (Table 5's alternative order Path., MRI,
 Report, CT, X-ray; Path., MRI, CT, X-ray for the image-only demo), and a method name (e.g. `demo,er`).
 `--config.method` (an alias of `--config.continual.method`) picks the method: invcoss | seqssl | er |
-medcoss | ewc | cassle | packnet | joint. `--config.continual.buffer_fraction=0.01` (0.05, 0.10) sets the
+medcoss | ewc | cassle | packnet | joint | noise, or any registered one (invcoss_jax/continual/methods/). `--config.continual.buffer_fraction=0.01` (0.05, 0.10) sets the
 buffer size of every buffer method. See docs/continual.md.
 
 Default: the paper's setup, Report, X-ray, CT, MRI, pathology, each stage like its single-modality config
@@ -23,8 +23,8 @@ then cosine, a 5 % buffer. The report stage cannot be inverted: invcoss keeps a 
 
 import ml_collections
 
-from invcoss_jax.continual.config import (IMAGE_ALTERNATIVE_ORDER, IMAGE_ORDER, METHODS, PAPER_ALTERNATIVE_ORDER,
-                                          PAPER_ORDER)
+from invcoss_jax.continual import methods
+from invcoss_jax.continual.config import IMAGE_ALTERNATIVE_ORDER, IMAGE_ORDER, PAPER_ALTERNATIVE_ORDER, PAPER_ORDER
 from invcoss_jax.defaults import base_config, use_indiana_reports
 from invcoss_jax.inversion.config import use_cpu_demo_schedule
 from invcoss_jax.models.presets import demo_model_config, model_config
@@ -89,11 +89,12 @@ def get_config(arg=None):
 
   presets = [p.strip() for p in str(arg or "").split(",") if p.strip()]
   method = "invcoss"
+  known = methods.names()  # every registered method (their modules are not imported)
   for p in presets:
-    if p not in ("demo", "alt", "report") and p not in METHODS:
+    if p not in ("demo", "alt", "report") and p not in known:
       raise ValueError(f"configs/continual.py: unknown preset {p!r}; expected 'demo', 'report', 'alt' or a "
-                       f"method ({', '.join(METHODS)}), comma-separated")
-    if p in METHODS:
+                       f"method ({', '.join(known)}), comma-separated")
+    if p in known:
       method = p
   if "demo" in presets:
     _demo(c)

@@ -143,6 +143,18 @@ def check_batch_fits(option: str, batch: int, num_examples: int, what: str, *, u
   raise ConfigError(f"{message}; expected at most {int(num_examples)}")
 
 
+def fraction_count(option: str, fraction: float, num_examples: int) -> int:
+  """Examples in `fraction` of `num_examples`: int(fraction x N), at least 1 (MedCoSS's buffer size).
+
+  The one conversion of a buffer fraction into a count, used by the continual buffers, the synthetic set of a
+  stage, the storage comparison and the audit's replay buffer, so that all of them agree on the same sample
+  count (int and round differ by one where fraction x N ends in .5 or more)."""
+  fraction = float(fraction)
+  if not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"{option} must be in (0, 1], got {fraction}")
+  return max(1, int(fraction * int(num_examples)))
+
+
 def check_options(config: ml_collections.ConfigDict) -> None:
   """Ranges and consistency of the options every training job shares; raises ValueError naming the option."""
   from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top

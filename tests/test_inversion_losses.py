@@ -235,3 +235,26 @@ def test_pool_with_batch_writes_the_batch_round_robin():
   np.testing.assert_array_equal(rep_features(tokens, "cls"), np.asarray(tokens)[:, 0])
   with pytest.raises(ValueError, match="rep_feature"):
     rep_features(tokens, "max")
+
+
+def test_jitter_rolls_what_the_model_sees_and_leaves_the_pixel_terms_on_the_generated_images():
+  """config.inversion.jitter: the model-facing passes read the batch rolled by one offset per spatial axis in
+  [-jitter, jitter] (every offset drawn over keys, none outside); the pixel-space terms read `images`."""
+  from invcoss_jax.inversion.context import InversionContext
+  from invcoss_jax.inversion.engine import jittered
+  x = np.random.default_rng(7).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jittered(jnp.asarray(x), jax.random.PRNGKey(0), 0)), x)
+  roll = jax.jit(jittered, static_argnums=2)
+  seen = set()
+  for k in range(400):
+    y = np.asarray(roll(jnp.asarray(x), jax.random.PRNGKey(k), 2))
+    match = [(a, b) for a in range(-4, 5) for b in range(-4, 5)
+             if np.array_equal(y, np.roll(x, (a, b), axis=(1, 2)))]
+    assert len(match) == 1, "the batch is rolled as a whole, by one offset per axis"
+    seen.add(match[0])
+  assert seen == {(a, b) for a in range(-2, 3) for b in range(-2, 3)}
+  cfg = inversion_config()
+  ctx = InversionContext(images=jnp.asarray(x), model=None, params=None, target_stats=None, rng=None, pool=None,
+                         pool_count=0, config=cfg, model_images=jnp.asarray(np.roll(x, 1, axis=1)))
+  np.testing.assert_allclose(float(losses.get_loss_term("img")(ctx, cfg)), np_tv(x, "mean"), rtol=1e-5)
+  assert not np.array_equal(np.asarray(ctx.model_images), x)

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
+from invcoss_jax.config_checks import fraction_count
+
 
 def buffer_size(num_examples: int, fraction: float) -> int:
-  """int(fraction * N), at least 1."""
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"config.continual.buffer_fraction must be in (0, 1], got {fraction}")
+  """int(fraction * N), at least 1 (`config_checks.fraction_count`, which the audit and inversion use too)."""
   if num_examples < 1:
     raise ValueError(f"a buffer needs a stage with examples, got {num_examples}")
-  return max(1, int(fraction * num_examples))
+  return fraction_count("config.continual.buffer_fraction", fraction, num_examples)
 
 
 def random_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:

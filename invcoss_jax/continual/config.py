@@ -6,15 +6,29 @@ Every stage trains with `config.train` / `config.model` / `config.mesh`; only it
 
 import ml_collections
 
+from invcoss_jax.continual import methods
 from invcoss_jax.data.config import data_config
 
-METHODS = ("invcoss", "seqssl", "er", "medcoss", "ewc", "cassle", "packnet", "joint", "noise")
-REAL_BUFFER_METHODS = ("er", "medcoss")  # keep real samples of every stage
-# Replay generator output: invcoss its inverted set; noise (the control) the same generator's output at
-# initialisation, with everything else of invcoss (set size, distillation, mixup), so that the difference
-# between the two is what the inversion contributes.
-SYNTHETIC_METHODS = ("invcoss", "noise")
-TEACHER_METHODS = ("invcoss", "noise", "er", "medcoss", "cassle")  # distil to the frozen previous model
+# The methods and their groups, computed from the registry (continual/methods/) when first read: METHODS lists
+# names without importing a method (reading a config imports no JAX); a group reads every method's declarations.
+_GROUPS = {
+    "REAL_BUFFER_METHODS": lambda m: m.replays == "real",  # keep real samples of every stage (er, medcoss)
+    # Replay a set made from the model: invcoss its inverted set; noise (the control) the same generator's
+    # output at initialisation, with everything else of invcoss, so that the two differ by what inversion adds.
+    "SYNTHETIC_METHODS": lambda m: m.replays == "synthetic",
+    "REPLAY_METHODS": lambda m: bool(m.replays),
+    "TEACHER_METHODS": lambda m: m.teacher,  # distil to the frozen previous model
+}
+
+
+def __getattr__(name: str):
+  if name == "METHODS":
+    return methods.names()
+  if name in _GROUPS:
+    return methods.select(_GROUPS[name])
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 IMAGE_MODALITIES = ("xray", "ct", "mri", "path")
 MODALITIES = ("report",) + IMAGE_MODALITIES
 # Paper Sec. 4.1 / App. C: Report, X-ray, CT, MRI, pathology; Table 5's alternative order Path., MRI, Report,
@@ -41,7 +55,8 @@ def _report_dataset() -> ml_collections.ConfigDict:
 
 def continual_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "invcoss"  # invcoss | seqssl | er | medcoss | ewc | cassle | packnet | joint | noise (the control)
+  c.method = "invcoss"  # a registered method (continual/methods/): invcoss | seqssl | er | medcoss | ewc | cassle |
+  # packnet | joint | noise (the control)
   c.order = DEFAULT_ORDER  # one stage per entry, each a key of `datasets`
   # Steps of each stage of `order` (same length); () or an entry <= 0: config.total_steps. Joint trains the sum.
   c.stage_steps = ()

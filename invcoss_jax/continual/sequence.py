@@ -8,7 +8,9 @@ For every stage T (see stages.py for the layout):
      buffer for er/medcoss, the Fisher information for ewc, the synthetic set for invcoss),
   4. retire D_T: the data-free guard (guard.py) refuses every later read of it.
 A stopped sequence resumes at the stage and step where it stopped (orbax checkpoints of the state and of
-every data stream); finished stages are recognised by their stage_info.json.
+every data stream); finished stages are recognised by their stage_info.json. The method is an object of the
+registry (continual/methods/): its declarations and hooks decide what a stage keeps, replays and trains with;
+this module has no branch on a method's name.
 
 `run(config, workdir)` runs (or resumes) the sequence; each stage trains on the trainer core (train/core.py).
 """
@@ -23,31 +25,27 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from invcoss_jax import models, npz_io, workdir_lock
+from invcoss_jax import models, workdir_lock
 from invcoss_jax.config_checks import ConfigError, check_batch_fits
-from invcoss_jax.continual import buffers, packnet
+from invcoss_jax.continual import methods
 from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual import params as params_lib
-from invcoss_jax.continual.config import REAL_BUFFER_METHODS, SYNTHETIC_METHODS, TEACHER_METHODS
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
-from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, EWC_FILE, PACKNET_FILE, REPLAY_DIR, SEQUENCE_FILE,
-                                          STORAGE_FILE, Stage, check_method, check_sequence, plan_stages, read_info,
+from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, SEQUENCE_FILE, STORAGE_FILE, Stage, check_method,
+                                          check_sequence, finished_info, plan_stages, read_info, read_record,
                                           stage_config, stage_key, training_changes)
 from invcoss_jax.continual.step import DistillPredictor, LossSpec, create_state, make_train_step
 from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.data import registry as data_registry
-from invcoss_jax.inversion import stage as inv_stage
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import checkpoint as ckpt_lib
 from invcoss_jax.train import core, mlm, optim, writers
 from invcoss_jax.train import vocabulary as vocab_lib
-from invcoss_jax.workdir import SYNTHETIC_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +79,6 @@ def fresh_params_fn(model_cfg: models.ViTConfig):
   return jax.jit(lambda key: models.init_mae_params(model, key, _dummy_shapes(model_cfg)))
 
 
-def _info_of(stage: Stage) -> dict[str, Any]:
-  info = read_info(stage)
-  if not info or not info.get("done"):
-    raise FileNotFoundError(f"{stage.workdir}: the stage has not finished (no stage_info.json with done=true)")
-  return info
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The sequence.
 
@@ -114,6 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 def _run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_at: tuple[int, int] | None,
          after_stage: Callable[[Stage, dict], None] | None) -> dict[str, Any]:
   method = check_method(config)
+  sequential = methods.get(method).sequential
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   stages = plan_stages(config, workdir)
@@ -122,7 +114,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_
     config = text_lib.prepare_sequence(config, tuple(str(m) for m in config.continual.order),
                                        text_stages[0].workdir)
     stages = plan_stages(config, workdir)
-  if method != "joint":
+  if sequential:  # one stage per dataset: retiring one must not lock another out
     check_disjoint([(s.name, s.data[0]) for s in stages])
   check_recorded_stages(config, stages)
   check_vocabularies(config, stages)
@@ -130,7 +122,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, stop_
   atomic_write_json(os.path.join(workdir, SEQUENCE_FILE), dict(
       method=method, stages=[s.name for s in stages], order=list(config.continual.order),
       buffer_fraction=float(config.continual.buffer_fraction), config=ckpt_lib.config_to_dict(config)))
-  guard = DataFreeGuard(enabled=bool(config.continual.data_free_guard) and method != "joint")
+  guard = DataFreeGuard(enabled=bool(config.continual.data_free_guard) and sequential)
   infos, losses = [], {}
   with guard.active():
     for i, stage in enumerate(stages):
@@ -168,79 +160,24 @@ def _write_storage(workdir: str, infos: list[dict]) -> None:
 def buffer_sources(cfg, stage: Stage, earlier: list[Stage], prev_model=None, prev_params=None,
                    mesh=None) -> list[BufferSource]:
   """The replay sets stage `stage` trains on (earlier stages' buffers; none for buffer-free methods)."""
-  method = cfg.continual.method
+  method = methods.get(cfg.continual.method)
   out = []
-  if method not in SYNTHETIC_METHODS + REAL_BUFFER_METHODS or not earlier:
+  if not method.replays or not earlier:
     return out
   if float(cfg.continual.buffer_batch_ratio) == 0.0:
     return out
   for t in earlier:
-    info = _info_of(t)
-    if data_registry.is_text(t.data[0]):  # text: the real k-means buffer (er: random), for every buffer method
+    info = finished_info(t)
+    if data_registry.is_text(t.data[0]):  # text: the real text buffer (k-means; er: random) of every replay method
       folder = os.path.join(t.workdir, BUFFER_DIR)
-      n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
+      n = int(read_record(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
       out.append(BufferSource(t.name, text_lib.text_buffer_section(t.data[0], folder), n,
                               tuple(int(s) for s in info["image_shapes"][0])))
       continue
-    if method in SYNTHETIC_METHODS and cfg.continual.invert_with == "latest":
-      folder = os.path.join(stage.workdir, REPLAY_DIR, t.name)
-      prev_shapes = [tuple(s) for s in _info_of(earlier[-1])["image_shapes"]]
-      n = _synthesize_latest(cfg, stage, t, info, folder, prev_model, prev_params, mesh, prev_shapes)
-    elif method in SYNTHETIC_METHODS:
-      folder = os.path.join(t.workdir, SYNTHETIC_DIR)
-      summary = os.path.join(t.workdir, inv_stage.SUMMARY_FILE)
-      if not os.path.isfile(summary):
-        raise FileNotFoundError(f"{summary} not found: {t.name} ended without its synthetic set "
-                                "(cfg.continual.invert_with='own' synthesises it at the end of every stage)")
-      n = int(_read_json(summary)["num_samples"])
-    else:
-      folder = os.path.join(t.workdir, BUFFER_DIR)
-      n = int(_read_json(os.path.join(t.workdir, BUFFER_INFO))["num_examples"])
+    folder, n = method.replay_set(cfg, stage, t, earlier, prev_model, prev_params, mesh)
     section = data_registry.npz_shards_section(t.data[0], folder, augment=bool(cfg.continual.buffer_augment))
-    out.append(BufferSource(t.name, section, n, tuple(int(s) for s in info["image_shapes"][0])))
+    out.append(BufferSource(t.name, section, int(n), tuple(int(s) for s in info["image_shapes"][0])))
   return out
-
-
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: the stage that writes it did not finish")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _synthesize_latest(cfg, stage: Stage, t: Stage, info: dict, folder: str, model, params, mesh,
-                       prev_shapes: list[tuple[int, ...]]) -> int:
-  """Algorithm 1, lines 3-8: stage t's synthetic set from the newest model f_{T-1} and t's statistics.
-
-  L_task runs through f_{T-1}'s decoder, which stage T-1 re-initialised and trained on its own data only: its
-  pixel head of stage t's dimensionality was never trained when stage T-1 had the other one (2D vs 3D), and
-  L_task is then switched off for this set (an untrained head would only add noise to the objective)."""
-  from invcoss_jax.inversion import engine, statistics
-  marker = folder + ".json"
-  if os.path.isfile(marker) and os.path.isdir(folder):
-    return int(_read_json(marker)["num_samples"])
-  from invcoss_jax import data as data_lib
-  inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(t.data[0]).modality))
-  shape = tuple(int(s) for s in info["image_shapes"][0])
-  if float(inv.loss_weights.get("task", 0.0)) != 0.0 and len(shape) not in {len(s) for s in prev_shapes}:
-    logging.warning("%s: re-inverting %s from %s, whose %dD pixel head was never trained (its stage was %dD): "
-                    "L_task is off for this set", stage.name, t.name, "f_{T-1}", len(shape) - 1,
-                    len(prev_shapes[0]) - 1)
-    inv.loss_weights.task = 0.0
-  stats = statistics.load_statistics(os.path.join(t.workdir, inv.stats_file))
-  n = int(inv.num_samples) if int(inv.num_samples) > 0 else buffers.buffer_size(
-      int(info["num_examples"][0]), float(cfg.continual.buffer_fraction))
-  key = stage_key(cfg, 0x5E7, stage.index, t.index)
-  if str(cfg.continual.method) == "noise":  # the control: the generator's output, not optimised
-    images, report = engine.generator_at_init(inv, image_shape=shape, rng=key, num_samples=n), dict(end={})
-  else:
-    images, report = engine.synthesize_with_report(model, params, stats, inv, image_shape=shape, rng=key,
-                                                   num_samples=n, mesh=mesh, mesh_cfg=cfg.mesh)
-  npz_io.write_shards(folder, images, int(inv.shard_size))
-  atomic_write_json(marker, dict(num_samples=int(len(images)), source_stage=t.name, model="previous stage",
-                                 task_weight=float(inv.loss_weights.get("task", 0.0)),
-                                 end={k: v for k, v in report["end"].items()}))
-  return int(len(images))
 
 
 def _batch_plan(cfg, stage: Stage, n_current: list[int], sources: list[BufferSource], shards: int
@@ -249,14 +186,14 @@ def _batch_plan(cfg, stage: Stage, n_current: list[int], sources: list[BufferSou
   k = int(cfg.train.grad_accum_steps)
   micro = int(cfg.train.global_batch_size) // k
   if micro % shards:
-    raise ValueError(f"cfg.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
+    raise ValueError(f"config.train.global_batch_size / grad_accum_steps = {micro} must be divisible by the "
                      f"{shards} batch shards of the mesh")
   if len(n_current) == 1:
     cur = [micro]
   else:
     split = str(cfg.continual.joint_split)
     if split not in ("proportional", "equal"):
-      raise ValueError(f"cfg.continual.joint_split must be 'proportional' or 'equal', got {split!r}")
+      raise ValueError(f"config.continual.joint_split must be 'proportional' or 'equal', got {split!r}")
     cur = split_batch(micro, n_current if split == "proportional" else [1] * len(n_current), shards)
   if not sources:
     return cur, []
@@ -267,7 +204,7 @@ def _batch_plan(cfg, stage: Stage, n_current: list[int], sources: list[BufferSou
   total = min(max(int(round(ratio * micro)), shards), micro)
   split = str(cfg.continual.buffer_split)
   if split not in ("proportional", "equal"):
-    raise ValueError(f"cfg.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
+    raise ValueError(f"config.continual.buffer_split must be 'proportional' or 'equal', got {split!r}")
   weights = [s.num_examples for s in sources] if split == "proportional" else [1] * len(sources)
   return cur, split_batch(total, weights, shards)
 
@@ -368,7 +305,7 @@ class StagePlan:
   tx: Any
   schedule: Any
   total: int  # train steps (micro-batches)
-  boundary: int  # packnet: prune after this step, then retrain
+  boundary: int  # the step after which the method's extra steps start (packnet: prune, then retrain)
 
 
 def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard) -> StagePlan:
@@ -395,54 +332,36 @@ def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard)
   if str(cfg.model.get("tokenizer", "") or ""):
     vocab_lib.check_or_record(stage.workdir, str(cfg.model.tokenizer))
   length = optim.run_length(cfg, sum(n_current))
-  retrain = 0
-  if str(c.method) == "packnet":
-    retrain = int(round(float(c.packnet.retrain_fraction) * length.total_steps))
-    length = dataclasses.replace(length, total_steps=length.total_steps + retrain)
+  extra = int(methods.get(c.method).extra_steps(c, length.total_steps))
+  length = dataclasses.replace(length, total_steps=length.total_steps + extra)
   tx, schedule = optim.make_optimizer(cfg.train, length)
   total = length.total_micro_steps
   return StagePlan(cfg=cfg, mesh=mesh, model=model, prev=earlier[-1] if earlier else None, params=params,
                    prev_params=prev_params, sources=sources, n_current=n_current, shapes=shapes, cur_sizes=cur_sizes,
                    buf_sizes=buf_sizes, tx=tx, schedule=schedule, total=total,
-                   boundary=total - retrain * int(cfg.train.grad_accum_steps))
+                   boundary=total - extra * int(cfg.train.grad_accum_steps))
 
 
 def method_terms(config, stage: Stage, p: StagePlan) -> tuple[LossSpec, dict, DistillPredictor | None, dict]:
   """(loss weights, constants: the frozen teacher / EWC anchor and Fisher / PackNet mask, CaSSLe's predictor
   and its parameters) of the method at this stage."""
   c = config.continual
-  method, prev = str(c.method), p.prev
+  method, prev = methods.get(c.method), p.prev
+  own = method.loss_weights(c) if prev is not None else {}  # the first stage has nothing to keep
   spec = LossSpec(mask_ratio=float(p.cfg.train.mask_ratio), distill_mask_ratio=float(c.distill_mask_ratio),
                   distill_weight=distill_weight(c, p.cur_sizes, p.buf_sizes), buffer_mae_weight=float(c.buffer_mae_weight),
-                  ewc_weight=float(c.ewc.weight) if method == "ewc" and prev is not None else 0.0,
-                  cassle_weight=float(c.cassle.weight) if method == "cassle" and prev is not None else 0.0,
-                  mlm_probability=float(p.cfg.train.mlm_probability))
+                  mlm_probability=float(p.cfg.train.mlm_probability), **{k: float(v) for k, v in own.items()})
   consts: dict[str, Any] = dict(teacher=None, ewc_anchor=None, ewc_fisher=None, trainable=None)
-  if method in TEACHER_METHODS and prev is not None:
+  if method.teacher and prev is not None:
     consts["teacher"] = params_lib.split_params(p.prev_params)[0]  # the frozen encoder (the decoder is not used)
-  predictor, aux = None, {}
-  if spec.cassle_weight > 0:
-    predictor = DistillPredictor(hidden_dim=int(c.cassle.hidden_dim))
-    aux = {"predictor": jax.jit(predictor.init)(stage_key(config, stage.index, 2),
-                                                jnp.zeros((1, 1, p.model.cfg.width)))["params"]}
-  if spec.ewc_weight > 0:
-    saved = params_lib.load_tree_npz(os.path.join(prev.workdir, EWC_FILE))
-    consts["ewc_anchor"], consts["ewc_fisher"] = saved["anchor"], saved["fisher"]
-  if method == "packnet":
-    consts["trainable"] = packnet.trainable_mask(p.params, packnet_owners(stage, p), ranks=_ranks(p),
-                                                 stage_index=stage.index, retrain=False)
+  extra = method.consts(config, stage, p, spec)
+  unknown = sorted(set(extra) - set(consts))
+  if unknown:
+    raise ValueError(f"method {method.name!r}: consts {unknown} are not read by the step; expected some of "
+                     f"{sorted(consts)}")
+  consts.update(extra)
+  predictor, aux = method.aux(config, stage, p, spec)
   return spec, consts, predictor, aux
-
-
-def _ranks(p: StagePlan) -> set[int]:
-  return {len(s) - 1 for s in p.shapes}
-
-
-def packnet_owners(stage: Stage, p: StagePlan):
-  """The owner of every encoder-side weight before this stage (stage T-1's packnet.npz, or all free)."""
-  if p.prev is not None:
-    return params_lib.load_tree_npz(os.path.join(p.prev.workdir, PACKNET_FILE))["owners"]
-  return packnet.initial_owners(p.params)
 
 
 def stage_streams(config, stage: Stage, p: StagePlan) -> StageStreams:
@@ -460,24 +379,6 @@ def stage_streams(config, stage: Stage, p: StagePlan) -> StageStreams:
     it = data_lib.make_train_iterator(s.data, global_batch_size=b, seed=seed + 7919 * stage.index + 101 + j)
     buffer.append(Stream(f"buffer/{s.name}", it, b, s.image_shape, mixup=bool(config.continual.mixup)))
   return StageStreams(current, buffer, seed=seed, stage_index=stage.index)
-
-
-def _packnet_retrain(config, stage: Stage, p: StagePlan, shardings, consts_shardings, last: bool) -> Callable:
-  """PackNet's boundary: prune (idempotent) and train only the kept weights afterwards."""
-  owners_before = packnet_owners(stage, p)
-
-  def enter(state, consts):
-    pruned, owners, counts = packnet.prune(jax.device_get(state.params), owners_before, ranks=_ranks(p),
-                                           stage_index=stage.index,
-                                           prune_fraction=float(config.continual.packnet.prune_fraction),
-                                           last_stage=last)
-    params_lib.save_tree_npz(os.path.join(stage.workdir, PACKNET_FILE), owners=owners)
-    logging.info("%s: PackNet kept %d weights, released %d", stage.name, counts["kept"], counts["released"])
-    state = state.replace(params=jax.device_put(pruned, shardings.params))
-    mask = packnet.trainable_mask(pruned, owners, ranks=_ranks(p), stage_index=stage.index, retrain=True)
-    return state, dict(consts, trainable=jax.device_put(mask, consts_shardings["trainable"]))
-
-  return enter
 
 
 def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, *,
@@ -506,8 +407,9 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
       if start:
         logging.info("%s: resuming at step %d of %d", stage.name, start, p.total)
       hooks = []
-      if str(config.continual.method) == "packnet":
-        enter = _packnet_retrain(config, stage, p, shardings, consts_shardings, last)
+      enter = methods.get(config.continual.method).enter_extra_steps(config, stage, p, shardings, consts_shardings,
+                                                                     last)
+      if enter is not None:  # e.g. PackNet's boundary: prune, then retrain the kept weights
         if start >= p.boundary:
           state, consts = enter(state, consts)
         hooks.append(lambda step, st, co: enter(st, co) if step == p.boundary else (st, co))

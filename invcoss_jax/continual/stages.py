@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from invcoss_jax.config_checks import ConfigError
-from invcoss_jax.continual.config import METHODS
+from invcoss_jax.continual import methods
 from invcoss_jax.io_utils import atomic_write_json
 
 STAGE_INFO = "stage_info.json"
@@ -27,6 +27,7 @@ EWC_FILE = "ewc.npz"
 PACKNET_FILE = "packnet.npz"
 STORAGE_FILE = "storage.json"  # in the sequence workdir: bytes each stage retains, per kind
 SEQUENCE_FILE = "continual.json"
+JOINT = "joint"  # the modality of the one stage of a method that is not sequential (stage_1_joint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,10 @@ def stage_key(config: ml_collections.ConfigDict, *folds: int):
 
 
 def check_method(config: ml_collections.ConfigDict) -> str:
+  """config.continual.method names a registered method (continual/methods/) whose own options are valid;
+  returns its name."""
   method = str(config.continual.method)
-  if method not in METHODS:
-    raise ConfigError(f"config.continual.method={method!r}: expected one of {list(METHODS)}")
-  if method == "noise" and str(config.inversion.generator) == "none":
-    raise ConfigError("config.continual.method='noise' replays a generator's output at initialisation, but "
-                      "config.inversion.generator='none' has no generator; pick invunet, cmi or cmi_large")
+  methods.get(method).check(config)
   return method
 
 
@@ -79,14 +78,15 @@ def check_sequence(config: ml_collections.ConfigDict) -> str:
 
 
 def plan_stages(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Stage]:
-  """The stages of `config.continual.order` (one 'joint' stage for method joint)."""
+  """The stages of `config.continual.order` (one 'joint' stage over all of them for a method that is not
+  sequential: joint)."""
   c = config.continual
   order = tuple(str(m) for m in c.order)
-  method = check_sequence(config)  # checked before any stage starts
+  method = methods.get(check_sequence(config))  # checked before any stage starts
   workdir = os.path.abspath(os.fspath(workdir))
   data = tuple(_data_section(c.datasets[m], m) for m in order)
-  if method == "joint":
-    return [Stage(1, "joint", os.path.join(workdir, "stage_1_joint"), order, data)]
+  if not method.sequential:
+    return [Stage(1, JOINT, os.path.join(workdir, f"stage_1_{JOINT}"), order, data)]
   return [Stage(k, m, os.path.join(workdir, f"stage_{k}_{m}"), (m,), (d,))
           for k, (m, d) in enumerate(zip(order, data), start=1)]
 
@@ -107,7 +107,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collecti
   cfg.data = ml_collections.ConfigDict(stage.data[0].to_dict())
   cfg.inversion.buffer_fraction = float(config.continual.buffer_fraction)
   steps = stage_steps(config)
-  if stage.modality == "joint":
+  if stage.modality == JOINT:
     if all(s > 0 for s in steps):
       cfg.total_steps = sum(steps)
   else:
@@ -166,6 +166,22 @@ def read_info(stage: Stage) -> dict[str, Any] | None:
     except json.JSONDecodeError as e:
       from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
       raise DataError(path, f"not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
+
+
+def finished_info(stage: Stage) -> dict[str, Any]:
+  """stage_info.json of a finished stage; FileNotFoundError when the stage has not finished."""
+  info = read_info(stage)
+  if not info or not info.get("done"):
+    raise FileNotFoundError(f"{stage.workdir}: the stage has not finished (no stage_info.json with done=true)")
+  return info
+
+
+def read_record(path: str) -> dict:
+  """A JSON record a stage writes (buffer.json, inversion.json, ...); FileNotFoundError when absent."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: the stage that writes it did not finish")
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_info(stage: Stage, info: dict[str, Any]) -> None:

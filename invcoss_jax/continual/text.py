@@ -68,16 +68,19 @@ def stage_texts(data_cfg: ml_collections.ConfigDict) -> list:
   return text_io.read_split(cfg, str(cfg.split), skips)
 
 
-def write_text_buffer(cfg, stage: Stage, model, params) -> dict[str, Any]:
-  """The real text buffer of a finished report stage: random (er) or k-means (medcoss, invcoss) over the
-  encoder features of its training texts; returns what buffer.json records."""
+def write_text_buffer(cfg, stage: Stage, model, params, *, select: str = "kmeans") -> dict[str, Any]:
+  """The real text buffer of a finished report stage: `select` 'random' (er) or 'kmeans' (medcoss, invcoss;
+  the method's `text_buffer`) over the encoder features of its training texts; returns what buffer.json
+  records."""
   from invcoss_jax import data as data_lib
   c = cfg.continual
   d = stage.data[0]
   fraction = float(c.buffer_fraction)
+  if select not in ("random", "kmeans"):
+    raise ValueError(f"text buffer of method {c.method!r}: select must be 'random' or 'kmeans', got {select!r}")
   records = stage_texts(d)
   n = len(records)
-  if c.method == "er":
+  if select == "random":
     idx = buffers.random_indices(n, fraction, seed=int(cfg.seed) + stage.index)
     extra: dict[str, Any] = {}
   else:

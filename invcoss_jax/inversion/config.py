@@ -76,6 +76,11 @@ def inversion_config() -> ml_collections.ConfigDict:
   # Priors beyond the paper, off by default (docs/continual.md); both need pixel_statistics = True:
   c.loss_weights.pixel = 0.0  # batch moments of the pixels vs the stored per-pixel mean and variance
   c.loss_weights.tv_target = 0.0  # |TV - the real images' TV| (PSAQ-ViT), instead of L_img's minimisation
+  # Opt-in, beyond the paper (DeepInversion's and PSAQ-ViT's jitter): each inner step the frozen model sees the
+  # batch rolled by one random offset in [-jitter, jitter] pixels per spatial axis (0 = off), so no pattern tied
+  # to the patch grid can satisfy the model-facing terms; the pixel-space terms (img, pixel, tv_target) read the
+  # generated images themselves. Offsets that are not multiples of the patch size shift content across patches.
+  c.jitter = 0
   c.task_mask_ratio = 0.75  # MAE masking ratio of L_task (the pre-training ratio)
   # L_img reduction: 'mean' = sum over axes of the mean absolute neighbour difference (scale-free, so
   # alpha_img = 0.1 is meaningful at any resolution); 'sum' = Eq. 8 literally (sum per image, batch mean).

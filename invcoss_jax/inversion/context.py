@@ -45,7 +45,9 @@ class InversionContext:
   """The synthetic batch, the frozen model and everything derived from them, for the loss terms.
 
   Attributes set at construction:
-    images: `(B, H, W, C)` / `(B, D, H, W, C)` float32 synthetic images (a function of the optimised variables).
+    images: `(B, H, W, C)` / `(B, D, H, W, C)` float32 synthetic images (a function of the optimised variables);
+      the pixel-space terms read these.
+    model_images: what the frozen model is shown (`images` unless config.inversion.jitter rolls them).
     model, params: the frozen MAE of the previous stage and its parameters (not optimised).
     target_stats: the stage's stored `FeatureStats` (float32 `(num_blocks, 1 + L, D)` mean and var).
     rng: a PRNG key for this step (used for the L_task masking).
@@ -58,8 +60,9 @@ class InversionContext:
 
   def __init__(self, *, images: jax.Array, model: Any, params: Any, target_stats: statistics.FeatureStats,
                rng: jax.Array, pool: jax.Array, pool_count: jax.Array, config: ml_collections.ConfigDict,
-               attempt: jax.Array | int = 0):
+               attempt: jax.Array | int = 0, model_images: jax.Array | None = None):
     self.images = images
+    self.model_images = images if model_images is None else model_images
     self.model = model
     self.params = params
     self.target_stats = target_stats
@@ -72,7 +75,7 @@ class InversionContext:
   @functools.cached_property
   def encoder_outputs(self) -> tuple[list[jax.Array], jax.Array]:
     """(per-block tokens, final encoder tokens) of the unmasked eval-mode pass."""
-    return statistics.encoder_forward(self.model, self.params, self.images)
+    return statistics.encoder_forward(self.model, self.params, self.model_images)
 
   @property
   def block_tokens(self) -> list[jax.Array]:
@@ -107,5 +110,5 @@ class InversionContext:
   @functools.cached_property
   def mae_outputs(self) -> dict[str, jax.Array]:
     """The frozen MAE on the synthetic images with random masking (eval mode): pred, target, mask, loss."""
-    return self.model.apply({"params": self.params}, self.images, mask_ratio=float(self.config.task_mask_ratio),
+    return self.model.apply({"params": self.params}, self.model_images, mask_ratio=float(self.config.task_mask_ratio),
                             train=False, rngs={"masking": self.rng})

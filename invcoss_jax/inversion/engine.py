@@ -156,6 +156,23 @@ def render(generator: nn.Module | None, out_act: str, opt_vars: dict, state: dic
   return generator.apply(variables, opt_vars["latents"], train=True), state
 
 
+JITTER_STREAM = 0x7177  # folded into the step's key for the jitter offsets (the L_task masks use the key itself)
+
+
+def jittered(images: jax.Array, key: jax.Array, max_offset: int) -> jax.Array:
+  """`images` (B, *spatial, C) rolled by one offset per spatial axis, uniform in [-max_offset, max_offset]
+  (config.inversion.jitter; 0 returns them unchanged)."""
+  if max_offset < 0:
+    raise ValueError(f"config.inversion.jitter={max_offset}: expected a non-negative number of pixels")
+  if max_offset == 0:
+    return images
+  rank = images.ndim - 2
+  shifts = jax.random.randint(jax.random.fold_in(key, JITTER_STREAM), (rank,), -max_offset, max_offset + 1)
+  for axis in range(rank):
+    images = jnp.roll(images, shifts[axis], axis=1 + axis)
+  return images
+
+
 def inner_loop_mode(inv_cfg: ml_collections.ConfigDict) -> str:
   """'compiled' (the whole batch in one compiled loop) or 'stepwise' (one compiled step per call).
 
@@ -202,7 +219,7 @@ class BatchOptimizer:
       images, new_state = render(generator, out_act, opt_vars, state)
       ctx = InversionContext(images=images, model=model, params=frozen["params"], target_stats=frozen["stats"],
                              rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], config=inv_cfg,
-                             attempt=attempt)
+                             attempt=attempt, model_images=jittered(images, key, int(inv_cfg.get("jitter", 0))))
       total, terms = losses.objective(ctx, inv_cfg)
       return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
 

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from invcoss_jax import npz_io
+from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.inversion import engine, losses, statistics
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.workdir import SYNTHETIC_DIR
@@ -77,10 +78,8 @@ def num_synthetic_samples(inv_cfg: ml_collections.ConfigDict, stage_data_cfg) ->
   if int(inv_cfg.num_samples) > 0:
     return int(inv_cfg.num_samples)
   from invcoss_jax import data as data_lib
-  frac = float(inv_cfg.buffer_fraction)
-  if not 0.0 < frac <= 1.0:
-    raise ValueError(f"config.inversion.buffer_fraction must be in (0, 1], got {frac}")
-  return max(1, int(frac * data_lib.num_examples(stage_data_cfg)))
+  return fraction_count("config.inversion.buffer_fraction", inv_cfg.buffer_fraction,
+                        data_lib.num_examples(stage_data_cfg))
 
 
 def _batches(images: np.ndarray, batch_size: int):

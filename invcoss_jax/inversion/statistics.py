@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from invcoss_jax import npz_io
+from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.io_utils import atomic_savez
 
 
@@ -271,7 +272,5 @@ def replay_buffer_nbytes(data_cfg, fraction: float, *, bytes_per_value: int = 4)
   preprocessed images, the layout the synthetic shards use; 1 would be 8-bit raw pixels).
   """
   from invcoss_jax import data as data_lib
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"replay buffer fraction must be in (0, 1], got {fraction}")
-  n = max(1, int(fraction * data_lib.num_examples(data_cfg)))
+  n = fraction_count("replay buffer fraction", fraction, data_lib.num_examples(data_cfg))
   return int(n * math.prod(data_lib.image_shape(data_cfg)) * bytes_per_value)

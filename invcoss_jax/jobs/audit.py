@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax.audit import distances, figures, forward, membership, memorisation, report, spectrum
+from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write, atomic_write_json
 from invcoss_jax.workdir import SYNTHETIC_DIR
@@ -322,7 +323,7 @@ def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train
     sets["er_buffer"] = _npz_set(stage_data, shard_folder(str(a.buffer_path), "config.audit.buffer_path"),
                                  int(a.max_buffer), rng, bs, shape)
   elif float(a.buffer_fraction) > 0:
-    size = max(1, int(round(float(a.buffer_fraction) * n_train)))
+    size = fraction_count("config.audit.buffer_fraction", a.buffer_fraction, n_train)  # as continual's er
     drawn = np.sort(rng.choice(n_train, size=size, replace=False))  # method `er`: uniform over the split
     idx = drawn[subset(size, int(a.max_buffer), rng)]
     sets["er_buffer"] = dict(images=gather(train_data, idx, bs), indices=idx, size=size,

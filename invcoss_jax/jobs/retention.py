@@ -28,7 +28,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from invcoss_jax.continual.config import METHODS
+from invcoss_jax.continual import methods as methods_lib
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual.stages import STAGE_INFO, check_sequence, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
@@ -55,10 +55,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   methods = [str(m) for m in rc.methods]
   if not methods:
     raise ConfigError("config.retention.methods is empty: expected continual methods, e.g. ('seqssl', 'invcoss')")
-  bad = [m for m in methods if m not in METHODS]
+  bad = [m for m in methods if m not in methods_lib.names()]
   if bad:
-    raise ConfigError(f"config.retention.methods: {bad} are not continual methods; expected some of {list(METHODS)}")
-  if all(m == "joint" for m in methods):
+    raise ConfigError(f"config.retention.methods: {bad} are not continual methods; expected some of "
+                      f"{list(methods_lib.names())}")
+  if not any(methods_lib.get(m).sequential for m in methods):
     raise ConfigError("config.retention.methods: 'joint' (one stage over every modality) is only an upper bound; "
                       "name at least one sequential method too")
   if len(set(methods)) != len(methods):
@@ -197,12 +198,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       cfg = run_config(config, seed, method)
       stages = runs[(seed, method)]
       finished = all(os.path.isfile(os.path.join(s.workdir, STAGE_INFO)) for s in stages)
-      if not finished and bool(rc.share_first_stage) and first is not None and method != "joint":
+      sequential = methods_lib.get(method).sequential  # joint's one stage is not anyone's first stage
+      if not finished and bool(rc.share_first_stage) and first is not None and sequential:
         if share_first_stage(first, run_dir):
           logging.info("retention: %s (seed %d) starts from the first stage trained by %s", method, seed,
                        os.path.basename(first))
       continual_job.run(cfg, run_dir)
-      if method != "joint":
+      if sequential:
         first = first or run_dir
       measurer.measure_run(seed, method, stages)
       what = f"seed {seed}: {method}"

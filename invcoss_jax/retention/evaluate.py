@@ -25,13 +25,12 @@ import numpy as np
 from absl import logging
 
 from invcoss_jax import models, npz_io
-from invcoss_jax.continual.config import SYNTHETIC_METHODS
+from invcoss_jax.continual import methods
 from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, Stage, stage_key
 from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import features, metrics
 
-REPLAY_METHODS = ("invcoss", "noise", "er", "medcoss")
 RECON_KEY = 7919  # folded with a stage's index into PRNGKey(seed): the masks and re-fit of that stage's measures
 
 
@@ -47,7 +46,8 @@ def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
 
   Shards are read one after another in this thread (numpy's .npy header parser is not thread safe on
   CPython 3.11, python/cpython#106905)."""
-  folder = os.path.join(stage.workdir, SYNTHETIC_DIR if method in SYNTHETIC_METHODS else BUFFER_DIR)
+  synthetic = methods.get(method).replays == "synthetic"
+  folder = os.path.join(stage.workdir, SYNTHETIC_DIR if synthetic else BUFFER_DIR)
   files = sorted(glob.glob(os.path.join(folder, "*.npz")))
   if not files:
     return None
@@ -260,7 +260,7 @@ class Measurer:
       result = dict(seed=seed, method=method, stage=stage.name, index=stage.index, modality=stage.modality,
                     tasks=self.tasks(p, seed))
       result.update(self.earlier_stages(seed, stages, i, stage_params, cka=True, recon=recon))
-      if bool(self.rc.replay.enabled) and method in REPLAY_METHODS:
+      if bool(self.rc.replay.enabled) and methods.get(method).replays:
         result["replay"] = self.replay_quality(seed, method, stage, p)
       atomic_write_json(path, result)
       made = True
@@ -313,7 +313,7 @@ class Measurer:
     real = features.random_sample(train, len(images), seed)
     f_test = self.feats(params, test)
     sets = {"replay": images, "real_same_size": real}
-    if method in SYNTHETIC_METHODS:
+    if methods.get(method).replays == "synthetic":
       init = self.generator_init(seed, stage, len(images))
       if init is not None:
         sets["generator_init"] = init
@@ -408,7 +408,7 @@ class Measurer:
     feature_fn = None if net is None else net.features
     out = dict(self.anchors(seed, stage, n))
     out["replay"] = judges.judge_set(images, held, feature_fn=feature_fn, **kw)
-    if method in SYNTHETIC_METHODS:
+    if methods.get(method).replays == "synthetic":
       init = self.generator_init(seed, stage, n)
       if init is not None:
         out["generator_init"] = judges.judge_set(init, held, feature_fn=feature_fn, **kw)

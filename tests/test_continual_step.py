@@ -131,7 +131,7 @@ def test_jitted_sharded_step_reports_the_composite_loss_and_masks_updates(setup)
   trainable = jax.tree.map(lambda p: jnp.ones_like(p), params)
   trainable["encoder"]["block_0"]["fc1"]["kernel"] = jnp.zeros_like(params["encoder"]["block_0"]["fc1"]["kernel"])
   consts = {"teacher": teacher, "ewc_anchor": None, "ewc_fisher": None, "trainable": trainable}
-  consts_sh = mesh_lib.shardings_from_config(mesh, consts, mcfg)
+  consts_sh = mesh_lib.state_shardings(consts, mesh, mcfg)
   spec = step.LossSpec()
   fn = core.jit_step(step.make_train_step(model, spec, tx, schedule), shardings, mesh, consts_sh)
   batch = mesh_lib.put_batch(mesh, {"current": (ct,), "buffer": (xray,)})

@@ -18,6 +18,7 @@ from invcoss_jax.continual import buffers, ewc, losses, step
 from invcoss_jax.continual import text as text_lib
 from invcoss_jax.continual.params import split_params
 from invcoss_jax.defaults import load_config_file
+from invcoss_jax.measure import features as measure_features
 from invcoss_jax.train import mlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,10 +87,10 @@ def test_distillation_and_features_leave_text_padding_out(text_setup):
   # Buffer features of a text do not depend on how much padding follows it (attention and the mean skip it).
   pad = int(model.cfg.pad_id)
   longer = np.concatenate([texts["tokens"], np.full((8, 16), pad, texts["tokens"].dtype)], axis=1)
-  f1 = buffers.encoder_features(model, params, [texts], kind="all_tokens")
-  f2 = buffers.encoder_features(model, params, [{"tokens": longer}], kind="all_tokens")
+  f1 = measure_features.encoder_features(model, params, [texts], kind="all_tokens")
+  f2 = measure_features.encoder_features(model, params, [{"tokens": longer}], kind="all_tokens")
   np.testing.assert_allclose(f1, f2, atol=1e-5)
-  assert np.abs(f1 - buffers.encoder_features(model, params, [texts], kind="cls")).max() > 1e-4
+  assert np.abs(f1 - measure_features.encoder_features(model, params, [texts], kind="cls")).max() > 1e-4
 
 
 def test_composite_step_with_text_equals_separate_calls(text_setup):

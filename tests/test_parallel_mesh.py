@@ -68,13 +68,13 @@ def _tree():
 
 def test_fsdp_shards_the_largest_divisible_dim_of_large_leaves():
   mesh = mesh_lib.make_mesh(_cfg([("data", -1), ("fsdp", 2)]))
-  specs = jax.tree.map(lambda s: s.spec, mesh_lib.param_shardings(mesh, _tree(), True, min_size=256))
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.state_shardings(_tree(), mesh, mesh_lib.LayoutRules(True, 256)))
   assert specs == {"kernel": P(None, "fsdp"), "odd": P(), "bias": P(), "embed": P(None, None, "fsdp")}
   # Off, or without an fsdp axis, everything is replicated.
-  off = mesh_lib.param_shardings(mesh, _tree(), False, min_size=256)
+  off = mesh_lib.state_shardings(_tree(), mesh, mesh_lib.LayoutRules(False, 256))
   assert all(s.spec == P() for s in jax.tree.leaves(off))
   dp = mesh_lib.make_mesh(mesh_config())
-  assert all(s.spec == P() for s in jax.tree.leaves(mesh_lib.param_shardings(dp, _tree(), True, min_size=1)))
+  assert all(s.spec == P() for s in jax.tree.leaves(mesh_lib.state_shardings(_tree(), dp, mesh_lib.LayoutRules(True, 1))))
 
 
 def test_sharding_rules_lay_out_named_trees_on_their_own():
@@ -83,23 +83,23 @@ def test_sharding_rules_lay_out_named_trees_on_their_own():
   c.shard_params, c.fsdp_min_size = True, 256
   c.sharding_rules = (("teacher/.*", "replicated"), (".*/embed", "fsdp"))
   consts = {"teacher": _tree(), "trainable": _tree()}
-  specs = jax.tree.map(lambda s: s.spec, mesh_lib.shardings_from_config(mesh, consts, c))
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.state_shardings(consts, mesh, c))
   assert all(v == P() for v in specs["teacher"].values())  # 'teacher/embed' too: the first matching rule wins
   assert specs["trainable"] == {"kernel": P(None, "fsdp"), "odd": P(), "bias": P(), "embed": P(None, None, "fsdp")}
   # Rules also shard what the default keeps whole, and name a tree by prefix.
   c.shard_params, c.sharding_rules = False, (("generator/kernel", "fsdp"),)
-  specs = jax.tree.map(lambda s: s.spec, mesh_lib.shardings_from_config(mesh, _tree(), c, prefix="generator"))
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.state_shardings(_tree(), mesh, c, prefix="generator"))
   assert specs == {"kernel": P(None, "fsdp"), "odd": P(), "bias": P(), "embed": P()}
   for bad, match in (((("x", "sharded"),), "layout one of"), ((("(", "fsdp"),), "not a regular expression")):
     c.sharding_rules = bad
     with pytest.raises(ValueError, match=match):
-      mesh_lib.shardings_from_config(mesh, _tree(), c)
+      mesh_lib.state_shardings(_tree(), mesh, c)
 
 
 def test_sharded_parameters_hold_the_right_pieces():
   mesh = mesh_lib.make_mesh(_cfg([("data", 1), ("fsdp", 4)]))
   x = np.arange(64 * 96, dtype=np.float32).reshape(64, 96)
-  sharding = mesh_lib.param_shardings(mesh, {"k": x}, True, min_size=1)["k"]
+  sharding = mesh_lib.state_shardings({"k": x}, mesh, mesh_lib.LayoutRules(True, 1))["k"]
   arr = jax.device_put(x, sharding)
   assert {s.data.shape for s in arr.addressable_shards} == {(64, 24)}
   for s in arr.addressable_shards:

@@ -76,8 +76,7 @@ def _pretrain_losses(mesh_cfg, images, steps=3):
   mesh = mesh_lib.make_mesh(mesh_cfg)
   with jax.set_mesh(mesh):
     state, shardings = create_train_state(lambda r: models.init_mae_params(model, r, [IMAGE]), tx,
-                                          jax.random.PRNGKey(0), mesh, shard_params=mesh_cfg.shard_params,
-                                          fsdp_min_size=mesh_cfg.fsdp_min_size)
+                                          jax.random.PRNGKey(0), mesh, rules=mesh_cfg)
     step = jit_train_step(make_train_step(model, tx, sched, mask_ratio=0.75), shardings, mesh)
     losses = []
     for _ in range(steps):

@@ -12,34 +12,17 @@ import jax
 import jax.numpy as jnp
 
 from invcoss_jax import models
+from invcoss_jax.measure import features
 
 FEATURES = ("mean", "cls")
 
 
-def pooled_features(tokens: jax.Array, kind: str) -> jax.Array:
-  """(B, D) float32 feature of each image from the encoder output `(B, 1 + L, D)`: 'mean' of the patch
-  tokens (CLS excluded: MAE never trains its CLS token directly) or the 'cls' token."""
-  if kind == "mean":
-    return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
-  if kind == "cls":
-    return tokens[:, 0].astype(jnp.float32)
-  raise ValueError(f"config.audit.feature must be 'mean' or 'cls', got {kind!r}")
-
-
 def make_feature_fn(model: models.MAE, kind: str = "mean", normalize: bool = True) -> Callable:
-  """(params, images) -> (B, D) float32 encoder features at mask ratio 0 (eval mode)."""
+  """(params, images) -> (B, D) float32 encoder features at mask ratio 0 (eval mode): the one compiled feature
+  function (measure.features.feature_fn), with the audit's choice of features."""
   if kind not in FEATURES:
     raise ValueError(f"config.audit.feature must be one of {FEATURES}, got {kind!r}")
-
-  @jax.jit
-  def features(params, images):
-    tokens, _, _ = model.apply({"params": params}, images, mask_ratio=0.0, train=False, method=models.MAE.encode)
-    f = pooled_features(tokens, kind)
-    if normalize:
-      f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
-    return f
-
-  return features
+  return features.feature_fn(model, kind, normalize, option="config.audit.feature")
 
 
 def make_loss_fn(model: models.MAE, mask_ratio: float, num_masks: int) -> Callable:

@@ -15,6 +15,7 @@ import numpy as np
 
 from invcoss_jax.continual.params import merge_params, split_params
 from invcoss_jax.continual.step import mae_forward, num_patches
+from invcoss_jax.measure import features
 
 
 def empirical_fisher(model, params, batches: Iterable, *, mask_ratio: float, rng: jax.Array,
@@ -47,10 +48,8 @@ def empirical_fisher(model, params, batches: Iterable, *, mask_ratio: float, rng
   def flush(chunk: dict):
     nonlocal total, used
     n = _rows(chunk)
-    w = np.zeros((batch_size,), np.float32)
-    w[:n] = 1.0
-    if n < batch_size:  # padded rows carry weight 0
-      chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in chunk.items()}
+    w = features.row_weights(n, batch_size)  # padded rows carry weight 0
+    chunk = {k: features.pad_rows(v, batch_size) for k, v in chunk.items()}
     if "image" in chunk:
       x = chunk["image"]
       l = num_patches(model.cfg, x.shape[1:])

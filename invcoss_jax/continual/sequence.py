@@ -389,7 +389,7 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   cfg, mesh = p.cfg, p.mesh
   spec, consts, predictor, aux = method_terms(config, stage, p)
   state, shardings = create_state(p.params, aux, p.tx, stage_key(config, stage.index, 1), mesh, cfg.mesh)
-  consts_shardings = mesh_lib.shardings_from_config(mesh, consts, cfg.mesh)
+  consts_shardings = mesh_lib.state_shardings(consts, mesh, cfg.mesh)
   consts = jax.device_put(consts, consts_shardings)
   step_fn = core.jit_step(make_train_step(p.model, spec, p.tx, p.schedule, grad_accum_steps=int(cfg.train.grad_accum_steps),
                                           predictor=predictor), shardings, mesh, consts_shardings)

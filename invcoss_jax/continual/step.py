@@ -254,7 +254,7 @@ def create_state(params, aux, tx: optax.GradientTransformation, rng: jax.Array, 
     return ContinualState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init({"mae": p, "aux": a}),
                           rng=r, aux=a)
 
-  shardings = mesh_lib.shardings_from_config(mesh, jax.eval_shape(init, params, aux, rng), mesh_cfg)
+  init_fn, shardings = core.state_init(init, (params, aux, rng), mesh, mesh_cfg)
   # Inputs (e.g. a previous stage's parameters, committed to one device) go to their final layout first.
   params, aux, rng = jax.device_put((params, aux, rng), (shardings.params, shardings.aux, shardings.rng))
-  return core.create_state(init, (params, aux, rng), lambda _: shardings)
+  return init_fn(params, aux, rng), shardings

@@ -27,6 +27,7 @@ from absl import logging
 from invcoss_jax.continual import buffers
 from invcoss_jax.continual.stages import BUFFER_DIR, BUFFER_INFO, Stage
 from invcoss_jax.io_utils import atomic_path, atomic_write_json
+from invcoss_jax.measure import features
 
 TEXT_BUFFER_FILE = "texts.jsonl"
 EXCEPTION = ("text cannot be inverted: a real k-means buffer of the stage's texts is kept (paper Sec. 3.2, as "
@@ -85,7 +86,7 @@ def write_text_buffer(cfg, stage: Stage, model, params, *, select: str = "kmeans
     extra: dict[str, Any] = {}
   else:
     batches = data_lib.make_eval_iterator(d, batch_size=int(c.kmeans.batch_size), process_index=0, process_count=1)
-    feats = buffers.encoder_features(model, jax.device_get(params), batches, kind=str(c.kmeans.feature))
+    feats = features.encoder_features(model, jax.device_get(params), batches, kind=str(c.kmeans.feature))
     if len(feats) != n:
       raise ValueError(f"{stage.name}: the eval pass read {len(feats)} texts but the split has {n}: the text "
                        "buffer would pick the wrong reports")

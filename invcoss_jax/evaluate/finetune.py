@@ -31,10 +31,10 @@ from invcoss_jax import models
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
+from invcoss_jax.measure.features import pad_rows
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.train import optim
 from invcoss_jax.train import core
-from invcoss_jax.train.core import TrainState
 
 PROTOCOLS = ("finetune", "linear")
 # Besides biases and norm scales (rank <= 1), as in pre-training.
@@ -248,12 +248,6 @@ def make_train_step(model: DownstreamModel, tx: optax.GradientTransformation, sc
   return core.make_step(task_loss(model, loss_fn), tx, schedule)
 
 
-def _init_state(tx: optax.GradientTransformation) -> Callable:
-  def init(params, rng):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
-  return init
-
-
 def _flip_tta(predict: Callable, images: jnp.ndarray, flips: bool) -> jnp.ndarray:
   if not flips:
     return predict(images)
@@ -281,12 +275,6 @@ def make_predict(model: DownstreamModel, task: ml_collections.ConfigDict) -> Cal
     return _flip_tta(probs, images, bool(task.tta_flips))
 
   return predict
-
-
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-  if x.shape[0] == n:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
 
 
 def _labels_of(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -323,7 +311,7 @@ def evaluate_split(predict_fn: Callable, params: Any, batches: Iterable[dict[str
     for batch in batches:
       images = model_inputs(batch)
       n = images.shape[0]
-      probs = np.asarray(predict_fn(params, put(_pad_rows(images, batch_size))))[:n]
+      probs = np.asarray(predict_fn(params, put(pad_rows(images, batch_size))))[:n]
       all_probs.append(probs)
       all_labels.append(_labels_of(batch))
     if not all_probs:
@@ -419,10 +407,12 @@ class Finetuner:
     self.model = build_model(task, model_cfg, protocol, self.image_shape)
     abstract = jax.eval_shape(lambda r: self.model.init(r, self.image_shape), jax.random.PRNGKey(0))
     self.tx, self.schedule = make_optimizer(task, self.total, abstract, self.model.freeze_backbone)
-    init = _init_state(self.tx)
+    # The state is laid out by config.mesh's rules (shard_params, sharding_rules) as pre-training lays out its
+    # own; the single-device mesh of batch_shards=False keeps everything whole. Compiled once, for every seed.
     with jax.set_mesh(self.mesh):
-      self.shardings = core.param_layout(self.mesh)(jax.eval_shape(init, abstract, jax.random.PRNGKey(0)))
-    self.init_state = jax.jit(init, out_shardings=self.shardings)  # compiled once, for every seed
+      self.init_state, self.shardings = core.state_init(core.train_state_init(self.tx),
+                                                        (abstract, jax.random.PRNGKey(0)), self.mesh,
+                                                        mesh_cfg if batch_shards else None)
     self.step_fn = core.jit_step(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
                                  self.shardings, self.mesh)
     self.predict = jax.jit(make_predict(self.model, task),
@@ -468,7 +458,8 @@ class Finetuner:
         best[:] = [score, jax.device_get(state.params), step, val]
 
     with jax.set_mesh(self.mesh):
-      state = self.init_state(params, state_rng)
+      # Pre-trained weights (host arrays, or committed to one device) go to their layout first.
+      state = self.init_state(jax.device_put(params, self.shardings.params), state_rng)
       train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
                                                      seed=int(seed))
 

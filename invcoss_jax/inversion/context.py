@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from invcoss_jax.inversion import statistics
+from invcoss_jax.measure import features as measure_features
 
 
 REP_FEATURES = ("mean", "cls", "centered_mean")
@@ -29,10 +30,8 @@ def rep_features(tokens: jax.Array, kind: str, *, last_block=None, target_stats=
   exactly (the mean over positions of `target_stats.mean[-1, 1:]`): cosine similarities then measure
   directions around the data mean rather than the component every image shares (data-free).
   """
-  if kind == "mean":
-    return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
-  if kind == "cls":
-    return tokens[:, 0].astype(jnp.float32)
+  if kind in ("mean", "cls"):
+    return measure_features.pooled_feature(tokens, kind)
   if kind == "centered_mean":
     if last_block is None or target_stats is None:
       raise ValueError("rep_feature 'centered_mean' needs the last block's tokens and the stored statistics")

@@ -277,7 +277,7 @@ def inversion_shardings(mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any
   from invcoss_jax.parallel import mesh as mesh_lib
 
   rep = mesh_lib.replicated(mesh)
-  params = lambda tree, name: mesh_lib.shardings_from_config(mesh, tree, mesh_cfg, prefix=name)
+  params = lambda tree, name: mesh_lib.state_shardings(tree, mesh, mesh_cfg, prefix=name)
   opt_sh = {"generator": params(opt_vars["generator"], "generator"),
             "latents": jax.tree.map(lambda _: mesh_lib.data_sharding(mesh), opt_vars["latents"])}
   frozen_sh = {k: (params(v, "teacher") if k == "params" else jax.tree.map(lambda _: rep, v))

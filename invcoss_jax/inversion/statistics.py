@@ -23,6 +23,7 @@ import numpy as np
 from invcoss_jax import npz_io
 from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.io_utils import atomic_savez
+from invcoss_jax.measure.features import pad_batch
 
 
 @flax.struct.dataclass
@@ -130,16 +131,6 @@ def _images_of(batch) -> np.ndarray:
   return x
 
 
-def _pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pads the batch to `size` rows by repeating its last row; weights mark the real rows."""
-  n = x.shape[0]
-  weights = np.zeros((size,), np.float32)
-  weights[:n] = 1.0
-  if n < size:
-    x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)], axis=0)
-  return x, weights
-
-
 @functools.lru_cache(maxsize=8)
 def _moments_fn(model):
   """The compiled per-batch moments of `model`'s block tokens (kept: jobs compute statistics repeatedly)."""
@@ -192,7 +183,7 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
       pix, tv_sum = (m if pix is None else merge_moments(pix, m)), tv_sum + tv
     if padded_size is None or x.shape[0] > padded_size:
       padded_size = -(-x.shape[0] // shards) * shards
-    x, w = _pad_batch(x.astype(np.float32), padded_size)
+    x, w = pad_batch(x.astype(np.float32), padded_size)
     if mesh is not None:
       x, w = mesh_lib.put_batch(mesh, (x, w))
     m = jax.device_get(moments_fn(params, x, w))

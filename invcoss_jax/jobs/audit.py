@@ -25,10 +25,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from invcoss_jax.audit import distances, figures, forward, membership, memorisation, report, spectrum
+from invcoss_jax.audit import distances, figures, forward, memorisation, report, spectrum
+from invcoss_jax.audit import evaluators as audit_evaluators  # noqa: F401 (registers the membership evaluator)
 from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write, atomic_write_json
+from invcoss_jax.measure import features
+from invcoss_jax.measure.evaluators import get_evaluator
+from invcoss_jax.retention import evaluators as retention_evaluators  # noqa: F401 (registers the judges)
 from invcoss_jax.workdir import SYNTHETIC_DIR
 
 AUDIT_FILE = "audit.json"
@@ -157,22 +161,6 @@ def read_labels(data_cfg: ml_collections.ConfigDict, indices: np.ndarray) -> np.
                        f"{data_lib.resolve(data_cfg).path} (split {data_cfg.split!r})")
 
 
-def _pad(x: np.ndarray, rows: int) -> np.ndarray:
-  if len(x) == rows:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
-
-
-def batched(fn, params, images: np.ndarray, batch_size: int, *extra: np.ndarray) -> np.ndarray:
-  """fn(params, images[, extra...]) over fixed-size (padded) batches, rows concatenated on the host."""
-  out = []
-  for start in range(0, len(images), batch_size):
-    n = len(images[start:start + batch_size])
-    args = [_pad(a[start:start + batch_size], batch_size) for a in (images, *extra)]
-    out.append(np.asarray(jax.device_get(fn(params, *args)))[:n])
-  return np.concatenate(out)
-
-
 def example_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
   """One PRNG key per example, folded from its index: its masks do not depend on the batch it is in."""
   base = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
@@ -202,22 +190,6 @@ def _check_options(a: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.audit.judges.{key} must be >= 0 (0 skips it), got {j[key]}")
     if not float(j.noise_sigma) >= 0:
       raise ValueError(f"config.audit.judges.noise_sigma must be >= 0 pixels, got {j.noise_sigma}")
-
-
-def _membership_inference(a, loss_fn, params, heldout: dict, member_losses: np.ndarray, mask_ratio: float
-                          ) -> tuple[dict[str, Any], np.ndarray]:
-  """The loss-threshold attack: training (members) vs held-out (non-members) images; (its figures, the
-  held-out losses)."""
-  heldout_losses = batched(loss_fn, params, heldout["images"], int(a.batch_size),
-                           example_keys(int(a.seed), _HELDOUT_STREAM, heldout["indices"])).astype(np.float64)
-  member_scores, nonmember_scores = -member_losses, -heldout_losses
-  mia = membership.bootstrap_auc(member_scores, nonmember_scores, num_bootstrap=int(a.num_bootstrap),
-                                 level=float(a.ci_level), seed=int(a.seed))
-  mia.update(tpr_at_fpr={f"{f:g}": membership.tpr_at_fpr(member_scores, nonmember_scores, float(f))
-                         for f in a.tpr_at_fpr},
-             mean_loss_members=float(member_losses.mean()), mean_loss_nonmembers=float(heldout_losses.mean()),
-             mask_ratio=mask_ratio, num_masks=int(a.mia_num_masks))
-  return mia, heldout_losses
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -266,12 +238,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   for s in sets.values():
     # Query vectors live on the device for the whole pass: no copy per training batch.
     s["vectors"] = {"pixel": jnp.asarray(distances.flatten_samples(s["images"])),
-                    "feature": jnp.asarray(batched(feature_fn, params, s["images"], int(a.batch_size)))}
+                    "feature": jnp.asarray(features.batched(feature_fn, params, s["images"], int(a.batch_size)))}
   members = subset(n_train, int(a.max_members), rng)
   stream = _stream_training(a, train_data, sets, members, feature_fn, loss_fn, params)
 
   heldout = sets[HELDOUT]
-  mia, heldout_losses = _membership_inference(a, loss_fn, params, heldout, stream["member_losses"], mask_ratio)
+  # The loss-threshold attack: training (members) vs held-out (non-members) images.
+  attack = get_evaluator("membership")(
+      loss_fn, heldout["images"], example_keys(int(a.seed), _HELDOUT_STREAM, heldout["indices"]),
+      stream["member_losses"], batch_size=int(a.batch_size), num_bootstrap=int(a.num_bootstrap),
+      ci_level=float(a.ci_level), seed=int(a.seed), tpr_at_fpr=tuple(a.tpr_at_fpr), mask_ratio=mask_ratio,
+      num_masks=int(a.mia_num_masks))
+  mia = attack.run(params)
+  heldout_losses = attack.heldout_losses
 
   # Distances (pixel ones as RMS differences per value), memorisation, high-frequency energy of every set.
   pixel_scale = 1.0 / np.sqrt(float(np.prod(shape)))
@@ -351,7 +330,7 @@ def _stream_training(a, train_data, sets, members: np.ndarray, feature_fn, loss_
   offset = 0
   for batch in data_lib.make_eval_iterator(train_data, batch_size=bs, process_index=0, process_count=1):
     x = np.asarray(batch["image"], np.float32)
-    refs = {"pixel": x, "feature": batched(feature_fn, params, x, bs)}
+    refs = {"pixel": x, "feature": features.batched(feature_fn, params, x, bs)}
     batch_thumbs = figures.thumbnail(x, int(a.thumbnail_size))
     for (name, sp), old in neighbours.items():
       new = distances.update_neighbours(old, sets[name]["vectors"][sp], refs[sp], ref_offset=offset, **chunking)
@@ -360,7 +339,7 @@ def _stream_training(a, train_data, sets, members: np.ndarray, feature_fn, loss_
       neighbours[(name, sp)] = new
     rows = np.asarray([r for r in range(len(x)) if offset + r in member_pos], np.int64)
     if rows.size:
-      member_losses[[member_pos[int(offset + r)] for r in rows]] = batched(
+      member_losses[[member_pos[int(offset + r)] for r in rows]] = features.batched(
           loss_fn, params, x[rows], bs, example_keys(int(a.seed), _MEMBER_STREAM, offset + rows))
       member_hf.append(spectrum.high_frequency_energy_ratio(x[rows], cutoff))
       member_profiles.append(spectrum.radial_profile(x[rows], bins)[1])
@@ -451,7 +430,8 @@ def _judge_sets(a, train_data, heldout_data, sets: dict, n_train: int, shape: tu
   info["judge_net"] = net_info
   kw = dict(feature_fn=None if net is None else net.features, seed=seed, folds=int(j.folds),
             cnn_steps=int(j.cnn_steps), prdc_k=PRDC_K)
-  out = {name: _finite_or_none(judges.judge_set(judged[name], held, **kw)) for name in JUDGED if name in judged}
+  out = {name: _finite_or_none(get_evaluator("judges")(judged[name], held, **kw).run(None))
+         for name in JUDGED if name in judged}
   held_keys = {np.asarray(h, np.float32).tobytes() for h in held}
   out["real_vs_real"]["heldout_duplicates"] = int(sum(np.asarray(r, np.float32).tobytes() in held_keys
                                                       for r in real))

@@ -130,10 +130,7 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   with jax.set_mesh(mesh):
     state, shardings = abstract_train_state(
-        lambda r: models.init_mae_params(model, r, [shape]), tx, key, mesh,
-        shard_params=bool(config.mesh.shard_params),
-        fsdp_min_size=int(config.mesh.get("fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE)),
-        rules=tuple(config.mesh.get("sharding_rules", ())))
+        lambda r: models.init_mae_params(model, r, [shape]), tx, key, mesh, rules=config.mesh)
     step = jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
                                     grad_accum_steps=length.grad_accum_steps), shardings, mesh)
     batch = {"image": jax.ShapeDtypeStruct((micro_batch, *shape), jnp.float32,

@@ -7,6 +7,7 @@ over every batch-like axis present ('data' and 'fsdp'); parameters are replicate
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -108,15 +109,43 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def rule_shardings(mesh: Mesh, tree: Any, rules: Sequence[Sequence[str]] = (), *, default: str = "replicated",
-                   min_size: int = DEFAULT_FSDP_MIN_SIZE, prefix: str = "") -> Any:
-  """NamedShardings for a tree of arrays/ShapeDtypeStructs, by rules: the first `(regex, layout)` whose regex
-  matches the whole leaf path (`prefix/` + the tree path, e.g. 'teacher/encoder/block_0/fc1/kernel' or
-  'params/patch_embed_2d/kernel') decides, `default` the rest. Layouts: 'replicated' (every device holds the
-  leaf) or 'fsdp' (a leaf of at least `min_size` elements split over the 'fsdp' axis, when the mesh has one,
-  along its largest divisible dimension)."""
+@dataclasses.dataclass(frozen=True)
+class LayoutRules:
+  """How a state is laid out on the mesh: `config.mesh.shard_params`, `fsdp_min_size` and `sharding_rules`.
+
+  Every leaf is named by its path (`prefix/` + the tree path, e.g. 'teacher/encoder/block_0/fc1/kernel' or
+  'params/patch_embed_2d/kernel'); the first `(regex, layout)` rule whose regex matches the whole name decides,
+  the `shard_params` default the rest. Layouts: 'replicated' (every device holds the leaf) or 'fsdp' (a leaf of
+  at least `fsdp_min_size` elements split over the 'fsdp' axis, when the mesh has one, along its largest
+  divisible dimension)."""
+  shard_params: bool = False
+  fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE
+  sharding_rules: tuple = ()
+
+  @classmethod
+  def of(cls, rules: "LayoutRules | ml_collections.ConfigDict | Mapping[str, Any] | None") -> "LayoutRules":
+    """`rules` as given, read from a `config.mesh` section (its absent keys at their defaults), or for None
+    every leaf replicated."""
+    if rules is None:
+      return cls()
+    if isinstance(rules, cls):
+      return rules
+    return cls(shard_params=bool(rules.get("shard_params", False)),
+               fsdp_min_size=int(rules.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)),
+               sharding_rules=tuple(rules.get("sharding_rules", ())))
+
+
+def state_shardings(abstract: Any, mesh: Mesh,
+                    rules: LayoutRules | ml_collections.ConfigDict | Mapping[str, Any] | None = None, *,
+                    prefix: str = "") -> Any:
+  """NamedShardings for a tree of arrays/ShapeDtypeStructs (parameters, optimiser state, a whole train state,
+  a frozen teacher, EWC's constants, the inversion's generator) on `mesh`, laid out by `rules` (a
+  `LayoutRules`, or the `config.mesh` section it is read from; None: replicated). `prefix` names the tree in the
+  rules (e.g. 'teacher', 'generator'). The one layout function of pre-training, continual training,
+  fine-tuning and inversion."""
+  rules = LayoutRules.of(rules)
   compiled = []
-  for rule in rules:
+  for rule in rules.sharding_rules:
     if len(rule) != 2 or str(rule[1]) not in LAYOUTS:
       raise ValueError(f"config.mesh.sharding_rules entry {tuple(rule)!r}: expected (regex, layout) with layout "
                        f"one of {LAYOUTS}")
@@ -124,35 +153,16 @@ def rule_shardings(mesh: Mesh, tree: Any, rules: Sequence[Sequence[str]] = (), *
       compiled.append((re.compile(str(rule[0])), str(rule[1])))
     except re.error as e:
       raise ValueError(f"config.mesh.sharding_rules: {rule[0]!r} is not a regular expression ({e})") from e
-  if default not in LAYOUTS:
-    raise ValueError(f"sharding layout {default!r}: expected one of {LAYOUTS}")
+  default = "fsdp" if rules.shard_params else "replicated"
   fsdp_size = mesh.shape[FSDP_AXIS] if FSDP_AXIS in mesh.axis_names else 1
 
   def one(path, x):
     name = "/".join(p for p in (prefix, _path_name(path)) if p)
     layout = next((lay for rx, lay in compiled if rx.fullmatch(name)), default)
-    return NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp_size if layout == "fsdp" else 1, min_size))
+    return NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp_size if layout == "fsdp" else 1,
+                                          int(rules.fsdp_min_size)))
 
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def param_shardings(mesh: Mesh, abstract_params: Any, shard_params: bool, *,
-                    min_size: int = DEFAULT_FSDP_MIN_SIZE, rules: Sequence[Sequence[str]] = (),
-                    prefix: str = "") -> Any:
-  """NamedShardings for a tree of arrays/ShapeDtypeStructs (parameters, optimiser state, a whole train
-  state): replicated, or with `shard_params` and an 'fsdp' axis, each leaf of at least `min_size` elements
-  split over 'fsdp' along its largest divisible dimension; `rules` (`rule_shardings`) override leaf by leaf."""
-  return rule_shardings(mesh, abstract_params, rules, default="fsdp" if shard_params else "replicated",
-                        min_size=min_size, prefix=prefix)
-
-
-def shardings_from_config(mesh: Mesh, abstract_tree: Any, mesh_cfg: ml_collections.ConfigDict, *,
-                          prefix: str = "") -> Any:
-  """`param_shardings` with `shard_params`, `fsdp_min_size` and `sharding_rules` read from `config.mesh`;
-  `prefix` names the tree in the rules (e.g. 'teacher', 'generator')."""
-  return param_shardings(mesh, abstract_tree, bool(mesh_cfg.shard_params),
-                         min_size=int(mesh_cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)),
-                         rules=tuple(mesh_cfg.get("sharding_rules", ())), prefix=prefix)
+  return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def check_global_batch(mesh: Mesh, global_batch_size: int, option: str = "config.train.global_batch_size"):

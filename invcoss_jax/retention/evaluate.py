@@ -29,7 +29,8 @@ from invcoss_jax.continual import methods
 from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, Stage, stage_key
 from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.io_utils import atomic_write_json
-from invcoss_jax.retention import features, metrics
+from invcoss_jax.measure.evaluators import get_evaluator
+from invcoss_jax.retention import evaluators, features, metrics  # noqa: F401 (evaluators: registers them)
 
 RECON_KEY = 7919  # folded with a stage's index into PRNGKey(seed): the masks and re-fit of that stage's measures
 
@@ -132,9 +133,9 @@ class Measurer:
       if not self.labelled(m):
         continue
       fit, test = self.split(m, str(self.rc.fit_split)), self.split(m, str(self.rc.test_split))
-      out[m] = metrics.probe_scores(self.feats(params, fit.images), fit.labels, self.feats(params, test.images),
-                                    test.labels, logreg_c=float(self.rc.logreg_c), knn_k=int(self.rc.knn_k),
-                                    seed=seed)
+      out[m] = get_evaluator("probe")(self.model, fit, test, feature=str(self.rc.feature),
+                                      batch_size=int(self.rc.feature_batch_size), logreg_c=float(self.rc.logreg_c),
+                                      knn_k=int(self.rc.knn_k), seed=seed).run(params)
       if bool(self.rc.finetune.enabled):
         out[m].update(self.finetune(m, params, seed))
     return out
@@ -192,14 +193,10 @@ class Measurer:
     noises = reconstruction.fixed_noises(noise_key, len(test),
                                          reconstruction.num_tokens(self.model.cfg, test.shape[1:]),
                                          int(r.mask_draws))
-    out = dict(mae_mse=rec.error(params, test, noises))
-    if int(r.refit_steps) > 0:
-      fit = self.split(m, str(self.rc.fit_split)).images
-      refit, losses = rec.refit_decoder(params, reconstruction.fresh_decoder(self.model.cfg, init_key), fit,
-                                        steps=int(r.refit_steps), key=refit_key,
-                                        seed=int(seed) * 1000 + int(stage.index))
-      out["mae_mse_refit"] = rec.error(refit, test, noises)
-      out["refit_loss_last"] = float(np.mean(losses[-10:]))
+    fit = self.split(m, str(self.rc.fit_split)).images if int(r.refit_steps) > 0 else None
+    out = get_evaluator("reconstruction")(rec, test, noises, fit=fit, refit_steps=int(r.refit_steps),
+                                          init_key=init_key, refit_key=refit_key,
+                                          refit_seed=int(seed) * 1000 + int(stage.index)).run(params)
     self._recon_cache[cache_key] = dict(out)
     return out
 
@@ -392,7 +389,7 @@ class Measurer:
     train = self.split(m, "train").images
     real = features.random_sample(train, n, int(seed) + 37)
     noise = judges.smoothed_noise_like(train, n, seed=int(seed) + 41, sigma=float(self.rc.replay.judges.noise_sigma))
-    out = {name: judges.judge_set(x, held, feature_fn=None if net is None else net.features, **kw)
+    out = {name: get_evaluator("judges")(x, held, feature_fn=None if net is None else net.features, **kw).run(None)
            for name, x in (("real_vs_real", real), ("smoothed_noise", noise))}
     atomic_write_json(path, out)
     return out
@@ -401,17 +398,16 @@ class Measurer:
              ) -> dict[str, dict[str, float]]:
     """{'replay': the set's judges, 'real_vs_real', 'smoothed_noise', 'generator_init' (synthetic methods)}, all
     against the same held-out sample of the set's size."""
-    from invcoss_jax.retention import judges
     images = read_replay_set(stage, method) if images is None else images
     n, m, kw = len(images), stage.modality, self._judge_kwargs(seed)
     held, net = self._held_out(seed, m, n), self.judge_net(m)
     feature_fn = None if net is None else net.features
     out = dict(self.anchors(seed, stage, n))
-    out["replay"] = judges.judge_set(images, held, feature_fn=feature_fn, **kw)
+    out["replay"] = get_evaluator("judges")(images, held, feature_fn=feature_fn, **kw).run(None)
     if methods.get(method).replays == "synthetic":
       init = self.generator_init(seed, stage, n)
       if init is not None:
-        out["generator_init"] = judges.judge_set(init, held, feature_fn=feature_fn, **kw)
+        out["generator_init"] = get_evaluator("judges")(init, held, feature_fn=feature_fn, **kw).run(None)
     return out
 
   # --- reading back ---

@@ -7,7 +7,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from invcoss_jax.continual import buffers
+from invcoss_jax.measure import features as measure_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,8 @@ def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: in
 def encoder_features(model, params, images: np.ndarray, *, kind: str = "mean", batch_size: int = 256
                      ) -> np.ndarray:
   """(N, D) float32 features of `images` (or of (N, L) integer token ids) from the encoder of `params` (eval
-  mode, no masking; text padding left out), in batches of `batch_size` through the buffers' compiled feature
-  function."""
+  mode, no masking; text padding left out), in batches of `batch_size` through the one compiled feature
+  function (measure.features)."""
   images = np.asarray(images)
   text = images.ndim == 2 and np.issubdtype(images.dtype, np.integer)
   images = images.astype(np.int32 if text else np.float32)
@@ -58,7 +58,7 @@ def encoder_features(model, params, images: np.ndarray, *, kind: str = "mean", b
     raise ValueError(f"encoder features: expected a non-empty batch of images or of token ids, got shape "
                      f"{images.shape}")
   batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  return buffers.encoder_features(model, params, batches, kind=kind)
+  return measure_features.encoder_features(model, params, batches, kind=kind, option="config.retention.feature")
 
 
 def random_sample(images: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import optax
 
 from invcoss_jax import models
 from invcoss_jax.continual import params as params_lib
+from invcoss_jax.measure.features import pad_rows
 
 
 def num_tokens(model_cfg: models.ViTConfig, example_shape) -> int:
@@ -37,11 +38,6 @@ def num_tokens(model_cfg: models.ViTConfig, example_shape) -> int:
 def fixed_noises(key: jax.Array, num_examples: int, tokens: int, draws: int) -> np.ndarray:
   """(draws, num_examples, tokens) uniform masking noise: MAE keeps each example's tokens of smallest noise."""
   return np.asarray(jax.random.uniform(key, (int(draws), int(num_examples), int(tokens))), np.float32)
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """`x` with its last row repeated up to `size` rows (one compiled shape for a ragged last batch)."""
-  return x if len(x) == size else np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
 class Reconstruction:
@@ -88,7 +84,7 @@ class Reconstruction:
     for d in range(noises.shape[0]):
       for i in range(0, len(images), size):
         x, n = images[i:i + size], noises[d, i:i + size]
-        e = self._per_example(params, _pad(x, size), _pad(n, size))
+        e = self._per_example(params, pad_rows(x, size), pad_rows(n, size))
         out[d, i:i + len(x)] = np.asarray(jax.device_get(e))[:len(x)]
     return out
 

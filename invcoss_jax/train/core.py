@@ -51,13 +51,23 @@ class TrainState(flax.struct.PyTreeNode):
 # --- the sharded state ---------------------------------------------------------------------------------------
 
 
-def create_state(init: Callable[..., Any], args: tuple, layout: Callable[[Any], Any]) -> tuple[Any, Any]:
-  """(state, its shardings): `init(*args)` run under jit with out_shardings `layout(abstract state)`, so no
-  device ever holds more than its share. Arguments committed to other devices than the layout's (e.g. an
-  earlier stage's parameters on one device) are `device_put` to their layout by the caller first
-  (continual.step.create_state)."""
-  shardings = layout(jax.eval_shape(init, *args))
-  return jax.jit(init, out_shardings=shardings)(*args), shardings
+def state_init(init: Callable[..., Any], args: tuple, mesh: jax.sharding.Mesh,
+               rules: mesh_lib.LayoutRules | Any = None) -> tuple[Callable[..., Any], Any]:
+  """(`init` compiled to build its state directly in its sharded layout, the shardings): the layout is
+  `parallel.mesh.state_shardings(abstract state, mesh, rules)` (`rules`: a `LayoutRules` or `config.mesh`),
+  so no device ever holds more than its share. `args` only give the argument shapes; the compiled function
+  serves any arguments of those shapes (fine-tuning builds one state per seed with it)."""
+  shardings = mesh_lib.state_shardings(jax.eval_shape(init, *args), mesh, rules)
+  return jax.jit(init, out_shardings=shardings), shardings
+
+
+def create_state(init: Callable[..., Any], args: tuple, mesh: jax.sharding.Mesh,
+                 rules: mesh_lib.LayoutRules | Any = None) -> tuple[Any, Any]:
+  """(state, its shardings): `init(*args)` run by `state_init`. Arguments committed to other devices than the
+  layout's (e.g. an earlier stage's parameters on one device) are `device_put` to their layout by the caller
+  first (continual.step.create_state)."""
+  fn, shardings = state_init(init, args, mesh, rules)
+  return fn(*args), shardings
 
 
 def abstract_state(shapes: Any, shardings: Any) -> Any:
@@ -65,44 +75,41 @@ def abstract_state(shapes: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def train_state_init(tx: optax.GradientTransformation) -> Callable[[Any, jax.Array], TrainState]:
+  """init(params, rng) -> the `TrainState` at step 0 of `params` (the optimiser state of `tx` on them)."""
+  def init(params, rng):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+  return init
+
+
 def _train_state_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
   def init(rng, params):
     init_rng, state_rng = jax.random.split(rng)
     p = init_params(init_rng) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
+    return train_state_init(tx)(p, state_rng)
   return init
 
 
-def param_layout(mesh: jax.sharding.Mesh, *, shard_params: bool = False,
-                 fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE, rules: tuple = ()) -> Callable[[Any], Any]:
-  """abstract tree -> shardings: replicated, or FSDP-sharded leaves, with `rules` (config.mesh.sharding_rules)
-  first (parallel.mesh.param_shardings)."""
-  return lambda abstract: mesh_lib.param_shardings(mesh, abstract, shard_params, min_size=fsdp_min_size,
-                                                   rules=rules)
-
-
 def abstract_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                         rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
-                         fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
-                         params: Any | None = None, rules: tuple = ()) -> tuple[TrainState, Any]:
+                         rng: jax.Array, mesh: jax.sharding.Mesh, *, rules: mesh_lib.LayoutRules | Any = None,
+                         params: Any | None = None) -> tuple[TrainState, Any]:
   """(ShapeDtypeStructs carrying their shardings, the shardings) of `create_train_state`'s state, without
   computing it."""
   shapes = jax.eval_shape(_train_state_init(init_params, tx), rng, params)
-  shardings = param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size, rules=rules)(shapes)
+  shardings = mesh_lib.state_shardings(shapes, mesh, rules)
   return abstract_state(shapes, shardings), shardings
 
 
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                       rng: jax.Array, mesh: jax.sharding.Mesh, *, shard_params: bool = False,
-                       fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE,
-                       params: Any | None = None, rules: tuple = ()) -> tuple[TrainState, Any]:
-  """A `TrainState` built in its sharded layout; returns (state, state_shardings).
+                       rng: jax.Array, mesh: jax.sharding.Mesh, *, rules: mesh_lib.LayoutRules | Any = None,
+                       params: Any | None = None) -> tuple[TrainState, Any]:
+  """A `TrainState` built in its sharded layout (`rules`: a `parallel.mesh.LayoutRules` or `config.mesh`;
+  None replicates it); returns (state, state_shardings).
 
   `init_params(rng) -> params` creates float32 parameters from the first half of split(rng) (the second
   seeds the state's key); `params`, if given, replaces them (e.g. weights carried over from an earlier stage or
   a PyTorch checkpoint) and is resharded to the same layout."""
-  return create_state(_train_state_init(init_params, tx), (rng, params),
-                      param_layout(mesh, shard_params=shard_params, fsdp_min_size=fsdp_min_size, rules=rules))
+  return create_state(_train_state_init(init_params, tx), (rng, params), mesh, rules)
 
 
 # --- the step ------------------------------------------------------------------------------------------------

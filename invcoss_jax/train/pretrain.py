@@ -214,8 +214,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
     with jax.set_mesh(mesh):
       init_args = dict(init_params=lambda rng: models.init_mae_params(model, rng, [image_shape]), tx=tx,
                        rng=jax.random.PRNGKey(int(config.seed)), mesh=mesh,
-                       shard_params=bool(config.mesh.shard_params), fsdp_min_size=int(config.mesh.fsdp_min_size),
-                       rules=tuple(config.mesh.sharding_rules))
+                       rules=mesh_lib.LayoutRules.of(config.mesh))
       if manager.latest_step() is not None:
         # Restored straight into this run's layout, which may differ from the saving run's.
         target, shardings = core.abstract_train_state(**init_args)

@@ -8,6 +8,7 @@ import jax
 
 from invcoss_jax.continual import buffers, methods
 from invcoss_jax.continual.methods.er import RealBuffer
+from invcoss_jax.measure import features
 
 
 class KMeansBuffer(RealBuffer):
@@ -15,8 +16,8 @@ class KMeansBuffer(RealBuffer):
 
   def choose(self, end, fraction):
     c = end.cfg.continual
-    feats = buffers.encoder_features(end.model, jax.device_get(end.params), end.eval_batches(int(c.kmeans.batch_size)),
-                                     kind=str(c.kmeans.feature))
+    feats = features.encoder_features(end.model, jax.device_get(end.params),
+                                      end.eval_batches(int(c.kmeans.batch_size)), kind=str(c.kmeans.feature))
     idx, km = buffers.kmeans_indices(feats, cluster_fraction=float(c.kmeans.cluster_fraction), fraction=fraction,
                                      seed=int(end.cfg.seed) + end.stage.index, n_init=int(c.kmeans.n_init),
                                      max_iter=int(c.kmeans.max_iter))

@@ -22,6 +22,8 @@ Presets:
   distillation 0.1; seqssl, er, noise, invcoss, cassle; 4 seeds: does what is replayed matter? 37 minutes on a
   2-core CPU shared with other jobs, plus 6 for the judges.
 - `priors` (a modifier, e.g. `content,priors`): invcoss's inversion with the realism priors beyond the paper.
+- `replay_mae` (a modifier, e.g. `content,priors,replay_mae`): the buffer also trained with the MAE loss, per
+  sample, beside the distillation.
 - `tiny`: the embedded demo corpus and a few steps: the machinery end to end, for tests.
 Every option is a flag, e.g. `--config.total_steps=1000` (steps per stage) or `--config.retention.seeds="(0,1,2,3,4)"`.
 
@@ -144,6 +146,14 @@ def _priors(c: ml_collections.ConfigDict) -> None:
   s.batch_size, s.steps, s.init_steps = 64, 200, 200
 
 
+def _replay_mae(c: ml_collections.ConfigDict) -> None:
+  """Replay also trains the MAE loss on the buffer, each buffer image weighing about as much as a current one
+  (5 of 64 per step), beside the distillation (a modifier, e.g. `content,priors,replay_mae`): the setting in
+  which real and inverted X-rays keep more than noise replay on the re-fitted decoder's error
+  (docs/results.md, `content` item 6)."""
+  c.continual.buffer_mae_weight = 0.078
+
+
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """Embedded demo data (X-ray with labels, unlabelled pathology tiles), a 2-block ViT, a few steps."""
   c.continual.order = ("xray", "path")
@@ -174,7 +184,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 
 
 PRESETS = {"quick": _quick, "full": _full, "report": _report, "content": _content, "priors": _priors,
-           "tiny": _tiny}
+           "replay_mae": _replay_mae, "tiny": _tiny}
 
 
 def get_config(arg=None):

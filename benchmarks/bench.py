@@ -288,7 +288,7 @@ def jax_invert(case: Case, args, images: np.ndarray) -> tuple[Built, Any]:
     return (time.perf_counter() - t) * n / (calls * (steps + 1))
 
   run(steps)
-  from invcoss_jax.jobs.compile import inversion_program
+  from invcoss_jax.inversion.engine import inversion_program
   # Compile time: the inner step lowered and compiled ahead of time (the step the calls above compiled; the
   # difference of a first and a second call was noise when a step takes longer than its compilation).
   t = time.perf_counter()

@@ -8,7 +8,7 @@ import ml_collections
 
 from invcoss_jax.audit.config import audit_config
 from invcoss_jax.continual.config import continual_config
-from invcoss_jax.data.config import data_config
+from invcoss_jax.data.config import data_config, shared_data_dir
 from invcoss_jax.evaluate.config import evaluate_config
 from invcoss_jax.interop.config import interop_config
 from invcoss_jax.inversion.config import inversion_config
@@ -64,16 +64,6 @@ def pretrain_stage_config(*, modality: str, data_format: str, data_path: str, **
   c.train.base_lr = 1.5e-4
   c.train.mask_ratio = 0.75
   return c
-
-
-def shared_data_dir() -> str:
-  """The real data shared beside a checkout (`<repo>/../shared/data`), or $INVCOSS_SHARED_DATA: benchmarks
-  and the report demo read it; a user's clone has none and points the data options at its own copy."""
-  env = os.environ.get("INVCOSS_SHARED_DATA", "")
-  if env:
-    return env
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return os.path.join(os.path.dirname(repo), "shared", "data")
 
 
 def use_indiana_reports(d: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -19,6 +19,9 @@ from typing import Iterable
 
 import numpy as np
 
+from invcoss_jax import faults
+from invcoss_jax.io_utils import atomic_savez, remove_stale
+
 # Held while NumPy parses a .npy header (see the module docstring); exposed for tests.
 HEADER_LOCK = threading.Lock()
 
@@ -87,8 +90,6 @@ def load_npz(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict
 def write_shards(folder: str, images: np.ndarray, shard_size: int) -> list[str]:
   """Replaces `folder` by npz shards `shard_00000.npz`, ... (key `images`, float32), all written before the
   swap: a synthetic set or a real replay buffer appears whole or not at all."""
-  from invcoss_jax import faults  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.io_utils import atomic_savez, remove_stale  # pylint: disable=g-import-not-at-top
   if shard_size < 1:
     raise ValueError(f"config.inversion.shard_size must be >= 1, got {shard_size}")
   parent = os.path.dirname(os.path.abspath(folder))

@@ -25,6 +25,7 @@ import ml_collections
 
 from invcoss_jax import io_utils
 from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.data.registry import resolve
 from invcoss_jax.workdir_lock import LOCK_FILE
 
 IDENTITY_FILE = "workdir.json"
@@ -80,7 +81,6 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _registered_modality(data_cfg) -> str:
   try:
-    from invcoss_jax.data.registry import resolve  # pylint: disable=g-import-not-at-top
     return str(resolve(data_cfg).modality)
   except Exception:  # pylint: disable=broad-except  (the loader reports a bad data section itself)
     return ""
@@ -236,7 +236,7 @@ def _stage_folders(root: str) -> list[str]:
 def _not_a_stage(path: str | os.PathLike, option: str) -> tuple[type, str] | None:
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
-    return FileNotFoundError, f"{option}={path!r} does not exist: expected the workdir of a trained stage"
+    return FileNotFoundError, f"{option}={path!r} does not exist, so it is not the workdir of a trained stage"
   if not os.path.isdir(path):
     return ConfigError, f"{option}={path!r} is a file: expected the workdir of a trained stage"
   if os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints")):

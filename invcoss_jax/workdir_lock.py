@@ -60,7 +60,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _refusal(workdir: str, holder: dict) -> Exception:
-  from invcoss_jax.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.workdir import WorkdirError  # pylint: disable=g-import-not-at-top  # cycle: workdir imports LOCK_FILE
   pid, host, started = holder.get("pid"), holder.get("host"), holder.get("started")
   who = f"pid {pid} on host {host}" if pid else "another process"
   msg = f"{workdir} is in use by {who}" + (f" (started at {started})" if started else "")
@@ -84,7 +84,7 @@ def _first_process() -> bool:
 def hold(workdir: str | os.PathLike) -> Iterator[None]:
   """Holds the lock of `workdir` (created if missing) for the block; raises WorkdirError when another process
   holds it. Re-entrant within a process; only process 0 of a multi-process job locks."""
-  from invcoss_jax.workdir import WorkdirError, describe_os_error  # pylint: disable=g-import-not-at-top
+  from invcoss_jax.workdir import WorkdirError, describe_os_error  # pylint: disable=g-import-not-at-top  # cycle: workdir imports LOCK_FILE
   workdir = os.path.abspath(os.fspath(workdir))
   path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
 

@@ -11,6 +11,7 @@ from invcoss_jax import data as data_lib
 from invcoss_jax.evaluate import finetune, heads, losses
 from invcoss_jax.evaluate.config import task_config
 from invcoss_jax.models.presets import model_config
+from invcoss_jax.train import core
 
 
 def init(model, shape, seed=0):
@@ -176,7 +177,7 @@ def test_linear_probe_freezes_the_encoder(xray_batch):
     model = finetune.build_model(task, tiny_model(depth=1), protocol, images.shape[1:])
     params = init(model, images.shape[1:], 0)
     tx, sched = finetune.make_optimizer(task, 10, params, model.freeze_backbone)
-    state = finetune.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+    state = core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
                                 rng=jax.random.PRNGKey(1))
     step = jax.jit(finetune.make_train_step(model, tx, sched, losses.classification_loss))
     new, m = step(state, {"image": images, "target": labels})

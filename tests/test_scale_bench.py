@@ -151,7 +151,7 @@ def test_benchmark_script_reports_both_implementations(tmp_path):
   assert (pre["program"], inv["program"]) == ("pretrain", "invert")
   # The pre-training step's FLOPs are XLA's count for the micro MAE at batch 8: 3x the forward matmuls plus the
   # element-wise work, which at 4 patches per image (AdamW over 0.2 M parameters included) is up to half again.
-  from invcoss_jax.jobs.compile import mae_train_step_flops
+  from invcoss_jax.models.flops import mae_train_step_flops
   analytic = mae_train_step_flops(bench.model_config("micro", "float32", False, 16), (32, 32, 3), 8, 0.75)
   assert 1.0 <= pre["flops_per_step"] / analytic <= 1.6
   # The breakdown's products are exactly the analytic matmul count, and each part took time.

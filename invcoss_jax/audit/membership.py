@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from invcoss_jax.evaluate.metrics import roc_auc
+
 
 def attack_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
   """P(score of a member > score of a non-member) + 0.5 P(tie): the ROC AUC of members (class 1) against
   non-members (evaluate.metrics.roc_auc, the package's one AUC)."""
-  from invcoss_jax.evaluate.metrics import roc_auc  # pylint: disable=g-import-not-at-top
   m, n = _scores(member_scores, "member_scores"), _scores(nonmember_scores, "nonmember_scores")
   return roc_auc(np.r_[np.ones(m.size, np.int64), np.zeros(n.size, np.int64)], np.r_[m, n])
 

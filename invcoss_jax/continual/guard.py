@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
+from invcoss_jax.data import registry
+
 
 class DataFreeViolation(RuntimeError):
   """Data of a finished stage was requested while the data-free guard is active.
@@ -93,7 +95,6 @@ class RetiredData:
 
 def data_identity(data_cfg: ml_collections.ConfigDict) -> tuple[str, tuple[str, ...]]:
   """(registered name, normalised resolved paths) of a data section: what 'the same dataset' means."""
-  from invcoss_jax.data import registry
   cfg = registry.resolve(data_cfg)
   roots: list[str] = []
   for p in (cfg.path, cfg.label_path):

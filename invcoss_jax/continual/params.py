@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from invcoss_jax import npz_io
+from invcoss_jax.io_utils import atomic_savez
 from invcoss_jax.train import optim
 
 
@@ -91,7 +92,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 def save_tree_npz(path: str, **trees: Any) -> int:
   """Several parameter trees in one npz (keys '<tree>::<leaf path>'), atomically; returns the file size."""
   import os
-  from invcoss_jax.io_utils import atomic_savez
   arrays = {}
   for name, tree in trees.items():
     for leaf_path, leaf in flatten(tree).items():

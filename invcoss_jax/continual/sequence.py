@@ -28,11 +28,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from invcoss_jax import models, workdir_lock
+from invcoss_jax import data as data_lib, models, workdir_lock
 from invcoss_jax.config_checks import ConfigError, check_batch_fits
-from invcoss_jax.continual import methods
-from invcoss_jax.continual import text as text_lib
-from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual import methods, params as params_lib, text as text_lib
 from invcoss_jax.continual.guard import DataFreeGuard, check_disjoint
 from invcoss_jax.continual.stage_end import finish_stage
 from invcoss_jax.continual.stages import (BUFFER_DIR, BUFFER_INFO, SEQUENCE_FILE, STORAGE_FILE, Stage, check_method,
@@ -43,9 +41,7 @@ from invcoss_jax.continual.streams import StageStreams, Stream, split_batch
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import core, mlm, optim, writers
-from invcoss_jax.train import vocabulary as vocab_lib
+from invcoss_jax.train import checkpoint as ckpt_lib, core, mlm, optim, vocabulary as vocab_lib, writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +306,6 @@ class StagePlan:
 
 def plan_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard) -> StagePlan:
   """The stage's config (written), data sizes, starting parameters, replay sources, batch split and optimiser."""
-  from invcoss_jax import data as data_lib
   c = config.continual
   cfg = stage_config(config, stage)
   os.makedirs(stage.workdir, exist_ok=True)
@@ -366,7 +361,6 @@ def method_terms(config, stage: Stage, p: StagePlan) -> tuple[LossSpec, dict, Di
 
 def stage_streams(config, stage: Stage, p: StagePlan) -> StageStreams:
   """The stage's current streams (MLM-masked for text) and one stream per replay source (mixup)."""
-  from invcoss_jax import data as data_lib
   seed = int(config.seed)
   current = []
   for j, (m, d, b, shape) in enumerate(zip(stage.modalities, stage.data, p.cur_sizes, p.shapes)):

@@ -17,6 +17,7 @@ import ml_collections
 
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import methods
+from invcoss_jax.data.errors import DataError
 from invcoss_jax.io_utils import atomic_write_json
 
 STAGE_INFO = "stage_info.json"
@@ -164,7 +165,6 @@ def read_info(stage: Stage) -> dict[str, Any] | None:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      from invcoss_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
       raise DataError(path, f"not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
 
 

@@ -24,8 +24,13 @@ import jax
 import ml_collections
 from absl import logging
 
+from invcoss_jax import data as data_lib
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.continual import buffers
 from invcoss_jax.continual.stages import BUFFER_DIR, BUFFER_INFO, Stage
+from invcoss_jax.data import registry, text_io, tokenization
+from invcoss_jax.data.config import data_config
+from invcoss_jax.data.errors import SkipLog
 from invcoss_jax.io_utils import atomic_path, atomic_write_json
 from invcoss_jax.measure import features
 
@@ -40,7 +45,6 @@ def prepare_sequence(config: ml_collections.ConfigDict, order: tuple[str, ...],
 
   `first_text_workdir`: the workdir of the first stage that reads text (its training split trains the
   vocabulary unless data.text.tokenizer names a file). `config` itself when no stage reads text."""
-  from invcoss_jax.data import registry, tokenization
   text = [m for m in order if registry.is_text(config.continual.datasets[m])]
   if not text:
     return config
@@ -51,7 +55,6 @@ def prepare_sequence(config: ml_collections.ConfigDict, order: tuple[str, ...],
   for m in text:
     given = str(config.continual.datasets[m].text.tokenizer or "")
     if m != text[0] and given and os.path.abspath(given) != os.path.abspath(path):
-      from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
       raise ConfigError(f"config.continual.datasets.{m}.text.tokenizer={given!r} differs from {path!r} of "
                        f"{text[0]}: the stages of a sequence share one text embedding, so one vocabulary")
     config.continual.datasets[m].text.tokenizer = path
@@ -62,8 +65,6 @@ def prepare_sequence(config: ml_collections.ConfigDict, order: tuple[str, ...],
 
 def stage_texts(data_cfg: ml_collections.ConfigDict) -> list:
   """The training texts of a report stage (`text_io.TextRecord`s), in the order its eval iterator reads them."""
-  from invcoss_jax.data import registry, text_io
-  from invcoss_jax.data.errors import SkipLog
   cfg = registry.resolve(data_cfg)
   skips = SkipLog(f"data.name={cfg.name} (texts of split {cfg.split!r} for the text buffer)")
   return text_io.read_split(cfg, str(cfg.split), skips)
@@ -73,7 +74,6 @@ def write_text_buffer(cfg, stage: Stage, model, params, *, select: str = "kmeans
   """The real text buffer of a finished report stage: `select` 'random' (er) or 'kmeans' (medcoss, invcoss;
   the method's `text_buffer`) over the encoder features of its training texts; returns what buffer.json
   records."""
-  from invcoss_jax import data as data_lib
   c = cfg.continual
   d = stage.data[0]
   fraction = float(c.buffer_fraction)
@@ -110,8 +110,6 @@ def write_text_buffer(cfg, stage: Stage, model, params, *, select: str = "kmeans
 
 def text_buffer_section(source_data: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
   """The data section reading a stage's text buffer (`folder`/texts.jsonl) with the stage's tokenizer."""
-  from invcoss_jax.data import registry
-  from invcoss_jax.data.config import data_config
   r = registry.resolve(source_data)
   d = data_config()
   d.name, d.format, d.modality = "folder", "text", "report"
@@ -123,13 +121,3 @@ def text_buffer_section(source_data: ml_collections.ConfigDict, folder: str) -> 
   d.text.label_column, d.text.label_rule, d.text.label_map = "", "", ()
   d.num_workers = int(r.num_workers)
   return d
-
-
-def num_buffer_texts(folder: str) -> int:
-  """Texts in a text buffer folder (its lines)."""
-  path = os.path.join(folder, TEXT_BUFFER_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: the report stage ended without its text buffer")
-  with open(path, encoding="utf-8") as f:
-    return sum(1 for line in f if line.strip())
-

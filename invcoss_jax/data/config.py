@@ -6,6 +6,8 @@ Defaults follow the paper (Sec. 4.1, App. A) and MedCoSS's preprocessing. A regi
 `--config.data.<key>=...` always wins.
 """
 
+import os
+
 import ml_collections
 
 
@@ -160,3 +162,13 @@ def data_config() -> ml_collections.ConfigDict:
   c.text.max_length = 112  # tokens per example, [CLS] and [SEP] included (the paper)
   c.text.lowercase = True  # BERT normalisation of a trained tokenizer or a vocab.txt (a .json keeps its own)
   return c
+
+
+def shared_data_dir() -> str:
+  """The real data shared beside a checkout (`<repo>/../shared/data`), or $INVCOSS_SHARED_DATA: benchmarks
+  and the report demo read it; a user's clone has none and points the data options at its own copy."""
+  env = os.environ.get("INVCOSS_SHARED_DATA", "")
+  if env:
+    return env
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(os.path.dirname(repo), "shared", "data")

@@ -33,6 +33,7 @@ from invcoss_jax.data import text_io
 from invcoss_jax.data.config import data_config
 from invcoss_jax.data.errors import DataError, MissingDataError, SkipLog, logger
 from invcoss_jax.data.registry import resolve
+from invcoss_jax.io_utils import atomic_path
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
@@ -304,7 +305,6 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
   if t.tokenizer:
     load_tokenizer(t.tokenizer, lowercase=bool(t.lowercase))
     return out
-  from invcoss_jax.io_utils import atomic_path  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.join(os.fspath(workdir), TOKENIZER_FILE))
   if os.path.exists(path):
     tok = load_tokenizer(path)

@@ -11,9 +11,12 @@ paths are empty and must be set by the user. Demo tasks read the embedded demo c
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from invcoss_jax.data.config import data_config
+from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.data.config import data_config, shared_data_dir
 
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
 DEMO_TASKS = ("pneumonia", "hippocampus", "ct_organs", "indiana_abnormal")
@@ -44,7 +47,6 @@ def evaluate_config() -> ml_collections.ConfigDict:
 def task_config(name: str) -> ml_collections.ConfigDict:
   """Settings of one downstream task (a copy; change it freely)."""
   if name not in TASK_BUILDERS:
-    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"config.evaluate.task={name!r} is unknown: expected one of {sorted(TASK_BUILDERS)} "
                      "or an entry of config.evaluate.tasks")
   return TASK_BUILDERS[name]()
@@ -144,8 +146,6 @@ def _pubmed20k():  # sentence roles of RCT abstracts (5 classes), the PubMed RCT
 
 
 def _indiana_abnormal():  # normal vs abnormal report, from the Problems column of the Indiana reports
-  from invcoss_jax.defaults import shared_data_dir  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   t = _base(CLASSIFICATION, 2, "indiana_reports", "report")
   t.data.path = os.path.join(shared_data_dir(), "report", "indiana_reports.csv")
   t.data.text.label_column = "Problems"

@@ -27,14 +27,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from invcoss_jax import models
+from invcoss_jax import data as data_lib, models
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.measure.features import pad_rows
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train import optim
-from invcoss_jax.train import core
+from invcoss_jax.train import core, optim
 
 PROTOCOLS = ("finetune", "linear")
 # Besides biases and norm scales (rank <= 1), as in pre-training.
@@ -376,8 +375,6 @@ class Finetuner:
   def __init__(self, task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
                protocol: str = "finetune", mesh_cfg: ml_collections.ConfigDict | None = None,
                max_steps: int = -1, batch_shards: bool = True):
-    from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
-
     check_task(task, task_name)
     if jax.process_count() > 1:
       raise NotImplementedError("downstream evaluation runs in a single process (any number of local "

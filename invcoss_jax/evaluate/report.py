@@ -151,19 +151,3 @@ def write_results(workdir: str | os.PathLike, record: Mapping[str, Any]) -> dict
   io_utils.atomic_write(paths[RESULTS_CSV], results_csv([record]))
   io_utils.atomic_write(paths[RESULTS_MD], results_markdown(record))
   return paths
-
-
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-  """A results.json (or the workdir holding one)."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_JSON)
-  try:
-    with open(path) as f:
-      record = json.load(f)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path} not found: expected the results.json of an evaluate run") from e
-  missing = {"task", "kind", "method", "mean", "std", "per_seed"} - set(record)
-  if missing:
-    raise ValueError(f"{path}: not a results.json of an evaluate run (missing {sorted(missing)})")
-  return record

@@ -30,10 +30,13 @@ import numpy as np
 import optax
 
 from invcoss_jax import faults
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.inversion import losses, statistics
 from invcoss_jax.inversion.context import InversionContext
 from invcoss_jax.models.cmi_generator import CMIGenerator
 from invcoss_jax.models.invunet import InvUNet, default_output_activation, output_fn
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.parallel.config import mesh_config
 
 GENERATORS = ("invunet", "cmi", "cmi_large", "none")
 
@@ -274,8 +277,6 @@ def inversion_shardings(mesh, mesh_cfg: ml_collections.ConfigDict, opt_vars: Any
   statistics, the feature pool and the generator's BatchNorm state are replicated (they are small, and every
   device reads all of them).
   """
-  from invcoss_jax.parallel import mesh as mesh_lib
-
   rep = mesh_lib.replicated(mesh)
   params = lambda tree, name: mesh_lib.state_shardings(tree, mesh, mesh_cfg, prefix=name)
   opt_sh = {"generator": params(opt_vars["generator"], "generator"),
@@ -360,8 +361,6 @@ def _placement(mesh, mesh_cfg, batch_size: int, rank: int) -> tuple[Callable, Ca
   `place_inversion_args` and `jax.set_mesh`."""
   if mesh is None:
     return (lambda *args: args), contextlib.nullcontext
-  from invcoss_jax.parallel import mesh as mesh_lib
-  from invcoss_jax.parallel.config import mesh_config
   shards = mesh_lib.num_batch_shards(mesh)
   if batch_size % shards:
     raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch_size} must be divisible by the "
@@ -428,7 +427,6 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     pixel = {k: jnp.asarray(v, jnp.float32) for k, v in stats.pixel.items()}
   needs = [n for n in losses.active_terms(inv_cfg) if n in losses.PIXEL_TERMS]
   if needs and pixel is None:
-    from invcoss_jax.config_checks import ConfigError
     raise ConfigError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
                      "statistics, but its statistics file holds none: run the statistics pass with "
                      "config.inversion.pixel_statistics=True")
@@ -528,3 +526,15 @@ def generator_at_init(inv_cfg: ml_collections.ConfigDict, *, image_shape, rng: j
     key, sub = jax.random.split(key)
     out.append(np.asarray(jax.device_get(draw(sub)), np.float32))
   return np.concatenate(out)[:num_samples]
+
+
+def inversion_program(optimizer, whole_loop: bool = True):
+  """The jitted program of a `BatchOptimizer` from (opt_vars, state, frozen, key, attempt,
+  num_steps): with `whole_loop`, the fresh carry and the whole inner loop (the 'compiled' mode that GPUs and
+  TPUs run); otherwise one inner step from the fresh carry (one forward and backward pass and an Adam update:
+  the FLOPs of a step, and the program the 'stepwise' mode runs per step)."""
+  # BatchOptimizer's own pieces (its carry initialisation, loop and step), composed without running them.
+  if whole_loop:
+    return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_loop(optimizer.init_carry(v, st), fr, k, a, n))
+  return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_step(jnp.int32(0), optimizer.init_carry(v, st), fr, k, a,
+                                                                 n))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from invcoss_jax.models.vit_mae import masked_mse
+
 LossTerm = Callable[[Any, ml_collections.ConfigDict], jax.Array]
 _LOSS_TERMS: dict[str, LossTerm] = {}
 
@@ -105,7 +107,6 @@ def l_task(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   predict), `mask` `(B, L)` with 1 = masked. Reduced as in pre-training: mean over each patch's pixels, mean
   over the masked patches.
   """
-  from invcoss_jax.models.vit_mae import masked_mse  # pylint: disable=g-import-not-at-top
   return masked_mse(pred, target, mask)
 
 

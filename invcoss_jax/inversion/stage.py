@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from invcoss_jax import npz_io
+from invcoss_jax import data as data_lib, npz_io
 from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.inversion import engine, losses, statistics
 from invcoss_jax.io_utils import atomic_write_json
+from invcoss_jax.train.writers import image_grid, write_png
 from invcoss_jax.workdir import SYNTHETIC_DIR
 
 GRID_FILE = "synthetic_grid.png"
@@ -48,7 +49,6 @@ def has_statistics(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDic
 def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg: ml_collections.ConfigDict,
                      workdir: str | os.PathLike, mesh) -> statistics.FeatureStats:
   """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`."""
-  from invcoss_jax import data as data_lib
   workdir = os.fspath(workdir)
   batches = data_lib.make_eval_iterator(data_cfg, batch_size=int(inv_cfg.stats_batch_size),
                                         process_index=jax.process_index(), process_count=jax.process_count())
@@ -77,7 +77,6 @@ def num_synthetic_samples(inv_cfg: ml_collections.ConfigDict, stage_data_cfg) ->
   """config.inversion.num_samples, or buffer_fraction of the stage's dataset (at least 1)."""
   if int(inv_cfg.num_samples) > 0:
     return int(inv_cfg.num_samples)
-  from invcoss_jax import data as data_lib
   return fraction_count("config.inversion.buffer_fraction", inv_cfg.buffer_fraction,
                         data_lib.num_examples(stage_data_cfg))
 
@@ -98,8 +97,6 @@ def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_coll
   `optimise=False` writes the generator's output at initialisation instead, with the same layout, size and
   summary (the `noise` method: everything of invcoss but the inversion, so that a benchmark can tell what the
   inversion itself contributes)."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.train.writers import image_grid, write_png
   workdir = os.fspath(workdir)
   inv = engine.resolve_grey(inv_cfg, str(data_lib.resolve(stage_data).modality))
   image_shape = tuple(int(s) for s in data_lib.image_shape(stage_data))

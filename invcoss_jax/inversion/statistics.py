@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from invcoss_jax import npz_io
+from invcoss_jax import data as data_lib, models, npz_io
 from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.io_utils import atomic_savez
 from invcoss_jax.measure.features import pad_batch
+from invcoss_jax.parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -103,10 +104,9 @@ def encoder_forward(model, params, images) -> tuple[list, jax.Array]:
 
   With mask_ratio 0 and no noise the MAE keeps the tokens in raster order, so statistics are per position.
   """
-  from invcoss_jax.models import block_tokens  # the ViT-MAE contract (DESIGN.md)
   (tokens, _, _), state = model.apply({"params": params}, images, mask_ratio=0.0, train=False,
                                       method=type(model).encode, mutable=["intermediates"])
-  return block_tokens(state["intermediates"]), tokens
+  return models.block_tokens(state["intermediates"]), tokens  # the ViT-MAE contract (DESIGN.md)
 
 
 def check_statistics(stats: FeatureStats, model, params, image_shape, where: str = "statistics") -> None:
@@ -164,8 +164,6 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
   moments are float32 two-pass; batches are merged on the host in float64. Returns float64 NumPy arrays.
   With `pixel`, the input-space statistics (`FeatureStats.pixel`) are accumulated in the same pass.
   """
-  from invcoss_jax.parallel import mesh as mesh_lib
-
   shards = mesh_lib.num_batch_shards(mesh) if mesh is not None else 1
 
   moments_fn = _moments_fn(model)
@@ -262,6 +260,5 @@ def replay_buffer_nbytes(data_cfg, fraction: float, *, bytes_per_value: int = 4)
   Counts int(fraction * N) examples (at least 1) of the model input shape at `bytes_per_value` (4: float32
   preprocessed images, the layout the synthetic shards use; 1 would be 8-bit raw pixels).
   """
-  from invcoss_jax import data as data_lib
   n = fraction_count("replay buffer fraction", fraction, data_lib.num_examples(data_cfg))
   return int(n * math.prod(data_lib.image_shape(data_cfg)) * bytes_per_value)

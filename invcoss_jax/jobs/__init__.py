@@ -16,6 +16,9 @@ from typing import Any
 
 import ml_collections
 
+from invcoss_jax import config_checks, workdir as workdir_lib, workdir_lock
+from invcoss_jax.config_checks import ConfigError
+
 # mode -> (module, function); every function is called as fn(config, workdir).
 JOBS: dict[str, tuple[str, str]] = {
     "pretrain": ("invcoss_jax.jobs.pretrain", "pretrain"),
@@ -33,7 +36,6 @@ JOBS: dict[str, tuple[str, str]] = {
 
 def job_for_mode(mode: str):
   if mode not in JOBS:
-    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"config.mode={mode!r} is unknown; expected one of {sorted(JOBS)}")
   module_name, fn_name = JOBS[mode]
   return getattr(importlib.import_module(module_name), fn_name)
@@ -41,7 +43,6 @@ def job_for_mode(mode: str):
 
 def check_job_options(config: ml_collections.ConfigDict) -> None:
   """Every option of the job `config.mode` selects, checked without writing anything (ConfigError)."""
-  from invcoss_jax import config_checks  # pylint: disable=g-import-not-at-top
   mode = str(config.get("mode", "pretrain"))
   job_for_mode(mode)
   config_checks.check_options(config)
@@ -52,8 +53,6 @@ def check_job_options(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
   """Runs the job `config.mode` selects in `workdir`; returns what the job returns."""
-  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from invcoss_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   fn = job_for_mode(str(config.get("mode", "pretrain")))
   check_job_options(config)
   workdir_lib.check(workdir, config)  # another run's workdir: refused before the lock creates anything

@@ -27,12 +27,15 @@ from absl import logging
 
 from invcoss_jax.audit import distances, figures, forward, memorisation, report, spectrum
 from invcoss_jax.audit import evaluators as audit_evaluators  # noqa: F401 (registers the membership evaluator)
-from invcoss_jax.config_checks import fraction_count
+from invcoss_jax.config_checks import ConfigError, fraction_count
 from invcoss_jax.data import registry as data_registry
 from invcoss_jax.io_utils import atomic_write, atomic_write_json
 from invcoss_jax.measure import features
 from invcoss_jax.measure.evaluators import get_evaluator
 from invcoss_jax.retention import evaluators as retention_evaluators  # noqa: F401 (registers the judges)
+from invcoss_jax import data as data_lib, workdir as workdir_lib
+from invcoss_jax.retention import judges
+from invcoss_jax.train.checkpoint import load_trained_stage
 from invcoss_jax.workdir import SYNTHETIC_DIR
 
 AUDIT_FILE = "audit.json"
@@ -85,7 +88,6 @@ def shard_folder(path: str, option: str) -> str:
 
 def check_heldout_is_unseen(train: ml_collections.ConfigDict, heldout: ml_collections.ConfigDict) -> None:
   """The held-out split must not be (or contain) the training split: it stands for unseen patients."""
-  from invcoss_jax import data as data_lib
   t, h = data_lib.resolve(train), data_lib.resolve(heldout)
   same_files = (t.format, os.path.abspath(t.path)) == (h.format, os.path.abspath(h.path))
   if same_files and (t.split == h.split or "all" in (t.split, h.split)):
@@ -104,7 +106,6 @@ def subset(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 def _read_batches(data_cfg: ml_collections.ConfigDict, indices: np.ndarray, batch_size: int,
                   split: str | None = None, source=None) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
   """(indices, preprocessed examples) batches of the given examples of a split, without augmentation."""
-  from invcoss_jax import data as data_lib
   source = data_lib.make_source(data_cfg, split) if source is None else source
   preprocess = data_lib.make_preprocessor(data_cfg)
   for start in range(0, len(indices), batch_size):
@@ -137,8 +138,6 @@ def gather_grey_labelled(data_cfg: ml_collections.ConfigDict, indices: np.ndarra
                          ) -> tuple[np.ndarray | None, np.ndarray | None]:
   """The given examples as the judges see them, grey (N, H, W, 1) float32 (the central slice of a volume),
   with their class labels (N,); (None, None) when the split has no class labels."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.retention import judges
   source = data_lib.make_source(data_cfg, None)
   if not getattr(source, "has_labels", False):
     return None, None
@@ -153,7 +152,6 @@ def gather_grey_labelled(data_cfg: ml_collections.ConfigDict, indices: np.ndarra
 
 def read_labels(data_cfg: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
   """The class labels (N,) of the given examples (raw records, nothing preprocessed); None without labels."""
-  from invcoss_jax import data as data_lib
   source = data_lib.make_source(data_cfg, None)
   if not getattr(source, "has_labels", False):
     return None
@@ -194,8 +192,6 @@ def _check_options(a: ml_collections.ConfigDict) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """config.init_from names a trained stage; checked before anything is written."""
-  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   if not str(config.init_from or ""):
     raise ConfigError("config.init_from must name the workdir of a trained stage (its checkpoint and "
                       "config.json) for config.mode='audit'")
@@ -205,9 +201,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Audits the stage in `config.init_from`; writes audit.json, audit.md and the figures into `workdir`
   (process 0) and returns what audit.json holds."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.train.checkpoint import load_trained_stage
-
   workdir = os.fspath(workdir)
   stage_dir = str(config.init_from or "")
   if not stage_dir:
@@ -289,7 +282,6 @@ def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train
                 shape: tuple[int, ...], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
   """The sets held in memory: held-out queries, the synthetic set and the replay buffer (if any), each
   dict(images, indices (within its source), size (of its source), source (words))."""
-  from invcoss_jax import data as data_lib
   bs = int(a.batch_size)
   n_heldout = data_lib.num_examples(heldout_data)
   idx = subset(n_heldout, int(a.max_heldout), rng)
@@ -316,7 +308,6 @@ def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train
 def _stream_training(a, train_data, sets, members: np.ndarray, feature_fn, loss_fn, params) -> dict[str, Any]:
   """One pass over the training split: every training image is a reference of every set's nearest-neighbour
   search (pixel and feature space); the `members` also get their attack loss and spectra."""
-  from invcoss_jax import data as data_lib
   bs, cutoff, bins = int(a.batch_size), float(a.hf_cutoff), int(a.spectrum_bins)
   chunking = dict(query_chunk=int(a.query_chunk), ref_chunk=int(a.ref_chunk),
                   max_block_elements=int(a.max_block_elements))
@@ -392,7 +383,6 @@ def _judge_sets(a, train_data, heldout_data, sets: dict, n_train: int, shape: tu
   training images that leaves out the real-vs-real sample and a replay buffer drawn here (a split sorted by
   class is sampled across all its classes); without labels (or at judge_net_steps 0) there is no judge net."""
   import time
-  from invcoss_jax.retention import judges
   j = a.judges
   seed, bs = int(a.seed), int(a.batch_size)
   rng = np.random.default_rng([seed, _JUDGES_STREAM])
@@ -445,7 +435,6 @@ def _train_judge_net(a, train_data, heldout_data, sets: dict, n_train: int, shap
                      real_idx: np.ndarray, rng: np.random.Generator):
   """(the judge net or None, what it was trained on): a `judges.JudgeNet` trained supervised on the class
   labels of a uniform random sample of the training split, leaving out `real_idx` and a buffer drawn here."""
-  from invcoss_jax.retention import judges
   j = a.judges
   steps = int(j.judge_net_steps)
   if steps == 0:
@@ -506,7 +495,6 @@ def _write_outputs(a, workdir: str, out: dict, sets: dict, stream: dict, to_trai
 
 def _npz_set(stage_data, folder: str, cap: int, rng: np.random.Generator, batch_size: int,
              shape: tuple[int, ...]) -> dict[str, Any]:
-  from invcoss_jax import data as data_lib
   section = data_registry.npz_shards_section(stage_data, folder, split="all")
   n = data_lib.num_examples(section)
   idx = subset(n, cap, rng)

@@ -39,9 +39,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from invcoss_jax import io_utils
+from invcoss_jax import data as data_lib, io_utils, models
+from invcoss_jax.inversion import engine, statistics
+from invcoss_jax.models.flops import mae_train_step_flops, vit_mae_forward_flops  # noqa: F401  (the FLOP model)
+from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.parallel.config import PROGRAMS, compile_config
-from invcoss_jax.train import core
+from invcoss_jax.train import core, optim
+from invcoss_jax.train.checkpoint import config_to_dict
+from invcoss_jax.train.core import abstract_train_state, jit_step
+from invcoss_jax.train.pretrain import make_train_step
 
 # name -> config.model overrides; '' compiles config.model as it is.
 VARIANTS = {
@@ -52,43 +58,6 @@ VARIANTS = {
 }
 REPORT_FILE = "compile_report.json"
 GIB = 2.0**30
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Analytic FLOPs (matmuls only), the reference the XLA counts are checked against.
-
-
-def vit_mae_forward_flops(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int],
-                          mask_ratio: float) -> int:
-  """Matmul FLOPs (2 per multiply-add) of one MAE forward pass of one example: patch embedding of every
-  patch, the encoder on the CLS token and the kept patches, the decoder on every token, the pixel head."""
-  from invcoss_jax import models
-
-  cfg = models.ViTConfig.from_config(model_cfg)
-  rank = len(image_shape) - 1
-  ps = cfg.patch_size(rank)
-  num_patches = math.prod(models.grid_shape(image_shape[:-1], ps))
-  patch_dim = math.prod(ps) * cfg.channels(rank)
-  keep = int(num_patches * (1 - mask_ratio))
-
-  def blocks(tokens, width, depth):
-    hidden = int(width * cfg.mlp_ratio)
-    per_block = 2 * tokens * width * (3 * width + width + 2 * hidden) + 2 * 2 * tokens * tokens * width
-    return depth * per_block
-
-  enc_tokens, dec_tokens = 1 + keep, 1 + num_patches
-  flops = 2 * num_patches * patch_dim * cfg.width
-  flops += blocks(enc_tokens, cfg.width, cfg.depth)
-  flops += 2 * enc_tokens * cfg.width * cfg.decoder_width
-  flops += blocks(dec_tokens, cfg.decoder_width, cfg.decoder_depth)
-  flops += 2 * dec_tokens * cfg.decoder_width * patch_dim
-  return int(flops)
-
-
-def mae_train_step_flops(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int], batch: int,
-                         mask_ratio: float) -> int:
-  """Matmul FLOPs of one pre-training step: forward plus backward (twice the forward) over the batch."""
-  return 3 * batch * vit_mae_forward_flops(model_cfg, image_shape, mask_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,18 +72,11 @@ def _pretrain_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   shape = tuple(int(s) for s in config.compile.pretrain_image_shape)
   if shape:
     return shape
-  from invcoss_jax import data as data_lib
   return tuple(int(s) for s in data_lib.image_shape(config.data))
 
 
 def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """(lowered pre-training step, facts) for config.model / config.train on `mesh`; nothing is allocated."""
-  from invcoss_jax import models
-  from invcoss_jax.parallel import mesh as mesh_lib
-  from invcoss_jax.train import optim
-  from invcoss_jax.train.core import abstract_train_state, jit_step
-  from invcoss_jax.train.pretrain import make_train_step
-
   shape = _pretrain_shape(config)
   run_cfg = copy.deepcopy(config)
   if int(run_cfg.total_steps) <= 0:
@@ -152,24 +114,8 @@ def _pool_size(config: ml_collections.ConfigDict, batch: int) -> int:
   return max(size, batch)
 
 
-def inversion_program(optimizer, whole_loop: bool = True):
-  """The jitted program of an `inversion.engine.BatchOptimizer` from (opt_vars, state, frozen, key, attempt,
-  num_steps): with `whole_loop`, the fresh carry and the whole inner loop (the 'compiled' mode that GPUs and
-  TPUs run); otherwise one inner step from the fresh carry (one forward and backward pass and an Adam update:
-  the FLOPs of a step, and the program the 'stepwise' mode runs per step)."""
-  # BatchOptimizer's own pieces (its carry initialisation, loop and step), composed without running them.
-  if whole_loop:
-    return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_loop(optimizer.init_carry(v, st), fr, k, a, n))
-  return jax.jit(lambda v, st, fr, k, a, n: optimizer.inner_step(jnp.int32(0), optimizer.init_carry(v, st), fr, k, a,
-                                                                 n))
-
-
 def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape: Sequence[int]):
   """(lowered batch optimisation of config.inversion's schedule for `image_shape`, facts) on `mesh`."""
-  from invcoss_jax import models
-  from invcoss_jax.inversion import engine, statistics
-  from invcoss_jax.parallel import mesh as mesh_lib
-
   shape = tuple(int(s) for s in image_shape)
   rank = engine.spatial_rank_of(shape)
   inv = config.inversion
@@ -204,7 +150,7 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # num_steps (traced)
   optimizer = engine.BatchOptimizer(model, generator, inv, out_act, steps, shape, feature_dim, "compiled")
   with jax.set_mesh(mesh):
-    lowered = inversion_program(optimizer, whole_loop=True).lower(*args)
+    lowered = engine.inversion_program(optimizer, whole_loop=True).lower(*args)
   facts = dict(image_shape=list(shape), global_batch=batch, per_device_batch=batch // shards, steps=steps,
                generator=str(inv.generator),
                num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
@@ -307,8 +253,6 @@ def compile_all(config: ml_collections.ConfigDict, workdir: str | None = None) -
   """Every (device count, variant, program) row, compiled in this process (it needs the devices). Each row
   is printed as it is done and, with `workdir`, the report so far is rewritten there (a long sweep keeps
   what it finished)."""
-  from invcoss_jax.parallel import mesh as mesh_lib
-
   counts = _device_counts(config.compile)
   _check_programs(config.compile)
   variants = _variants(config)
@@ -352,8 +296,6 @@ def format_table(rows: Sequence[dict[str, Any]], header: bool = True) -> str:
 
 def _run_in_child(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> list[dict[str, Any]]:
   """Runs the job in a fresh CPU process with `num_devices` simulated devices; returns its rows."""
-  from invcoss_jax.train.checkpoint import config_to_dict
-
   config_file = os.path.join(workdir, "compile_config.json")
   io_utils.atomic_write_json(config_file, config_to_dict(config))
   env = dict(os.environ)

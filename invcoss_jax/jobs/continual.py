@@ -8,12 +8,12 @@ from typing import Any, Callable
 
 import ml_collections
 
+from invcoss_jax import workdir as workdir_lib
 from invcoss_jax.continual import sequence, stages
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The sequence's options (method, order, stage steps) and config.init_from, before anything is written."""
-  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   stages.check_sequence(config)
   if str(config.get("init_from", "") or ""):
     workdir_lib.check_stage_workdir(str(config.init_from))

@@ -18,14 +18,12 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from invcoss_jax import io_utils
+from invcoss_jax import io_utils, workdir as workdir_lib
 from invcoss_jax.config_checks import ConfigError
-from invcoss_jax.data import registry as data_registry
-from invcoss_jax.evaluate import finetune as finetune_lib
-from invcoss_jax.evaluate import forgetting as forgetting_lib
-from invcoss_jax.evaluate import report
+from invcoss_jax.data import registry as data_registry, tokenization
+from invcoss_jax.evaluate import finetune as finetune_lib, forgetting as forgetting_lib, report
 from invcoss_jax.evaluate.config import task_config
-from invcoss_jax.train import checkpoint as ckpt_lib
+from invcoss_jax.train import checkpoint as ckpt_lib, vocabulary
 
 SEED_METRICS = "metrics.json"
 SEED_STARTED = "started.json"  # written when a seed starts: without metrics.json beside it, it was interrupted
@@ -58,8 +56,6 @@ def prepare_text_task(task: ml_collections.ConfigDict, name: str, model_cfg: ml_
   of the report stage), or its own `data.text.tokenizer`; from scratch, one trained on the task's training
   split into the workdir. The vocabulary must be the one the checkpoint in `stage_dir` recorded (its size and
   its token list: train/vocabulary.py). Returns copies of the task and model configs with both set."""
-  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.train import vocabulary  # pylint: disable=g-import-not-at-top
   task = ml_collections.ConfigDict(task.to_dict())
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if not str(task.data.text.tokenizer or ""):
@@ -81,7 +77,6 @@ def prepare_text_task(task: ml_collections.ConfigDict, name: str, model_cfg: ml_
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The tasks, seeds and checkpoints an `evaluate` or `forgetting` run names, before anything is written."""
-  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if str(config.mode) == "forgetting":
     runs = forgetting_lib.parse_runs(list(config.evaluate.forgetting.runs), str(config.init_from or ""))
     for _, path in runs:

@@ -13,16 +13,18 @@ from typing import Any
 
 import ml_collections
 
-from invcoss_jax.inversion import stage as inv_stage
-from invcoss_jax.inversion import statistics
+from invcoss_jax import models, workdir as workdir_lib
+from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.inversion import stage as inv_stage, statistics
+from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.train.checkpoint import load_trained_stage
+from invcoss_jax.train.writers import create_writer
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """`invert` names a trained stage in config.init_from; checked before anything is written."""
   if str(config.get("mode", "")) != "invert":
     return
-  from invcoss_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   if not str(config.init_from or ""):
     raise ConfigError("config.init_from must name the workdir of a trained stage (its checkpoint and "
                       "statistics.npz) for config.mode='invert'")
@@ -35,9 +37,6 @@ def run_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
 
   With `params` None the stage's latest checkpoint is loaded (its model config from `workdir/config.json`);
   otherwise `params` belong to `build_mae(config.model)` (the `pretrain` job passes its final parameters)."""
-  from invcoss_jax import models
-  from invcoss_jax.parallel import mesh as mesh_lib
-  from invcoss_jax.train.checkpoint import load_trained_stage
   if params is None:
     _, model, params = load_trained_stage(workdir)
   else:
@@ -48,9 +47,6 @@ def run_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
 
 def run_invert(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Inverts the stage in `config.init_from` into `workdir`; returns the summary."""
-  from invcoss_jax.parallel import mesh as mesh_lib
-  from invcoss_jax.train.checkpoint import load_trained_stage
-  from invcoss_jax.train.writers import create_writer
   stage_dir = str(config.init_from or "")
   if not stage_dir:
     raise ValueError("config.init_from must name the workdir of a trained stage (its checkpoint and "

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from invcoss_jax.jobs import inversion as inversion_jobs
 from invcoss_jax.train import pretrain as pretrain_lib
 
 
@@ -21,7 +22,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   writes its statistics. `stop_at_step` ends early with a checkpoint, as a preempted job would.
 
   Returns `train.pretrain.train_stage`'s dict plus stats (what the statistics pass returned, or None)."""
-  from invcoss_jax.jobs import inversion as inversion_jobs
   out = pretrain_lib.train_stage(config, workdir, stop_at_step=stop_at_step)
   out["stats"] = None
   if out["step"] >= out["total_steps"] and bool(config.train.stats_after_pretrain):

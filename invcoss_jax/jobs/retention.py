@@ -28,8 +28,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from invcoss_jax.continual import methods as methods_lib
-from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.config_checks import ConfigError, check_seeds
+from invcoss_jax.continual import methods as methods_lib, sequence as continual_job, text as text_lib
 from invcoss_jax.continual.stages import STAGE_INFO, check_sequence, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
@@ -43,14 +43,12 @@ def with_vocabulary(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
   """With a report stage: one text vocabulary for every run and the measurements (trained once into
   `workdir/vocabulary/tokenizer.json`, or the configured file), so that seeds and methods differ in nothing
   else (two trainings of a WordPiece vocabulary on the same texts can differ, huggingface/tokenizers#1794)."""
-  from invcoss_jax.continual import text as text_lib
   return text_lib.prepare_sequence(config, tuple(str(m) for m in config.continual.order),
                                    os.path.join(workdir, VOCABULARY_DIR))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Options are checked before any run starts (`jobs.run` calls this before it records the workdir)."""
-  from invcoss_jax.config_checks import check_seeds  # pylint: disable=g-import-not-at-top
   rc = config.retention
   methods = [str(m) for m in rc.methods]
   if not methods:
@@ -164,8 +162,6 @@ def check_plan(config: ml_collections.ConfigDict, path: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs (or resumes) the benchmark; returns the summary (also in workdir/retention.json)."""
-  from invcoss_jax.continual import sequence as continual_job
-
   check_config(config)
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)

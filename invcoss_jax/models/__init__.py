@@ -3,7 +3,7 @@
 from invcoss_jax.lazy import lazy_attributes
 
 __all__ = [
-    "CMIGenerator", "InvUNet", "MAE", "PRESETS", "ViTConfig", "block_tokens", "build_mae", "grid_shape", "init_mae_params", "masked_mse",
+    "CMIGenerator", "InvUNet", "MAE", "PRESETS", "ViTConfig", "block_tokens", "build_mae", "grid_shape", "init_mae_params", "masked_mse", "mlm_loss",
     "model_config", "normalized_pixel_targets", "num_params", "patchify", "random_masking", "spatial_rank",
     "unpatchify",
 ]
@@ -19,6 +19,7 @@ _EXPORTS = {
     "grid_shape": "invcoss_jax.models.patching",
     "init_mae_params": "invcoss_jax.models.vit_mae",
     "masked_mse": "invcoss_jax.models.vit_mae",
+    "mlm_loss": "invcoss_jax.models.vit_mae",
     "model_config": "invcoss_jax.models.presets",
     "normalized_pixel_targets": "invcoss_jax.models.vit_mae",
     "num_params": "invcoss_jax.models.presets",

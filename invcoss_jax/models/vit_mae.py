@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from invcoss_jax.models import patching, pos_embed
 
@@ -213,6 +214,14 @@ def normalized_pixel_targets(patches: Array, eps: float = 1e-6) -> Array:
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
+def mlm_loss(logits: Array, labels: Array, mask: Array) -> Array:
+  """Mean cross-entropy (float32) of `logits` (B, L, V) against `labels` (B, L) over the positions where
+  `mask` (B, L) is 1; unmasked positions contribute nothing (the report stage's objective, `MAE.mlm`)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
+  m = mask.astype(jnp.float32)
+  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def masked_mse(pred: Array, target: Array, mask: Array, *, per_sample: bool = False) -> Array:
   """Mean over patch dims of the squared error, averaged over masked patches only (float32): the MAE loss
   (and L_task of inversion). `per_sample`: (B,), each sample's mean over its own masked patches (what the
@@ -333,7 +342,6 @@ class MAE(nn.Module):
     projection, which dominates the step at a large vocabulary; the loss is the same up to float summation
     order. Were an example to have more corrupted positions than P, the extra ones (the last by position)
     would go unscored."""
-    from invcoss_jax.train.mlm import mlm_loss  # pylint: disable=g-import-not-at-top  (pure loss)
     cfg = self.cfg
     x, _, _ = self.encode(tokens, train=train, attention_mask=attention_mask)
     h, mask = x[:, 1:], mlm_mask

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from invcoss_jax.config_checks import ConfigError
+
 BATCH_AXES = ("data", "fsdp")  # axes the leading (batch) dimension is split over, in this order
 FSDP_AXIS = "fsdp"
 DEFAULT_FSDP_MIN_SIZE = 2**14
@@ -167,7 +169,6 @@ def state_shardings(abstract: Any, mesh: Mesh,
 
 def check_global_batch(mesh: Mesh, global_batch_size: int, option: str = "config.train.global_batch_size"):
   """A clear error, naming `option`, when the batch cannot be split evenly over the mesh."""
-  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   shards = num_batch_shards(mesh)
   if global_batch_size % shards or global_batch_size % jax.process_count():
     raise ConfigError(f"{option}={global_batch_size} must be divisible by the {shards} batch shards "

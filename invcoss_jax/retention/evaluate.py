@@ -24,13 +24,23 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from invcoss_jax import models, npz_io
+from invcoss_jax import data as data_lib, models, npz_io
 from invcoss_jax.continual import methods
 from invcoss_jax.continual.stages import BUFFER_DIR, STAGE_INFO, Stage, stage_key
-from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.measure.evaluators import get_evaluator
+from invcoss_jax.workdir import SYNTHETIC_DIR
 from invcoss_jax.retention import evaluators, features, metrics  # noqa: F401 (evaluators: registers them)
+from invcoss_jax.audit import distances
+from invcoss_jax.continual.sequence import fresh_params_fn
+from invcoss_jax.data import registry as data_registry
+from invcoss_jax.evaluate import finetune
+from invcoss_jax.evaluate.config import task_config
+from invcoss_jax.inversion import engine
+from invcoss_jax.retention import judges, reconstruction
+from invcoss_jax.retention.config import run_config
+from invcoss_jax.train import checkpoint as ckpt_lib
+from invcoss_jax.train.writers import image_grid, write_png
 
 RECON_KEY = 7919  # folded with a stage's index into PRNGKey(seed): the masks and re-fit of that stage's measures
 
@@ -65,9 +75,6 @@ def read_replay_set(stage: Stage, method: str) -> np.ndarray | None:
 def initial_generator_images(stage: Stage, num: int, seed: int) -> np.ndarray | None:
   """`num` images of the stage's generator at initialisation (the latents and weights inversion starts from):
   the reference a trained generator must beat. None when the stage inverts without a generator."""
-  from invcoss_jax import data as data_lib
-  from invcoss_jax.inversion import engine
-  from invcoss_jax.train import checkpoint as ckpt_lib
   cfg = ckpt_lib.read_config(stage.workdir)
   info = _read_json(os.path.join(stage.workdir, STAGE_INFO)) or {}
   inv = engine.resolve_grey(cfg.inversion, str(data_lib.resolve(cfg.data).modality))
@@ -142,8 +149,6 @@ class Measurer:
 
   def finetuner(self, modality: str):
     """One compiled fine-tuning set-up per stage dataset (evaluate.finetune), shared by every model."""
-    from invcoss_jax.evaluate import finetune
-    from invcoss_jax.evaluate.config import task_config
     if modality not in self._finetuners:
       f = self.rc.finetune
       t = task_config("pneumonia")  # a classification task; everything but its kind is replaced below
@@ -164,13 +169,11 @@ class Measurer:
 
   def is_image(self, modality: str) -> bool:
     """Whether a stage's data are images or volumes (text stages have no masked-patch reconstruction)."""
-    from invcoss_jax.data import registry as data_registry
     return not data_registry.is_text(self.data(modality))
 
   def reconstructor(self):
     """The compiled masked-reconstruction error and decoder re-fit (retention/reconstruction.py), built once."""
     if self._recon is None:
-      from invcoss_jax.retention import reconstruction
       r = self.rc.recon
       self._recon = reconstruction.Reconstruction(
           self.model, mask_ratio=float(self.config.train.mask_ratio), batch_size=int(self.rc.feature_batch_size),
@@ -181,7 +184,6 @@ class Measurer:
     """Masked-reconstruction error of `params` on `stage`'s held-out images: with its own decoder
     (`mae_mse`) and with a fresh decoder re-fitted on the frozen encoder on the stage's fit split
     (`mae_mse_refit`). Masks, the fresh decoder and the re-fit's batches depend on (seed, stage) only."""
-    from invcoss_jax.retention import reconstruction
     cache_key = (int(seed), int(stage.index), _fingerprint(params))
     if cache_key in self._recon_cache:  # e.g. the first stage, shared by every method of a seed
       return dict(self._recon_cache[cache_key])
@@ -202,8 +204,6 @@ class Measurer:
 
   def random_params(self, seed: int):
     """The encoder every run of `seed` starts from (continual.sequence.initial_params of stage 1)."""
-    from invcoss_jax.continual.sequence import fresh_params_fn
-    from invcoss_jax.retention.config import run_config
     return fresh_params_fn(self.model.cfg)(stage_key(run_config(self.config, seed, "seqssl"), 1, 0))
 
   def _path(self, seed: int, method: str, stage: str) -> str:
@@ -227,7 +227,6 @@ class Measurer:
   def measure_run(self, seed: int, method: str, stages: list[Stage]) -> bool:
     """Measures every stage of one finished run that has no measurement yet; returns whether any was made.
     A measurement made before `recon` existed (config.retention.recon.enabled) gets it added in place."""
-    from invcoss_jax.train import checkpoint as ckpt_lib
     params: dict[int, Any] = {}
     recon = bool(self.rc.recon.enabled)
 
@@ -299,8 +298,6 @@ class Measurer:
 
   def replay_quality(self, seed: int, method: str, stage: Stage, params) -> dict[str, Any] | None:
     """How close the stage's replay set is to its held-out data, in the frozen stage encoder's features."""
-    from invcoss_jax.audit import distances
-    from invcoss_jax.train.writers import image_grid, write_png
     images = read_replay_set(stage, method)
     if images is None:
       return None
@@ -353,7 +350,6 @@ class Measurer:
   def judge_net(self, modality: str):
     """The judge net of a labelled stage: a small CNN trained supervised on the stage's training split (another
     objective than the MAE's, never the inverted model); None without labels or with judge_net_steps 0."""
-    from invcoss_jax.retention import judges
     steps = int(self.rc.replay.judges.judge_net_steps)
     if modality not in self._judge_nets:
       # The whole training split: a capped one is its first examples, which can be of one class (files sorted
@@ -379,7 +375,6 @@ class Measurer:
   def anchors(self, seed: int, stage: Stage, n: int) -> dict[str, dict[str, float]]:
     """Real vs real (a training sample) and smoothed noise vs real, judged as a replay set of n images is;
     cached per (seed, stage, n) in `seed_<s>/anchors_<stage>_<n>.json`: every method of a seed shares them."""
-    from invcoss_jax.retention import judges
     path = os.path.join(self.root, f"seed_{seed}", f"anchors_{stage.name}_{n}.json")
     cached = _read_json(path)
     if cached is not None:

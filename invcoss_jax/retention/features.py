@@ -7,6 +7,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from invcoss_jax import data as data_lib
 from invcoss_jax.measure import features as measure_features
 
 
@@ -21,7 +22,6 @@ class Split:
 def load_split(data_cfg: ml_collections.ConfigDict, split: str, max_examples: int = -1,
                batch_size: int = 256) -> Split:
   """The first `max_examples` (<= 0: all) examples of `split`, in the input layer's deterministic order."""
-  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain.
   d = ml_collections.ConfigDict(data_cfg.to_dict())
   d.split = split
   images, labels = [], []

@@ -34,6 +34,7 @@ import scipy.ndimage
 import scipy.stats
 
 from invcoss_jax.retention.metrics import _check_features  # pylint: disable=protected-access
+from invcoss_jax.audit.spectrum import radial_profile
 
 SPECTRUM_BINS = 8
 QUANTILES = (5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0)
@@ -139,7 +140,6 @@ def radial_power_spectrum(x: np.ndarray, bins: int = SPECTRUM_BINS) -> np.ndarra
   The shells split the normalised radius (0, 1] (1 = Nyquist along an axis; the grid's corners beyond it are
   left out so each shell is complete), as `invcoss_jax.audit.spectrum.radial_profile`. The slope of this
   profile tells smooth images (power falling with frequency) from white noise (flat)."""
-  from invcoss_jax.audit.spectrum import radial_profile
   if int(bins) != bins or bins < 1:
     raise ValueError(f"bins: expected an integer >= 1, got {bins}")
   g = to_grey(x)

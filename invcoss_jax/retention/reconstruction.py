@@ -26,6 +26,7 @@ import optax
 
 from invcoss_jax import models
 from invcoss_jax.continual import params as params_lib
+from invcoss_jax.continual.sequence import fresh_params_fn
 from invcoss_jax.measure.features import pad_rows
 
 
@@ -119,5 +120,4 @@ class Reconstruction:
 def fresh_decoder(model_cfg: models.ViTConfig, key: jax.Array) -> dict:
   """The decoder side (decoder blocks, pixel heads, mask token; the MLM head) of a new initialisation,
   as a continual stage with config.continual.reinit_decoder starts it."""
-  from invcoss_jax.continual.sequence import fresh_params_fn
   return params_lib.split_params(fresh_params_fn(model_cfg)(key))[1]

@@ -19,8 +19,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from invcoss_jax import faults, io_utils
+from invcoss_jax import faults, io_utils, models
 from invcoss_jax.data.errors import DataError
+from invcoss_jax.workdir import not_a_stage
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -47,7 +48,6 @@ class CheckpointError(DataError):
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
-    from invcoss_jax.workdir import not_a_stage  # pylint: disable=g-import-not-at-top
     raise FileNotFoundError(not_a_stage(workdir, "workdir") or f"{path} not found: {os.fspath(workdir)!r} is "
                             f"not the workdir of a trained stage (expected {CONFIG_FILE} and {CHECKPOINT_DIR}/)")
   with open(path) as f:
@@ -129,8 +129,6 @@ def load_trained_stage(workdir: str | os.PathLike, *, sharding: jax.sharding.Sha
   """(config, model, params) of a finished (or interrupted) stage: `workdir/config.json` and the
   parameters of the latest checkpoint only (no optimiser state is read). `sharding` places every
   parameter (default: the first local device)."""
-  from invcoss_jax import models  # Lazy: the trainer's other parts do not need the model.
-
   workdir = os.fspath(workdir)
   config = read_config(workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)

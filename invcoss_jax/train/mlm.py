@@ -12,19 +12,12 @@ the loss is a pure JAX function of the logits.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-
-def mlm_loss(logits: Any, labels: Any, mask: Any) -> Any:
-  """Mean cross-entropy (float32) of `logits` (B, L, V) against `labels` (B, L) over the positions where
-  `mask` (B, L) is 1; unmasked positions contribute nothing."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
-  m = mask.astype(jnp.float32)
-  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+from invcoss_jax.models.vit_mae import mlm_loss  # noqa: F401  (the loss lives with MAE.mlm)
+from invcoss_jax.data import tokenization
 
 
 MAX_PREDICTIONS = 512  # BERT's cap on predicted tokens per example
@@ -97,7 +90,6 @@ def mlm_inputs(batch: dict[str, np.ndarray], rng: np.random.Generator, *, mask_i
 def masker_for(tokenizer: str, probability: float = 0.15) -> Callable[[dict, np.random.Generator], dict]:
   """(text batch, rng) -> `mlm_inputs` with the [MASK] id, vocabulary and special tokens of the tokenizer
   file `tokenizer` (loaded once); random replacements never draw a special token."""
-  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top  (loads `tokenizers`)
   tok = tokenization.load_tokenizer(str(tokenizer))
   ids = tokenization.special_ids(tok)
   return functools.partial(mlm_inputs, mask_id=int(ids["mask"]), vocab_size=int(tokenization.vocab_size(tok)),

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import optax
 
+from invcoss_jax.config_checks import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class RunLength:
@@ -39,7 +41,6 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int | None) -> R
 
   The warm-up keeps its fraction of the run (warmup_epochs / num_epochs) when the run is capped.
   """
-  from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   t = config.train
   k = int(t.get("grad_accum_steps", 1))
   if k < 1:

@@ -18,10 +18,11 @@ import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from invcoss_jax import models
+from invcoss_jax import data as data_lib, interop, models
+from invcoss_jax.config_checks import ConfigError, check_batch_fits
+from invcoss_jax.data import registry, tokenization
 from invcoss_jax.parallel import mesh as mesh_lib
-from invcoss_jax.train import checkpoint as ckpt_lib
-from invcoss_jax.train import core, mlm, optim, writers
+from invcoss_jax.train import checkpoint as ckpt_lib, core, mlm, optim, vocabulary, writers
 
 # Streams folded into the run's key, so each random use is independent of the others.
 _IMAGE_STREAM = 0x1A6E
@@ -85,7 +86,6 @@ class TextMasker:
 def prepare_text_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """A copy of a report stage's config with its tokenizer (trained on the stage's training split into
   `workdir/tokenizer.json`, reused when there, or the user's file) and config.model's vocabulary set from it."""
-  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   config.data = tokenization.ensure_tokenizer(config.data, workdir)
   tokenization.set_model_vocabulary(config.model, str(config.data.text.tokenizer))
@@ -122,8 +122,6 @@ def check_data_available(config: ml_collections.ConfigDict) -> None:
 
 
 def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
-  from invcoss_jax import data as data_lib  # Lazy: the input layer imports grain's workers.
-
   check_data_available(config)
   try:
     it = data_lib.make_train_iterator(config.data, global_batch_size=micro_batch, seed=int(config.seed))
@@ -155,7 +153,6 @@ def _torch_init_params(config: ml_collections.ConfigDict, init_args: dict[str, A
   path = str(config.init_from_torch or "")
   if not path:
     return None
-  from invcoss_jax import interop  # Imported only when used: torch is needed only for .pth files.
 
   init_rng, _ = jax.random.split(init_args["rng"])  # the same stream create_train_state initialises from
   params = jax.device_get(init_args["init_params"](init_rng))
@@ -180,15 +177,11 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
   train_cfg = config.train
   k = int(train_cfg.grad_accum_steps)
   if int(train_cfg.global_batch_size) % k:
-    from invcoss_jax.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"config.train.global_batch_size={train_cfg.global_batch_size} must be divisible by "
                      f"config.train.grad_accum_steps={k}")
   micro_batch = int(train_cfg.global_batch_size) // k
   mesh_lib.check_global_batch(mesh, micro_batch, "config.train.global_batch_size / grad_accum_steps")
 
-  from invcoss_jax.config_checks import check_batch_fits  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.data import registry  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.train import vocabulary  # pylint: disable=g-import-not-at-top
   text = registry.is_text(config.data)
   if text:
     config = prepare_text_stage(config, workdir)

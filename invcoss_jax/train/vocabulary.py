@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any
 
+from invcoss_jax.data import tokenization
 from invcoss_jax.data.errors import DataError
 from invcoss_jax.io_utils import atomic_write_json
 
@@ -33,7 +34,6 @@ class VocabularyError(DataError):
 @functools.lru_cache(maxsize=16)
 def _fingerprint(path: str, mtime_ns: int, size: int) -> tuple[str, int]:
   del mtime_ns, size  # the cache key: a file rewritten in place is read again
-  from invcoss_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   vocab = tokenization.load_tokenizer(path).get_vocab(with_added_tokens=True)
   tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
   return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode("utf-8")).hexdigest(), len(tokens)

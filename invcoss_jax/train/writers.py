@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from invcoss_jax.io_utils import atomic_path
+
 
 def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
   """TensorBoard event files in `workdir` plus logging, on process 0; logging only elsewhere."""
@@ -73,6 +75,5 @@ def image_grid(images: np.ndarray, max_images: int, pad: int = 2) -> np.ndarray:
 def write_png(path: str, rgb: np.ndarray) -> None:
   """Writes an (h, w, 3) uint8 image as PNG, atomically."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from invcoss_jax.io_utils import atomic_path  # pylint: disable=g-import-not-at-top
   with atomic_path(path) as tmp:
     Image.fromarray(rgb).save(tmp, format="PNG")

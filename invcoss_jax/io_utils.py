@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -76,3 +76,14 @@ def _json_default(o: Any) -> Any:
   if isinstance(o, np.ndarray):
     return o.tolist()
   raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike, error: Callable[[str], Exception]) -> Any:
+  """The JSON in `path` (a file this package writes atomically); a file that does not parse was edited by
+  hand, raised as `error(message)` naming it."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise error(f"{os.fspath(path)} is not valid JSON ({e}); it is written atomically, so it was edited by "
+                  "hand: fix or delete it") from e

@@ -89,12 +89,7 @@ def _registered_modality(data_cfg) -> str:
 def _existing(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, IDENTITY_FILE)
   if os.path.isfile(path):
-    with open(path) as f:
-      try:
-        return json.load(f)
-      except json.JSONDecodeError as e:
-        raise WorkdirError(f"{path} is not valid JSON ({e}); it is written atomically, so it was edited by "
-                           "hand: fix or delete it") from e
+    return io_utils.read_json(path, WorkdirError)
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(path):
     with open(path) as f:

@@ -93,16 +93,20 @@ def _undecoded_problem(text: str) -> str:
           "iconv -f latin1 -t utf-8)")
 
 
+def _read_bytes(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise DataError(path, f"cannot read the file ({type(e).__name__}: {e}); expected a readable text "
+                    "file") from e
+
+
 def read_text_file(path: str | os.PathLike) -> str:
   """The file's text, decoded as UTF-8 strictly (a leading byte-order mark is dropped); undecodable
   bytes are a DataError naming the file and the line they are on."""
   path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except OSError as e:
-    raise DataError(path, f"cannot read the file ({type(e).__name__}: {e}); expected a readable text "
-                    "file") from e
+  raw = _read_bytes(path)
   try:
     return raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
@@ -221,13 +225,7 @@ def _decoded(path: str, skips: SkipLog | None) -> str:
   (`_undecoded_problem`), not the whole file."""
   if skips is None:
     return read_text_file(path)
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except OSError as e:
-    raise DataError(path, f"cannot read the file ({type(e).__name__}: {e}); expected a readable text "
-                    "file") from e
-  return raw.decode("utf-8-sig", errors="surrogateescape")
+  return _read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
 
 
 def _csv_error(e: csv.Error) -> str:

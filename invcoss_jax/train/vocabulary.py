@@ -22,6 +22,7 @@ from typing import Any
 
 from invcoss_jax.data import tokenization
 from invcoss_jax.data.errors import DataError
+from invcoss_jax import io_utils
 from invcoss_jax.io_utils import atomic_write_json
 
 VOCAB_FILE = "vocabulary.json"
@@ -55,11 +56,7 @@ def recorded(workdir: str | os.PathLike) -> dict[str, Any] | None:
   workdir = os.fspath(workdir)
   path = os.path.join(workdir, VOCAB_FILE)
   if os.path.isfile(path):
-    with open(path) as f:
-      try:
-        return json.load(f)
-      except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e}); it is written atomically, so it was edited by hand") from e
+    return io_utils.read_json(path, lambda message: DataError(None, message))
   config = os.path.join(workdir, "config.json")
   if not os.path.isfile(config):
     return None

@@ -23,6 +23,7 @@ from invcoss_jax.continual import params as params_lib
 from invcoss_jax.continual.config import METHODS
 from invcoss_jax.continual.stages import plan_stages, read_info
 from invcoss_jax.train import checkpoint as ckpt_lib
+from conftest import tiny_continual_config
 
 STEPS = 2
 
@@ -48,41 +49,6 @@ def load_config(arg):
   return load_config_file(f"configs/continual.py:{arg}")
 
 
-def tiny_config(method: str, xray_path: str | None = None) -> ml_collections.ConfigDict:
-  c = load_config(f"demo,{method}")
-  c.continual.order = ("xray", "ct")
-  c.model.update(dict(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2))
-  for m in c.continual.datasets:
-    d = c.continual.datasets[m]
-    d.image_size, d.volume_shape = 16, (8, 16, 16)
-    d.ct.target_spacing = ()  # the file's 3 mm grid: no resampling in a test
-  if xray_path:  # a site copy of the demo X-rays the test may delete
-    x = c.continual.datasets.xray
-    x.name, x.format, x.path, x.modality = "folder", "npz", xray_path, "xray"
-  c.total_steps = STEPS
-  c.train.global_batch_size = 4
-  c.checkpoint.every_steps = 100
-  c.logging.log_every_steps = 1
-  c.continual.statistics_after_stage = method == "invcoss"
-  c.continual.synthesize_last_stage = False  # nothing reads the last stage's synthetic set here
-  c.inversion.stats_batch_size = 128
-  c.inversion.num_samples = 8
-  # Direct pixel optimisation (Table 2's "w/o G"): the generators have their own tests; this one is about the
-  # sequence, and compiles faster.
-  c.inversion.generator = "none"
-  if method == "noise":  # the control replays a generator's output at initialisation: it needs a generator
-    c.inversion.generator = "invunet"
-    c.inversion.invunet.channels = (4, 8)
-  for s in (c.inversion.schedule_2d, c.inversion.schedule_3d):
-    s.batch_size, s.steps, s.init_steps, s.latent_dim = 4, 2, 2, 8
-  c.continual.kmeans.batch_size = 128
-  c.continual.ewc.fisher_num_examples = 4
-  c.continual.ewc.fisher_batch_size = 4
-  c.continual.cassle.hidden_dim = 16
-  c.continual.packnet.retrain_fraction = 0.5  # one retraining step after pruning
-  return c
-
-
 def _copy_xray(folder) -> str:
   src = data_lib.resolve(ml_collections.ConfigDict(dict(name="demo_xray"))).path
   os.makedirs(folder, exist_ok=True)
@@ -103,7 +69,7 @@ class Runs:
     if method not in self.cache:
       workdir = os.path.join(self.root, method)
       xray = _copy_xray(os.path.join(self.root, f"site_xray_{method}")) if method == "invcoss" else None
-      config = tiny_config(method, xray)
+      config = tiny_continual_config(method, xray)
       hook = self._delete_site_data if method == "invcoss" else None
       self.cache[method] = (config, workdir, job.run(config, workdir, after_stage=hook))
     return self.cache[method]
@@ -259,15 +225,15 @@ def test_resume_mid_sequence_matches_uninterrupted_run(runs, tmp_path):
 
 
 def test_bad_options_raise_clear_errors(tmp_path):
-  c = tiny_config("seqssl")
+  c = tiny_continual_config("seqssl")
   c.continual.method = "lwf"
   with pytest.raises(ValueError, match="config.continual.method='lwf'"):
     job.run(c, str(tmp_path / "a"))
-  c = tiny_config("seqssl")
+  c = tiny_continual_config("seqssl")
   c.continual.order = ("xray", "ultrasound")
   with pytest.raises(ValueError, match="ultrasound"):
     job.run(c, str(tmp_path / "b"))
-  c = tiny_config("seqssl")
+  c = tiny_continual_config("seqssl")
   c.continual.datasets.ct = ml_collections.ConfigDict(c.continual.datasets.xray.to_dict())
   with pytest.raises(ValueError, match="same files"):
     job.run(c, str(tmp_path / "c"))

@@ -8,7 +8,6 @@ import json
 import math
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -22,6 +21,8 @@ from invcoss_jax.continual.stages import BUFFER_DIR, finished_info, plan_stages,
 from invcoss_jax.data.config import data_config
 from invcoss_jax.data.registry import npz_shards_section
 from invcoss_jax.defaults import load_config_file
+
+from conftest import tiny_continual_config
 from invcoss_jax.inversion import stage as inv_stage
 from invcoss_jax.inversion import statistics
 from invcoss_jax.inversion.config import inversion_config
@@ -97,33 +98,18 @@ class KeepFirst(methods.Method):
 
 
 @pytest.fixture
-def keep_first(monkeypatch):
+def keep_first():
   """KeepFirst registered as `keep_first` for this test only."""
-  monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
-  return methods.register(KeepFirst("keep_first"))
-
-
-def tiny_config(method: str) -> ml_collections.ConfigDict:
-  """X-ray then CT on the demo data, a tiny ViT, 2 steps per stage (as tests/test_continual_job.py)."""
-  c = load_config_file(f"configs/continual.py:demo,{method}")
-  c.continual.order = ("xray", "ct")
-  c.model.update(dict(width=32, depth=2, num_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2))
-  for m in c.continual.datasets:
-    d = c.continual.datasets[m]
-    d.image_size, d.volume_shape = 16, (8, 16, 16)
-    d.ct.target_spacing = ()
-  c.total_steps = 2
-  c.train.global_batch_size = 4
-  c.checkpoint.every_steps = 100
-  c.logging.log_every_steps = 1
-  c.continual.statistics_after_stage = False
-  return c
+  # Added to the registry itself and removed after: a copy swapped in would also catch the built-in methods
+  # imported lazily during the test, and later tests would find their modules imported but unregistered.
+  yield methods.register(KeepFirst("keep_first"))
+  methods._REGISTRY.pop("keep_first", None)
 
 
 def test_a_method_registered_in_one_file_runs_through_the_continual_job(keep_first, tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   assert "keep_first" in methods.names() and "keep_first" in continual_config_lib.REPLAY_METHODS
-  config = tiny_config("keep_first")  # a registered method is a preset of configs/continual.py too
+  config = tiny_continual_config("keep_first")  # a registered method is a preset of configs/continual.py too
   assert config.continual.method == "keep_first"
   workdir = str(tmp_path / "keep_first")
   result = job.run(config, workdir)

@@ -106,6 +106,43 @@ def test_resuming_from_a_saved_state_gives_the_same_batches(name, shape):
       np.testing.assert_array_equal(got[k], e[k])
 
 
+def per_example_iterator(cfg, batch, seed):
+  """The training pipeline of earlier versions: examples read one by one, batched after the read threads."""
+  import grain
+  from invcoss_jax.data import pipeline
+  cfg = data.resolve(cfg)
+  source, fn = pipeline._source_and_transform(cfg, cfg.split)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).random_map(pipeline._Augment(fn))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+              .batch(batch, drop_remainder=True))
+
+
+@pytest.mark.parametrize("read_threads,num_workers", [(1, 0), (3, 0), (1, 2)])
+def test_batches_built_whole_by_the_read_threads_are_the_per_example_pipelines(read_threads, num_workers):
+  c = make_cfg("demo_xray", image_size=32, read_threads=read_threads, num_workers=num_workers)
+  got, ref = train_iter(c, 8, seed=5), per_example_iterator(c, 8, 5)
+  for _ in range(4):
+    a, b = next(got), next(ref)
+    for k in b:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_checkpoint_of_the_per_example_pipeline_resumes_on_the_same_batch():
+  c = make_cfg("demo_xray", image_size=32)
+  old = per_example_iterator(c, 8, 2)
+  for _ in range(3):
+    next(old)
+  state = json.loads(json.dumps(old.get_state()))  # counts examples: {'next_index': 24}
+  assert state == {"next_index": 24}
+  fresh = train_iter(c, 8, seed=2)
+  fresh.set_state(state)
+  for _ in range(2):
+    np.testing.assert_array_equal(next(fresh)["image"], next(old)["image"])
+  assert fresh.get_state() == {"next_index": 5, "unit": "batch"}
+  with pytest.raises(data.DataError, match="multiple of 8"):
+    train_iter(c, 8, seed=2).set_state({"next_index": 20})  # not a batch boundary: another batch size
+
+
 def test_iterator_state_round_trips_through_orbax(tmp_path):
   import grain
   import orbax.checkpoint as ocp

@@ -299,7 +299,11 @@ class Natural2D:
   interpolation: str = "bicubic"
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
-    image = to_channels(to_unit_range(record["image"]), self.channels)
+    image = to_unit_range(record["image"])
+    # A grey image bound for RGB is cropped, resized and flipped as one plane and repeated at the end: the
+    # same pixels as repeating first (every step acts per channel) at a third of the cost.
+    grey = image.ndim == 2 or image.shape[-1] in (1, 2)
+    image = to_channels(image, 1 if grey else self.channels)
     mask = record.get("mask")
     h, w = image.shape[:2]
     box = None
@@ -312,7 +316,7 @@ class Natural2D:
     if rng is not None:
       axes = ([1] if self.hflip else []) + ([0] if self.vflip else [])
       image, mask = random_flip([image, mask], axes, 0.5, rng)
-    return _finish(record, image, mask)
+    return _finish(record, to_channels(image, self.channels), mask)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,7 +152,12 @@ def test_bad_options_are_refused_before_any_run(tmp_path):
 # --- the job end to end ---------------------------------------------------------------------------------------
 
 
-def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_resume_is_exact(tmp_path):
+def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_resume_is_exact(tmp_path, monkeypatch):
+  from invcoss_jax.retention import evaluate as retention_evaluate
+  probed = []
+  probe = retention_evaluate.Measurer._tasks
+  monkeypatch.setattr(retention_evaluate.Measurer, "_tasks",
+                      lambda self, params, seed: probed.append(seed) or probe(self, params, seed))
   config = load_config_file("configs/retention.py:tiny")
   config.retention.seeds = (0, 1)
   config.retention.methods = ("seqssl", "invcoss", "joint")
@@ -162,6 +167,9 @@ def test_a_model_that_never_trains_has_no_gain_no_forgetting_and_no_drift_and_re
   config.retention.recon.refit_steps = 3
   config.retention.recon.mask_draws = 2
   out = retention_job.run(config, tmp_path)
+  # Every trained model of a seed has the same values (lr 0; the decoder re-initialised at stage 1): probed
+  # once per seed beside the random encoder (tasks are cached by parameter values), not per (method, stage).
+  assert sorted(probed) == [0, 0, 1, 1]
   for m in ("seqssl", "invcoss"):
     for k in ("knn_auc", "logreg_auc", "logreg_acc", "finetune_acc", "finetune_auc"):
       assert out["gain"][m]["xray"][k]["mean"] == pytest.approx(0.0, abs=1e-9)

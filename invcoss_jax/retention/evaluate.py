@@ -106,6 +106,7 @@ class Measurer:
     self._judge_nets: dict[str, Any] = {}
     self._generator_init: dict[tuple, Any] = {}
     self._recon_cache: dict[tuple[int, int, str], dict[str, float]] = {}
+    self._tasks_cache: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
 
   # --- data ---
 
@@ -134,7 +135,14 @@ class Measurer:
   # --- measurements ---
 
   def tasks(self, params, seed: int) -> dict[str, dict[str, float]]:
-    """Probe (and fine-tuning) scores of `params` on the held-out data of every labelled stage."""
+    """Probe (and fine-tuning) scores of `params` on the held-out data of every labelled stage. Computed once
+    per (seed, parameter values): every method's copy of the shared first stage measures alike."""
+    cache_key = (int(seed), _fingerprint(params))
+    if cache_key not in self._tasks_cache:
+      self._tasks_cache[cache_key] = self._tasks(params, seed)
+    return {m: dict(v) for m, v in self._tasks_cache[cache_key].items()}
+
+  def _tasks(self, params, seed: int) -> dict[str, dict[str, float]]:
     out = {}
     for m in self.order:
       if not self.labelled(m):

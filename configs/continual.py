@@ -10,9 +10,10 @@ Presets (comma-separated): `demo` (embedded demo data, micro ViT, the four image
 the package embeds no reports), `report` (with `demo`: the report stage first, on the Indiana reports of
 ../shared/data; the paper's default already starts with it), `alt` (Table 5's alternative order Path., MRI,
 Report, CT, X-ray; Path., MRI, CT, X-ray for the image-only demo), and a method name (e.g. `demo,er`).
-`--config.method` (an alias of `--config.continual.method`) picks the method: invcoss | seqssl | er |
-medcoss | ewc | cassle | packnet | joint | noise, or any registered one (invcoss_jax/continual/methods/). `--config.continual.buffer_fraction=0.01` (0.05, 0.10) sets the
-buffer size of every buffer method. See docs/continual.md.
+`--config.continual.method` (on the command line also `--config.method`, its alias) picks the method: invcoss |
+seqssl | er | medcoss | ewc | cassle | packnet | joint | noise, or any registered one
+(invcoss_jax/continual/methods/). `--config.continual.buffer_fraction=0.01` (0.05, 0.10) sets the buffer size of
+every buffer method (and of the synthetic sets). See docs/continual.md.
 
 Default: the paper's setup, Report, X-ray, CT, MRI, pathology, each stage like its single-modality config
 (configs/report.py, xray.py, ct.py, mri.py, path.py): ViT-B MAE, reports of 112 tokens, 224x224 2D and
@@ -27,7 +28,7 @@ from invcoss_jax.continual import methods
 from invcoss_jax.continual.config import IMAGE_ALTERNATIVE_ORDER, IMAGE_ORDER, PAPER_ALTERNATIVE_ORDER, PAPER_ORDER
 from invcoss_jax.defaults import base_config, use_indiana_reports
 from invcoss_jax.inversion.config import use_cpu_demo_schedule
-from invcoss_jax.models.presets import demo_model_config, model_config
+from invcoss_jax.models.presets import demo_model_config
 
 
 def _paper_datasets(c: ml_collections.ConfigDict) -> None:
@@ -76,15 +77,8 @@ def _demo_reports(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config()  # the paper's hyper-parameters (train/config.py, models/presets.py): every stage's
   c.mode = "continual"
-  c.seed = 0
-  c.model = model_config("base")
-  c.train.global_batch_size = 512
-  c.train.num_epochs = 300
-  c.train.warmup_epochs = 40
-  c.train.base_lr = 1.5e-4
-  c.train.mask_ratio = 0.75
   _paper_datasets(c)
 
   presets = [p.strip() for p in str(arg or "").split(",") if p.strip()]
@@ -105,7 +99,5 @@ def get_config(arg=None):
     c.continual.order = PAPER_ALTERNATIVE_ORDER if with_reports else IMAGE_ALTERNATIVE_ORDER
   else:
     c.continual.order = PAPER_ORDER if with_reports else IMAGE_ORDER
-  # `--config.method=er` and `--config.continual.method=er` set the same value.
-  c.method = ml_collections.FieldReference(method)
-  c.continual.method = c.get_ref("method")
+  c.continual.method = method  # `--config.method=er` is an alias of --config.continual.method=er (config_checks)
   return c

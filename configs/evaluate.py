@@ -18,14 +18,13 @@ tasks pneumonia and hippocampus). Paper tasks read your copy of the dataset: set
 
 from invcoss_jax.defaults import base_config
 from invcoss_jax.evaluate.config import DEMO_TASKS, PAPER_TASKS, task_config
-from invcoss_jax.models.presets import demo_model_config, model_config
+from invcoss_jax.models.presets import demo_model_config
 
 
 
 def get_config(arg=None):
   c = base_config()
   c.mode = "evaluate"
-  c.seed = 0
   preset, _, protocol = (arg or "pneumonia").partition(",")
   if protocol:
     if protocol not in ("finetune", "linear"):
@@ -45,7 +44,6 @@ def get_config(arg=None):
     c.evaluate.task = preset
     c.evaluate.tasks[preset] = task_config(preset)
   elif preset in PAPER_TASKS:
-    c.model = model_config("base")
     c.evaluate.drop_path = 0.1  # MedCoSS fine-tunes with stochastic depth 0.1
     c.evaluate.task = preset
     c.evaluate.tasks[preset] = task_config(preset)

@@ -190,7 +190,6 @@ PRESETS = {"quick": _quick, "full": _full, "report": _report, "content": _conten
 def get_config(arg=None):
   c = base_config()
   c.mode = "retention"
-  c.seed = 0
   c.retention = retention_config()
   _common(c)
   presets = [p.strip() for p in str(arg or "quick").split(",") if p.strip()]
@@ -198,6 +197,4 @@ def get_config(arg=None):
     if p not in PRESETS:
       raise ValueError(f"configs/retention.py: unknown preset {p!r}; expected one of {sorted(PRESETS)}")
     PRESETS[p](c)
-  c.method = ml_collections.FieldReference(str(c.continual.method))
-  c.continual.method = c.get_ref("method")
   return c

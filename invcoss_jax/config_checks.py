@@ -7,6 +7,7 @@ config is checked too. File contents are checked later, by the readers, as each 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import operator
@@ -39,6 +40,8 @@ def check_override_keys(config: ml_collections.ConfigDict, keys: Iterable[str]) 
   for key in keys:
     if key in known_set:
       continue
+    if key in MOVED_OPTIONS:
+      raise _moved(key, "--config.")
     parent = key.rpartition(".")[0]
     while parent and parent not in known_set:
       parent = parent.rpartition(".")[0]
@@ -57,6 +60,60 @@ def override_keys(argv: Sequence[str]) -> list[str]:
     if a.startswith("--config."):
       keys.append(a[len("--config."):].split("=", 1)[0])
   return keys
+
+
+# Options that moved (one name per value): old dotted name -> (the option that holds the value now, a note).
+# `--config.method` stays a command-line alias of `--config.continual.method` (README, docs/continual.md),
+# rewritten by `resolve_aliases` before the command line is parsed; any other use of an old name is refused
+# (`check_override_keys`, `check_options`), naming the new one. Configs recorded before the move (a stage's
+# config.json) are read without them (`without_moved`).
+MOVED_OPTIONS = {
+    "method": ("continual.method", "on the command line --config.method is an alias of it"),
+    "inversion.buffer_fraction": ("continual.buffer_fraction", "the one buffer fraction: the real buffers, the "
+                                  "synthetic sets (unless inversion.num_samples > 0) and the audit's buffer"),
+    "audit.buffer_fraction": ("continual.buffer_fraction", "the one buffer fraction; audit.draw_buffer=False "
+                              "skips the audit's drawn replay buffer"),
+}
+COMMAND_LINE_ALIASES = ("method",)
+
+
+def _moved(key: str, where: str) -> ConfigError:
+  new, note = MOVED_OPTIONS[key]
+  return ConfigError(f"{where}{key} is no longer an option: it moved to {where}{new} ({note})")
+
+
+def resolve_aliases(argv: Sequence[str]) -> list[str]:
+  """`argv` with each command-line alias (`--config.method=...`) written as the option it stands for
+  (`--config.continual.method=...`): the one place an alias is resolved."""
+  out = []
+  for a in argv:
+    for alias in COMMAND_LINE_ALIASES:
+      flag = f"--config.{alias}"
+      if a == flag or a.startswith(flag + "="):
+        a = f"--config.{MOVED_OPTIONS[alias][0]}" + a[len(flag):]
+    out.append(a)
+  return out
+
+
+def check_moved_options(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for an option of `config` that moved (MOVED_OPTIONS), naming where it is now."""
+  keys = set(flat_keys(config))
+  for old in MOVED_OPTIONS:
+    if old in keys:
+      raise _moved(old, "config.")
+
+
+def without_moved(config: dict) -> dict:
+  """A copy of a recorded config (plain dict, e.g. a stage's config.json) without the options that moved since."""
+  out = copy.deepcopy(config)
+  for old in MOVED_OPTIONS:
+    *path, leaf = old.split(".")
+    section = out
+    for part in path:
+      section = section.get(part) if isinstance(section, dict) else None
+    if isinstance(section, dict):
+      section.pop(leaf, None)
+  return out
 
 
 def data_sections(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
@@ -162,6 +219,7 @@ def check_options(config: ml_collections.ConfigDict) -> None:
   from invcoss_jax.data.registry import resolve  # pylint: disable=g-import-not-at-top
 
   mode = str(config.get("mode", "pretrain"))
+  check_moved_options(config)
   if "seed" in config:
     _check_seed("seed", config.seed)
   check_steps(config)
@@ -182,6 +240,10 @@ def check_options(config: ml_collections.ConfigDict) -> None:
     if k < 1 or b % k:
       raise ConfigError(f"train.grad_accum_steps={k}: expected a positive divisor of train.global_batch_size={b} "
                         "(each step accumulates that many equal micro-batches)")
+    per_dispatch = int(train.get("steps_per_dispatch", 1))
+    if per_dispatch < 1:
+      raise ConfigError(f"train.steps_per_dispatch={per_dispatch}: expected a positive number of train steps "
+                        "per compiled dispatch (1: one step at a time)")
     lr = float(train.get("base_lr", 1.0))
     if not (math.isfinite(lr) and lr > 0):
       raise ConfigError(f"train.base_lr={lr}: expected a positive, finite learning rate")

@@ -15,6 +15,7 @@ from invcoss_jax.inversion.config import inversion_config
 from invcoss_jax.models.presets import demo_model_config, model_config
 
 from invcoss_jax.parallel.config import compile_config, mesh_config
+from invcoss_jax.privacy.config import privacy_config
 from invcoss_jax.train.config import checkpoint_config, logging_config, train_config
 
 
@@ -35,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.audit = audit_config()
   c.interop = interop_config()
   c.compile = compile_config()  # ahead-of-time planning (`mode=compile`)
+  c.privacy = privacy_config()  # differentially private training (off: target_epsilon = inf); docs/privacy.md
   c.init_from = ""  # workdir of a trained stage (its checkpoint and statistics)
   c.init_from_torch = ""  # a PyTorch MAE/timm/MedCoSS state dict to start from
   # A workdir holding another run (mode, modality, model, sequence, task: workdir.json) is refused; True
@@ -47,22 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def pretrain_stage_config(*, modality: str, data_format: str, data_path: str, **data) -> ml_collections.ConfigDict:
-  """One pre-training stage on the user's files with the paper's hyper-parameters (Sec. 4.1): ViT-B MAE,
-  global batch 512, 300 epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, mask 0.75."""
+  """One pre-training stage on the user's files with the paper's hyper-parameters (Sec. 4.1), which are the
+  base config's (`model_config('base')`, `train.config.train_config`: ViT-B MAE, global batch 512, 300
+  epochs, base lr 1.5e-4 scaled by batch/256, 40 warm-up epochs then cosine, mask 0.75)."""
   c = base_config()
   c.mode = "pretrain"
-  c.seed = 0
-  c.model = model_config("base")
   c.data.name = "folder"
   c.data.format = data_format
   c.data.path = data_path
   c.data.modality = modality
   c.data.update(data)
-  c.train.global_batch_size = 512
-  c.train.num_epochs = 300
-  c.train.warmup_epochs = 40
-  c.train.base_lr = 1.5e-4
-  c.train.mask_ratio = 0.75
   return c
 
 

@@ -199,9 +199,11 @@ def check_command_line(argv) -> None:
 
 
 def entry_point():
+  from invcoss_jax.config_checks import resolve_aliases  # pylint: disable=g-import-not-at-top
   try:
-    resolved = resolve_config_path(sys.argv[1:])
-    check_command_line(sys.argv[1:])  # messages name the file as the user gave it
+    argv = resolve_aliases(sys.argv[1:])  # --config.method -> --config.continual.method
+    resolved = resolve_config_path(argv)
+    check_command_line(argv)  # messages name the file as the user gave it
     sys.argv[1:] = resolved
   except ValueError as e:  # config_checks.ConfigError
     sys.stderr.write(f"error: {one_line(e)}\n")

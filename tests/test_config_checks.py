@@ -158,3 +158,55 @@ def test_init_from_a_continual_workdir_names_its_stages(tmp_path):
   assert not os.path.exists(tmp_path / "eval")
   c.init_from = str(seq / "stage_2_ct")
   jobs.check_job_options(c)
+
+
+def test_one_name_per_value_moved_options_are_refused_naming_the_new_one(tmp_path):
+  """config.method was an alias of config.continual.method, and the buffer fraction lived under continual.,
+  inversion. and audit.: each value has one option now. On the command line `--config.method` stays the
+  documented alias (resolved in one place); any other use of an old name is an error naming the new one."""
+  assert config_checks.resolve_aliases(["--config=c.py", "--config.method=er", "--config.method", "ewc",
+                                        "--config.methods=x", "--workdir=w"]) == [
+      "--config=c.py", "--config.continual.method=er", "--config.continual.method", "ewc", "--config.methods=x",
+      "--workdir=w"]
+  c = load_config_file(os.path.join(REPO, "configs/continual.py:demo"))
+  assert "method" not in c and float(c.continual.buffer_fraction) == 0.05
+  config_checks.check_override_keys(c, config_checks.override_keys(
+      config_checks.resolve_aliases(["--config.method=er"])))
+  for key, new in (("inversion.buffer_fraction", "continual.buffer_fraction"),
+                   ("audit.buffer_fraction", "continual.buffer_fraction"), ("method", "continual.method")):
+    with pytest.raises(ConfigError, match=rf"^--config\.{key} is no longer an option: it moved to --config\.{new}"):
+      config_checks.check_override_keys(c, [key])
+  for key, value, new in (("method", "er", "continual.method"),
+                          ("inversion.buffer_fraction", 0.1, "continual.buffer_fraction"),
+                          ("audit.buffer_fraction", 0.1, "continual.buffer_fraction")):
+    c = load_config_file(os.path.join(REPO, "configs/continual.py:demo"))
+    c.update_from_flattened_dict({key: value}) if "." in key else setattr(c, key, value)
+    with pytest.raises(ConfigError, match=rf"^config\.{key} is no longer an option: it moved to config\.{new}"):
+      jobs.run(c, tmp_path / "w")
+    assert not os.path.exists(tmp_path / "w")
+  # A stage's config.json recorded before the move is read without the old names.
+  recorded = dict(method="er", continual=dict(method="er"), inversion=dict(buffer_fraction=0.05, jitter=0),
+                  audit=dict(buffer_fraction=0.05))
+  assert config_checks.without_moved(recorded) == dict(continual=dict(method="er"), inversion=dict(jitter=0),
+                                                       audit={})
+  assert recorded["inversion"] == dict(buffer_fraction=0.05, jitter=0)  # the caller's dict is left as it was
+
+
+def test_an_unknown_inversion_option_is_refused_before_the_job_starts(tmp_path):
+  c = load_config_file(os.path.join(REPO, "configs/xray.py:demo"))
+  c.inversion.jiter = 2
+  with pytest.raises(ConfigError, match=r"^config\.inversion\.jiter is not an option of the inversion"):
+    jobs.run(c, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_the_method_alias_on_the_command_line(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for arg, want in (("--config.method=invcos", "config.continual.method='invcos': expected one of"),
+                    ("--config.audit.buffer_fraction=0.1", "--config.audit.buffer_fraction is no longer an option: "
+                                                           "it moved to --config.continual.buffer_fraction")):
+    p = subprocess.run([sys.executable, "-m", "invcoss_jax.main", "--config=configs/continual.py:demo", arg,
+                        f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 2 and want in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")

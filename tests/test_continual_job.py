@@ -237,3 +237,27 @@ def test_bad_options_raise_clear_errors(tmp_path):
   c.continual.datasets.ct = ml_collections.ConfigDict(c.continual.datasets.xray.to_dict())
   with pytest.raises(ValueError, match="same files"):
     job.run(c, str(tmp_path / "c"))
+
+
+def test_steps_per_dispatch_trains_the_same_stage_and_resumes_inside_it(runs, tmp_path):
+  """Blocks of 4 steps per dispatch (core.jit_block), stopped and resumed mid-stage, against one step at a
+  time: the same losses and the same final model."""
+  config, ref_dir, _ = runs("er")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.continual.stage_steps, config.logging.log_every_steps = (2, 20), 8
+  out = {}
+  for k in (1, 4):
+    workdir = str(tmp_path / f"k{k}")
+    shutil.copytree(os.path.join(ref_dir, "stage_1_xray"), os.path.join(workdir, "stage_1_xray"))
+    config.train.steps_per_dispatch = k
+    losses = {}
+    if k > 1:
+      stopped = job.run(config, workdir, stop_at=(2, 14))
+      assert stopped["stopped"]
+      losses.update(stopped["losses"]["stage_2_ct"])
+    losses.update(job.run(config, workdir)["losses"]["stage_2_ct"])
+    out[k] = losses, _final_params(os.path.join(workdir, "stage_2_ct"))
+  assert sorted(out[4][0]) == sorted(out[1][0]) == list(range(1, 21))
+  np.testing.assert_allclose([out[4][0][s] for s in range(1, 21)], [out[1][0][s] for s in range(1, 21)], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[4][1]), jax.tree.leaves(out[1][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -150,8 +150,8 @@ def test_buffers_inversion_and_audit_count_a_fraction_alike(fraction, monkeypatc
   assert data_lib.num_examples(xray) == n
   assert buffers.buffer_size(n, fraction) == len(buffers.random_indices(n, fraction, seed=0)) == want
   inv = inversion_config()
-  inv.num_samples, inv.buffer_fraction = 0, fraction
-  assert inv_stage.num_synthetic_samples(inv, xray) == want
+  inv.num_samples = 0
+  assert inv_stage.num_synthetic_samples(inv, xray, fraction) == want
   assert statistics.replay_buffer_nbytes(xray, fraction) == want * math.prod(data_lib.image_shape(xray)) * 4
   # The audit's replay buffer of method er (drawn when config.audit.buffer_path is empty).
   monkeypatch.setattr(audit_job, "gather", lambda data_cfg, idx, bs: np.zeros((len(idx), 1), np.float32))
@@ -159,6 +159,7 @@ def test_buffers_inversion_and_audit_count_a_fraction_alike(fraction, monkeypatc
   monkeypatch.setattr(audit_job, "_npz_set", lambda *a, **k: dict(images=np.zeros((1, 1)), indices=[0], size=1,
                                                                     source="synthetic"))
   a = audit_config()
-  a.buffer_path, a.buffer_fraction = "", fraction
-  sets = audit_job._query_sets(a, xray, xray, xray, "/nonexistent", n, (32, 32, 3), np.random.default_rng(0))
+  a.buffer_path = ""
+  sets = audit_job._query_sets(a, fraction, xray, xray, xray, "/nonexistent", n, (32, 32, 3),
+                               np.random.default_rng(0))
   assert sets["er_buffer"]["size"] == want

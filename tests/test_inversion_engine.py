@@ -1,4 +1,6 @@
-"""The inversion engine: partitioned optimiser, compiled inner loop, schedules, non-finite guard."""
+"""The inversion engine: partitioned optimiser, compiled inner loop, schedules, non-finite guard; the spec."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +220,86 @@ def test_realism_priors_pull_the_batch_towards_the_real_pixel_statistics(trained
   paper = errors(cfg)
   priors = errors(use_realism_priors(small_config(steps=60, batch_size=16)))
   assert priors[0] < 0.5 * paper[0] and priors[1] < paper[1] and priors[2] < paper[2]
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+def test_every_inversion_option_is_on_exactly_one_side_of_the_spec():
+  """config.inversion is read once into an InversionSpec: each key a field of the program part (what the
+  compiled program depends on) or of the host part, never both; any other key is refused, naming it."""
+  from invcoss_jax.config_checks import ConfigError
+  from invcoss_jax.inversion import config as inv_config
+  program, host = set(inv_config.PROGRAM_OPTIONS), set(inv_config.HOST_OPTIONS)
+  assert not program & host
+  assert set(inversion_config().keys()) == program | host
+  spec = inv_config.inversion_spec(inversion_config())
+  assert spec.host.schedule_2d.batch_size == 320 and spec.program.loss_weights == (
+      ("img", 0.1), ("norm", 1.0), ("pixel", 0.0), ("rep", 0.1), ("task", 1.0), ("tv_target", 0.0))
+  assert inv_config.inversion_spec(spec) is spec
+  for section in ("", "invunet.", "schedule_2d."):
+    c = inversion_config()
+    (c[section.rstrip(".")] if section else c).nosuch = 1
+    with pytest.raises(ConfigError, match=rf"^config\.inversion\.{section}nosuch is not an option of the inversion"):
+      inv_config.inversion_spec(c)
+  c = inversion_config()
+  c.buffer_fraction = 0.05  # moved to config.continual.buffer_fraction
+  with pytest.raises(ConfigError, match=r"config\.inversion\.buffer_fraction is not an option"):
+    inv_config.inversion_spec(c)
+
+
+@losses.register_loss_term("test_scaled_brightness", options=("test_brightness_scale",))
+def _scaled_brightness(ctx, spec):
+  return jnp.mean(ctx.images) * spec.test_brightness_scale
+
+
+def test_the_compile_key_is_the_program_part_of_the_spec():
+  """A host option changes nothing the compiled program reads (same key, no recompilation); a program option
+  or a declared term option gives another key. This replaced a hand-kept list of host options."""
+  from invcoss_jax.inversion.config import inversion_spec
+  base = inversion_spec(inversion_config())
+  host_changes = dict(inner_loop="compiled", max_retries=7, num_samples=5, shard_size=3, log_every_steps=2,
+                      grid_size=4, stats_batch_size=8, pixel_statistics=True, stats_file="x.npz",
+                      buffer_fractions=(0.5,), pool_size=9)
+  for key, value in [*host_changes.items(), ("schedule_2d.steps", 3), ("schedule_3d.batch_size", 2)]:
+    c = inversion_config()
+    c.update_from_flattened_dict({key: value})
+    spec = inversion_spec(c)
+    assert spec.host != base.host and spec.program == base.program and hash(spec.program) == hash(base.program), key
+  program_changes = [("lr_generator", 1e-3), ("lr_latents", 0.1), ("adam_b1", 0.5), ("jitter", 2),
+                     ("loss_weights.rep", 0.0), ("task_mask_ratio", 0.5), ("invunet.channels", (8, 16)),
+                     ("cmi.ngf", 4), ("grey", "no"), ("generator", "cmi"), ("output_activation", "tanh"),
+                     ("img_reduction", "sum"), ("rep_feature", "cls")]
+  for key, value in program_changes:
+    c = inversion_config()
+    c.update_from_flattened_dict({key: value})
+    spec = inversion_spec(c)
+    assert spec.program != base.program and spec.host == base.host, key
+  # A registered term's own option: allowed once declared, a program field, read as an attribute.
+  c = inversion_config()
+  c.loss_weights.test_scaled_brightness = 1.0
+  c.test_brightness_scale = 2.0
+  spec = inversion_spec(c)
+  assert spec.program.test_brightness_scale == 2.0 and spec.program.get("test_brightness_scale") == 2.0
+  assert spec.program.get("nothing", 3) == 3
+  c.test_brightness_scale = 4.0
+  assert inversion_spec(c).program != spec.program
+  c.loss_weights = ml_collections.ConfigDict(dict(test_scaled_brightness=1.0))
+  total, _ = losses.objective(types.SimpleNamespace(images=jnp.full((2, 4, 4, 3), 0.5)), inversion_spec(c).program)
+  assert float(total) == pytest.approx(2.0)
+  with pytest.raises(ValueError, match="built-in option"):
+    losses.register_loss_term("test_bad_option", options=("jitter",))(lambda ctx, spec: 0.0)
+
+
+def test_a_host_option_reuses_the_compiled_inversion(trained_xray):
+  """Two inversions that differ only in host options (log interval, retries, pool size) share one compiled
+  program; a program option (the jitter) compiles another."""
+  model, params, stats = trained_xray
+  cfg = small_config(steps=2, batch_size=4)
+  engine.synthesize(model, params, stats, cfg, image_shape=(28, 28, 3), rng=jax.random.key(0), num_samples=4)
+  before = list(engine._COMPILED)
+  cfg.log_every_steps, cfg.max_retries, cfg.pool_size, cfg.grid_size = 1, 5, 8, 4
+  engine.synthesize(model, params, stats, cfg, image_shape=(28, 28, 3), rng=jax.random.key(0), num_samples=4)
+  assert list(engine._COMPILED) == before
+  cfg.jitter = 1
+  engine.synthesize(model, params, stats, cfg, image_shape=(28, 28, 3), rng=jax.random.key(0), num_samples=4)
+  assert [k for k in engine._COMPILED if k not in before]

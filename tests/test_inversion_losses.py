@@ -223,7 +223,7 @@ def test_pool_with_batch_writes_the_batch_round_robin():
   feats = -np.ones((3, 2), np.float32)
   for count, slots, filled in [(0, [0, 1, 2], 3), (1, [1, 2, 3], 4), (4, [4, 0, 1], 5)]:
     ctx = InversionContext(images=None, model=None, params=None, target_stats=None, rng=None,
-                           pool=jnp.asarray(pool), pool_count=jnp.asarray(count), config=cfg)
+                           pool=jnp.asarray(pool), pool_count=jnp.asarray(count), spec=cfg)
     ctx.__dict__["features"] = jnp.asarray(feats)  # what the encoder would give
     new, valid = (np.asarray(a) for a in ctx.pool_with_batch)
     expected = pool.copy()
@@ -255,6 +255,6 @@ def test_jitter_rolls_what_the_model_sees_and_leaves_the_pixel_terms_on_the_gene
   assert seen == {(a, b) for a in range(-2, 3) for b in range(-2, 3)}
   cfg = inversion_config()
   ctx = InversionContext(images=jnp.asarray(x), model=None, params=None, target_stats=None, rng=None, pool=None,
-                         pool_count=0, config=cfg, model_images=jnp.asarray(np.roll(x, 1, axis=1)))
+                         pool_count=0, spec=cfg, model_images=jnp.asarray(np.roll(x, 1, axis=1)))
   np.testing.assert_allclose(float(losses.get_loss_term("img")(ctx, cfg)), np_tv(x, "mean"), rtol=1e-5)
   assert not np.array_equal(np.asarray(ctx.model_images), x)

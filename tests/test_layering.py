@@ -24,9 +24,11 @@ LAYERS = {
     "npz_io": 2,
     # The base folders: independent of each other.
     "data": 3, "models": 3, "parallel": 3, "measure": 3,
-    # What a workdir holds (workdir.py with workdir_lock.py; reads data.registry), and the PyTorch <-> Flax
-    # weights (on the models' parameter trees; pre-training's init_from_torch reads through it).
-    "workdir": 4, "interop": 4,
+    # What a workdir holds (workdir.py with workdir_lock.py; reads data.registry), the PyTorch <-> Flax
+    # weights (on the models' parameter trees; pre-training's init_from_torch reads through it), and
+    # differential privacy (DP-SGD's gradient, Poisson batches of a data section, the accountant and ledger),
+    # which the trainer core uses.
+    "workdir": 4, "interop": 4, "privacy": 4,
     "train": 5,
     # The library folders.
     "inversion": 6, "evaluate": 6,

@@ -77,7 +77,7 @@ def test_torch_inversion_terms_equal_the_jax_terms(xrays):
   def jax_terms(params, images, pool, noise):
     # The engine's context (statistics, features, the pool with the batch in it), with the task's mask fixed.
     ctx = InversionContext(images=images, model=model, params=params, target_stats=target, rng=jax.random.key(0),
-                           pool=pool, pool_count=jnp.int32(2), config=inv)
+                           pool=pool, pool_count=jnp.int32(2), spec=inv)
     out = model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
     return dict(norm=losses.norm_term(ctx, inv), task=losses.l_task(out["pred"], out["target"], out["mask"]),
                 img=losses.img_term(ctx, inv), rep=losses.rep_term(ctx, inv))

@@ -27,9 +27,10 @@ def audit_config() -> ml_collections.ConfigDict:
   # Synthetic set: a folder of npz shards (key `images`, as `invert` writes them); '' = <init_from>/synthetic.
   c.synthetic_path = ""
   # Real replay buffer (the reference "what leaking looks like"): a folder of npz shards, or '' to draw the
-  # buffer of method `er` here: a uniformly random `buffer_fraction` of the training split (seed `seed`).
+  # buffer of method `er` here: a uniformly random config.continual.buffer_fraction of the training split
+  # (seed `seed`), as the continual job keeps it.
   c.buffer_path = ""
-  c.buffer_fraction = 0.05  # <= 0 skips the replay-buffer audit
+  c.draw_buffer = True  # False: without buffer_path, no replay-buffer audit
 
   # --- Sizes: each set in memory is capped (a random subset with seed `seed`); <= 0 keeps all ---
   c.max_synthetic = 2048

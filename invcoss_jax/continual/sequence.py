@@ -385,8 +385,11 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
   state, shardings = create_state(p.params, aux, p.tx, stage_key(config, stage.index, 1), mesh, cfg.mesh)
   consts_shardings = mesh_lib.state_shardings(consts, mesh, cfg.mesh)
   consts = jax.device_put(consts, consts_shardings)
-  step_fn = core.jit_step(make_train_step(p.model, spec, p.tx, p.schedule, grad_accum_steps=int(cfg.train.grad_accum_steps),
-                                          predictor=predictor), shardings, mesh, consts_shardings)
+  step = make_train_step(p.model, spec, p.tx, p.schedule, grad_accum_steps=int(cfg.train.grad_accum_steps),
+                         predictor=predictor)
+  step_fn = core.jit_step(step, shardings, mesh, consts_shardings)
+  per_dispatch = int(cfg.train.steps_per_dispatch)
+  block_fn = core.jit_block(step, shardings, mesh, consts_shardings) if per_dispatch > 1 else None
   streams = stage_streams(config, stage, p)
   logging.info("%s: %d steps (%d examples of %s; per step %s current + %s buffer from %s), mesh %s", stage.name,
                p.total, sum(p.n_current), p.shapes, p.cur_sizes, p.buf_sizes, [s.name for s in p.sources],
@@ -412,7 +415,8 @@ def run_stage(config, stage: Stage, earlier: list[Stage], guard: DataFreeGuard, 
                        what=stage.name, log_every=int(cfg.logging.log_every_steps), writer=writer,
                        save=lambda step, st: ckpt_lib.save(manager, step, st, streams, cfg, force=True),
                        should_save=lambda step: step % save_every == 0, latest_checkpoint=manager.latest_step,
-                       after_step=hooks)
+                       after_step=hooks, hook_at=lambda step: step == p.boundary,
+                       steps_per_dispatch=per_dispatch, block_fn=block_fn)
       stop_step = int(stop_at[1]) if stop_at is not None and int(stop_at[0]) == stage.index else None
       state, consts, losses, stopped = loop.run(state, consts, start, p.total, stop_at=stop_step)
       manager.wait_until_finished()

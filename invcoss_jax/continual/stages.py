@@ -100,13 +100,12 @@ def _data_section(d: ml_collections.ConfigDict, modality: str) -> ml_collections
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
-  """The job config as this stage's config.json: its data section (the first modality's for 'joint'),
-  synthetic sets sized like the replay buffers (config.continual.buffer_fraction), and the stage's steps
-  (`stage_steps`); for 'joint' as many steps as the whole sequence (when every stage has a step count)."""
+  """The job config as this stage's config.json: its data section (the first modality's for 'joint') and the
+  stage's steps (`stage_steps`); for 'joint' as many steps as the whole sequence (when every stage has a step
+  count)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.mode = "continual"
   cfg.data = ml_collections.ConfigDict(stage.data[0].to_dict())
-  cfg.inversion.buffer_fraction = float(config.continual.buffer_fraction)
   steps = stage_steps(config)
   if stage.modality == JOINT:
     if all(s > 0 for s in steps):
@@ -128,10 +127,11 @@ def stage_steps(config: ml_collections.ConfigDict) -> list[int]:
   return [s if s > 0 else int(config.total_steps) for s in given]
 
 
-# What a stage's training depends on (its config.json against this run's), and loading knobs that it does not.
+# What a stage's training depends on (its config.json against this run's), and loading and dispatch knobs
+# that it does not (steps_per_dispatch runs the same steps, so a stage may resume under another value).
 _TRAINING_PREFIXES = ("total_steps", "seed", "train.", "model.", "data.")
 _LOADING_KEYS = {"read_threads", "num_workers", "prefetch_buffer_size", "worker_buffer_size", "volume_cache_size",
-                 "window_cache_size", "lenient"}
+                 "window_cache_size", "lenient", "steps_per_dispatch"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from invcoss_jax.evaluate import heads, losses, metrics, sliding_window
 from invcoss_jax.evaluate.config import CLASSIFICATION, SEGMENTATION
 from invcoss_jax.measure.features import pad_rows
 from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.privacy import accounting as privacy_accounting, dp_sgd, sampling as dp_sampling
 from invcoss_jax.train import core, optim
 
 PROTOCOLS = ("finetune", "linear")
@@ -242,9 +243,10 @@ def task_loss(model: DownstreamModel, loss_fn: Callable) -> core.LossFn:
 
 
 def make_train_step(model: DownstreamModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_fn: Callable) -> Callable:
-  """(state, batch{'image', 'target'}) -> (state, metrics) on the trainer core."""
-  return core.make_step(task_loss(model, loss_fn), tx, schedule)
+                    loss_fn: Callable, privacy: dp_sgd.Spec | None = None) -> Callable:
+  """(state, batch{'image', 'target'}) -> (state, metrics) on the trainer core (`privacy`: a DP-SGD plan, the
+  batch then carries dp_sgd.PADDING_KEY)."""
+  return core.make_step(task_loss(model, loss_fn), tx, schedule, privacy=privacy)
 
 
 def _flip_tta(predict: Callable, images: jnp.ndarray, flips: bool) -> jnp.ndarray:
@@ -362,6 +364,7 @@ class FinetuneResult:
   total_steps: int
   loaded: list[str]
   params: Any = None
+  privacy: dict[str, Any] | None = None  # the run's privacy ledger (DP-SGD fine-tuning), None without DP
 
 
 class Finetuner:
@@ -370,11 +373,15 @@ class Finetuner:
 
   `run(seed, pretrained)` fine-tunes from `pretrained` MAE parameters (None: from scratch) with `seed`
   (head initialisation, data order, drop-path) and tests the model selected on validation.
+
+  `privacy` (a config.privacy section, on): DP-SGD fine-tuning on Poisson batches of expected size batch_size
+  (docs/privacy.md); the guarantee covers the training split, not the validation split model selection reads.
   """
 
   def __init__(self, task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
                protocol: str = "finetune", mesh_cfg: ml_collections.ConfigDict | None = None,
-               max_steps: int = -1, batch_shards: bool = True):
+               max_steps: int = -1, batch_shards: bool = True,
+               privacy: ml_collections.ConfigDict | None = None):
     check_task(task, task_name)
     if jax.process_count() > 1:
       raise NotImplementedError("downstream evaluation runs in a single process (any number of local "
@@ -401,6 +408,10 @@ class Finetuner:
     mesh_lib.check_global_batch(self.mesh, self.batch, f"{where}.batch_size")
     mesh_lib.check_global_batch(self.mesh, self.eval_batch, f"{where}.eval_batch_size")
 
+    self.plan = privacy_accounting.plan_dp_sgd(
+        privacy, expected_batch_size=self.batch, dataset_size=self.n_train, steps=self.total,
+        batch_multiple=mesh_lib.num_batch_shards(self.mesh), data=f"{task.data.get('name')}:{task.train_split}",
+        batch_option=f"{where}.batch_size")
     self.model = build_model(task, model_cfg, protocol, self.image_shape)
     abstract = jax.eval_shape(lambda r: self.model.init(r, self.image_shape), jax.random.PRNGKey(0))
     self.tx, self.schedule = make_optimizer(task, self.total, abstract, self.model.freeze_backbone)
@@ -410,8 +421,8 @@ class Finetuner:
       self.init_state, self.shardings = core.state_init(core.train_state_init(self.tx),
                                                         (abstract, jax.random.PRNGKey(0)), self.mesh,
                                                         mesh_cfg if batch_shards else None)
-    self.step_fn = core.jit_step(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task)),
-                                 self.shardings, self.mesh)
+    self.step_fn = core.jit_step(make_train_step(self.model, self.tx, self.schedule, loss_fn_for(task),
+                                                 privacy=self.plan), self.shardings, self.mesh)
     self.predict = jax.jit(make_predict(self.model, task),
                            in_shardings=(self.shardings.params, mesh_lib.data_sharding(self.mesh)),
                            out_shardings=mesh_lib.replicated(self.mesh))
@@ -457,12 +468,19 @@ class Finetuner:
     with jax.set_mesh(self.mesh):
       # Pre-trained weights (host arrays, or committed to one device) go to their layout first.
       state = self.init_state(jax.device_put(params, self.shardings.params), state_rng)
-      train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
-                                                     seed=int(seed))
+      plan = self.plan
+      if plan is None:
+        train_iter = self.data_lib.make_train_iterator(self.train_data, global_batch_size=self.batch,
+                                                       seed=int(seed))
+      else:
+        poisson = dp_sampling.PoissonBatches(self.train_data, seed=int(seed), sampling_rate=plan.sampling_rate,
+                                             max_batch_size=plan.max_batch_size,
+                                             microbatch_size=plan.microbatch_size)
 
       def next_batch(step: int):
-        local = next(train_iter)
-        return mesh_lib.put_batch(self.mesh, {"image": model_inputs(local), "target": self._target(local)})
+        local = next(train_iter) if plan is None else poisson.batch(step)
+        extra = {} if plan is None else {dp_sgd.PADDING_KEY: local[dp_sgd.PADDING_KEY]}
+        return mesh_lib.put_batch(self.mesh, {"image": model_inputs(local), "target": self._target(local), **extra})
 
       # Validation (model selection) every eval_every steps and at the last; no checkpoints (runs are short).
       core.Loop(step_fn=self.step_fn, next_batch=next_batch, what=f"{name}:{seed}", log_every=self.eval_every,
@@ -472,13 +490,28 @@ class Finetuner:
       params = jax.device_put(best_params, self.shardings.params)
     test = self.evaluate(params, task.test_split)
     return FinetuneResult(test=test, best_val=best_val, best_step=best_step, history=history,
-                          total_steps=self.total, loaded=loaded, params=params if keep_params else None)
+                          total_steps=self.total, loaded=loaded, params=params if keep_params else None,
+                          privacy=self.ledger())
+
+  def ledger(self) -> dict[str, Any] | None:
+    """The privacy ledger of one run (every seed's is the same), or None without DP."""
+    plan = self.plan
+    if plan is None:
+      return None
+    data = f"{self.task.data.get('name')}:{self.task.train_split}"
+    return privacy_accounting.ledger(
+        [plan.mechanism(data)], delta=plan.delta, accountant=plan.accountant, eps=plan.epsilon, dp=True,
+        dataset_size=plan.dataset_size, expected_batch_size=plan.expected_batch_size,
+        max_batch_size=plan.max_batch_size, microbatch_size=plan.microbatch_size, sampling=plan.sampling,
+        covers=("the fine-tuned parameters of each seed, with respect to the task's training split; not the "
+                "model selection on the validation split, nor the logged training losses"))
 
 
 def finetune(task: ml_collections.ConfigDict, task_name: str, model_cfg: ml_collections.ConfigDict, *,
              seed: int, protocol: str = "finetune", pretrained: Any | None = None, source: str = "",
              mesh_cfg: ml_collections.ConfigDict | None = None, max_steps: int = -1,
-             batch_shards: bool = True, keep_params: bool = False) -> FinetuneResult:
+             batch_shards: bool = True, keep_params: bool = False,
+             privacy: ml_collections.ConfigDict | None = None) -> FinetuneResult:
   """One fine-tuning run (see `Finetuner`)."""
   return Finetuner(task, task_name, model_cfg, protocol=protocol, mesh_cfg=mesh_cfg, max_steps=max_steps,
-                   batch_shards=batch_shards).run(seed, pretrained, source, keep_params=keep_params)
+                   batch_shards=batch_shards, privacy=privacy).run(seed, pretrained, source, keep_params=keep_params)

@@ -1,5 +1,6 @@
 """Feature statistics of a trained stage and data-free inversion (paper Sec. 3, App. B.2, B.3, C).
 
+config.py      defaults of config.inversion and its frozen spec (`inversion_spec`: program and host options)
 statistics.py  per-block token statistics (Eq. 9 merging), saved as `statistics.npz`
 losses.py      L_norm, L_task, L_img, L_rep and the registry of objective terms (Eq. 6)
 context.py     what a loss term reads: the synthetic batch and the frozen model's view of it

@@ -1,6 +1,22 @@
-"""Defaults of `config.inversion`: feature statistics and data-free inversion (paper Sec. 3.3-3.5, App. B, C)."""
+"""Defaults of `config.inversion` (paper Sec. 3.3-3.5, App. B, C), and its frozen, typed spec.
+
+`inversion_spec(config.inversion)` is the one reading of the section: an `InversionSpec` whose `program` part
+(`ProgramSpec`) holds every option the compiled inversion program depends on (the generator, the optimiser, the
+objective: the traced code reads only these, and they are the compile cache's key) and whose `host` part
+(`HostSpec`) holds the options only the host loop reads (schedules, sizes, files, logging). Every key of
+`config.inversion` is a field of exactly one part, so a new option says on which side it is; a key that is
+neither is refused, naming it, unless a registered loss term declares it as its own option
+(`register_loss_term(name, options=(...))`, docs/extending_losses.md), which makes it a program field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
 
 import ml_collections
+
+from invcoss_jax.config_checks import ConfigError
 
 
 def _schedule(*, batch_size: int, steps: int, init_steps: int, latent_dim: int,
@@ -26,10 +42,9 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.pixel_statistics = False
 
   # --- What to synthesise ---
-  # Number of synthetic samples; <= 0 derives it from `buffer_fraction` of the stage's dataset size
-  # (the paper generates as many synthetic samples as a 5 % replay buffer holds).
+  # Number of synthetic samples; <= 0 derives it from config.continual.buffer_fraction of the stage's dataset
+  # size (the paper generates as many synthetic samples as a 5 % replay buffer holds).
   c.num_samples = -1
-  c.buffer_fraction = 0.05
   c.shard_size = 256  # samples per npz shard under workdir/synthetic/
 
   # --- Generator (App. B.3, Table 4; Table 3 baselines) ---
@@ -124,3 +139,202 @@ def use_realism_priors(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.loss_weights.img = 0.0
   c.lr_generator = 3e-3
   return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The spec.
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """config.inversion.schedule_2d / schedule_3d."""
+  batch_size: int
+  steps: int
+  init_steps: int
+  latent_dim: int
+  reinit_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InvUNetOptions:
+  """config.inversion.invunet."""
+  channels: tuple[int, ...]
+  skip: str
+  activation: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CMIOptions:
+  """config.inversion.cmi."""
+  ngf: int
+  ngf_large: int
+  num_upsamples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+  """The options of config.inversion the compiled program depends on: the generator, the optimiser and the
+  objective. It is the compile cache's key (hashable), and the only options the traced code sees (loss terms
+  receive it as their second argument). `term_options`: the options registered loss terms declared, read as
+  attributes (`spec.pixel_mean`) or with `get`."""
+  generator: str
+  invunet: InvUNetOptions
+  cmi: CMIOptions
+  grey: str
+  output_activation: str
+  lr_generator: float
+  lr_latents: float
+  adam_b1: float
+  adam_b2: float
+  loss_weights: tuple[tuple[str, float], ...]  # (name, weight), sorted by name
+  jitter: int
+  task_mask_ratio: float
+  img_reduction: str
+  rep_feature: str
+  term_options: tuple[tuple[str, Any], ...] = ()
+
+  def __getattr__(self, name: str) -> Any:  # only called for names that are not fields: the term options
+    for key, value in object.__getattribute__(self, "term_options"):
+      if key == name:
+        return value
+    raise AttributeError(f"config.inversion.{name} is not an option of the inversion program (a loss term's own "
+                         "option is declared with register_loss_term(name, options=(...)))")
+
+  def get(self, name: str, default: Any = None) -> Any:
+    """An option by name (a field or a declared term option), or `default`."""
+    try:
+      return getattr(self, name)
+    except AttributeError:
+      return default
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+  """The options of config.inversion only the host loop reads: changing them compiles nothing new."""
+  stats_batch_size: int
+  stats_file: str
+  buffer_fractions: tuple[float, ...]
+  pixel_statistics: bool
+  num_samples: int
+  shard_size: int
+  schedule_2d: Schedule
+  schedule_3d: Schedule
+  inner_loop: str
+  max_retries: int
+  pool_size: int
+  log_every_steps: int
+  grid_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionSpec:
+  """config.inversion, read once: `program` (the compiled program's options) and `host` (the host loop's)."""
+  program: ProgramSpec
+  host: HostSpec
+
+
+_NESTED = {"invunet": InvUNetOptions, "cmi": CMIOptions, "schedule_2d": Schedule, "schedule_3d": Schedule}
+PROGRAM_OPTIONS = tuple(f.name for f in dataclasses.fields(ProgramSpec) if f.name != "term_options")
+HOST_OPTIONS = tuple(f.name for f in dataclasses.fields(HostSpec))
+# Read when a config lacks them (one recorded before the option existed): the behaviour of that time.
+_IF_ABSENT = {"grey": "no"}
+# option -> the registered loss term that declared it (register_loss_term(name, options=...)).
+_TERM_OPTIONS: dict[str, str] = {}
+
+
+def declare_term_options(term: str, options) -> None:
+  """Records `options` (keys of config.inversion) as the own options of the loss term `term`: program fields
+  of the spec (a change recompiles), allowed in config.inversion beside the built-in options."""
+  for option in options:
+    option = str(option)
+    if option in PROGRAM_OPTIONS or option in HOST_OPTIONS:
+      raise ValueError(f"loss term {term!r}: config.inversion.{option} is a built-in option; pick another name")
+    if _TERM_OPTIONS.get(option, term) != term:
+      raise ValueError(f"loss term {term!r}: config.inversion.{option} is already the option of the term "
+                       f"{_TERM_OPTIONS[option]!r}; pick another name")
+    _TERM_OPTIONS[option] = term
+
+
+def _typed(option: str, value: Any, kind) -> Any:
+  try:
+    if kind is tuple:
+      return tuple(value)
+    if kind is bool and isinstance(value, str):
+      raise TypeError("a string")
+    return kind(value)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.inversion.{option}={value!r}: expected {kind.__name__} ({e})") from e
+
+
+def _kind(field_type: str):
+  return {"int": int, "float": float, "str": str, "bool": bool}.get(field_type, tuple)
+
+
+def _frozen(value: Any) -> Any:
+  """A hashable copy of a term option's value."""
+  if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+    return ml_collections.FrozenConfigDict(value)
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  return value
+
+
+def _build(cls, section: str, given: Mapping[str, Any], defaults: Mapping[str, Any]):
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name == "term_options":
+      continue
+    option = f"{section}{f.name}"
+    if f.name in _NESTED:
+      sub = given.get(f.name, defaults[f.name])
+      values[f.name] = _build(_NESTED[f.name], option + ".", _section(option, sub), defaults[f.name])
+    elif f.name == "loss_weights":
+      weights = _section(option, given.get(f.name, defaults[f.name]))
+      values[f.name] = tuple(sorted((str(k), _typed(f"{option}.{k}", w, float)) for k, w in weights.items()))
+    elif f.name in given:
+      values[f.name] = _typed(option, given[f.name], _kind(str(f.type)))
+    else:
+      values[f.name] = _IF_ABSENT.get(f.name, defaults[f.name])
+  if cls in (Schedule, InvUNetOptions, CMIOptions):
+    unknown = sorted(set(given) - set(values))
+    if unknown:
+      raise ConfigError(f"config.inversion.{section}{unknown[0]} is not an option of the inversion; options of "
+                        f"config.inversion.{section.rstrip('.')}: {', '.join(sorted(values))}")
+  return cls(**values)
+
+
+def _section(option: str, value: Any) -> Mapping[str, Any]:
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return {k: value[k] for k in value.keys()}
+  if isinstance(value, Mapping):
+    return dict(value)
+  raise ConfigError(f"config.inversion.{option}={value!r}: expected a section of options")
+
+
+def inversion_spec(inv_cfg) -> InversionSpec:
+  """The `InversionSpec` of `config.inversion` (a ConfigDict; an InversionSpec is returned as it is).
+
+  Every key must be a field of the program or the host part, or an option a registered loss term declared;
+  anything else is a ConfigError naming it. A missing key takes its default (a config recorded before the
+  option existed)."""
+  if isinstance(inv_cfg, InversionSpec):
+    return inv_cfg
+  given = _section("", inv_cfg)
+  defaults = inversion_config().to_dict()
+  unknown = [k for k in sorted(given) if k not in PROGRAM_OPTIONS and k not in HOST_OPTIONS and k not in _TERM_OPTIONS]
+  if unknown:
+    k = unknown[0]
+    raise ConfigError(f"config.inversion.{k} is not an option of the inversion (a loss term's own option must be "
+                      f"declared where the term is registered: register_loss_term(name, options=({k!r},)), "
+                      "docs/extending_losses.md)")
+  program = _build(ProgramSpec, "", given, defaults)
+  terms = tuple(sorted((k, _frozen(given[k])) for k in given if k in _TERM_OPTIONS))
+  return InversionSpec(program=dataclasses.replace(program, term_options=terms),
+                       host=_build(HostSpec, "", given, defaults))
+
+
+def program_spec(inv) -> ProgramSpec:
+  """The `ProgramSpec` of a ProgramSpec, an InversionSpec or a `config.inversion` ConfigDict."""
+  if isinstance(inv, ProgramSpec):
+    return inv
+  return inversion_spec(inv).program

@@ -11,9 +11,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-
 from invcoss_jax.inversion import statistics
+from invcoss_jax.inversion.config import ProgramSpec, program_spec
 from invcoss_jax.measure import features as measure_features
 
 
@@ -52,13 +51,14 @@ class InversionContext:
     rng: a PRNG key for this step (used for the L_task masking).
     pool: `(P, F)` persistent feature pool; pool_count: number of features written before this batch.
     attempt: the retry index of this batch (0 first).
-    config: `config.inversion`.
+    spec: the `ProgramSpec` of config.inversion (the options the compiled program depends on; a
+      config.inversion ConfigDict given here is read into one).
   Lazily computed: `encoder_outputs`, `block_tokens`, `tokens`, `feature_moments`, `features`,
   `pool_with_batch`, `mae_outputs`.
   """
 
   def __init__(self, *, images: jax.Array, model: Any, params: Any, target_stats: statistics.FeatureStats,
-               rng: jax.Array, pool: jax.Array, pool_count: jax.Array, config: ml_collections.ConfigDict,
+               rng: jax.Array, pool: jax.Array, pool_count: jax.Array, spec: ProgramSpec,
                attempt: jax.Array | int = 0, model_images: jax.Array | None = None):
     self.images = images
     self.model_images = images if model_images is None else model_images
@@ -68,7 +68,7 @@ class InversionContext:
     self.rng = rng
     self.pool = pool
     self.pool_count = pool_count
-    self.config = config
+    self.spec = program_spec(spec)
     self.attempt = attempt
 
   @functools.cached_property
@@ -92,7 +92,7 @@ class InversionContext:
   @functools.cached_property
   def features(self) -> jax.Array:
     """`(B, F)` features of the synthetic images for L_rep (config.inversion.rep_feature)."""
-    return rep_features(self.tokens, self.config.rep_feature, last_block=self.block_tokens[-1],
+    return rep_features(self.tokens, self.spec.rep_feature, last_block=self.block_tokens[-1],
                         target_stats=self.target_stats)
 
   @functools.cached_property
@@ -109,5 +109,5 @@ class InversionContext:
   @functools.cached_property
   def mae_outputs(self) -> dict[str, jax.Array]:
     """The frozen MAE on the synthetic images with random masking (eval mode): pred, target, mask, loss."""
-    return self.model.apply({"params": self.params}, self.model_images, mask_ratio=float(self.config.task_mask_ratio),
+    return self.model.apply({"params": self.params}, self.model_images, mask_ratio=self.spec.task_mask_ratio,
                             train=False, rngs={"masking": self.rng})

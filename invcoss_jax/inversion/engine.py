@@ -17,7 +17,7 @@ generator); it is never returned.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 from typing import Any, Callable
@@ -32,6 +32,7 @@ import optax
 from invcoss_jax import faults
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.inversion import losses, statistics
+from invcoss_jax.inversion.config import InversionSpec, ProgramSpec, Schedule, inversion_spec, program_spec
 from invcoss_jax.inversion.context import InversionContext
 from invcoss_jax.models.cmi_generator import CMIGenerator
 from invcoss_jax.models.invunet import InvUNet, default_output_activation, output_fn
@@ -48,18 +49,18 @@ def spatial_rank_of(image_shape) -> int:
   return rank
 
 
-def schedule_for(inv_cfg: ml_collections.ConfigDict, rank: int) -> ml_collections.ConfigDict:
-  """config.inversion.schedule_2d or schedule_3d, checked."""
+def schedule_for(inv, rank: int) -> Schedule:
+  """config.inversion.schedule_2d or schedule_3d, checked (`inv`: config.inversion or its InversionSpec)."""
   name = f"schedule_{rank}d"
-  s = inv_cfg[name]
-  for field in ("batch_size", "steps", "init_steps", "latent_dim", "reinit_every"):
-    if int(s[field]) < 1:
-      raise ValueError(f"config.inversion.{name}.{field} must be >= 1, got {s[field]}")
+  s = getattr(inversion_spec(inv).host, name)
+  for field in dataclasses.fields(Schedule):
+    if getattr(s, field.name) < 1:
+      raise ValueError(f"config.inversion.{name}.{field.name} must be >= 1, got {getattr(s, field.name)}")
   return s
 
 
-def output_activation(inv_cfg: ml_collections.ConfigDict, rank: int) -> str:
-  name = inv_cfg.output_activation
+def output_activation(inv, rank: int) -> str:
+  name = program_spec(inv).output_activation
   return default_output_activation(rank) if name == "auto" else name
 
 
@@ -75,64 +76,73 @@ class ReplicateChannels(nn.Module):
     return jnp.repeat(self.generator(z, train=train), self.channels, axis=-1)
 
 
-def resolve_grey(inv_cfg: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
-  """A copy of `inv_cfg` with `grey` 'auto' resolved for a stage of `modality`: 'yes' where the modality's
-  images are grey replicated to 3 channels (X-ray), else 'no'."""
-  out = ml_collections.ConfigDict(inv_cfg.to_dict())
-  grey = str(inv_cfg.get("grey", "no"))
+def _resolved_grey(grey: str, generator: str, modality: str) -> str:
   if grey not in ("auto", "yes", "no"):
     raise ValueError(f"config.inversion.grey must be 'auto', 'yes' or 'no', got {grey!r}")
   if grey == "auto":
-    out.grey = "yes" if modality in GREY_MODALITIES and inv_cfg.generator != "none" else "no"
+    return "yes" if modality in GREY_MODALITIES and generator != "none" else "no"
+  return grey
+
+
+def resolve_grey(inv, modality: str):
+  """A copy of `inv` (config.inversion, or its InversionSpec) with `grey` 'auto' resolved for a stage of
+  `modality`: 'yes' where the modality's images are grey replicated to 3 channels (X-ray), else 'no'."""
+  if isinstance(inv, InversionSpec):
+    p = inv.program
+    return dataclasses.replace(inv, program=dataclasses.replace(p, grey=_resolved_grey(p.grey, p.generator,
+                                                                                       modality)))
+  out = ml_collections.ConfigDict(inv.to_dict())
+  out.grey = _resolved_grey(str(inv.get("grey", "no")), inv.generator, modality)
   return out
 
 
-def build_generator(inv_cfg: ml_collections.ConfigDict, image_shape) -> nn.Module | None:
+def build_generator(inv, image_shape) -> nn.Module | None:
   """The generator named by config.inversion.generator; None for 'none' (direct image optimisation).
 
   With config.inversion.grey = 'yes' the generator draws one channel, repeated over the image's channels
   ('auto' is resolved by the jobs from the stage's modality, `resolve_grey`; here it means 'no')."""
+  p = program_spec(inv)
   shape = tuple(int(s) for s in image_shape)
-  grey = str(inv_cfg.get("grey", "no"))
-  if grey not in ("auto", "yes", "no"):
-    raise ValueError(f"config.inversion.grey must be 'auto', 'yes' or 'no', got {grey!r}")
-  if grey == "yes" and shape[-1] > 1:
-    if inv_cfg.generator == "none":
+  if p.grey not in ("auto", "yes", "no"):
+    raise ValueError(f"config.inversion.grey must be 'auto', 'yes' or 'no', got {p.grey!r}")
+  if p.grey == "yes" and shape[-1] > 1:
+    if p.generator == "none":
       raise ValueError("config.inversion.grey='yes' needs a generator (config.inversion.generator='none' "
                        "optimises the pixels of every channel)")
-    return ReplicateChannels(_build_generator(inv_cfg, shape[:-1] + (1,)), shape[-1])
-  return _build_generator(inv_cfg, shape)
+    return ReplicateChannels(_build_generator(p, shape[:-1] + (1,)), shape[-1])
+  return _build_generator(p, shape)
 
 
-def _build_generator(inv_cfg: ml_collections.ConfigDict, shape: tuple[int, ...]) -> nn.Module | None:
+def _build_generator(p: ProgramSpec, shape: tuple[int, ...]) -> nn.Module | None:
   rank = spatial_rank_of(shape)
-  out = output_activation(inv_cfg, rank)
+  out = output_activation(p, rank)
   output_fn(out)  # validates the name
-  g = inv_cfg.generator
+  g = p.generator
   if g == "invunet":
-    c = inv_cfg.invunet
+    c = p.invunet
     return InvUNet(image_shape=shape, channels=tuple(c.channels), skip=c.skip, activation=c.activation,
                    output_activation=out)
   if g in ("cmi", "cmi_large"):
-    ngf = inv_cfg.cmi.ngf_large if g == "cmi_large" else inv_cfg.cmi.ngf
-    return CMIGenerator(image_shape=shape, ngf=int(ngf), num_upsamples=int(inv_cfg.cmi.num_upsamples),
+    ngf = p.cmi.ngf_large if g == "cmi_large" else p.cmi.ngf
+    return CMIGenerator(image_shape=shape, ngf=int(ngf), num_upsamples=int(p.cmi.num_upsamples),
                         output_activation=out)
   if g == "none":
     return None
   raise ValueError(f"config.inversion.generator must be one of {list(GENERATORS)}, got {g!r}")
 
 
-def make_optimizer(inv_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(inv) -> optax.GradientTransformation:
   """One optax transformation over {'generator': ..., 'latents': ...}: Adam at lr_generator for the generator
   and at lr_latents for the latents (App. C: 2e-4 and 0.05)."""
+  p = program_spec(inv)
+
   def adam(lr):
-    return optax.adam(float(lr), b1=float(inv_cfg.adam_b1), b2=float(inv_cfg.adam_b2))
+    return optax.adam(float(lr), b1=float(p.adam_b1), b2=float(p.adam_b2))
 
   def labels(tree):
     return {k: jax.tree.map(lambda _: k, v) for k, v in tree.items()}
 
-  return optax.partition({"generator": adam(inv_cfg.lr_generator), "latents": adam(inv_cfg.lr_latents)},
-                         labels)
+  return optax.partition({"generator": adam(p.lr_generator), "latents": adam(p.lr_latents)}, labels)
 
 
 def init_variables(generator: nn.Module | None, image_shape, batch_size: int, latent_dim: int,
@@ -176,14 +186,14 @@ def jittered(images: jax.Array, key: jax.Array, max_offset: int) -> jax.Array:
   return images
 
 
-def inner_loop_mode(inv_cfg: ml_collections.ConfigDict) -> str:
+def inner_loop_mode(inv) -> str:
   """'compiled' (the whole batch in one compiled loop) or 'stepwise' (one compiled step per call).
 
   'auto' picks 'stepwise' on CPU: XLA:CPU leaves the weight-gradient convolutions inside a compiled loop in
   a layout its fast kernels do not take (measured 10-30x slower per step), while a loop-free step program
   gets them; on GPU/TPU 'auto' is 'compiled'.
   """
-  mode = inv_cfg.inner_loop
+  mode = inversion_spec(inv).host.inner_loop
   if mode == "auto":
     return "stepwise" if jax.default_backend() == "cpu" else "compiled"
   if mode not in ("compiled", "stepwise"):
@@ -196,7 +206,8 @@ class BatchOptimizer:
 
   `__call__(opt_vars, state, frozen, key, attempt, num_steps)` -> dict(opt_vars, state, images, features,
   totals (max_steps + 1,), terms {name: (max_steps + 1,)}); `frozen` = dict(params, stats, pool, pool_count)
-  holds the teacher's parameters and everything not optimised. `num_steps` <= max_steps is traced, so the 3D
+  holds the teacher's parameters and everything not optimised. `inv` is the ProgramSpec of config.inversion
+  (or config.inversion itself): the only options the program reads. `num_steps` <= max_steps is traced, so the 3D
   schedule's 2000- and 500-step batches share one program. Entry i < num_steps of the histories is the loss
   of the variables before update i; entry num_steps is the loss of the final variables (that last pass
   evaluates only, and also yields the final images and features).
@@ -211,19 +222,20 @@ class BatchOptimizer:
   images, features, totals, terms).
   """
 
-  def __init__(self, model, generator: nn.Module | None, inv_cfg: ml_collections.ConfigDict, out_act: str,
-               max_steps: int, image_shape, feature_dim: int, mode: str):
+  def __init__(self, model, generator: nn.Module | None, inv, out_act: str, max_steps: int, image_shape,
+               feature_dim: int, mode: str):
+    spec = program_spec(inv)
     self.max_steps, self.mode = max_steps, mode
     self.image_shape, self.feature_dim = tuple(image_shape), feature_dim
-    self.tx = make_optimizer(inv_cfg)
-    self.names = tuple(losses.active_terms(inv_cfg))
+    self.tx = make_optimizer(spec)
+    self.names = tuple(losses.active_terms(spec))
 
     def loss_fn(opt_vars, state, frozen, key, attempt):
       images, new_state = render(generator, out_act, opt_vars, state)
       ctx = InversionContext(images=images, model=model, params=frozen["params"], target_stats=frozen["stats"],
-                             rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], config=inv_cfg,
-                             attempt=attempt, model_images=jittered(images, key, int(inv_cfg.get("jitter", 0))))
-      total, terms = losses.objective(ctx, inv_cfg)
+                             rng=key, pool=frozen["pool"], pool_count=frozen["pool_count"], spec=spec,
+                             attempt=attempt, model_images=jittered(images, key, spec.jitter))
+      total, terms = losses.objective(ctx, spec)
       return total, (terms, new_state, images, jax.lax.stop_gradient(ctx.features))
 
     self._grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -299,25 +311,13 @@ _COMPILED_MAX = 16
 
 def _cached(key: tuple, build):
   """Compiled programs kept across calls (the continual framework and benchmarks invert repeatedly); the key
-  holds everything the program depends on, including the registered term functions in use."""
+  holds everything the program depends on: the spec's program part (`ProgramSpec`, every option the traced
+  code reads), the shapes, the modules and the registered term functions in use."""
   if key not in _COMPILED:
     if len(_COMPILED) >= _COMPILED_MAX:
       _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = build()
   return _COMPILED[key]
-
-
-# Options only the host loop reads: changing them must not recompile the inner loop.
-_HOST_ONLY = ("inner_loop", "max_retries", "num_samples", "shard_size", "log_every_steps", "grid_size",
-              "stats_batch_size", "pixel_statistics", "stats_file", "buffer_fractions", "buffer_fraction", "pool_size", "schedule_2d",
-              "schedule_3d")
-
-
-def _program_config_json(inv_cfg: ml_collections.ConfigDict) -> str:
-  d = inv_cfg.to_dict()
-  for k in _HOST_ONLY:
-    d.pop(k, None)
-  return json.dumps(d, sort_keys=True, default=str)
 
 
 def _seed_words(rng: jax.Array) -> list[int]:
@@ -369,12 +369,12 @@ def _placement(mesh, mesh_cfg, batch_size: int, rank: int) -> tuple[Callable, Ca
   return (lambda *args: place_inversion_args(mesh, layout, *args)), (lambda: jax.set_mesh(mesh))
 
 
-def _optimise_batch(b: int, fresh_batch: bool, carried, frozen: dict, *, seed, init_fn, runner, sched, inv_cfg,
-                    place, run_context) -> tuple[dict, int, int, bool, Any, list[dict]]:
+def _optimise_batch(b: int, fresh_batch: bool, carried, frozen: dict, *, seed, init_fn, runner, sched,
+                    max_retries: int, place, run_context) -> tuple[dict, int, int, bool, Any, list[dict]]:
   """One batch, retried with a new seed (and a new generator) while its loss is non-finite:
   (outputs, steps, attempts, fresh, the placed frozen parameters, discarded attempts)."""
   discarded = []
-  for attempt in range(int(inv_cfg.max_retries) + 1):
+  for attempt in range(max_retries + 1):
     k_init, k_run = (_rbg_key(seed + [b, attempt, i]) for i in (0, 1))
     fresh = fresh_batch or attempt > 0  # a retry also gets a new generator
     opt_vars, state = init_fn(k_init)
@@ -393,12 +393,12 @@ def _optimise_batch(b: int, fresh_batch: bool, carried, frozen: dict, *, seed, i
     logging.warning("inversion batch %d (attempt %d): the loss turned non-finite; the batch is discarded and "
                     "regenerated with a new seed", b, attempt)
     discarded.append(dict(batch=b, attempt=attempt))
-  raise FloatingPointError(f"inversion batch {b}: the loss stayed non-finite for {int(inv_cfg.max_retries) + 1} "
-                           f"attempts (config.inversion.max_retries={inv_cfg.max_retries}); lower the learning "
+  raise FloatingPointError(f"inversion batch {b}: the loss stayed non-finite for {max_retries + 1} "
+                           f"attempts (config.inversion.max_retries={max_retries}); lower the learning "
                            "rates or check the statistics")
 
 
-def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
+def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv, *,
                            image_shape, rng: jax.Array, num_samples: int, mesh=None,
                            mesh_cfg: ml_collections.ConfigDict | None = None,
                            writer=None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -409,23 +409,26 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
   With `mesh`, every batch is split over the mesh's batch axes, and with `mesh_cfg.shard_params` (a
   `config.mesh`) the teacher's and the generator's parameters over its 'fsdp' axis (`inversion_shardings`).
   `writer` (a clu MetricWriter) receives every
-  loss term every `config.inversion.log_every_steps` inner steps under 'inversion/<term>'.
+  loss term every `config.inversion.log_every_steps` inner steps under 'inversion/<term>'. `inv` is
+  config.inversion or its `InversionSpec` (read once here otherwise).
   """
+  spec = inversion_spec(inv)
+  program, host = spec.program, spec.host
   image_shape = tuple(int(s) for s in image_shape)
   rank = spatial_rank_of(image_shape)
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  sched = schedule_for(inv_cfg, rank)
+  sched = schedule_for(spec, rank)
   batch_size, latent_dim = int(sched.batch_size), int(sched.latent_dim)
-  losses.active_terms(inv_cfg)  # fails early on an unknown term
+  losses.active_terms(program)  # fails early on an unknown term
   statistics.check_statistics(stats, model, params, image_shape)
-  generator = build_generator(inv_cfg, image_shape)
-  out_act = output_activation(inv_cfg, rank)
+  generator = build_generator(program, image_shape)
+  out_act = output_activation(program, rank)
 
   pixel = None
   if stats.pixel is not None:
     pixel = {k: jnp.asarray(v, jnp.float32) for k, v in stats.pixel.items()}
-  needs = [n for n in losses.active_terms(inv_cfg) if n in losses.PIXEL_TERMS]
+  needs = [n for n in losses.active_terms(program) if n in losses.PIXEL_TERMS]
   if needs and pixel is None:
     raise ConfigError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
                      "statistics, but its statistics file holds none: run the statistics pass with "
@@ -434,30 +437,30 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
                                    mean=jnp.asarray(stats.mean, jnp.float32),
                                    var=jnp.asarray(stats.var, jnp.float32), pixel=pixel if needs else None)
   feature_dim = int(target.mean.shape[-1])
-  pool_size = max(int(inv_cfg.pool_size) if int(inv_cfg.pool_size) > 0 else num_samples, batch_size)
+  pool_size = max(host.pool_size if host.pool_size > 0 else num_samples, batch_size)
   pool = np.zeros((pool_size, feature_dim), np.float32)
   pool_count = 0
   place, run_context = _placement(mesh, mesh_cfg, batch_size, rank)
 
-  cfg_key = (model, generator, _program_config_json(inv_cfg), out_act, image_shape, feature_dim,
-             tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(inv_cfg)))
+  cfg_key = (model, generator, program, out_act, image_shape, feature_dim,
+             tuple((n, losses.get_loss_term(n)) for n in losses.active_terms(program)))
   max_steps = max(int(sched.init_steps), int(sched.steps))
-  mode = inner_loop_mode(inv_cfg)
+  mode = inner_loop_mode(spec)
   runner = _cached(("run", max_steps, mode) + cfg_key, lambda: BatchOptimizer(
-      model, generator, inv_cfg, out_act, max_steps, image_shape, feature_dim, mode))
+      model, generator, program, out_act, max_steps, image_shape, feature_dim, mode))
   init_fn = _cached(("init", generator, image_shape, batch_size, latent_dim), lambda: jax.jit(
       lambda k: init_variables(generator, image_shape, batch_size, latent_dim, k)))
   seed = _seed_words(rng)
   kept_images, kept_features, batches, discarded = [], [], [], []
   carried = None  # (generator params, generator state) carried to the next batch
   global_step = 0
-  log_every = max(1, int(inv_cfg.log_every_steps))
+  log_every = max(1, host.log_every_steps)
   num_batches = math.ceil(num_samples / batch_size)
   for b in range(num_batches):
     frozen = dict(params=params, stats=target, pool=jnp.asarray(pool), pool_count=jnp.asarray(pool_count, jnp.int32))
     out, steps, attempts, fresh, params, lost = _optimise_batch(
         b, carried is None or b % int(sched.reinit_every) == 0, carried, frozen, seed=seed, init_fn=init_fn,
-        runner=runner, sched=sched, inv_cfg=inv_cfg, place=place, run_context=run_context)
+        runner=runner, sched=sched, max_retries=host.max_retries, place=place, run_context=run_context)
     discarded += lost  # params: placed once, so the next batches' device_put of them is a no-op
     carried = (out["opt_vars"]["generator"], out["state"])
     keep = min(batch_size, num_samples - pool_count)  # pool_count = samples kept so far
@@ -475,16 +478,17 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv_cf
     logging.info("inversion batch %d/%d: %d steps, loss %.4g -> %.4g (%s)", b + 1, num_batches, steps,
                  batches[-1]["start"]["total"], batches[-1]["end"]["total"],
                  ", ".join(f"{k} {v:.4g}" for k, v in batches[-1]["end"].items() if k != "total"))
-  return _images_and_report(kept_images, kept_features, batches, discarded, num_batches, batch_size, inv_cfg)
+  return _images_and_report(kept_images, kept_features, batches, discarded, num_batches, batch_size,
+                            program.generator)
 
 
 def _images_and_report(kept_images, kept_features, batches, discarded, num_batches: int, batch_size: int,
-                       inv_cfg) -> tuple[np.ndarray, dict[str, Any]]:
+                       generator: str) -> tuple[np.ndarray, dict[str, Any]]:
   images = np.concatenate(kept_images, axis=0)
   features = np.concatenate(kept_features, axis=0)
   report = dict(
       num_samples=int(images.shape[0]), num_batches=num_batches, batch_size=batch_size,
-      generator=inv_cfg.generator, batches=batches, discarded=discarded,
+      generator=generator, batches=batches, discarded=discarded,
       start={k: float(np.mean([bb["start"][k] for bb in batches])) for k in batches[0]["start"]},
       end={k: float(np.mean([bb["end"][k] for bb in batches])) for k in batches[0]["end"]},
       mean_pairwise_cosine=(float(losses.mean_pairwise_cosine(jnp.asarray(features)))
@@ -493,16 +497,15 @@ def _images_and_report(kept_images, kept_features, batches, discarded, num_batch
   return images, report
 
 
-def synthesize(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
-               image_shape, rng: jax.Array, num_samples: int, mesh=None, mesh_cfg=None, writer=None) -> np.ndarray:
+def synthesize(model, params, stats: statistics.FeatureStats, inv, *, image_shape, rng: jax.Array,
+               num_samples: int, mesh=None, mesh_cfg=None, writer=None) -> np.ndarray:
   """`num_samples` synthetic images `(N, *image_shape)` float32 inverted from `model` (see module doc)."""
-  images, _ = synthesize_with_report(model, params, stats, inv_cfg, image_shape=image_shape, rng=rng,
+  images, _ = synthesize_with_report(model, params, stats, inv, image_shape=image_shape, rng=rng,
                                      num_samples=num_samples, mesh=mesh, mesh_cfg=mesh_cfg, writer=writer)
   return images
 
 
-def generator_at_init(inv_cfg: ml_collections.ConfigDict, *, image_shape, rng: jax.Array,
-                      num_samples: int) -> np.ndarray | None:
+def generator_at_init(inv, *, image_shape, rng: jax.Array, num_samples: int) -> np.ndarray | None:
   """`num_samples` images `(N, *image_shape)` float32 of the generator at initialisation: freshly initialised
   weights and latents, drawn batch by batch as inversion starts each batch, with no optimisation step.
 
@@ -512,12 +515,13 @@ def generator_at_init(inv_cfg: ml_collections.ConfigDict, *, image_shape, rng: j
   image_shape = tuple(int(s) for s in image_shape)
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  generator = build_generator(inv_cfg, image_shape)
+  spec = inversion_spec(inv)
+  generator = build_generator(spec.program, image_shape)
   if generator is None:
     return None
   rank = spatial_rank_of(image_shape)
-  sched = schedule_for(inv_cfg, rank)
-  out_act = output_activation(inv_cfg, rank)
+  sched = schedule_for(spec, rank)
+  out_act = output_activation(spec.program, rank)
   batch, latent = int(sched.batch_size), int(sched.latent_dim)
   draw = _cached(("init_images", generator, out_act, image_shape, batch, latent), lambda: jax.jit(
       lambda k: render(generator, out_act, *init_variables(generator, image_shape, batch, latent, k))[0]))

@@ -1,9 +1,11 @@
 """The inversion objective (paper Eq. 6): pure loss functions and a registry of named terms.
 
 Each loss is a pure function of arrays (float32 result) that can be read, tested and swapped on its own.
-The objective is `sum(config.loss_weights[name] * term(ctx, config))` over the registered terms named in
-`config.inversion.loss_weights`; a weight of 0 switches a term off (it is not even computed). A new term is a
-function registered with `@register_loss_term('name')` plus a `loss_weights.name` entry; see
+The objective is `sum(spec.loss_weights[name] * term(ctx, spec))` over the registered terms named in
+`config.inversion.loss_weights`; a weight of 0 switches a term off (it is not even computed). `spec` is the
+`ProgramSpec` of config.inversion (inversion/config.py): the options the compiled program depends on, and the
+only ones a term reads. A new term is a function registered with `@register_loss_term('name')` plus a
+`loss_weights.name` entry, and options of its own are declared there (`options=(...)`); see
 docs/extending_losses.md. `ctx` is an `inversion.context.InversionContext`: the synthetic images and, computed
 lazily on first use, everything the frozen model says about them.
 """
@@ -11,24 +13,30 @@ lazily on first use, everything the frozen model says about them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from invcoss_jax.inversion.config import ProgramSpec, declare_term_options, program_spec
 from invcoss_jax.models.vit_mae import masked_mse
 
-LossTerm = Callable[[Any, ml_collections.ConfigDict], jax.Array]
+LossTerm = Callable[[Any, ProgramSpec], jax.Array]
 _LOSS_TERMS: dict[str, LossTerm] = {}
 
 
-def register_loss_term(name: str) -> Callable[[LossTerm], LossTerm]:
-  """Decorator: registers `fn(ctx, inv_cfg) -> scalar` as the loss term `name` of the objective."""
+def register_loss_term(name: str, *, options: Iterable[str] = ()) -> Callable[[LossTerm], LossTerm]:
+  """Decorator: registers `fn(ctx, spec) -> scalar` as the loss term `name` of the objective.
+
+  `options`: keys of config.inversion that the term reads (`spec.<option>`), beyond the built-in ones; they
+  are program options of the spec (a change recompiles), and config.inversion refuses any key nobody declared."""
+  options = tuple(str(o) for o in options)
+
   def register(fn: LossTerm) -> LossTerm:
     if name in _LOSS_TERMS and _LOSS_TERMS[name] is not fn:
       raise ValueError(f"loss term {name!r} is already registered (by {_LOSS_TERMS[name].__module__}."
                        f"{_LOSS_TERMS[name].__qualname__}); pick another name")
+    declare_term_options(name, options)
     _LOSS_TERMS[name] = fn
     return fn
   return register
@@ -46,12 +54,12 @@ def get_loss_term(name: str) -> LossTerm:
   return _LOSS_TERMS[name]
 
 
-def active_terms(inv_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-  """{name: weight} of the terms with a non-zero weight, checked against the registry."""
+def active_terms(spec) -> dict[str, float]:
+  """{name: weight} of the terms with a non-zero weight, checked against the registry (`spec`: a ProgramSpec,
+  or config.inversion)."""
   weights = {}
-  for name, w in dict(inv_cfg.loss_weights).items():
+  for name, w in program_spec(spec).loss_weights:
     get_loss_term(name)
-    w = float(w)
     if not math.isfinite(w):
       raise ValueError(f"config.inversion.loss_weights.{name} must be a finite number, got {w}")
     if w != 0.0:
@@ -61,12 +69,14 @@ def active_terms(inv_cfg: ml_collections.ConfigDict) -> dict[str, float]:
   return weights
 
 
-def objective(ctx, inv_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(total, {name: unweighted term value}) of Eq. 6 over the active terms."""
+def objective(ctx, spec) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(total, {name: unweighted term value}) of Eq. 6 over the active terms (`spec`: the ProgramSpec, or
+  config.inversion)."""
+  spec = program_spec(spec)
   total = jnp.zeros((), jnp.float32)
   values = {}
-  for name, w in active_terms(inv_cfg).items():
-    v = jnp.asarray(get_loss_term(name)(ctx, inv_cfg))
+  for name, w in active_terms(spec).items():
+    v = jnp.asarray(get_loss_term(name)(ctx, spec))
     if v.shape != ():
       raise ValueError(f"loss term {name!r} must return a scalar, got shape {v.shape}")
     v = v.astype(jnp.float32)
@@ -162,23 +172,23 @@ def mean_pairwise_cosine(features: jax.Array) -> jax.Array:
 
 
 @register_loss_term("norm")
-def norm_term(ctx, inv_cfg) -> jax.Array:
+def norm_term(ctx, spec) -> jax.Array:
   """alpha_norm * L_norm: synthetic per-block token statistics vs the stage's stored statistics."""
   m = ctx.feature_moments
   return l_norm(m.mean, m.var, ctx.target_stats.mean, ctx.target_stats.var)
 
 
 @register_loss_term("task")
-def task_term(ctx, inv_cfg) -> jax.Array:
+def task_term(ctx, spec) -> jax.Array:
   """L_task: MAE reconstruction of the synthetic images at config.inversion.task_mask_ratio."""
   out = ctx.mae_outputs
   return l_task(out["pred"], out["target"], out["mask"])
 
 
 @register_loss_term("img")
-def img_term(ctx, inv_cfg) -> jax.Array:
-  """alpha_img * L_img: total variation of the synthetic images."""
-  return l_img(ctx.images, inv_cfg.img_reduction)
+def img_term(ctx, spec) -> jax.Array:
+  """alpha_img * L_img: total variation of the synthetic images (config.inversion.img_reduction)."""
+  return l_img(ctx.images, spec.img_reduction)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,20 +218,20 @@ def l_tv_target(images: jax.Array, target_tv: jax.Array) -> jax.Array:
 
 
 @register_loss_term("pixel")
-def pixel_term(ctx, inv_cfg) -> jax.Array:
+def pixel_term(ctx, spec) -> jax.Array:
   """Batch moments of the pixels vs the stage's pixel statistics (opt-in)."""
   p = ctx.target_stats.pixel
   return l_pixel(ctx.images, p["mean"], p["var"])
 
 
 @register_loss_term("tv_target")
-def tv_target_term(ctx, inv_cfg) -> jax.Array:
+def tv_target_term(ctx, spec) -> jax.Array:
   """Total variation towards the real images' (opt-in; use with loss_weights.img = 0)."""
   return l_tv_target(ctx.images, ctx.target_stats.pixel["tv"])
 
 
 @register_loss_term("rep")
-def rep_term(ctx, inv_cfg) -> jax.Array:
+def rep_term(ctx, spec) -> jax.Array:
   """alpha_rep * L_rep: repulsion from the persistent feature pool (current batch included, Sec. 3.4)."""
   pool, valid = ctx.pool_with_batch
   return l_rep(ctx.features, pool, valid)

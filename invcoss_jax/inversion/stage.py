@@ -24,6 +24,7 @@ import numpy as np
 from invcoss_jax import data as data_lib, npz_io
 from invcoss_jax.config_checks import fraction_count
 from invcoss_jax.inversion import engine, losses, statistics
+from invcoss_jax.inversion.config import inversion_spec
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.train.writers import image_grid, write_png
 from invcoss_jax.workdir import SYNTHETIC_DIR
@@ -33,31 +34,32 @@ SUMMARY_FILE = "inversion.json"
 STATS_SUMMARY_FILE = "statistics.json"
 
 
-def statistics_path(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDict) -> str:
-  return os.path.join(os.fspath(workdir), inv_cfg.stats_file)
+def statistics_path(workdir: str | os.PathLike, inv) -> str:
+  """`inv`: config.inversion or its InversionSpec (as every function here)."""
+  return os.path.join(os.fspath(workdir), inversion_spec(inv).host.stats_file)
 
 
-def has_statistics(workdir: str | os.PathLike, inv_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the stage's statistics file exists with everything `inv_cfg` asks for (the pixel statistics
+def has_statistics(workdir: str | os.PathLike, inv) -> bool:
+  """Whether the stage's statistics file exists with everything `inv` asks for (the pixel statistics
   when `pixel_statistics`: a stage copied from a run without them gets its statistics pass again)."""
-  path = statistics_path(workdir, inv_cfg)
+  path = statistics_path(workdir, inv)
   if not os.path.isfile(path):
     return False
-  return not bool(inv_cfg.get("pixel_statistics", False)) or statistics.load_statistics(path).pixel is not None
+  return not inversion_spec(inv).host.pixel_statistics or statistics.load_statistics(path).pixel is not None
 
 
-def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg: ml_collections.ConfigDict,
-                     workdir: str | os.PathLike, mesh) -> statistics.FeatureStats:
+def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv, workdir: str | os.PathLike,
+                     mesh) -> statistics.FeatureStats:
   """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`."""
   workdir = os.fspath(workdir)
-  batches = data_lib.make_eval_iterator(data_cfg, batch_size=int(inv_cfg.stats_batch_size),
+  host = inversion_spec(inv).host
+  batches = data_lib.make_eval_iterator(data_cfg, batch_size=host.stats_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-  stats = statistics.compute_statistics(model, params, batches, mesh=mesh,
-                                       pixel=bool(inv_cfg.get("pixel_statistics", False)))
-  path = statistics_path(workdir, inv_cfg)
+  stats = statistics.compute_statistics(model, params, batches, mesh=mesh, pixel=host.pixel_statistics)
+  path = statistics_path(workdir, inv)
   file_bytes = statistics.save_statistics(path, stats)
   nbytes = statistics.statistics_nbytes(stats)
-  buffers = {f"{f:g}": statistics.replay_buffer_nbytes(data_cfg, float(f)) for f in inv_cfg.buffer_fractions}
+  buffers = {f"{f:g}": statistics.replay_buffer_nbytes(data_cfg, float(f)) for f in host.buffer_fractions}
   summary = dict(
       file=os.path.basename(path), count=int(stats.count), num_blocks=int(stats.mean.shape[0]),
       tokens=int(stats.mean.shape[1]), width=int(stats.mean.shape[2]), pixel_statistics=stats.pixel is not None,
@@ -73,12 +75,13 @@ def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv_cfg
   return stats
 
 
-def num_synthetic_samples(inv_cfg: ml_collections.ConfigDict, stage_data_cfg) -> int:
-  """config.inversion.num_samples, or buffer_fraction of the stage's dataset (at least 1)."""
-  if int(inv_cfg.num_samples) > 0:
-    return int(inv_cfg.num_samples)
-  return fraction_count("config.inversion.buffer_fraction", inv_cfg.buffer_fraction,
-                        data_lib.num_examples(stage_data_cfg))
+def num_synthetic_samples(inv, stage_data_cfg, buffer_fraction: float) -> int:
+  """config.inversion.num_samples, or `buffer_fraction` (config.continual.buffer_fraction: as many as a real
+  replay buffer) of the stage's dataset (at least 1)."""
+  num_samples = inversion_spec(inv).host.num_samples
+  if num_samples > 0:
+    return num_samples
+  return fraction_count("config.continual.buffer_fraction", buffer_fraction, data_lib.num_examples(stage_data_cfg))
 
 
 def _batches(images: np.ndarray, batch_size: int):
@@ -86,21 +89,23 @@ def _batches(images: np.ndarray, batch_size: int):
     yield images[start:start + batch_size]
 
 
-def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_collections.ConfigDict, *,
-                 stage_data: ml_collections.ConfigDict, seed: int, workdir: str | os.PathLike, mesh,
+def invert_stage(model, params, stats: statistics.FeatureStats, inv, *, stage_data: ml_collections.ConfigDict,
+                 buffer_fraction: float, seed: int, workdir: str | os.PathLike, mesh,
                  mesh_cfg: ml_collections.ConfigDict, writer, stage_dir: str, stats_file: str,
                  optimise: bool = True) -> dict[str, Any]:
   """Inverts the stage of `model`/`params` (trained on `stage_data`, statistics `stats`) into `workdir`;
-  returns the summary also written as `inversion.json`. `inv_cfg` is config.inversion (its grey setting is
-  resolved for the stage's modality here).
+  returns the summary also written as `inversion.json`. `inv` is config.inversion (read once here into its
+  InversionSpec, with the grey setting resolved for the stage's modality); without
+  config.inversion.num_samples the set holds `buffer_fraction` (config.continual.buffer_fraction) of the
+  stage's examples.
 
   `optimise=False` writes the generator's output at initialisation instead, with the same layout, size and
   summary (the `noise` method: everything of invcoss but the inversion, so that a benchmark can tell what the
   inversion itself contributes)."""
   workdir = os.fspath(workdir)
-  inv = engine.resolve_grey(inv_cfg, str(data_lib.resolve(stage_data).modality))
+  inv = engine.resolve_grey(inversion_spec(inv), str(data_lib.resolve(stage_data).modality))
   image_shape = tuple(int(s) for s in data_lib.image_shape(stage_data))
-  num_samples = num_synthetic_samples(inv, stage_data)
+  num_samples = num_synthetic_samples(inv, stage_data, buffer_fraction)
   os.makedirs(workdir, exist_ok=True)
   if optimise:
     images, report = engine.synthesize_with_report(
@@ -112,21 +117,21 @@ def invert_stage(model, params, stats: statistics.FeatureStats, inv_cfg: ml_coll
     if images is None:
       raise ValueError("the noise control replays the generator's output at initialisation; "
                        "config.inversion.generator='none' has no generator (pick invunet, cmi or cmi_large)")
-    report = dict(num_samples=int(len(images)), generator=str(inv.generator), optimised=False, batches=[],
+    report = dict(num_samples=int(len(images)), generator=inv.program.generator, optimised=False, batches=[],
                   start={}, end={})
   # The achieved L_norm of the whole synthetic set against the stored statistics.
-  synth_stats = statistics.compute_statistics(model, params, _batches(images, int(inv.stats_batch_size)), mesh=mesh)
+  synth_stats = statistics.compute_statistics(model, params, _batches(images, inv.host.stats_batch_size), mesh=mesh)
   achieved = float(losses.l_norm(jnp.asarray(synth_stats.mean, jnp.float32), jnp.asarray(synth_stats.var, jnp.float32),
                                  jnp.asarray(stats.mean), jnp.asarray(stats.var)))
   writer.write_scalars(sum(b["steps"] for b in report["batches"]), {"inversion/l_norm_synthetic_set": achieved})
   writer.flush()
 
-  shards = npz_io.write_shards(os.path.join(workdir, SYNTHETIC_DIR), images, int(inv.shard_size))
-  write_png(os.path.join(workdir, GRID_FILE), image_grid(images, int(inv.grid_size)))
+  shards = npz_io.write_shards(os.path.join(workdir, SYNTHETIC_DIR), images, inv.host.shard_size)
+  write_png(os.path.join(workdir, GRID_FILE), image_grid(images, inv.host.grid_size))
   summary = {k: v for k, v in report.items() if k != "features"}
   summary.update(
       stage=os.path.abspath(stage_dir), statistics=os.path.abspath(stats_file), image_shape=list(image_shape),
-      grey=str(inv.grey), optimised=bool(optimise), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"),
+      grey=inv.program.grey, optimised=bool(optimise), l_norm_synthetic_set=achieved, l_norm_start=report["start"].get("norm"),
       l_norm_end=report["end"].get("norm"), shards=shards, synthetic_dir=SYNTHETIC_DIR,
       input_layer=dict(format="npz", preprocessed=True, path=os.path.join(os.path.abspath(workdir), SYNTHETIC_DIR)))
   atomic_write_json(os.path.join(workdir, SUMMARY_FILE), summary)

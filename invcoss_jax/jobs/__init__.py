@@ -18,6 +18,7 @@ import ml_collections
 
 from invcoss_jax import config_checks, workdir as workdir_lib, workdir_lock
 from invcoss_jax.config_checks import ConfigError
+from invcoss_jax.inversion.config import inversion_spec
 
 # mode -> (module, function); every function is called as fn(config, workdir).
 JOBS: dict[str, tuple[str, str]] = {
@@ -46,6 +47,8 @@ def check_job_options(config: ml_collections.ConfigDict) -> None:
   mode = str(config.get("mode", "pretrain"))
   job_for_mode(mode)
   config_checks.check_options(config)
+  if "inversion" in config:
+    inversion_spec(config.inversion)  # every key on one side of the spec, or a declared loss term's option
   check = getattr(importlib.import_module(JOBS[mode][0]), "check_config", None)
   if check is not None:
     check(config)

@@ -169,14 +169,13 @@ def example_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
 # The job.
 
 
-def _check_options(a: ml_collections.ConfigDict) -> None:
+def _check_options(a: ml_collections.ConfigDict, buffer_fraction: float) -> None:
   if int(a.batch_size) < 1:
     raise ValueError(f"config.audit.batch_size must be >= 1, got {a.batch_size}")
   if not 0.0 < float(a.memorisation_quantile) < 1.0:
     raise ValueError(f"config.audit.memorisation_quantile must be in (0, 1), got {a.memorisation_quantile}")
-  if float(a.buffer_fraction) > 1.0:
-    raise ValueError(f"config.audit.buffer_fraction must be <= 1 (a fraction of the training split), got "
-                     f"{a.buffer_fraction}")
+  if bool(a.draw_buffer) and not a.buffer_path:
+    fraction_count("config.continual.buffer_fraction", buffer_fraction, 1)  # in (0, 1]
   if int(a.num_pairs) < 1:
     raise ValueError(f"config.audit.num_pairs must be >= 1, got {a.num_pairs}")
   j = a.judges
@@ -207,7 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     raise ValueError("config.init_from must name the workdir of a trained stage (its checkpoint and "
                      "config.json) for config.mode='audit'")
   a = config.audit
-  _check_options(a)
+  buffer_fraction = float(config.continual.buffer_fraction)  # the buffer of method er, as the continual job's
+  _check_options(a, buffer_fraction)
   if os.path.isdir(workdir) and not os.path.exists(os.path.join(workdir, AUDIT_FILE)) and any(
       n.endswith((".png", ".npz", ".json")) and n not in ("workdir.json", "config.json") for n in os.listdir(workdir)):
     logging.warning("%s holds outputs of an audit that did not finish: auditing again from the start (the "
@@ -224,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                      f"the training split {shape}: both must have the model's input shape")
   n_train = data_lib.num_examples(train_data)
 
-  sets = _query_sets(a, stage_cfg.data, train_data, heldout_data, stage_dir, n_train, shape, rng)
+  sets = _query_sets(a, buffer_fraction, stage_cfg.data, train_data, heldout_data, stage_dir, n_train, shape, rng)
   feature_fn = forward.make_feature_fn(model, str(a.feature), bool(a.normalize_features))
   mask_ratio = float(a.mia_mask_ratio) if float(a.mia_mask_ratio) >= 0 else float(stage_cfg.train.mask_ratio)
   loss_fn = forward.make_loss_fn(model, mask_ratio, int(a.mia_num_masks))
@@ -278,10 +278,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   return out
 
 
-def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train: int,
+def _query_sets(a, buffer_fraction: float, stage_data, train_data, heldout_data, stage_dir: str, n_train: int,
                 shape: tuple[int, ...], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
   """The sets held in memory: held-out queries, the synthetic set and the replay buffer (if any), each
-  dict(images, indices (within its source), size (of its source), source (words))."""
+  dict(images, indices (within its source), size (of its source), source (words)). Without
+  config.audit.buffer_path the buffer is drawn as method er keeps one: `buffer_fraction`
+  (config.continual.buffer_fraction) of the training split, unless config.audit.draw_buffer is False."""
   bs = int(a.batch_size)
   n_heldout = data_lib.num_examples(heldout_data)
   idx = subset(n_heldout, int(a.max_heldout), rng)
@@ -293,13 +295,13 @@ def _query_sets(a, stage_data, train_data, heldout_data, stage_dir: str, n_train
   if a.buffer_path:
     sets["er_buffer"] = _npz_set(stage_data, shard_folder(str(a.buffer_path), "config.audit.buffer_path"),
                                  int(a.max_buffer), rng, bs, shape)
-  elif float(a.buffer_fraction) > 0:
-    size = fraction_count("config.audit.buffer_fraction", a.buffer_fraction, n_train)  # as continual's er
+  elif bool(a.draw_buffer):
+    size = fraction_count("config.continual.buffer_fraction", buffer_fraction, n_train)  # as continual's er
     drawn = np.sort(rng.choice(n_train, size=size, replace=False))  # method `er`: uniform over the split
     idx = drawn[subset(size, int(a.max_buffer), rng)]
     sets["er_buffer"] = dict(images=gather(train_data, idx, bs), indices=idx, size=size,
                              source=f"{size} training images drawn uniformly (method er, "
-                                    f"{float(a.buffer_fraction):g} of the split)")
+                                    f"{buffer_fraction:g} of the split)")
   for name, s in sets.items():
     logging.info("audit: %s: %d samples in memory (%s)", name, len(s["images"]), s["source"])
   return sets

@@ -41,6 +41,7 @@ import ml_collections
 
 from invcoss_jax import data as data_lib, io_utils, models
 from invcoss_jax.inversion import engine, statistics
+from invcoss_jax.inversion.config import inversion_spec
 from invcoss_jax.models.flops import mae_train_step_flops, vit_mae_forward_flops  # noqa: F401  (the FLOP model)
 from invcoss_jax.parallel import mesh as mesh_lib
 from invcoss_jax.parallel.config import PROGRAMS, compile_config
@@ -107,8 +108,8 @@ def lower_pretrain(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 
 
 def _pool_size(config: ml_collections.ConfigDict, batch: int) -> int:
-  inv = config.inversion
-  size = int(inv.pool_size) if int(inv.pool_size) > 0 else int(inv.num_samples)
+  host = inversion_spec(config.inversion).host
+  size = host.pool_size if host.pool_size > 0 else host.num_samples
   if size <= 0:
     size = int(config.compile.pool_size)
   return max(size, batch)
@@ -118,7 +119,7 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   """(lowered batch optimisation of config.inversion's schedule for `image_shape`, facts) on `mesh`."""
   shape = tuple(int(s) for s in image_shape)
   rank = engine.spatial_rank_of(shape)
-  inv = config.inversion
+  inv = inversion_spec(config.inversion)
   sched = engine.schedule_for(inv, rank)
   batch, latent_dim = int(sched.batch_size), int(sched.latent_dim)
   steps = max(int(sched.init_steps), int(sched.steps))
@@ -127,8 +128,8 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
     raise ValueError(f"config.inversion.schedule_{rank}d.batch_size={batch} must be divisible by the {shards} "
                      f"batch shards of the mesh {dict(mesh.shape)}")
   model = models.build_mae(config.model)
-  generator = engine.build_generator(inv, shape)
-  out_act = engine.output_activation(inv, rank)
+  generator = engine.build_generator(inv.program, shape)
+  out_act = engine.output_activation(inv.program, rank)
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   params = jax.eval_shape(lambda k: models.init_mae_params(model, k, [shape]), key)
   blocks, tokens = jax.eval_shape(lambda p, x: statistics.encoder_forward(model, p, x), params,
@@ -148,11 +149,11 @@ def lower_inversion(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   args.append(jax.ShapeDtypeStruct(key_struct.shape, key_struct.dtype, sharding=rep))
   args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # attempt
   args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))  # num_steps (traced)
-  optimizer = engine.BatchOptimizer(model, generator, inv, out_act, steps, shape, feature_dim, "compiled")
+  optimizer = engine.BatchOptimizer(model, generator, inv.program, out_act, steps, shape, feature_dim, "compiled")
   with jax.set_mesh(mesh):
     lowered = engine.inversion_program(optimizer, whole_loop=True).lower(*args)
   facts = dict(image_shape=list(shape), global_batch=batch, per_device_batch=batch // shards, steps=steps,
-               generator=str(inv.generator),
+               generator=inv.program.generator,
                num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
                generator_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(opt_vars["generator"]))))
   return lowered, facts

@@ -23,6 +23,7 @@ from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.data import registry as data_registry, tokenization
 from invcoss_jax.evaluate import finetune as finetune_lib, forgetting as forgetting_lib, report
 from invcoss_jax.evaluate.config import task_config
+from invcoss_jax.privacy import accounting as privacy_accounting
 from invcoss_jax.train import checkpoint as ckpt_lib, vocabulary
 
 SEED_METRICS = "metrics.json"
@@ -108,7 +109,7 @@ def make_finetuner(config: ml_collections.ConfigDict, task_name: str,
   return finetune_lib.Finetuner(resolve_task(config, task_name), task_name, model_cfg,
                                 protocol=str(config.evaluate.protocol), mesh_cfg=config.mesh,
                                 max_steps=int(config.total_steps),
-                                batch_shards=bool(config.evaluate.batch_shards))
+                                batch_shards=bool(config.evaluate.batch_shards), privacy=config.get("privacy"))
 
 
 def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: str | os.PathLike, *,
@@ -134,8 +135,10 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   details: dict[str, Any] = {}
   for seed in config.evaluate.seeds:
     seed = int(seed)
+    # DP fine-tuning (config.privacy on) is another setting; off, the fingerprint is the one it always was.
+    dp = [config.privacy.to_dict()] if privacy_accounting.enabled(config.get("privacy")) else []
     fp = _fingerprint(task.to_dict(), protocol, model_cfg.to_dict(), os.path.abspath(init_from) if init_from
-                      else "", _checkpoint_steps(init_from), seed, cap, float(config.evaluate.drop_path))
+                      else "", _checkpoint_steps(init_from), seed, cap, float(config.evaluate.drop_path), *dp)
     path = os.path.join(workdir, f"seed_{seed}", SEED_METRICS)
     if os.path.exists(path):
       with open(path) as f:
@@ -155,10 +158,13 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
     if key not in finetuners:
       finetuners[key] = make_finetuner(config, task_name, model_cfg)
     res = finetuners[key].run(seed, pretrained, init_from)
+    if res.privacy is not None:  # the same for every seed: one privacy.json per task
+      privacy_accounting.write_ledger(workdir, res.privacy)
     io_utils.atomic_write_json(path, dict(fingerprint=fp, task=task_name, seed=seed, test=res.test,
                                           best_val=res.best_val, best_step=res.best_step,
                                           total_steps=res.total_steps, history=res.history,
-                                          loaded=res.loaded))
+                                          loaded=res.loaded, **({} if res.privacy is None else
+                                                                {"privacy": res.privacy})))
     per_seed[seed] = res.test
     details[str(seed)] = dict(best_step=res.best_step, total_steps=res.total_steps)
   record = report.make_record(task=task_name, kind=str(task.kind), method=method, protocol=protocol,

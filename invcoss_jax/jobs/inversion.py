@@ -58,7 +58,7 @@ def run_invert(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   writer = create_writer(workdir)
   try:
     return inv_stage.invert_stage(model, params, stats, config.inversion, stage_data=stage_cfg.data,
-                                  seed=int(config.seed), workdir=workdir, mesh=mesh_lib.make_mesh(config.mesh),
+                                  buffer_fraction=float(config.continual.buffer_fraction), seed=int(config.seed), workdir=workdir, mesh=mesh_lib.make_mesh(config.mesh),
                                   mesh_cfg=config.mesh, writer=writer, stage_dir=stage_dir, stats_file=stats_file)
   finally:
     writer.flush()

@@ -79,7 +79,5 @@ def run_config(config: ml_collections.ConfigDict, seed: int, method: str) -> ml_
   c = ml_collections.ConfigDict(config.to_dict())
   c.mode = "continual"
   c.seed = int(seed)
-  if "method" in c:
-    c.method = method
   c.continual.method = method
   return c

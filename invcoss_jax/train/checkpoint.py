@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from invcoss_jax import faults, io_utils, models
+from invcoss_jax.config_checks import without_moved
 from invcoss_jax.data.errors import DataError
 from invcoss_jax.workdir import not_a_stage
 
@@ -51,7 +52,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise FileNotFoundError(not_a_stage(workdir, "workdir") or f"{path} not found: {os.fspath(workdir)!r} is "
                             f"not the workdir of a trained stage (expected {CONFIG_FILE} and {CHECKPOINT_DIR}/)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(without_moved(json.load(f)))  # recorded before an option moved: without it
 
 
 class _DropReadOnlyNotice(logging_std.Filter):

@@ -4,6 +4,8 @@ import ml_collections
 
 
 def train_config() -> ml_collections.ConfigDict:
+  """The paper's pre-training hyper-parameters (Sec. 4.1, App. C; MAE's recipe), written only here: presets
+  (configs/*.py, defaults.use_demo_data) override what differs."""
   c = ml_collections.ConfigDict()
   c.global_batch_size = 512  # effective batch per optimiser update (all devices, all accumulation steps)
   c.num_epochs = 300
@@ -18,6 +20,10 @@ def train_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.grad_clip_norm = 0.0  # > 0 clips the global gradient norm (MedCoSS does not clip)
   c.grad_accum_steps = 1  # > 1: optax.MultiSteps over micro-batches of global_batch_size / k
+  # Train steps per dispatch: k > 1 runs blocks of k steps as one compiled lax.scan (train.core.jit_block),
+  # logs, checkpoints and hooks at block boundaries (steps around them one by one); 1 is the one-step loop.
+  # Pays where per-step host work is a large share of a small model's step; changes no batch or step.
+  c.steps_per_dispatch = 1
   c.mask_ratio = 0.75
   c.mlm_probability = 0.15  # report stage: tokens predicted per example, whole words at a time (MedCoSS, BERT)
   # Parameters whose '/'-joined path matches one of these regexes get no weight decay, nor does

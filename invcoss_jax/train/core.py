@@ -26,6 +26,7 @@ import optax
 
 from invcoss_jax import faults
 from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.privacy import dp_sgd
 from invcoss_jax.train.nonfinite import check_losses
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -117,17 +118,29 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
               grad_accum_steps: int = 1,
-              mask_updates: Callable[[Any, Any], Any] | None = None) -> Callable:
+              mask_updates: Callable[[Any, Any], Any] | None = None,
+              privacy: dp_sgd.Spec | None = None) -> Callable:
   """The pure step (state, batch, consts) -> (state, metrics).
 
   metrics: 'loss', 'grad_norm', 'learning_rate' (of the update the step belongs to) and the loss's own.
   `mask_updates(updates, consts)` may change the updates after the optimiser (PackNet freezes weights there,
-  weight decay included)."""
+  weight decay included).
+
+  `privacy` (a `privacy.accounting.DpSgdPlan`, or None: the step as it always was) makes the step DP-SGD: the
+  gradient is `privacy.dp_sgd.private_gradient` of the loss (per-example, clipped, noised; the batch carries
+  `dp_sgd.PADDING_KEY`), with its metrics 'dp_clipped_fraction' and 'dp_batch_size'."""
+  if privacy is not None:
+    if grad_accum_steps != 1:
+      raise ValueError(f"DP-SGD steps do not accumulate (grad_accum_steps={grad_accum_steps})")
+    private_gradient = dp_sgd.private_gradient(loss_fn, privacy)
 
   def step(state: TrainState, batch: Any, consts: Any = None):
     rng = jax.random.fold_in(state.rng, state.step)
     trainable = state.trainable
-    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch, consts, rng)
+    if privacy is None:
+      (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch, consts, rng)
+    else:
+      loss, extra, grads = private_gradient(trainable, batch, consts, rng)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     if mask_updates is not None:
       updates = mask_updates(updates, consts)
@@ -151,6 +164,28 @@ def jit_step(step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh, cons
                  donate_argnums=(0,))
 
 
+def jit_block(step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh, consts_shardings: Any = None
+              ) -> Callable:
+  """Several train steps in one dispatch: fn(state, batches[, consts]) -> (state, metrics), `step` scanned
+  over the leading axis of `batches` (a block of batches stacked, each split over the batch axes as in
+  `jit_step`), metrics stacked per step. Each scanned step is `step` itself (its key folded from
+  state.step), so a block computes what as many `jit_step` calls would (to float rounding: XLA may fuse
+  the loop body differently); `Loop(steps_per_dispatch=k)` uses it."""
+  axes = mesh_lib.batch_axes(mesh)
+  blocks = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes if axes else None))
+
+  def block(state, batches, consts=None):
+    return jax.lax.scan(lambda st, b: step(st, b, consts), state, batches)
+
+  in_shardings = (state_shardings, blocks)
+  if consts_shardings is not None:
+    in_shardings += (consts_shardings,)
+  fn = jax.jit(block, in_shardings=in_shardings, out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+               donate_argnums=(0,))
+  fn.batch_sharding = blocks
+  return fn
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -169,6 +204,13 @@ class Loop:
     pruning boundary); `on_log(step, state, fetched)` after each fetch (e.g. validation);
   - `stop_at`: end after that step, as a preempted job would (with a checkpoint).
   Fault points `train_step:<what>:<step>` (see invcoss_jax.faults) follow each step's save.
+
+  With `steps_per_dispatch` k > 1 and a `block_fn` (`jit_block` of the same step), steps run k per dispatch
+  in blocks that start at multiples of k and hold no step where something happens before its end: a log,
+  a save, `stop_at`, the run's end or a step where `hook_at(step)` is true (the `after_step` hooks run at
+  those steps only; the default, every step, keeps hooks exact and the loop at one step per dispatch). Steps
+  around such points run one by one, so every log, save, hook and stop sees the state after exactly its
+  step; the batches, metrics and fault points are those of the one-step loop.
   """
   step_fn: Callable
   next_batch: Callable[[int], Any]
@@ -184,6 +226,9 @@ class Loop:
   fault_prefix: str = "train_step"
   log_first: bool = True
   nonfinite_hint: str = "Lower train.base_lr or check the data (data.nonfinite)"  # what a non-finite loss asks
+  steps_per_dispatch: int = 1
+  block_fn: Callable | None = None
+  hook_at: Callable[[int], bool] = lambda step: True
 
   def run(self, state: Any, consts: Any, start: int, end: int, stop_at: int | None = None
           ) -> tuple[Any, Any, dict[int, float], bool]:
@@ -193,15 +238,39 @@ class Loop:
     last_step, last_time = start, time.perf_counter()
     log_every = max(1, int(self.log_every))
     stopped = False
-    for step in range(start + 1, end + 1):
-      batch = self.next_batch(step)
-      state, metrics = self.step_fn(state, batch) if consts is None else self.step_fn(state, batch, consts)
-      pending.append((step, metrics))
-      if self.progress is not None:
-        self.progress(step)
+    k = max(1, int(self.steps_per_dispatch)) if self.block_fn is not None else 1
+
+    def logs(step: int) -> bool:
+      return step % log_every == 0 or step == end or (self.log_first and step == start + 1)
+
+    def eventful(step: int) -> bool:  # a step after which the loop must see the state
+      return (logs(step) or step == stop_at or self.should_save(step) or
+              (bool(self.after_step) and self.hook_at(step)))
+
+    step = start
+    while step < end:
+      if k > 1 and step % k == 0 and step + k <= end and not any(eventful(s) for s in range(step + 1, step + k)):
+        block = [self.next_batch(s) for s in range(step + 1, step + k + 1)]
+        batches = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *block), self.block_fn.batch_sharding)
+        state, stacked = (self.block_fn(state, batches) if consts is None else
+                          self.block_fn(state, batches, consts))
+        pending.append((tuple(range(step + 1, step + k + 1)), stacked))  # split per step once fetched
+        if self.progress is not None:
+          for s in range(step + 1, step + k + 1):
+            self.progress(s)
+        for s in range(step + 1, step + k):  # no save, log or hook falls before the block's last step
+          faults.point(f"{self.fault_prefix}:{self.what}:{s}")
+        step += k
+      else:
+        step += 1
+        batch = self.next_batch(step)
+        state, metrics = self.step_fn(state, batch) if consts is None else self.step_fn(state, batch, consts)
+        pending.append((step, metrics))
+        if self.progress is not None:
+          self.progress(step)
       stop_here = stop_at is not None and step == stop_at
-      if step % log_every == 0 or step == end or (self.log_first and step == start + 1) or stop_here:
-        fetched = jax.device_get(pending)
+      if logs(step) or stop_here:
+        fetched = _per_step(jax.device_get(pending))
         pending = []
         now = time.perf_counter()
         losses.update({s: float(m["loss"]) for s, m in fetched})
@@ -212,7 +281,7 @@ class Loop:
         if self.on_log is not None:
           self.on_log(step, state, fetched)
       if self.save is not None and (self.should_save(step) or step == end or stop_here):
-        check_losses(pending, what=self.what, latest_checkpoint=self.latest_checkpoint(), hint=self.nonfinite_hint)
+        check_losses(_per_step(jax.device_get(pending)), what=self.what, latest_checkpoint=self.latest_checkpoint(), hint=self.nonfinite_hint)
         self.save(step, state)
       faults.point(f"{self.fault_prefix}:{self.what}:{step}")
       for hook in self.after_step:
@@ -221,6 +290,18 @@ class Loop:
         stopped = True
         break
     return state, consts, losses, stopped
+
+
+def _per_step(pending: list[tuple[Any, Any]]) -> list[tuple[int, Any]]:
+  """[(step, metrics)] from the loop's pending entries: (step, metrics) of one step, or (steps, metrics
+  stacked over them) of a block."""
+  out = []
+  for steps, metrics in pending:
+    if isinstance(steps, tuple):
+      out.extend((s, jax.tree.map(lambda x, i=i: x[i], metrics)) for i, s in enumerate(steps))
+    else:
+      out.append((steps, metrics))
+  return out
 
 
 def _scalars(fetched: list[tuple[int, dict]], steps_per_sec: float) -> dict[str, float]:

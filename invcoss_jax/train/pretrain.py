@@ -7,6 +7,7 @@ data iterator), so its later losses equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from invcoss_jax import data as data_lib, interop, models
 from invcoss_jax.config_checks import ConfigError, check_batch_fits
 from invcoss_jax.data import registry, tokenization
 from invcoss_jax.parallel import mesh as mesh_lib
+from invcoss_jax.privacy import accounting as privacy_accounting, dp_sgd, sampling as dp_sampling
 from invcoss_jax.train import checkpoint as ckpt_lib, core, mlm, optim, vocabulary, writers
 
 # Streams folded into the run's key, so each random use is independent of the others.
@@ -60,15 +62,19 @@ def mlm_loss(model: models.MAE, probability: float | None = None) -> core.LossFn
 
 
 def make_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    mask_ratio: float, grad_accum_steps: int = 1) -> Callable:
-  """The pure MAE train step (state, batch[, consts]) -> (state, metrics) (core.make_step of `mae_loss`)."""
-  return core.make_step(mae_loss(model, mask_ratio), tx, schedule, grad_accum_steps=grad_accum_steps)
+                    mask_ratio: float, grad_accum_steps: int = 1, privacy: dp_sgd.Spec | None = None) -> Callable:
+  """The pure MAE train step (state, batch[, consts]) -> (state, metrics) (core.make_step of `mae_loss`;
+  `privacy`: a DP-SGD plan, see core.make_step)."""
+  return core.make_step(mae_loss(model, mask_ratio), tx, schedule, grad_accum_steps=grad_accum_steps,
+                        privacy=privacy)
 
 
 def make_text_train_step(model: models.MAE, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                         grad_accum_steps: int = 1, probability: float | None = None) -> Callable:
+                         grad_accum_steps: int = 1, probability: float | None = None,
+                         privacy: dp_sgd.Spec | None = None) -> Callable:
   """The report stage's pure train step (core.make_step of `mlm_loss`; `probability` as there)."""
-  return core.make_step(mlm_loss(model, probability), tx, schedule, grad_accum_steps=grad_accum_steps)
+  return core.make_step(mlm_loss(model, probability), tx, schedule, grad_accum_steps=grad_accum_steps,
+                        privacy=privacy)
 
 
 class TextMasker:
@@ -121,10 +127,12 @@ def check_data_available(config: ml_collections.ConfigDict) -> None:
         f"embedded demo data with a ':demo' preset, e.g. --config=configs/xray.py:demo")
 
 
-def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int):
+def _open_train_data(config: ml_collections.ConfigDict, micro_batch: int, *, iterator: bool = True):
+  """(the training iterator, or None without `iterator`, the number of examples, the example shape)."""
   check_data_available(config)
   try:
-    it = data_lib.make_train_iterator(config.data, global_batch_size=micro_batch, seed=int(config.seed))
+    it = (data_lib.make_train_iterator(config.data, global_batch_size=micro_batch, seed=int(config.seed))
+          if iterator else None)
     n = data_lib.num_examples(config.data)
     shape = tuple(data_lib.image_shape(config.data))
   except FileNotFoundError as e:
@@ -185,7 +193,11 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
   text = registry.is_text(config.data)
   if text:
     config = prepare_text_stage(config, workdir)
-  data_iter, num_examples, image_shape = _open_train_data(config, micro_batch)
+  private = privacy_accounting.enabled(config.get("privacy"))
+  if private:
+    privacy_accounting.check_privacy(config.privacy, grad_accum_steps=k)
+  # A DP stage draws Poisson batches (privacy.sampling): no grain iterator, nothing of it to checkpoint.
+  data_iter, num_examples, image_shape = _open_train_data(config, micro_batch, iterator=not private)
   check_batch_fits("train.global_batch_size", int(train_cfg.global_batch_size), num_examples,
                    f"data (name {config.data.name!r}, split {config.data.get('split', 'train')!r})",
                    volumes=len(image_shape) == 4)
@@ -193,6 +205,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
     vocabulary.check_or_record(workdir, str(config.model.tokenizer))
   length = optim.run_length(config, num_examples)
   tx, schedule = optim.make_optimizer(train_cfg, length)
+  plan = _privacy_plan(config, workdir, mesh, num_examples, length.total_steps)
   model = models.build_mae(config.model)
   logging.info("pre-training %s on %s (%d examples of shape %s): %d updates (%d warm-up), %d per epoch, "
                "peak lr %.3g, mesh %s", config.model.get("preset", "?"), config.data.get("name"),
@@ -225,7 +238,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
       else:
         logging.info("resuming at step %d of %d", start, total)
       end = total if stop_at_step is None else min(total, int(stop_at_step))
-      loop = _loop(config, model, text, mesh, shardings, tx, schedule, data_iter, writer, manager, total)
+      loop = _loop(config, model, text, mesh, shardings, tx, schedule, data_iter, writer, manager, total, plan)
       state, _, losses, _ = loop.run(state, None, start, end)
       manager.wait_until_finished()
   finally:
@@ -238,33 +251,72 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
               total_steps=total, workdir=workdir, config=config, text=text)
 
 
+def _privacy_plan(config, workdir: str, mesh, num_examples: int, steps: int
+                  ) -> privacy_accounting.DpSgdPlan | None:
+  """The stage's DP-SGD plan (None without config.privacy), its ledger written to `workdir/privacy.json`."""
+  multiple = math.lcm(mesh_lib.num_batch_shards(mesh), jax.process_count())
+  data = str(config.data.get("name") or config.data.get("path"))
+  if not privacy_accounting.enabled(config.get("privacy")):
+    return None
+  plan = privacy_accounting.plan_dp_sgd(
+      config.privacy, expected_batch_size=int(config.train.global_batch_size), dataset_size=num_examples,
+      steps=steps, batch_multiple=multiple, data=data, previous=privacy_accounting.read_ledger(workdir),
+      grad_accum_steps=int(config.train.grad_accum_steps))
+  logging.info("DP-SGD: (%.4g, %.3g)-DP (%s accountant) over %d steps: noise multiplier %.4g, clip norm %g, "
+               "Poisson rate %.4g (expected batch %d, padded to %d, vmap chunks of %d)", plan.epsilon, plan.delta,
+               plan.accountant, plan.steps, plan.noise_multiplier, plan.clip_norm, plan.sampling_rate,
+               plan.expected_batch_size, plan.max_batch_size, plan.microbatch_size)
+  if jax.process_index() == 0:
+    record = privacy_accounting.ledger(
+        [plan.mechanism(data)], delta=plan.delta, accountant=plan.accountant, eps=plan.epsilon, dp=True,
+        plan_key=privacy_accounting.plan_key(plan),
+        target_epsilon=plan.target_epsilon if math.isfinite(plan.target_epsilon) else None,
+        dataset_size=plan.dataset_size,
+        expected_batch_size=plan.expected_batch_size, max_batch_size=plan.max_batch_size,
+        microbatch_size=plan.microbatch_size, sampling=plan.sampling,
+        covers=("the stage's parameters (every checkpoint) and what is computed from them alone; not the "
+                "training logs and image grids, nor statistics computed on the data without noise"))
+    privacy_accounting.write_ledger(workdir, record)
+  return plan
+
+
 def _loop(config, model, text: bool, mesh, shardings, tx, schedule, data_iter, writer, manager,
-          total: int) -> core.Loop:
-  """The stage's loop on the core: batches from the data iterator (MLM-masked for text), progress, image
-  grids, checkpoints of the state and the iterator."""
+          total: int, plan: privacy_accounting.DpSgdPlan | None = None) -> core.Loop:
+  """The stage's loop on the core: batches from the data iterator (MLM-masked for text), or with `plan` the
+  Poisson batches of DP-SGD, progress, image grids, checkpoints of the state and the iterator."""
   k = int(config.train.grad_accum_steps)
   if text:
     step_fn = core.jit_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k,
-                                                 probability=float(config.train.mlm_probability)), shardings, mesh)
+                                                 probability=float(config.train.mlm_probability), privacy=plan),
+                            shardings, mesh)
     masker = TextMasker(config.data, int(config.seed), float(config.train.mlm_probability))
   else:
     step_fn = core.jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
-                                            grad_accum_steps=k), shardings, mesh)
+                                            grad_accum_steps=k, privacy=plan), shardings, mesh)
+  poisson = None
+  if plan is not None:
+    poisson = dp_sampling.PoissonBatches(config.data, seed=int(config.seed), sampling_rate=plan.sampling_rate,
+                                         max_batch_size=plan.max_batch_size, microbatch_size=plan.microbatch_size,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
   log_every = max(1, int(config.logging.log_every_steps))
   report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=log_every)
   last_local: dict[str, Any] = {}
 
   def next_batch(step: int):
     with report.timed("data", wait_jax_async_dispatch=False):
-      local = next(data_iter)
+      local = next(data_iter) if poisson is None else poisson.batch(step)
     last_local["batch"] = local
+    extra = {} if poisson is None else {dp_sgd.PADDING_KEY: local[dp_sgd.PADDING_KEY]}
     if text:
-      return mesh_lib.put_batch(mesh, masker(local, step))
-    return mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32)})
+      return mesh_lib.put_batch(mesh, {**masker(local, step), **extra})
+    return mesh_lib.put_batch(mesh, {"image": np.asarray(local["image"], np.float32), **extra})
 
   hooks = []
   image_every, num_images = int(config.logging.image_every_steps), int(config.logging.num_images)
-  if image_every > 0 and not text:
+  if image_every > 0 and not text and plan is not None:
+    logging.info("DP-SGD: no reconstruction grids (they would store training images in the workdir's events)")
+  if image_every > 0 and not text and plan is None:
     reconstruct = make_reconstruct(model, float(config.train.mask_ratio))
 
     def grids(step, state, consts):

@@ -43,7 +43,8 @@ class Synthetic(methods.Method):
     # From the parameters just trained and the statistics as stored (what a later reader of the stage sees).
     writer = end.writer if end.writer is not None else writers.create_writer(end.stage.workdir)
     inv_stage.invert_stage(end.model, end.params, statistics.load_statistics(end.stats_file), end.cfg.inversion,
-                           stage_data=end.cfg.data, seed=int(end.cfg.seed) + 1009 * end.stage.index,
+                           stage_data=end.cfg.data, buffer_fraction=float(end.cfg.continual.buffer_fraction),
+                           seed=int(end.cfg.seed) + 1009 * end.stage.index,
                            workdir=end.stage.workdir, mesh=end.mesh, mesh_cfg=end.cfg.mesh, writer=writer,
                            stage_dir=end.stage.workdir, stats_file=end.stats_file, optimise=self.optimise)
 

@@ -321,3 +321,25 @@ def test_dp_finetuning_writes_the_tasks_ledger(tmp_path):
   assert ledger["steps"] == 3 and ledger["noise_multiplier"] == 2.0 and ledger["clip_norm"] == 0.5
   n = ledger["dataset_size"]
   assert ledger["sampling_rate"] == 16 / n and ledger["delta"] == 1 / n and ledger["epsilon"] > 0
+  assert record["privacy"]["epsilon"] == ledger["epsilon"]
+
+
+@pytest.mark.parametrize("method, order, refused", [
+    ("er", ("xray", "ct"), "method 'er' replays a real buffer"),
+    ("medcoss", ("xray", "ct"), "method 'medcoss' replays a real buffer"),
+    ("invcoss", ("report", "xray"), "the report stage 'report' keeps a real kmeans text buffer"),
+])
+def test_a_dp_continual_run_refuses_a_real_buffer_unless_told(method, order, refused, tmp_path):
+  from invcoss_jax import jobs
+  from conftest import tiny_continual_config
+  c = tiny_continual_config(method)
+  c.continual.order = order
+  c.privacy.noise_multiplier = 1.0
+  with pytest.raises(ConfigError, match=refused) as e:
+    jobs.check_job_options(c)
+  assert "config.privacy.allow_real_buffers=True" in str(e.value) and "\n" not in str(e.value)
+  c.privacy.allow_real_buffers = True
+  with pytest.raises(ConfigError, match="DP-SGD of continual stages is not implemented yet"):
+    jobs.check_job_options(c)
+  c.privacy.noise_multiplier = 0.0  # privacy off: the run is today's
+  jobs.check_job_options(c)

@@ -29,7 +29,9 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
+from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.data import registry
+from invcoss_jax.privacy import config as privacy_config
 
 
 class DataFreeViolation(RuntimeError):
@@ -182,3 +184,32 @@ def check_disjoint(stages: Sequence[tuple[str, ml_collections.ConfigDict]]) -> N
         raise ValueError(f"config.continual.datasets: {stage} and {other} read the same files ({list(roots)}); "
                          "every stage of a continual sequence needs its own data")
     seen.append((stage, roots))
+
+
+def real_data_kept(method, order: Sequence[str], datasets: ml_collections.ConfigDict) -> list[str]:
+  """What of the real training data a continual `method` keeps past its stage, in words: a replay buffer of
+  real samples, a report stage's real text buffer (text is never inverted). Empty: the method is data-free."""
+  kept = []
+  if method.replays == "real":
+    kept.append(f"method {method.name!r} replays a real buffer of every earlier stage ({method.keeps})")
+  text = [m for m in order if m in datasets and registry.is_text(datasets[m])]
+  if method.text_buffer and text:
+    kept.append(f"the report stage {text[0]!r} keeps a real {method.text_buffer} text buffer")
+  return kept
+
+
+def check_privacy(config: ml_collections.ConfigDict, method) -> None:
+  """A continual run with config.privacy on: a method keeping real data is refused (ConfigError) unless
+  privacy.allow_real_buffers, and DP-SGD of continual stages is not implemented yet (refused either way)."""
+  privacy = config.get("privacy")
+  if not privacy_config.enabled(privacy):
+    return
+  c = config.continual
+  kept = real_data_kept(method, tuple(str(m) for m in c.order), c.datasets)
+  if kept and not bool(privacy.allow_real_buffers):
+    raise ConfigError(f"config.privacy is on, but {'; '.join(kept)}: real samples kept past their stage are not "
+                      "differentially private; choose a data-free method and order (e.g. invcoss without a report "
+                      "stage) or set config.privacy.allow_real_buffers=True to run without a guarantee for them")
+  raise ConfigError("config.privacy is on for a continual run: DP-SGD of continual stages is not implemented yet "
+                    "(pre-training and fine-tuning have it: docs/privacy.md); set config.privacy.target_epsilon=inf "
+                    "and config.privacy.noise_multiplier=0")

@@ -9,12 +9,13 @@ from typing import Any, Callable
 import ml_collections
 
 from invcoss_jax import workdir as workdir_lib
-from invcoss_jax.continual import sequence, stages
+from invcoss_jax.continual import guard, methods, sequence, stages
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The sequence's options (method, order, stage steps) and config.init_from, before anything is written."""
-  stages.check_sequence(config)
+  method = stages.check_sequence(config)
+  guard.check_privacy(config, methods.get(method))
   if str(config.get("init_from", "") or ""):
     workdir_lib.check_stage_workdir(str(config.init_from))
 

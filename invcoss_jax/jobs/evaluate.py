@@ -133,10 +133,10 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
   finetuners = {} if finetuners is None else finetuners
   per_seed: dict[int, dict[str, float]] = {}
   details: dict[str, Any] = {}
+  # DP fine-tuning (config.privacy on) is another setting; off, the fingerprint is the one it always was.
+  dp = [config.privacy.to_dict()] if privacy_accounting.enabled(config.get("privacy")) else []
   for seed in config.evaluate.seeds:
     seed = int(seed)
-    # DP fine-tuning (config.privacy on) is another setting; off, the fingerprint is the one it always was.
-    dp = [config.privacy.to_dict()] if privacy_accounting.enabled(config.get("privacy")) else []
     fp = _fingerprint(task.to_dict(), protocol, model_cfg.to_dict(), os.path.abspath(init_from) if init_from
                       else "", _checkpoint_steps(init_from), seed, cap, float(config.evaluate.drop_path), *dp)
     path = os.path.join(workdir, f"seed_{seed}", SEED_METRICS)
@@ -167,8 +167,13 @@ def evaluate_task(config: ml_collections.ConfigDict, task_name: str, workdir: st
                                                                 {"privacy": res.privacy})))
     per_seed[seed] = res.test
     details[str(seed)] = dict(best_step=res.best_step, total_steps=res.total_steps)
+  extra: dict[str, Any] = dict(selection=details)
+  ledger = privacy_accounting.read_ledger(workdir) if dp else None
+  if ledger is not None:  # DP fine-tuning: its guarantee beside the results
+    extra["privacy"] = {k: ledger[k] for k in ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps",
+                                               "clip_norm", "accountant")}
   record = report.make_record(task=task_name, kind=str(task.kind), method=method, protocol=protocol,
-                              init_from=init_from, per_seed=per_seed, extra=dict(selection=details))
+                              init_from=init_from, per_seed=per_seed, extra=extra)
   report.write_results(workdir, record)
   return record
 

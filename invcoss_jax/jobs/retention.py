@@ -29,7 +29,7 @@ import ml_collections
 from absl import logging
 
 from invcoss_jax.config_checks import ConfigError, check_seeds
-from invcoss_jax.continual import methods as methods_lib, sequence as continual_job, text as text_lib
+from invcoss_jax.continual import guard, methods as methods_lib, sequence as continual_job, text as text_lib
 from invcoss_jax.continual.stages import STAGE_INFO, check_sequence, plan_stages, training_changes
 from invcoss_jax.io_utils import atomic_write_json
 from invcoss_jax.retention import evaluate, report, summary
@@ -62,6 +62,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "name at least one sequential method too")
   if len(set(methods)) != len(methods):
     raise ConfigError(f"config.retention.methods lists a method twice: {methods}")
+  for m in methods:  # config.privacy on: refused (real buffers; continual DP-SGD is not implemented yet)
+    guard.check_privacy(config, methods_lib.get(m))
   seeds = check_seeds("config.retention.seeds", rc.seeds, distinct=True)
   if len(config.continual.order) < 2:
     raise ConfigError(f"config.continual.order={tuple(config.continual.order)}: retention needs two or more stages")

@@ -17,9 +17,7 @@ import math
 import os
 from typing import Any, Sequence
 
-import dp_accounting
 import ml_collections
-from dp_accounting import pld, rdp
 
 from invcoss_jax import io_utils
 from invcoss_jax.config_checks import ConfigError
@@ -31,8 +29,9 @@ _MIN_SIGMA = 0.05
 _SIGMA_TOL = 1e-3
 
 
-def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def make_accountant(name: str) -> "dp_accounting.PrivacyAccountant":
   """A fresh dp-accounting accountant: 'pld' (PLDAccountant) or 'rdp' (RdpAccountant)."""
+  from dp_accounting import pld, rdp  # pylint: disable=g-import-not-at-top  (privacy.dp_sgd._JAX_PRIVACY)
   if name == "pld":
     return pld.PLDAccountant()
   if name == "rdp":
@@ -40,8 +39,9 @@ def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
   raise ConfigError(f"privacy.accountant={name!r}: expected one of {ACCOUNTANTS}")
 
 
-def event(mechanism: dict[str, Any]) -> dp_accounting.DpEvent:
+def event(mechanism: dict[str, Any]) -> "dp_accounting.DpEvent":
   """The dp-accounting event of one ledger mechanism (see the module's docstring)."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top  (privacy.dp_sgd._JAX_PRIVACY: 0.8 s for every run)
   kind = mechanism["kind"]
   sigma = float(mechanism["noise_multiplier"])
   if kind == "gaussian":
@@ -73,6 +73,7 @@ def epsilon(mechanisms: Sequence[dict[str, Any]], delta: float, accountant: str)
 def calibrate_noise_multiplier(make_mechanisms, target_epsilon: float, delta: float, accountant: str) -> float:
   """The smallest noise multiplier (within 1e-3) whose mechanisms `make_mechanisms(sigma)` reach at most
   `target_epsilon` at `delta`: dp_accounting.calibrate_dp_mechanism in a bracket found by doubling."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top  (privacy.dp_sgd._JAX_PRIVACY)
   def eps(sigma: float) -> float:
     return epsilon(make_mechanisms(sigma), delta, accountant)
 

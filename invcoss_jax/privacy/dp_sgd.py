@@ -12,7 +12,9 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-from jax_privacy import clipping, noise_addition
+
+# _JAX_PRIVACY: jax-privacy (and dp-accounting, which its package imports) are imported where a DP step is
+# built, not here: train.core imports this module, and every run, DP or not, would pay their 0.8 s import.
 
 PADDING_KEY = "dp_padding"
 
@@ -31,6 +33,7 @@ def clipped_gradient_sum(loss_fn: Callable, clip_norm: float, microbatch_size: i
 
   Each example is its own batch of one (`loss_fn` sees a leading axis of 1) with its own key, split from `rng`
   by its row; padding rows contribute zero (jax-privacy's clipped_grad; NaN or inf gradients are zeroed)."""
+  from jax_privacy import clipping  # pylint: disable=g-import-not-at-top  (see _JAX_PRIVACY)
   grad = clipping.clipped_grad(loss_fn, argnums=0, has_aux=True, l2_clip_norm=float(clip_norm), batch_argnums=1,
                                prng_argnum=3, microbatch_size=microbatch_size or None, return_values=True,
                                return_grad_norms=True)
@@ -45,6 +48,7 @@ def clipped_gradient_sum(loss_fn: Callable, clip_norm: float, microbatch_size: i
 def gaussian_noise(tree: Any, stddev: float, key: jax.Array) -> Any:
   """`tree` plus i.i.d. N(0, stddev^2) noise drawn from `key` (jax-privacy's gaussian_privatizer, started from
   `key` for this one release)."""
+  from jax_privacy import noise_addition  # pylint: disable=g-import-not-at-top  (see _JAX_PRIVACY)
   privatizer = noise_addition.gaussian_privatizer(stddev=float(stddev), prng_key=key)
   noisy, _ = privatizer.update(tree, privatizer.init(tree))
   return noisy

@@ -16,7 +16,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from jax_privacy import batch_selection
 
 from invcoss_jax import data as data_lib
 from invcoss_jax.data import registry
@@ -53,6 +52,7 @@ class PoissonBatches:
 
   def indices(self, step: int) -> np.ndarray:
     """The examples of step `step`'s global batch (at most max_batch_size, in drawn order)."""
+    from jax_privacy import batch_selection  # pylint: disable=g-import-not-at-top  (dp_sgd._JAX_PRIVACY)
     strategy = batch_selection.CyclicPoissonSampling(sampling_prob=self.q, iterations=1,
                                                      truncated_batch_size=self.size)
     rng = np.random.default_rng([self.seed, _SAMPLE_STREAM, int(step)])

@@ -89,6 +89,22 @@ def test_resume_gives_the_same_later_losses(reference, tmp_path):
                second["state"].params, ref["state"].params)
 
 
+def test_four_steps_per_dispatch_stopped_and_resumed_give_the_same_losses(reference, tmp_path):
+  """Blocks of 4 steps per dispatch on the 4 simulated devices (the block's batches split over 'data'), with the
+  image-grid hook at step 12 and a stop at 10: the reference's losses and parameters."""
+  _, _, ref = reference
+  config = demo_config(images=True)
+  config.train.steps_per_dispatch = 4
+  first = pretrain(config, tmp_path, stop_at_step=10)
+  second = pretrain(config, tmp_path)
+  assert sorted(first["losses"]) == list(range(1, 11)) and sorted(second["losses"]) == list(range(11, TOTAL + 1))
+  losses = {**first["losses"], **second["losses"]}
+  np.testing.assert_allclose(_losses({"losses": losses}, range(1, TOTAL + 1)), _losses(ref, range(1, TOTAL + 1)),
+                             rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+               second["state"].params, ref["state"].params)
+
+
 def test_bf16_compute_with_remat_keeps_float32_params_and_loss(reference, tmp_path):
   _, _, ref = reference
   config = demo_config()

@@ -286,13 +286,15 @@ def _loop(config, model, text: bool, mesh, shardings, tx, schedule, data_iter, w
   Poisson batches of DP-SGD, progress, image grids, checkpoints of the state and the iterator."""
   k = int(config.train.grad_accum_steps)
   if text:
-    step_fn = core.jit_step(make_text_train_step(model, tx, schedule, grad_accum_steps=k,
-                                                 probability=float(config.train.mlm_probability), privacy=plan),
-                            shardings, mesh)
+    step = make_text_train_step(model, tx, schedule, grad_accum_steps=k,
+                                probability=float(config.train.mlm_probability), privacy=plan)
     masker = TextMasker(config.data, int(config.seed), float(config.train.mlm_probability))
   else:
-    step_fn = core.jit_step(make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio),
-                                            grad_accum_steps=k, privacy=plan), shardings, mesh)
+    step = make_train_step(model, tx, schedule, mask_ratio=float(config.train.mask_ratio), grad_accum_steps=k,
+                           privacy=plan)
+  step_fn = core.jit_step(step, shardings, mesh)
+  per_dispatch = int(config.train.steps_per_dispatch)
+  block_fn = core.jit_block(step, shardings, mesh) if per_dispatch > 1 else None
   poisson = None
   if plan is not None:
     poisson = dp_sampling.PoissonBatches(config.data, seed=int(config.seed), sampling_rate=plan.sampling_rate,
@@ -328,7 +330,8 @@ def _loop(config, model, text: bool, mesh, shardings, tx, schedule, data_iter, w
   return core.Loop(step_fn=step_fn, next_batch=next_batch, what="pretrain", log_every=log_every, writer=writer,
                    save=lambda step, state: ckpt_lib.save(manager, step, state, data_iter, config, force=True),
                    should_save=manager.should_save, latest_checkpoint=manager.latest_step, after_step=hooks,
-                   progress=report)
+                   hook_at=lambda step: bool(hooks) and step % image_every == 0, progress=report,
+                   steps_per_dispatch=per_dispatch, block_fn=block_fn)
 
 
 def _write_images(writer, reconstruct, state, images, config, step):

@@ -10,7 +10,8 @@ Each variant runs `--steps` train steps of the stage's MAE (batch `config.train.
 state in interleaved rounds (so a change of machine load affects every variant), after one warm-up run that
 compiles its programs; the table gives the median steps/s, the fraction of the loop's wall time spent waiting for
 the next batch (`data`), and the ratio to the first variant. The step alone (the same compiled step on one batch
-already on the device, no input pipeline) is the ceiling.
+already on the device, no input pipeline) is the ceiling; the step alone at 4x the batch says whether training
+4 seeds together (vmap over independent states) could raise throughput on this hardware.
 """
 
 from __future__ import annotations
@@ -122,6 +123,21 @@ def main(argv=None) -> dict:
         state, _ = one(state, b)
       jax.block_until_ready(state)
       ceiling.append(a.steps / (time.perf_counter() - t))
+    # Seeds trained together (vmap over independent states) would run 4x the examples per dispatch: the step
+    # alone at 4x the batch says whether this hardware gains throughput from it.
+    wide = mesh_lib.put_batch(mesh, {"image": np.random.default_rng(1).random((4 * batch,) + shape, np.float32)})
+    images_per_sec = {batch: [], 4 * batch: []}
+    for _ in range(a.rounds):
+      for size, x in ((batch, b), (4 * batch, wide)):
+        state = jax.device_put(host0, shardings)
+        state, _ = one(state, x)
+        jax.block_until_ready(state)
+        n = max(1, a.steps * batch // size)
+        t = time.perf_counter()
+        for _ in range(n):
+          state, _ = one(state, x)
+        jax.block_until_ready(state)
+        images_per_sec[size].append(n * size / (time.perf_counter() - t))
   first = statistics.median(rates[next(iter(variants))])
   rows = [dict(variant=name, steps_per_sec=statistics.median(rates[name]), rounds=rates[name],
                data_wait_fraction=statistics.median(waits[name]),
@@ -129,12 +145,16 @@ def main(argv=None) -> dict:
   rows.append(dict(variant="the step alone (one batch on the device, no pipeline)",
                    steps_per_sec=statistics.median(ceiling), rounds=ceiling, data_wait_fraction=0.0,
                    ratio=statistics.median(ceiling) / first))
-  result = dict(preset=a.preset, modality=a.modality, batch=batch, image_shape=list(shape), steps=a.steps,
+  scaling = {str(k): statistics.median(v) for k, v in images_per_sec.items()}
+  result = dict(step_alone_images_per_sec_by_batch=scaling,
+                batch_x4_throughput_ratio=scaling[str(4 * batch)] / scaling[str(batch)], preset=a.preset, modality=a.modality, batch=batch, image_shape=list(shape), steps=a.steps,
                 rounds=a.rounds, machine=f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", rows=rows,
                 command="python benchmarks/train_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]))
   print(f"| variant | steps/s (median of {a.rounds}) | waiting for data | ratio |\n|---|---|---|---|")
   for r in rows:
     print(f"| {r['variant']} | {r['steps_per_sec']:.1f} | {100 * r['data_wait_fraction']:.0f} % | {r['ratio']:.2f}x |")
+  print(f"step alone: {scaling[str(batch)]:.0f} images/s at batch {batch}, {scaling[str(4 * batch)]:.0f} at "
+        f"{4 * batch} ({result['batch_x4_throughput_ratio']:.2f}x)")
   if a.out:
     atomic_write_json(a.out, result)
   return result

@@ -49,15 +49,32 @@ def has_statistics(workdir: str | os.PathLike, inv) -> bool:
 
 
 def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv, workdir: str | os.PathLike,
-                     mesh) -> statistics.FeatureStats:
-  """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`."""
+                     mesh, *, dp=None, seed: int = 0) -> statistics.FeatureStats:
+  """Statistics pass of `model`/`params` over `data_cfg` (its whole split) into `workdir`.
+
+  `dp`: a DP statistics plan (privacy.accounting.StatisticsPlan: clip_norm, noise_multiplier, dataset_size, the
+  stage's composed epsilon, statistics_epsilon, delta): the pass is `statistics.compute_dp_statistics`, its noise
+  key from `seed` (config.seed), and the file and statistics.json record its (epsilon, delta)."""
   workdir = os.fspath(workdir)
   host = inversion_spec(inv).host
   batches = data_lib.make_eval_iterator(data_cfg, batch_size=host.stats_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-  stats = statistics.compute_statistics(model, params, batches, mesh=mesh, pixel=host.pixel_statistics)
+  privacy = None
+  if dp is None:
+    stats = statistics.compute_statistics(model, params, batches, mesh=mesh, pixel=host.pixel_statistics)
+  else:
+    stats, details = statistics.compute_dp_statistics(
+        model, params, batches, num_examples=int(dp.dataset_size), clip_norm=float(dp.clip_norm),
+        noise_multiplier=float(dp.noise_multiplier), key=statistics.statistics_noise_key(seed), mesh=mesh,
+        pixel=host.pixel_statistics)
+    # Computed on the data without noise (like DP-SGD's dp_clipped_fraction metric): logged, never written.
+    logging.info("DP statistics: %.1f %% of the examples' contributions clipped to %g", 100 *
+                 details.pop("clipped_fraction"), float(dp.clip_norm))
+    privacy = dict(dp=True, epsilon=float(dp.epsilon), delta=float(dp.delta),
+                   statistics_epsilon=float(dp.statistics_epsilon), noise_multiplier=float(dp.noise_multiplier),
+                   clip_norm=float(dp.clip_norm), **details)
   path = statistics_path(workdir, inv)
-  file_bytes = statistics.save_statistics(path, stats)
+  file_bytes = statistics.save_statistics(path, stats, dp=privacy)
   nbytes = statistics.statistics_nbytes(stats)
   buffers = {f"{f:g}": statistics.replay_buffer_nbytes(data_cfg, float(f)) for f in host.buffer_fractions}
   summary = dict(
@@ -68,6 +85,8 @@ def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv, wo
       image_shape=list(data_lib.image_shape(data_cfg)), replay_buffer_bytes=buffers,
       replay_buffer_layout="float32 model input, uncompressed",
       buffer_over_statistics={k: v / nbytes for k, v in buffers.items()})
+  if privacy is not None:
+    summary["privacy"] = privacy
   atomic_write_json(os.path.join(workdir, STATS_SUMMARY_FILE), summary)
   logging.info("statistics of %d examples -> %s: %d bytes; a real replay buffer would take %s",
                summary["count"], path, nbytes,

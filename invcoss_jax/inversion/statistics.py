@@ -5,6 +5,9 @@ encoder block's output tokens `(B, 1 + L, D)` and accumulates per block the mean
 the batch axis, shape `(1 + L, D)` each. Mini-batches (and the shards of a batch on several devices) are
 merged with the pairwise update of Eq. 9, which is exact for any batching. These statistics replace the
 BatchNorm running statistics of classic model inversion (DeepInversion) as the target of L_norm.
+
+With config.privacy on, `compute_dp_statistics` computes them with differential privacy instead (the Gaussian
+mechanism on clipped per-example sums; docs/privacy.md), into the same file layout.
 """
 
 from __future__ import annotations
@@ -195,12 +198,178 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
   return total
 
 
+# --- DP statistics ---------------------------------------------------------------------------------------
+
+# A variance derived from noisy moments, E[x^2] - E[x]^2, can come out at or below 0 where the noise outweighs
+# the spread (its noise has std about sigma C sqrt(2) / N per coordinate, whatever the variance); such a
+# coordinate is clamped to this floor, so the file stays valid (non-negative, as load_statistics checks) and L_norm
+# asks the synthetic set for almost no spread there. The fraction clamped is reported (statistics.json).
+VARIANCE_FLOOR = 1e-6
+# The statistics' noise key is fold_in(PRNGKey(config.seed), this): a rerun adds the same noise (the pass is
+# reproducible) and the key is apart from every key training splits from PRNGKey(config.seed).
+STATS_NOISE_STREAM = 0x57A7
+
+
+def statistics_noise_key(seed: int) -> jax.Array:
+  """The key of a DP statistics pass's noise, a function of the run's seed alone."""
+  return jax.random.fold_in(jax.random.PRNGKey(int(seed)), STATS_NOISE_STREAM)
+
+
+def _image_tv_jnp(x):
+  """image_tv in JAX (float32): per image, the sum over spatial axes of the mean absolute neighbour difference."""
+  return sum(jnp.mean(jnp.abs(jnp.diff(x, axis=a)), axis=tuple(range(1, x.ndim))) for a in range(1, x.ndim - 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _clipped_sums_fn(model, pixel: bool):
+  """The compiled clipped per-example sums of one padded batch: fn(params, images, weights, clip_norm) ->
+  (sums, real rows, rows clipped, each row's contribution norm before clipping)."""
+  def per_row(a, scale):  # sum over rows of scale * a, elementwise in float32 (no matmul, no TF32)
+    return jnp.sum(scale.reshape((-1,) + (1,) * (a.ndim - 1)) * a, axis=0)
+
+  def axes(a):
+    return tuple(range(1, a.ndim))
+
+  @jax.jit
+  def fn(params, images, weights, clip_norm):
+    blocks, _ = encoder_forward(model, params, images)
+    blocks = [t.astype(jnp.float32) for t in blocks]
+    # Each example's contribution: its tokens and their squares in every block (and its pixels, their squares
+    # and its total variation), one vector whose squared L2 norm is the sum of theirs.
+    sq_norm = sum(jnp.sum(jnp.square(t), axis=axes(t)) + jnp.sum(jnp.square(jnp.square(t)), axis=axes(t))
+                  for t in blocks)
+    if pixel:
+      x = images.astype(jnp.float32)
+      tv = _image_tv_jnp(x)
+      sq_norm = sq_norm + jnp.sum(jnp.square(x), axis=axes(x)) + jnp.sum(jnp.square(jnp.square(x)), axis=axes(x))
+      sq_norm = sq_norm + jnp.square(tv)
+    norm = jnp.sqrt(sq_norm)
+    w = weights.astype(jnp.float32)
+    scale = w * jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+    sums = dict(mean=jnp.stack([per_row(t, scale) for t in blocks]),
+                second=jnp.stack([per_row(jnp.square(t), scale) for t in blocks]))
+    if pixel:
+      sums.update(pixel_mean=per_row(x, scale), pixel_second=per_row(jnp.square(x), scale),
+                  pixel_tv=jnp.sum(scale * tv))
+    return sums, jnp.sum(w), jnp.sum(w * (norm > clip_norm)), norm
+  return fn
+
+
+def _padded_batches(batches: Iterable, mesh):
+  """(real rows, padded images, row weights) of every non-empty batch, padded as compute_statistics does."""
+  shards = mesh_lib.num_batch_shards(mesh) if mesh is not None else 1
+  padded_size = None
+  for batch in batches:
+    x = _images_of(batch)
+    if x.shape[0] == 0:
+      continue
+    if padded_size is None or x.shape[0] > padded_size:
+      padded_size = -(-x.shape[0] // shards) * shards
+    rows = x.shape[0]
+    x, w = pad_batch(x.astype(np.float32), padded_size)
+    if mesh is not None:
+      x, w = mesh_lib.put_batch(mesh, (x, w))
+    yield rows, x, w
+
+
+def clipped_sums(model, params, batches: Iterable, *, clip_norm: float, mesh=None, pixel: bool = False
+                 ) -> tuple[dict[str, np.ndarray], int, int]:
+  """(sums, examples, examples clipped): over every example of `batches`, the sum of its contribution (its
+  block tokens `mean` and their squares `second`, `(num_blocks, 1 + L, D)` each; with `pixel` its pixels
+  `pixel_mean`, their squares `pixel_second` and its total variation `pixel_tv`) scaled so that the whole
+  vector has L2 norm at most `clip_norm`. Adding or removing one example moves the concatenated sums by at most
+  clip_norm (their L2 sensitivity). Per batch in float32, summed over batches in float64."""
+  if mesh is not None:
+    params = jax.device_put(params, mesh_lib.replicated(mesh))
+  fn = _clipped_sums_fn(model, bool(pixel))
+  total, count, clipped = None, 0, 0
+  for _, x, w in _padded_batches(batches, mesh):
+    sums, n, c, _ = jax.device_get(fn(params, x, w, np.float32(clip_norm)))
+    sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+    total = sums if total is None else {k: total[k] + sums[k] for k in total}
+    count, clipped = count + int(n), clipped + int(c)
+  if total is None:
+    raise ValueError("clipped_sums: the batches were empty (no examples to compute statistics on)")
+  return total, count, clipped
+
+
+def contribution_norms(model, params, batches: Iterable, *, mesh=None, pixel: bool = False) -> np.ndarray:
+  """The L2 norm of each example's statistics contribution before clipping (what privacy.stats_clip_norm bounds),
+  for choosing the clip norm on public images (its median is a fair start; docs/privacy.md)."""
+  if mesh is not None:
+    params = jax.device_put(params, mesh_lib.replicated(mesh))
+  fn = _clipped_sums_fn(model, bool(pixel))
+  out = [np.asarray(jax.device_get(fn(params, x, w, np.float32(np.inf))[3]))[:rows]
+         for rows, x, w in _padded_batches(batches, mesh)]
+  return np.concatenate(out)
+
+
+def add_gaussian_noise(sums: Mapping[str, Any], std: float, key) -> dict[str, np.ndarray]:
+  """`sums` + N(0, std^2) on every coordinate: one Gaussian mechanism on the concatenated vector. Part `name`'s
+  noise comes from fold_in(key, its index in sorted order), float32 normals of JAX's threefry drawn on the host
+  CPU (the same on every backend), added in float64."""
+  out = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+  if std == 0:
+    return out
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    key = jax.device_put(key, cpu)
+    for i, name in enumerate(sorted(out)):
+      z = jax.random.normal(jax.random.fold_in(key, i), out[name].shape, jnp.float32)
+      out[name] = out[name] + float(std) * np.asarray(z, np.float64)
+  return out
+
+
+def compute_dp_statistics(model, params, batches: Iterable, *, num_examples: int, clip_norm: float,
+                          noise_multiplier: float, key, mesh=None, pixel: bool = False,
+                          variance_floor: float = VARIANCE_FLOOR) -> tuple[FeatureStats, dict[str, Any]]:
+  """compute_statistics with differential privacy: (statistics, details).
+
+  Each example's contribution (block tokens and their squares; with `pixel` its pixels, their squares and its
+  total variation) is clipped to L2 norm `clip_norm` as one vector (`clipped_sums`), the sums get Gaussian
+  noise of std noise_multiplier x clip_norm (`add_gaussian_noise` with `key`), and are divided by
+  `num_examples`, N, treated as public (the dataset's size; the pass must read exactly N examples). mean =
+  E[x], var = max(E[x^2] - E[x]^2, variance_floor) per block, token and channel (and pixel); tv =
+  max(E[tv], 0). Float64 NumPy arrays, count N. With no noise and a clip norm above every contribution these are
+  compute_statistics' (to float32 rounding: the second moment, not the two-pass variance).
+
+  details: `dimension` (of the contribution vector), `floored_fraction` (variances clamped to the floor),
+  `variance_floor`, and `clipped_fraction`, computed from the data without noise: log it, never publish it."""
+  sums, count, clipped = clipped_sums(model, params, batches, clip_norm=clip_norm, mesh=mesh, pixel=pixel)
+  if count != int(num_examples):
+    raise ValueError(f"compute_dp_statistics: the pass read {count} examples, but N = {int(num_examples)} (the "
+                     "public dataset size the noisy sums are divided by): the batches must hold the whole data set")
+  noisy = add_gaussian_noise(sums, float(noise_multiplier) * float(clip_norm), key)
+  n = float(num_examples)
+
+  def moments(first, second):
+    mean = first / n
+    raw = second / n - np.square(mean)
+    return mean, np.maximum(raw, variance_floor), int(np.sum(raw < variance_floor))
+
+  mean, var, floored = moments(noisy["mean"], noisy["second"])
+  stats = FeatureStats(count=np.float64(n), mean=mean, var=var)
+  size = mean.size
+  if pixel:
+    pmean, pvar, pfloored = moments(noisy["pixel_mean"], noisy["pixel_second"])
+    stats = stats.replace(pixel=dict(mean=pmean, var=pvar, tv=np.float64(max(float(noisy["pixel_tv"]) / n, 0.0))))
+    floored, size = floored + pfloored, size + pmean.size
+  details = dict(dimension=int(sum(np.size(v) for v in sums.values())), floored_fraction=floored / size,
+                 variance_floor=float(variance_floor), clipped_fraction=clipped / count)
+  return stats, details
+
+
 _STATS_KEYS = ("count", "mean", "var")
 _PIXEL_KEYS = ("pixel_mean", "pixel_var", "pixel_tv")
+# A DP statistics file also holds (float64 scalars) the (epsilon, delta) of the stage it belongs to (its model
+# and statistics composed: what a synthetic set inverted from both carries) and the statistics' epsilon alone.
+# load_statistics reads only the keys above, so inversion reads a DP file unchanged.
+DP_KEYS = ("dp_epsilon", "dp_delta", "dp_statistics_epsilon")
 
 
-def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> int:
-  """Writes `stats` as one uncompressed `.npz` (mean/var float32, count int64), atomically; returns its size."""
+def save_statistics(path: str | os.PathLike, stats: FeatureStats, dp: Mapping[str, float] | None = None) -> int:
+  """Writes `stats` as one uncompressed `.npz` (mean/var float32, count int64), atomically; returns its size.
+  `dp`: {'epsilon', 'delta', 'statistics_epsilon'} of DP statistics, stored as DP_KEYS."""
   mean, var = np.asarray(stats.mean, np.float32), np.asarray(stats.var, np.float32)
   if mean.shape != var.shape or mean.ndim != 3:
     raise ValueError(f"statistics must have mean and var of one shape (num_blocks, 1 + L, D), got "
@@ -210,8 +379,20 @@ def save_statistics(path: str | os.PathLike, stats: FeatureStats) -> int:
     extra = dict(pixel_mean=np.asarray(stats.pixel["mean"], np.float32),
                  pixel_var=np.asarray(stats.pixel["var"], np.float32),
                  pixel_tv=np.asarray(stats.pixel["tv"], np.float32))
+  if dp is not None:
+    extra.update({f"dp_{k}": np.asarray(float(dp[k]), np.float64) for k in ("epsilon", "delta", "statistics_epsilon")})
   atomic_savez(path, count=np.asarray(stats.count, np.int64), mean=mean, var=var, **extra)
   return os.path.getsize(path)
+
+
+def read_dp_record(path: str | os.PathLike) -> dict[str, float] | None:
+  """{'epsilon', 'delta', 'statistics_epsilon'} a DP statistics file records, or None (statistics without DP)."""
+  with zipfile.ZipFile(os.fspath(path)) as zf:
+    present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+  if not all(k in present for k in DP_KEYS):
+    return None
+  arrays = npz_io.load_npz(path, list(DP_KEYS))
+  return {k[len("dp_"):]: float(arrays[k]) for k in DP_KEYS}
 
 
 def load_statistics(path: str | os.PathLike) -> FeatureStats:

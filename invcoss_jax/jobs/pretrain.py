@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from invcoss_jax.data import registry
 from invcoss_jax.jobs import inversion as inversion_jobs
 from invcoss_jax.privacy import accounting as privacy_accounting
 from invcoss_jax.train import pretrain as pretrain_lib
@@ -29,19 +30,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if out["text"]:
       logging.info("report stage: no feature statistics (text is not inverted)")
     else:
+      # With config.privacy on, the statistics are DP and composed into the stage's ledger (jobs/inversion.py).
       out["stats"] = inversion_jobs.run_stats(out["config"], out["workdir"], params=out["state"].params)
-      _record_statistics_not_private(out["workdir"])
   return out
 
 
-def _record_statistics_not_private(workdir: str) -> None:
-  """A DP stage's statistics pass is not differentially private yet (docs/privacy.md): its ledger says so."""
-  record = privacy_accounting.read_ledger(workdir)
-  if record is None:
-    return
-  record["statistics"] = dict(dp=False, note=(
-      "the feature statistics (statistics.npz) were computed on the stage's data without noise: they, and "
-      "synthetic sets inverted from them, are not covered by this ledger's epsilon"))
-  privacy_accounting.write_ledger(workdir, record)
-  logging.warning("%s: the statistics pass is not differentially private; synthetic sets inverted from it are "
-                  "not covered by the stage's (epsilon, delta) (privacy.json)", workdir)
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """A DP image stage whose statistics pass runs at the end has that pass's options (privacy.stats_clip_norm,
+  the statistics' noise or share of the target); checked before training, not after it."""
+  if (privacy_accounting.enabled(config.get("privacy")) and bool(config.train.stats_after_pretrain)
+      and not registry.is_text(config.data)):
+    privacy_accounting.check_statistics_options(config.privacy)

@@ -3,6 +3,6 @@ clipping and Gaussian noise, jax-privacy), Poisson-sampled batches, the accounta
 stage's ledger `privacy.json`.
 
 config.py: `config.privacy` (imports no jax); accounting.py: the DP-SGD plan of a stage (sigma calibrated from
-a target epsilon) and its ledger; dp_sgd.py: the private gradient `train.core.make_step` uses; sampling.py:
+a target epsilon), the plan of its DP feature statistics (composed with it in one accountant) and its ledger; dp_sgd.py: the private gradient `train.core.make_step` uses; sampling.py:
 Poisson-sampled, padded batches of a data section.
 """

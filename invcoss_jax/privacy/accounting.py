@@ -6,12 +6,16 @@ A mechanism is a JSON-able dict (as the ledger stores it), turned into a `dp_acc
 - `poisson_gaussian`: `steps` Gaussian steps (noise multiplier `noise_multiplier`, sensitivity 1 after the
   scaling by clip_norm) on Poisson samples of rate `sampling_rate`; with `truncated_batch_size` below
   `dataset_size` each sample is truncated to that size (TruncatedSubsampledGaussianDpEvent, 'pld' only);
-- `gaussian`: `count` releases of the Gaussian mechanism (noise multiplier `noise_multiplier`) on all the data.
-The neighbouring relation is add-or-remove one example of the stage's data (dp-accounting's default).
+- `gaussian`: `count` releases of the Gaussian mechanism (noise multiplier `noise_multiplier`) on all the data:
+  the DP feature statistics (`name` 'dp_statistics', `StatisticsPlan`), one release of the clipped sums.
+The neighbouring relation is add-or-remove one example of the stage's data (dp-accounting's default), for
+every mechanism: DP-SGD's clipped gradient sum and the statistics' clipped sums each move by at most their clip
+norm when one example is added or removed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -24,6 +28,8 @@ from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.privacy.config import ACCOUNTANTS, SAMPLINGS, enabled
 
 LEDGER_FILE = "privacy.json"
+SGD_MECHANISM = "dp_sgd"
+STATS_MECHANISM = "dp_statistics"
 # Calibration: the smallest noise multiplier searched, and the tolerance on sigma.
 _MIN_SIGMA = 0.05
 _SIGMA_TOL = 1e-3
@@ -74,24 +80,36 @@ def calibrate_noise_multiplier(make_mechanisms, target_epsilon: float, delta: fl
   """The smallest noise multiplier (within 1e-3) whose mechanisms `make_mechanisms(sigma)` reach at most
   `target_epsilon` at `delta`: dp_accounting.calibrate_dp_mechanism in a bracket found by doubling."""
   import dp_accounting  # pylint: disable=g-import-not-at-top  (privacy.dp_sgd._JAX_PRIVACY)
-  def eps(sigma: float) -> float:
-    return epsilon(make_mechanisms(sigma), delta, accountant)
+  return _calibrate(lambda sigma: epsilon(make_mechanisms(sigma), delta, accountant),
+                    lambda: make_accountant(accountant),
+                    lambda sigma: dp_accounting.ComposedDpEvent([event(m) for m in make_mechanisms(sigma)]),
+                    target_epsilon, delta, "(raise it, or sample fewer examples per step or run fewer steps)")
 
+
+def _calibrate(eps, make_fresh_accountant, make_event, target_epsilon: float, delta: float, hint: str) -> float:
+  """calibrate_noise_multiplier's search: `eps(sigma)` the epsilon of the mechanisms at sigma, `make_event(sigma)`
+  their dp-accounting event composed onto `make_fresh_accountant()`. With `make_event` None the bracket is
+  bisected on `eps` alone (to within 1e-3, the smallest sigma found meeting the target), for mechanisms composed
+  onto an accountant that is not fresh (dp_accounting.calibrate_dp_mechanism needs an empty one)."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top  (privacy.dp_sgd._JAX_PRIVACY)
   lo, hi = 0.5, 1.0
   while eps(hi) > target_epsilon:
     lo, hi = hi, 2 * hi
     if hi > 1e4:
       raise ConfigError(f"privacy.target_epsilon={target_epsilon}: not reached with a noise multiplier below 1e4 "
-                        "(raise it, or sample fewer examples per step or run fewer steps)")
+                        f"{hint}")
   if lo == 0.5:
     while eps(lo) <= target_epsilon:
       if lo <= _MIN_SIGMA:
         return lo
       lo, hi = max(lo / 2, _MIN_SIGMA), lo
+  if make_event is None:
+    while hi - lo > _SIGMA_TOL:  # eps(lo) > target >= eps(hi)
+      mid = (lo + hi) / 2
+      lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return float(hi)
   return float(dp_accounting.calibrate_dp_mechanism(
-      lambda: make_accountant(accountant),
-      lambda sigma: dp_accounting.ComposedDpEvent([event(m) for m in make_mechanisms(sigma)]),
-      float(target_epsilon), float(delta),
+      make_fresh_accountant, make_event, float(target_epsilon), float(delta),
       bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=_SIGMA_TOL))
 
 
@@ -112,6 +130,9 @@ class DpSgdPlan:
   epsilon: float
   target_epsilon: float
   calibrated: bool = False  # noise_multiplier was calibrated from target_epsilon (not given)
+  # The share of target_epsilon left to the stage's DP statistics: DP-SGD alone was calibrated to
+  # (1 - it) x target_epsilon (0: the whole target; a fine-tuning run, a report stage, a sigma given).
+  statistics_epsilon_fraction: float = 0.0
 
   @property
   def sampling_rate(self) -> float:
@@ -119,7 +140,7 @@ class DpSgdPlan:
 
   def mechanism(self, data: str = "") -> dict[str, Any]:
     cap = self.max_batch_size if self.max_batch_size < self.dataset_size else None
-    return dict(name="dp_sgd", kind="poisson_gaussian", data=data, sampling=self.sampling,
+    return dict(name=SGD_MECHANISM, kind="poisson_gaussian", data=data, sampling=self.sampling,
                 sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=self.steps,
                 dataset_size=self.dataset_size, truncated_batch_size=cap, clip_norm=self.clip_norm,
                 expected_batch_size=self.expected_batch_size)
@@ -157,10 +178,13 @@ def auto_microbatch_size(expected: int, shards: int = 1) -> int:
 
 def plan_dp_sgd(privacy: ml_collections.ConfigDict | None, *, expected_batch_size: int, dataset_size: int,
                 steps: int, batch_multiple: int = 1, data: str = "", previous: dict[str, Any] | None = None,
-                grad_accum_steps: int = 1, batch_option: str = "train.global_batch_size") -> DpSgdPlan | None:
+                grad_accum_steps: int = 1, batch_option: str = "train.global_batch_size",
+                statistics: bool = False) -> DpSgdPlan | None:
   """The DP-SGD plan of a training run (None when `privacy`, a config.privacy section, is off): options checked,
   the physical batch chosen, the noise multiplier calibrated to target_epsilon (or taken as given) and the
   epsilon it reaches. `expected_batch_size` (the option `batch_option`) over `dataset_size` is the sampling rate.
+  `statistics`: the run is an image pre-training stage, whose statistics pass is DP too: a calibrated sigma
+  meets (1 - privacy.stats_epsilon_fraction) x target_epsilon alone, the rest is the statistics' share.
 
   `previous`: the ledger an earlier run of the stage wrote; when it was planned from the same inputs, its noise
   multiplier and epsilon are taken (a resumed run does not calibrate again)."""
@@ -181,19 +205,22 @@ def plan_dp_sgd(privacy: ml_collections.ConfigDict | None, *, expected_batch_siz
                       "privacy.accountant='pld' (exact for truncation) or a max_batch_size >= the examples")
 
   given = float(privacy.noise_multiplier)
+  share = float(privacy.stats_epsilon_fraction) if statistics and given <= 0 else 0.0
 
   def plan(sigma: float, eps: float) -> DpSgdPlan:
     return DpSgdPlan(clip_norm=float(privacy.clip_norm), noise_multiplier=float(sigma), expected_batch_size=expected,
                      max_batch_size=cap, microbatch_size=micro, dataset_size=int(dataset_size), steps=int(steps),
                      delta=delta, accountant=accountant, sampling=str(privacy.sampling), epsilon=eps,
-                     target_epsilon=target, calibrated=given <= 0)
+                     target_epsilon=target, calibrated=given <= 0, statistics_epsilon_fraction=share)
 
   sigma = given
   key = plan_key(plan(sigma, math.inf))
   if previous and previous.get("plan_key") == key:
-    return plan(float(previous["noise_multiplier"]), float(previous["epsilon"]))
+    # The ledger's top-level epsilon is the stage's (DP-SGD and its statistics composed) once statistics ran.
+    return plan(float(previous["noise_multiplier"]), float(previous.get("dp_sgd_epsilon", previous["epsilon"])))
   if sigma <= 0:
-    sigma = calibrate_noise_multiplier(lambda s: [plan(s, math.inf).mechanism(data)], target, delta, accountant)
+    sigma = calibrate_noise_multiplier(lambda s: [plan(s, math.inf).mechanism(data)], target * (1 - share), delta,
+                                       accountant)
   p = plan(sigma, math.inf)
   return dataclasses.replace(p, epsilon=epsilon([p.mechanism(data)], delta, accountant))
 
@@ -205,6 +232,8 @@ def plan_key(plan: DpSgdPlan) -> dict[str, Any]:
   if plan.calibrated:
     out.pop("noise_multiplier")
   out["target_epsilon"] = out["target_epsilon"] if math.isfinite(out["target_epsilon"]) else None
+  if not out["statistics_epsilon_fraction"]:
+    out.pop("statistics_epsilon_fraction")  # the keys of ledgers written before DP statistics existed
   return out
 
 
@@ -236,6 +265,20 @@ def check_privacy(p: ml_collections.ConfigDict, *, grad_accum_steps: int = 1) ->
   for name in ("max_batch_size", "microbatch_size"):
     if int(p[name]) < 0:
       raise ConfigError(f"privacy.{name}={int(p[name])}: expected >= 0 (0 = automatic)")
+  c, s, f = float(p.stats_clip_norm), float(p.stats_noise_multiplier), float(p.stats_epsilon_fraction)
+  if not (math.isfinite(c) and c >= 0):
+    raise ConfigError(f"privacy.stats_clip_norm={c}: expected a positive, finite L2 bound of each example's "
+                      "statistics contribution (0 = not set)")
+  if not (math.isfinite(s) and s >= 0):
+    raise ConfigError(f"privacy.stats_noise_multiplier={s}: expected a finite value >= 0 (0 = calibrated from "
+                      "privacy.target_epsilon)")
+  if not 0.0 <= f < 1.0:
+    raise ConfigError(f"privacy.stats_epsilon_fraction={f}: expected 0 <= fraction < 1 (the share of "
+                      "privacy.target_epsilon left to the statistics pass)")
+  if math.isfinite(eps) and s > 0:
+    raise ConfigError(f"privacy.target_epsilon={eps} and privacy.stats_noise_multiplier={s} are both set: set one "
+                      "(with target_epsilon the statistics' sigma is calibrated to privacy.stats_epsilon_fraction "
+                      "of it)")
   if int(grad_accum_steps) != 1:
     raise ConfigError(f"train.grad_accum_steps={int(grad_accum_steps)} with privacy on: expected 1 (each "
                       "DP-SGD step is one Poisson sample; privacy.microbatch_size bounds the memory instead)")
@@ -247,11 +290,162 @@ def ledger(mechanisms: Sequence[dict[str, Any]], *, delta: float, accountant: st
   has it already). The keys of the first DP-SGD mechanism (noise_multiplier, sampling_rate, steps, clip_norm)
   are repeated at the top."""
   eps = epsilon(mechanisms, delta, accountant) if eps is None else float(eps)
-  sgd = next((m for m in mechanisms if m["name"] == "dp_sgd"), {})
+  sgd = next((m for m in mechanisms if m["name"] == SGD_MECHANISM), {})
   return dict(epsilon=eps, delta=float(delta), accountant=accountant,
               noise_multiplier=sgd.get("noise_multiplier"), sampling_rate=sgd.get("sampling_rate"),
               steps=sgd.get("steps"), clip_norm=sgd.get("clip_norm"),
               neighbouring="add or remove one example of the stage's data", mechanisms=list(mechanisms), **extra)
+
+
+# --- DP feature statistics ---------------------------------------------------------------------------------
+
+COVERS_SGD = ("the stage's parameters (every checkpoint) and what is computed from them alone; not the training "
+              "logs and image grids, nor statistics computed on the data without noise")
+COVERS_WITH_STATISTICS = (
+    "the stage's parameters (every checkpoint), its DP feature statistics (statistics.npz) and what is computed "
+    "from them alone and public inputs (a synthetic set inverted from them reads nothing else); not the training "
+    "logs, config.seed (the noise keys follow from it) or anything else computed from the data")
+
+
+def check_statistics_options(p: ml_collections.ConfigDict) -> None:
+  """The options a DP statistics pass needs on top of check_privacy's (one-line ConfigErrors): stats_clip_norm
+  set, and the statistics' noise multiplier given (with privacy.noise_multiplier) or a share of
+  privacy.target_epsilon (privacy.stats_epsilon_fraction) to calibrate it from."""
+  check_privacy(p)
+  off = "or run no statistics pass (config.train.stats_after_pretrain=False)"
+  if float(p.stats_clip_norm) <= 0:
+    raise ConfigError(f"privacy.stats_clip_norm={float(p.stats_clip_norm)}: set the L2 bound of each example's "
+                      "statistics contribution for a DP statistics pass (no default fits every model: measure it "
+                      f"on public images, docs/privacy.md), {off}")
+  target = float(p.target_epsilon)
+  if math.isfinite(target):
+    if float(p.stats_epsilon_fraction) <= 0:
+      raise ConfigError(f"privacy.stats_epsilon_fraction={float(p.stats_epsilon_fraction)} leaves the statistics "
+                        f"pass none of privacy.target_epsilon={target}: set a share (e.g. 0.1), {off}")
+  elif float(p.stats_noise_multiplier) <= 0:
+    raise ConfigError(f"privacy.stats_noise_multiplier={float(p.stats_noise_multiplier)} with "
+                      "privacy.noise_multiplier given: set the statistics' noise multiplier too (there is no "
+                      f"privacy.target_epsilon to calibrate it from), {off}")
+
+
+def statistics_mechanism(noise_multiplier: float, clip_norm: float, dataset_size: int, data: str = "") -> dict:
+  """The ledger mechanism of a DP statistics pass: one Gaussian mechanism on the clipped sums (L2 sensitivity
+  clip_norm under add-or-remove one example; noise std noise_multiplier x clip_norm), divided by the public N."""
+  return dict(name=STATS_MECHANISM, kind="gaussian", data=data, count=1, noise_multiplier=float(noise_multiplier),
+              clip_norm=float(clip_norm), sensitivity=float(clip_norm), dataset_size=int(dataset_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsPlan:
+  """The DP statistics pass of a DP stage: what the pass needs (`clip_norm`, `noise_multiplier`, `dataset_size`,
+  the public N the noisy sums are divided by) and what the ledger records."""
+  clip_norm: float
+  noise_multiplier: float
+  dataset_size: int
+  delta: float
+  accountant: str
+  epsilon: float  # the stage's: its DP-SGD and the statistics composed in one accountant
+  statistics_epsilon: float  # the statistics' Gaussian mechanism alone
+  dp_sgd_epsilon: float  # the stage's DP-SGD alone
+  target_epsilon: float
+  epsilon_fraction: float  # privacy.stats_epsilon_fraction (used when calibrated)
+  calibrated: bool  # noise_multiplier calibrated so that the composition meets target_epsilon
+
+  def mechanism(self, data: str = "") -> dict[str, Any]:
+    return statistics_mechanism(self.noise_multiplier, self.clip_norm, self.dataset_size, data)
+
+
+def plan_dp_statistics(privacy: ml_collections.ConfigDict, stage_ledger: dict[str, Any] | None, *,
+                       dataset_size: int, data: str = "", where: str = "the stage") -> StatisticsPlan:
+  """The DP statistics pass of a stage trained with DP-SGD (its ledger `stage_ledger`, privacy.json): options
+  checked, the noise multiplier taken as given or calibrated so that the stage's DP-SGD and the statistics,
+  composed in one accountant, meet privacy.target_epsilon; the epsilon of the composition. A stage with no DP-SGD
+  in its ledger is refused (DP statistics of a non-DP model would protect nothing), as is another data set, delta
+  or accountant than the ledger's (one composition: one data set, one delta, one accountant)."""
+  check_statistics_options(privacy)
+  fixed = [m for m in (stage_ledger or {}).get("mechanisms", ()) if m.get("name") != STATS_MECHANISM]
+  sgd = next((m for m in fixed if m.get("name") == SGD_MECHANISM), None)
+  if sgd is None:
+    raise ConfigError(f"config.privacy is on, but {where} was not trained with DP-SGD (no {LEDGER_FILE} with a "
+                      "DP-SGD mechanism): DP statistics of a non-DP model protect nothing; train the stage with "
+                      "config.privacy, or turn config.privacy off for plain statistics")
+  if int(sgd["dataset_size"]) != int(dataset_size) or (sgd.get("data") and data and sgd["data"] != data):
+    raise ConfigError(f"config.data: statistics over {data!r} ({int(dataset_size)} examples), but {where} was "
+                      f"trained with DP-SGD on {sgd.get('data')!r} ({int(sgd['dataset_size'])} examples): its ledger "
+                      "composes the mechanisms of one data set")
+  delta = float(privacy.delta) or 1.0 / int(dataset_size)
+  if not math.isclose(delta, float(stage_ledger["delta"]), rel_tol=1e-12):
+    raise ConfigError(f"privacy.delta={float(privacy.delta)}: the ledger of {where} is at delta="
+                      f"{float(stage_ledger['delta'])!r}; its statistics compose with its DP-SGD at that delta")
+  accountant = str(privacy.accountant)
+  if accountant != str(stage_ledger["accountant"]):
+    raise ConfigError(f"privacy.accountant={accountant!r}: the ledger of {where} used "
+                      f"{stage_ledger['accountant']!r}; its statistics compose with its DP-SGD in that accountant")
+  clip, target = float(privacy.stats_clip_norm), float(privacy.target_epsilon)
+  fraction, sigma = float(privacy.stats_epsilon_fraction), float(privacy.stats_noise_multiplier)
+
+  base = make_accountant(accountant)  # the stage's DP-SGD, composed once (a truncated Poisson PLD takes seconds)
+  for m in fixed:
+    e = event(m)
+    if not base.supports(e):
+      raise ConfigError(f"privacy.accountant={accountant!r} cannot account the mechanism {m['name']!r} ({e})")
+    base.compose(e)
+  sgd_eps = float(base.get_epsilon(delta))
+  calibrated = sigma <= 0
+  if calibrated:
+    if sgd_eps > (1 - fraction) * target * (1 + 1e-9):
+      raise ConfigError(f"privacy.stats_epsilon_fraction={fraction}: the DP-SGD of {where} alone spends epsilon "
+                        f"{sgd_eps:.4g}, more than (1 - {fraction}) x privacy.target_epsilon={target}: it was trained "
+                        "with another target or share, and its statistics cannot have theirs")
+
+    def composed(s: float):
+      acc = copy.deepcopy(base)
+      acc.compose(event(statistics_mechanism(s, clip, dataset_size)))
+      return acc
+
+    # The stage's DP-SGD is composed once (`base`, copied for each sigma tried): dp-accounting's epsilons,
+    # bisected here (calibrate_dp_mechanism wants an empty accountant, and would compose the DP-SGD each time).
+    sigma = _calibrate(lambda s: float(composed(s).get_epsilon(delta)), None, None, target, delta,
+                       "for the statistics (raise privacy.stats_epsilon_fraction)")
+  mech = statistics_mechanism(sigma, clip, dataset_size, data)
+  return StatisticsPlan(clip_norm=clip, noise_multiplier=float(sigma), dataset_size=int(dataset_size), delta=delta,
+                        accountant=accountant, epsilon=epsilon(fixed + [mech], delta, accountant),
+                        statistics_epsilon=epsilon([mech], delta, accountant), dp_sgd_epsilon=sgd_eps,
+                        target_epsilon=target, epsilon_fraction=fraction, calibrated=calibrated)
+
+
+def record_statistics(record: dict[str, Any], plan: StatisticsPlan | None, *, data: str = "",
+                      **detail: Any) -> dict[str, Any]:
+  """The stage's ledger `record` with its statistics pass. With `plan` (DP statistics): the mechanisms are the
+  stage's DP-SGD and the statistics' Gaussian mechanism, `epsilon` their composition (DP-SGD's alone in
+  `dp_sgd_epsilon`), `statistics: {dp: true, ...}`. Without (statistics computed without noise):
+  `statistics: {dp: false}`, the epsilon DP-SGD's alone, which does not cover them. `detail` goes into
+  `statistics`. A statistics mechanism of an earlier pass is replaced (its file is overwritten)."""
+  out = dict(record)
+  fixed = [m for m in record["mechanisms"] if m["name"] != STATS_MECHANISM]
+  sgd_eps = float(record.get("dp_sgd_epsilon", record["epsilon"]))
+  if plan is None:
+    out.update(mechanisms=fixed, epsilon=sgd_eps, dp_sgd_epsilon=sgd_eps, covers=COVERS_SGD, statistics=dict(
+        dp=False, **detail, note=("the feature statistics were computed on the stage's data without noise: they, "
+                                  "and synthetic sets inverted from them, are not covered by this ledger's epsilon")))
+    return out
+  out.update(mechanisms=fixed + [plan.mechanism(data)], epsilon=plan.epsilon, dp_sgd_epsilon=plan.dp_sgd_epsilon,
+             covers=COVERS_WITH_STATISTICS, statistics=dict(
+                 dp=True, epsilon=plan.statistics_epsilon, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                 clip_norm=plan.clip_norm, dataset_size=plan.dataset_size, calibrated=plan.calibrated,
+                 epsilon_fraction=plan.epsilon_fraction if plan.calibrated else None,
+                 composed_epsilon=plan.epsilon, **detail))
+  return out
+
+
+def carry_statistics(record: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+  """A stage's new ledger `record` (its DP-SGD) keeping the statistics part of `previous` (the ledger an earlier
+  run of the stage wrote) when that run planned the same DP-SGD: a finished stage started again keeps the record
+  of the statistics it has released."""
+  if not previous or "statistics" not in previous or previous.get("plan_key") != record.get("plan_key"):
+    return record
+  keep = ("epsilon", "mechanisms", "statistics", "covers", "dp_sgd_epsilon")
+  return dict(record, **{k: previous[k] for k in keep if k in previous})
 
 
 def write_ledger(workdir: str | os.PathLike, record: dict[str, Any]) -> str:

@@ -39,6 +39,21 @@ def privacy_config() -> ml_collections.ConfigDict:
   # A DP continual run refuses methods that store real examples (er, medcoss, the report stage's k-means text
   # buffer): they are not DP. True runs them anyway and the ledger says the stage is not DP.
   c.allow_real_buffers = False
+  # DP feature statistics (the stage's statistics pass with privacy on; inversion/statistics.py
+  # compute_dp_statistics): each example's contribution (its block tokens and their squares, and its pixels,
+  # their squares and its total variation with inversion.pixel_statistics), as one vector, is clipped to this
+  # L2 norm; the sums get Gaussian noise of std stats_noise_multiplier x stats_clip_norm. 0 = not set: a DP
+  # statistics pass refuses to run. No number fits every model: the norm grows with the square root of
+  # blocks x tokens x width and with the features' scale (a median of about 540 for the demo micro ViT at 32x32
+  # at initialisation), too small clips every example (biasing the statistics towards 0), too large drowns them
+  # in noise, and choosing it from the private data costs privacy.
+  # Measure it on public images (statistics.contribution_norms; docs/privacy.md).
+  c.stats_clip_norm = 0.0
+  # > 0: the statistics' noise multiplier as given (with privacy.noise_multiplier); 0 = calibrated from
+  # privacy.target_epsilon: the stage's DP-SGD is calibrated alone to (1 - stats_epsilon_fraction) x
+  # target_epsilon, the statistics' sigma so that both composed meet target_epsilon.
+  c.stats_noise_multiplier = 0.0
+  c.stats_epsilon_fraction = 0.1
   return c
 
 

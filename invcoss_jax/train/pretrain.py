@@ -205,7 +205,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
     vocabulary.check_or_record(workdir, str(config.model.tokenizer))
   length = optim.run_length(config, num_examples)
   tx, schedule = optim.make_optimizer(train_cfg, length)
-  plan = _privacy_plan(config, workdir, mesh, num_examples, length.total_steps)
+  plan = _privacy_plan(config, workdir, mesh, num_examples, length.total_steps, text)
   model = models.build_mae(config.model)
   logging.info("pre-training %s on %s (%d examples of shape %s): %d updates (%d warm-up), %d per epoch, "
                "peak lr %.3g, mesh %s", config.model.get("preset", "?"), config.data.get("name"),
@@ -251,17 +251,20 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *
               total_steps=total, workdir=workdir, config=config, text=text)
 
 
-def _privacy_plan(config, workdir: str, mesh, num_examples: int, steps: int
+def _privacy_plan(config, workdir: str, mesh, num_examples: int, steps: int, text: bool = False
                   ) -> privacy_accounting.DpSgdPlan | None:
-  """The stage's DP-SGD plan (None without config.privacy), its ledger written to `workdir/privacy.json`."""
+  """The stage's DP-SGD plan (None without config.privacy), its ledger written to `workdir/privacy.json`. An
+  image stage's statistics pass is DP too: a calibrated sigma leaves it privacy.stats_epsilon_fraction of the
+  target (jobs/inversion.run_stats composes it into the ledger)."""
   multiple = math.lcm(mesh_lib.num_batch_shards(mesh), jax.process_count())
   data = str(config.data.get("name") or config.data.get("path"))
   if not privacy_accounting.enabled(config.get("privacy")):
     return None
+  previous = privacy_accounting.read_ledger(workdir)
   plan = privacy_accounting.plan_dp_sgd(
       config.privacy, expected_batch_size=int(config.train.global_batch_size), dataset_size=num_examples,
-      steps=steps, batch_multiple=multiple, data=data, previous=privacy_accounting.read_ledger(workdir),
-      grad_accum_steps=int(config.train.grad_accum_steps))
+      steps=steps, batch_multiple=multiple, data=data, previous=previous,
+      grad_accum_steps=int(config.train.grad_accum_steps), statistics=not text)
   logging.info("DP-SGD: (%.4g, %.3g)-DP (%s accountant) over %d steps: noise multiplier %.4g, clip norm %g, "
                "Poisson rate %.4g (expected batch %d, padded to %d, vmap chunks of %d)", plan.epsilon, plan.delta,
                plan.accountant, plan.steps, plan.noise_multiplier, plan.clip_norm, plan.sampling_rate,
@@ -269,14 +272,14 @@ def _privacy_plan(config, workdir: str, mesh, num_examples: int, steps: int
   if jax.process_index() == 0:
     record = privacy_accounting.ledger(
         [plan.mechanism(data)], delta=plan.delta, accountant=plan.accountant, eps=plan.epsilon, dp=True,
-        plan_key=privacy_accounting.plan_key(plan),
+        dp_sgd_epsilon=plan.epsilon, plan_key=privacy_accounting.plan_key(plan),
         target_epsilon=plan.target_epsilon if math.isfinite(plan.target_epsilon) else None,
         dataset_size=plan.dataset_size,
         expected_batch_size=plan.expected_batch_size, max_batch_size=plan.max_batch_size,
         microbatch_size=plan.microbatch_size, sampling=plan.sampling,
-        covers=("the stage's parameters (every checkpoint) and what is computed from them alone; not the "
-                "training logs and image grids, nor statistics computed on the data without noise"))
-    privacy_accounting.write_ledger(workdir, record)
+        statistics_epsilon_fraction=plan.statistics_epsilon_fraction or None,
+        covers=privacy_accounting.COVERS_SGD)
+    privacy_accounting.write_ledger(workdir, privacy_accounting.carry_statistics(record, previous))
   return plan
 
 

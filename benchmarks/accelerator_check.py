@@ -216,12 +216,8 @@ def section_facts(args, budget: Budget, ctx: dict[str, Any]) -> dict[str, Any]:
       smi = f"{type(e).__name__}: {e}"
   env = {k: v for k, v in sorted(os.environ.items())
          if k.startswith(("XLA_", "JAX_", "CUDA_", "NVIDIA_", "TF_", "NCCL_", "LIBTPU", "TPU_"))}
-  cpu = ""
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
+  import bench
+  cpu = bench.cpu_model()
   return dict(
       devices=[str(d) for d in devices], num_devices=len(devices), platform=d0.platform,
       backend=jax.default_backend(), device_kind=d0.device_kind,

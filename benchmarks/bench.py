@@ -363,14 +363,19 @@ def torch_invert(case: Case, args, images: np.ndarray, jax_side) -> Built:
 # The session
 
 
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  return ""
+
+
 def conditions() -> dict[str, Any]:
   import torch
-  cpu = ""
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
+  cpu = cpu_model()
   return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
               cpu=cpu, cpu_count=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
               torch_threads=torch.get_num_threads(), backend=jax.default_backend(),

@@ -11,7 +11,6 @@ so that a change of machine load affects both; the table gives the median batche
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -20,16 +19,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
 
 from invcoss_jax.data.pipeline import make_train_iterator  # noqa: E402
+from invcoss_jax.defaults import load_config_file  # noqa: E402
 from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def retention_config(preset: str):
-  spec = importlib.util.spec_from_file_location("retention_config", os.path.join(REPO, "configs", "retention.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def rate(it, batches: int) -> float:
@@ -50,7 +43,7 @@ def main(argv=None) -> dict:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  config = retention_config(a.preset)
+  config = load_config_file(os.path.join(REPO, "configs", f"retention.py:{a.preset}"))
   rows = []
   for m in [s.strip() for s in a.modalities.split(",") if s.strip()]:
     iters = {}

@@ -15,7 +15,6 @@ to need a program, as in the benchmark.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -24,19 +23,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
 
 from invcoss_jax.continual.stages import plan_stages  # noqa: E402
+from invcoss_jax.defaults import load_config_file  # noqa: E402
 from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
 from invcoss_jax.retention import evaluate as retention_evaluate  # noqa: E402
 from invcoss_jax.retention.config import run_config  # noqa: E402
 from invcoss_jax.train import checkpoint as ckpt_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def retention_config(preset: str):
-  spec = importlib.util.spec_from_file_location("retention_config", os.path.join(REPO, "configs", "retention.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def main(argv=None) -> dict:
@@ -47,7 +40,7 @@ def main(argv=None) -> dict:
   p.add_argument("--method", default="er")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  config = retention_config(a.preset)
+  config = load_config_file(os.path.join(REPO, "configs", f"retention.py:{a.preset}"))
   stages = plan_stages(run_config(config, a.seed, a.method), os.path.join(a.root, "runs", f"seed_{a.seed}", a.method))
   if len(stages) < 2:
     raise SystemExit(f"{a.root}: expected a run of at least two stages")

@@ -17,7 +17,6 @@ already on the device, no input pipeline) is the ceiling; the step alone at 4x t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -32,18 +31,12 @@ import numpy as np  # noqa: E402
 
 from invcoss_jax import data as data_lib, models  # noqa: E402
 from invcoss_jax.data import pipeline  # noqa: E402
+from invcoss_jax.defaults import load_config_file  # noqa: E402
 from invcoss_jax.io_utils import atomic_write_json  # noqa: E402
 from invcoss_jax.parallel import mesh as mesh_lib  # noqa: E402
 from invcoss_jax.train import core, optim, pretrain  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def retention_config(preset: str):
-  spec = importlib.util.spec_from_file_location("retention_config", os.path.join(REPO, "configs", "retention.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def per_example_iterator(d, batch: int, seed: int):
@@ -65,7 +58,7 @@ def main(argv=None) -> dict:
   p.add_argument("--steps_per_dispatch", type=int, default=8)
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  config = retention_config(a.preset)
+  config = load_config_file(os.path.join(REPO, "configs", f"retention.py:{a.preset}"))
   d = config.continual.datasets[a.modality]
   batch = int(config.train.global_batch_size)
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -117,14 +117,30 @@ def per_example_iterator(cfg, batch, seed):
               .batch(batch, drop_remainder=True))
 
 
-@pytest.mark.parametrize("read_threads,num_workers", [(1, 0), (3, 0), (1, 2)])
-def test_batches_built_whole_by_the_read_threads_are_the_per_example_pipelines(read_threads, num_workers):
+def _same_batches_as_the_per_example_pipeline(read_threads: int, num_workers: int) -> None:
   c = make_cfg("demo_xray", image_size=32, read_threads=read_threads, num_workers=num_workers)
   got, ref = train_iter(c, 8, seed=5), per_example_iterator(c, 8, 5)
   for _ in range(4):
     a, b = next(got), next(ref)
     for k in b:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_batches_built_whole_by_the_read_threads_are_the_per_example_pipelines(read_threads):
+  _same_batches_as_the_per_example_pipeline(read_threads, 0)
+
+
+def test_batches_built_whole_by_worker_processes_are_the_per_example_pipelines():
+  # In a child interpreter: grain's worker processes are forked, and forking this test process, whose JAX
+  # runtime has threads, can abort a later test (a CI run lost a worker that way).
+  import subprocess
+  import sys
+  code = ("import sys; sys.path.insert(0, 'tests'); from test_data_pipeline import "
+          "_same_batches_as_the_per_example_pipeline as check; check(1, 2)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_a_checkpoint_of_the_per_example_pipeline_resumes_on_the_same_batch():

@@ -343,3 +343,15 @@ def test_a_dp_continual_run_refuses_a_real_buffer_unless_told(method, order, ref
     jobs.check_job_options(c)
   c.privacy.noise_multiplier = 0.0  # privacy off: the run is today's
   jobs.check_job_options(c)
+
+
+def test_privacy_values_are_checked_when_dp_is_off_too(tmp_path):
+  """A typo in config.privacy is refused before any run, DP on or off (one line naming the option)."""
+  from invcoss_jax import jobs
+  from invcoss_jax.config_checks import ConfigError
+  from invcoss_jax.defaults import load_config_file
+  c = load_config_file("configs/xray.py:demo")
+  c.privacy.accountant = "foo"
+  with pytest.raises(ConfigError, match=r"privacy.accountant='foo'"):
+    jobs.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # nothing written

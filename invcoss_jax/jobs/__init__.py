@@ -19,6 +19,7 @@ import ml_collections
 from invcoss_jax import config_checks, workdir as workdir_lib, workdir_lock
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.inversion.config import inversion_spec
+from invcoss_jax.privacy import accounting as privacy_accounting
 
 # mode -> (module, function); every function is called as fn(config, workdir).
 JOBS: dict[str, tuple[str, str]] = {
@@ -49,6 +50,9 @@ def check_job_options(config: ml_collections.ConfigDict) -> None:
   config_checks.check_options(config)
   if "inversion" in config:
     inversion_spec(config.inversion)  # every key on one side of the spec, or a declared loss term's option
+  if "privacy" in config:  # every job: its values in range, DP on or off
+    privacy_accounting.check_privacy(config.privacy, grad_accum_steps=int(config.get("train", {}).get(
+        "grad_accum_steps", 1)))
   check = getattr(importlib.import_module(JOBS[mode][0]), "check_config", None)
   if check is not None:
     check(config)

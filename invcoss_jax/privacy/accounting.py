@@ -246,9 +246,8 @@ def check_privacy(p: ml_collections.ConfigDict, *, grad_accum_steps: int = 1) ->
   if math.isnan(sigma) or sigma < 0 or math.isinf(sigma):
     raise ConfigError(f"privacy.noise_multiplier={sigma}: expected a finite value >= 0 (0 = calibrated from "
                       "privacy.target_epsilon)")
-  if not enabled(p):
-    return
-  if math.isfinite(eps) and sigma > 0:
+  on = enabled(p)  # the values are checked either way (a typo is refused before a DP run needs it)
+  if on and math.isfinite(eps) and sigma > 0:
     raise ConfigError(f"privacy.target_epsilon={eps} and privacy.noise_multiplier={sigma} are both set: set one "
                       "(the other follows from the accountant)")
   delta = float(p.delta)
@@ -275,6 +274,8 @@ def check_privacy(p: ml_collections.ConfigDict, *, grad_accum_steps: int = 1) ->
   if not 0.0 <= f < 1.0:
     raise ConfigError(f"privacy.stats_epsilon_fraction={f}: expected 0 <= fraction < 1 (the share of "
                       "privacy.target_epsilon left to the statistics pass)")
+  if not on:
+    return
   if math.isfinite(eps) and s > 0:
     raise ConfigError(f"privacy.target_epsilon={eps} and privacy.stats_noise_multiplier={s} are both set: set one "
                       "(with target_epsilon the statistics' sigma is calibrated to privacy.stats_epsilon_fraction "

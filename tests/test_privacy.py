@@ -355,3 +355,36 @@ def test_privacy_values_are_checked_when_dp_is_off_too(tmp_path):
   with pytest.raises(ConfigError, match=r"privacy.accountant='foo'"):
     jobs.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_tpr_bound_hand_values_limits_and_monotonicity():
+  """The (eps, delta)-DP bound on a membership attack's TPR at a given FPR (Kairouz et al. 2015) and its AUC."""
+  b = accounting.tpr_bound
+  for f in (0.0, 0.01, 0.1, 0.5):
+    assert b(0.0, 1e-3, f) == pytest.approx(f + 1e-3)  # eps = 0: TPR <= FPR + delta
+    assert b(math.inf, 1e-3, f) == 1.0  # no DP: no bound
+  assert b(0.0, 0.0, 1.0) == 1.0
+  # Hand values: the first line e^eps FPR + delta at low FPR, the second 1 - e^-eps (1 - delta - FPR) above.
+  assert b(1.0, 0.0, 0.01) == pytest.approx(math.e * 0.01)
+  assert b(1.0, 1e-5, 0.1) == pytest.approx(math.e * 0.1 + 1e-5)
+  assert b(1.0, 0.0, 0.5) == pytest.approx(1 - math.exp(-1) * 0.5)
+  assert b(8.0, 1e-5, 0.01) == pytest.approx(1 - math.exp(-8) * (1 - 1e-5 - 0.01))
+  assert b(2000.0, 0.0, 0.0) == 0.0 and b(2000.0, 0.0, 0.01) == 1.0  # no overflow
+  fprs = np.linspace(0, 1, 51)
+  for eps in (0.0, 0.5, 1.0, 8.0):
+    curve = [b(eps, 1e-3, f) for f in fprs]
+    assert all(x <= y + 1e-12 for x, y in zip(curve, curve[1:]))  # monotone in the FPR
+    assert all(f <= t <= 1 for f, t in zip(fprs, curve))
+  for f in (0.01, 0.05, 0.1):
+    values = [b(eps, 1e-5, f) for eps in (0.0, 0.5, 1.0, 2.0, 8.0, math.inf)]
+    assert all(x <= y for x, y in zip(values, values[1:]))  # monotone in epsilon
+    assert b(1.0, 1e-4, f) >= b(1.0, 1e-5, f)  # and in delta
+  with pytest.raises(ValueError):
+    b(-1.0, 0.0, 0.1)
+  # The AUC bound: the area under the curve (closed form against the trapezoid rule), 0.5 at eps = 0.
+  a = accounting.auc_bound
+  assert a(0.0, 0.0) == pytest.approx(0.5) and a(math.inf, 0.0) == 1.0
+  grid = np.linspace(0, 1, 20001)
+  for eps, delta in ((0.0, 1e-3), (1.0, 1e-5), (3.0, 1 / 1500)):
+    assert a(eps, delta) == pytest.approx(np.trapezoid([b(eps, delta, f) for f in grid], grid), abs=1e-6)
+  assert a(1.0, 0.0) < a(2.0, 0.0) < a(8.0, 0.0) < 1.0

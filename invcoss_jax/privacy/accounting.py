@@ -462,3 +462,55 @@ def read_ledger(workdir: str | os.PathLike) -> dict[str, Any] | None:
   if not os.path.isfile(path):
     return None
   return io_utils.read_json(path, lambda m: ValueError(f"{path}: {m}"))
+
+
+# --- What a guarantee allows an attack -----------------------------------------------------------------------
+
+
+def tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
+  """The largest true-positive rate any membership-inference attack can reach at false-positive rate `fpr`
+  against an (epsilon, delta)-DP mechanism:
+
+      TPR <= min(1, e^eps * FPR + delta, 1 - e^-eps * (1 - delta - FPR))
+
+  The hypothesis-testing view of DP (Kairouz, Oh & Viswanath 2015, "The composition theorem for differential
+  privacy", Thm. 2.1; Wasserman & Zhou 2010; used to audit DP-SGD by Nasr et al. 2021, "Adversary
+  instantiation: lower bounds for differentially private machine learning", Eq. 1): for neighbouring data sets
+  D, D' (one example added or removed) every test of "D" against "D'" from the mechanism's output has
+  FPR + e^eps * FNR >= 1 - delta and FNR + e^eps * FPR >= 1 - delta (FNR = 1 - TPR). The two lines are the
+  form above. For the membership experiment it bounds the TPR and FPR expected over the training randomness
+  when members and non-members are exchangeable (drawn at random from one pool, as the audit asks of its
+  held-out split); a measured TPR at a finite sample size can exceed it by sampling error (read its CI).
+
+  epsilon = inf (no DP) gives 1; epsilon = 0 gives FPR + delta. `fpr` must lie in [0, 1], `delta` in [0, 1],
+  `epsilon` >= 0.
+  """
+  eps, delta, fpr = float(epsilon), float(delta), float(fpr)
+  if not (eps >= 0 and 0.0 <= delta <= 1.0 and 0.0 <= fpr <= 1.0):
+    raise ValueError(f"tpr_bound: expected epsilon >= 0, delta and fpr in [0, 1]; got {epsilon}, {delta}, {fpr}")
+  if math.isinf(eps):
+    return 1.0
+  # e^eps * fpr may overflow for a large finite epsilon: the bound is then 1 (or the third line when fpr is 0).
+  first = math.exp(eps) * fpr + delta if eps < 700 else (delta if fpr == 0 else math.inf)
+  second = 1.0 - math.exp(-eps) * (1.0 - delta - fpr)
+  return float(min(1.0, first, second))
+
+
+def auc_bound(epsilon: float, delta: float) -> float:
+  """The largest ROC AUC of any membership-inference attack against an (epsilon, delta)-DP mechanism: the area
+  under `tpr_bound` (a concave ROC curve, itself reachable, so the area bounds every attack's AUC). In closed
+  form, with f* = (1 - delta) / (e^eps + 1) where the two lines of `tpr_bound` cross and a = 1 - delta - f*:
+
+      AUC <= e^eps f*^2 / 2 + delta f* + a - e^-eps a^2 / 2 + delta
+
+  epsilon = 0, delta = 0 gives 0.5; epsilon = inf gives 1.
+  """
+  eps, delta = float(epsilon), float(delta)
+  if not (eps >= 0 and 0.0 <= delta <= 1.0):
+    raise ValueError(f"auc_bound: expected epsilon >= 0 and delta in [0, 1]; got {epsilon}, {delta}")
+  if math.isinf(eps) or eps >= 700:
+    return 1.0
+  f_star = (1.0 - delta) / (math.exp(eps) + 1.0)
+  a = 1.0 - delta - f_star
+  area = math.exp(eps) * f_star ** 2 / 2 + delta * f_star + a - math.exp(-eps) * a ** 2 / 2 + delta
+  return float(min(1.0, area))

@@ -107,11 +107,22 @@ class Measurer:
     self._generator_init: dict[tuple, Any] = {}
     self._recon_cache: dict[tuple[int, int, str], dict[str, float]] = {}
     self._tasks_cache: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
+    self._digests: dict[int, tuple[Any, str]] = {}  # id(params) -> (params, digest): each tree hashed once
 
   # --- data ---
 
   def data(self, modality: str) -> ml_collections.ConfigDict:
     return self.config.continual.datasets[modality]
+
+  def fingerprint(self, params) -> str:
+    """`_fingerprint(params)`, computed once per parameter tree (the probes and the re-fits of a stage key their
+    caches on the same tree; the tree is kept, so its id is not reused)."""
+    held = self._digests.get(id(params))
+    if held is None or held[0] is not params:
+      if len(self._digests) >= 4:  # a run's stages at most: older trees are let go (ViT-B's are 450 MB each)
+        del self._digests[next(iter(self._digests))]
+      held = self._digests[id(params)] = (params, _fingerprint(params))
+    return held[1]
 
   def split(self, modality: str, which: str) -> features.Split:
     key = (modality, which)
@@ -137,7 +148,7 @@ class Measurer:
   def tasks(self, params, seed: int) -> dict[str, dict[str, float]]:
     """Probe (and fine-tuning) scores of `params` on the held-out data of every labelled stage. Computed once
     per (seed, parameter values): every method's copy of the shared first stage measures alike."""
-    cache_key = (int(seed), _fingerprint(params))
+    cache_key = (int(seed), self.fingerprint(params))
     if cache_key not in self._tasks_cache:
       self._tasks_cache[cache_key] = self._tasks(params, seed)
     return {m: dict(v) for m, v in self._tasks_cache[cache_key].items()}
@@ -192,7 +203,7 @@ class Measurer:
     """Masked-reconstruction error of `params` on `stage`'s held-out images: with its own decoder
     (`mae_mse`) and with a fresh decoder re-fitted on the frozen encoder on the stage's fit split
     (`mae_mse_refit`). Masks, the fresh decoder and the re-fit's batches depend on (seed, stage) only."""
-    cache_key = (int(seed), int(stage.index), _fingerprint(params))
+    cache_key = (int(seed), int(stage.index), self.fingerprint(params))
     if cache_key in self._recon_cache:  # e.g. the first stage, shared by every method of a seed
       return dict(self._recon_cache[cache_key])
     r, rec = self.rc.recon, self.reconstructor()

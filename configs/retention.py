@@ -36,7 +36,7 @@ import os
 import ml_collections
 
 from invcoss_jax.defaults import base_config, shared_data_dir, use_indiana_reports
-from invcoss_jax.inversion.config import use_cpu_demo_schedule, use_realism_priors
+from invcoss_jax.inversion.config import use_cpu_demo_schedule, use_realism_priors, use_subspace_prior
 from invcoss_jax.models.presets import demo_model_config
 from invcoss_jax.retention.config import retention_config
 
@@ -146,6 +146,12 @@ def _priors(c: ml_collections.ConfigDict) -> None:
   s.batch_size, s.steps, s.init_steps = 64, 200, 200
 
 
+def _subspace(c: ml_collections.ConfigDict) -> None:
+  """The principal-subspace prior (`inversion.config.use_subspace_prior`) on top of the realism priors: a
+  modifier, `content,priors,subspace`."""
+  use_subspace_prior(c.inversion)
+
+
 def _replay_mae(c: ml_collections.ConfigDict) -> None:
   """Replay also trains the MAE loss on the buffer, each buffer image weighing about as much as a current one
   (5 of 64 per step), beside the distillation (a modifier, e.g. `content,priors,replay_mae`): the setting in
@@ -184,7 +190,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 
 
 PRESETS = {"quick": _quick, "full": _full, "report": _report, "content": _content, "priors": _priors,
-           "replay_mae": _replay_mae, "tiny": _tiny}
+           "subspace": _subspace, "replay_mae": _replay_mae, "tiny": _tiny}
 
 
 def get_config(arg=None):

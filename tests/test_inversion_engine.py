@@ -234,7 +234,8 @@ def test_every_inversion_option_is_on_exactly_one_side_of_the_spec():
   assert set(inversion_config().keys()) == program | host
   spec = inv_config.inversion_spec(inversion_config())
   assert spec.host.schedule_2d.batch_size == 320 and spec.program.loss_weights == (
-      ("img", 0.1), ("norm", 1.0), ("pixel", 0.0), ("rep", 0.1), ("task", 1.0), ("tv_target", 0.0))
+      ("img", 0.1), ("norm", 1.0), ("pixel", 0.0), ("pixel_pca", 0.0), ("rep", 0.1), ("task", 1.0),
+      ("tv_target", 0.0))
   assert inv_config.inversion_spec(spec) is spec
   for section in ("", "invunet.", "schedule_2d."):
     c = inversion_config()
@@ -258,7 +259,7 @@ def test_the_compile_key_is_the_program_part_of_the_spec():
   from invcoss_jax.inversion.config import inversion_spec
   base = inversion_spec(inversion_config())
   host_changes = dict(inner_loop="compiled", max_retries=7, num_samples=5, shard_size=3, log_every_steps=2,
-                      grid_size=4, stats_batch_size=8, pixel_statistics=True, stats_file="x.npz",
+                      grid_size=4, stats_batch_size=8, pixel_statistics=True, stats_file="x.npz", pixel_components=8,
                       buffer_fractions=(0.5,), pool_size=9)
   for key, value in [*host_changes.items(), ("schedule_2d.steps", 3), ("schedule_3d.batch_size", 2)]:
     c = inversion_config()
@@ -268,7 +269,7 @@ def test_the_compile_key_is_the_program_part_of_the_spec():
   program_changes = [("lr_generator", 1e-3), ("lr_latents", 0.1), ("adam_b1", 0.5), ("jitter", 2),
                      ("loss_weights.rep", 0.0), ("task_mask_ratio", 0.5), ("invunet.channels", (8, 16)),
                      ("cmi.ngf", 4), ("grey", "no"), ("generator", "cmi"), ("output_activation", "tanh"),
-                     ("img_reduction", "sum"), ("rep_feature", "cls")]
+                     ("img_reduction", "sum"), ("rep_feature", "cls"), ("pixel_components_grid", 16)]
   for key, value in program_changes:
     c = inversion_config()
     c.update_from_flattened_dict({key: value})
@@ -303,3 +304,43 @@ def test_a_host_option_reuses_the_compiled_inversion(trained_xray):
   cfg.jitter = 1
   engine.synthesize(model, params, stats, cfg, image_shape=(28, 28, 3), rng=jax.random.key(0), num_samples=4)
   assert [k for k in engine._COMPILED if k not in before]
+
+
+def test_the_principal_subspace_prior_gives_the_batch_the_real_images_leading_directions(trained_xray):
+  """With the stage's principal subspace of grey X-rays kept (pixel_components), the 'pixel_pca' term brings
+  the synthetic batch's variance along the leading components towards the real images' (the realism priors
+  alone leave it far off) and its KL down; asking for it without the subspace, or on another grid, is a clear
+  error."""
+  from invcoss_jax.config_checks import ConfigError
+  from invcoss_jax.inversion.config import use_realism_priors
+  model, params, stats = trained_xray
+  x = np.asarray(demo_xrays(256), np.float64)
+  pm, tv = statistics.pixel_moments(x)
+  g = statistics.pooled_grey(x, (14, 14))
+  pca = statistics.principal_subspace(g.sum(0), g.T @ g, len(x), 6, (14, 14))
+  plain = stats.replace(pixel=dict(mean=pm.mean, var=pm.var, tv=tv / len(x)))
+  with_pca = stats.replace(pixel=dict(mean=pm.mean, var=pm.var, tv=tv / len(x), **pca))
+
+  def config(weight):
+    c = use_realism_priors(small_config(steps=60, batch_size=16))
+    c.loss_weights.pixel_pca = weight
+    c.pixel_components_grid = 16  # 28 -> 14 x 14
+    return c
+
+  with pytest.raises(ConfigError, match="pixel_components > 0"):
+    engine.synthesize(model, params, plain, config(10.0), image_shape=(28, 28, 3), rng=jax.random.key(0),
+                      num_samples=4)
+  other_grid = config(10.0)
+  other_grid.pixel_components_grid = 7
+  with pytest.raises(ConfigError, match="use the grid of its statistics pass"):
+    engine.synthesize(model, params, with_pca, other_grid, image_shape=(28, 28, 3), rng=jax.random.key(0),
+                      num_samples=4)
+
+  def leading_variance_ratio(weight):
+    images = engine.synthesize(model, params, with_pca, config(weight), image_shape=(28, 28, 3),
+                               rng=jax.random.key(3), num_samples=16).astype(np.float64)
+    proj = (statistics.pooled_grey(images, (14, 14)) - pca["pca_mean"]) @ pca["pca_basis"].T
+    return proj.var(0)[:3] / pca["pca_var"][:3]
+
+  without, with_prior = leading_variance_ratio(0.0), leading_variance_ratio(10.0)
+  assert np.all(np.abs(np.log(with_prior)) < np.abs(np.log(without))), (without, with_prior)

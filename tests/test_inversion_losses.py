@@ -194,7 +194,7 @@ def test_registry_errors_are_clear():
 
 def test_paper_default_weights():
   w = inversion_config().loss_weights
-  assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1, pixel=0.0, tv_target=0.0)
+  assert dict(w) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1, pixel=0.0, tv_target=0.0, pixel_pca=0.0)
   assert losses.active_terms(inversion_config()) == dict(task=1.0, norm=1.0, img=0.1, rep=0.1)  # priors opt-in
   assert set(w) <= set(losses.registered_loss_terms())
 
@@ -212,6 +212,54 @@ def test_pixel_prior_against_numpy():
   # The stored TV is the mean of per-image TVs, and that mean equals l_img's batch 'mean' reduction.
   from invcoss_jax.inversion import statistics
   np.testing.assert_allclose(statistics.image_tv(x).mean(), float(losses.l_img(jnp.asarray(x), "mean")), rtol=1e-5)
+
+
+def _kl_reference(g, mean, basis, var, residual, full, residual_weight=1.0):
+  """NumPy: the Gaussian KL of the whitened subspace coordinates (full covariance on the first `full`, one by
+  one after) and of the residual energy ratio."""
+  z = (g - mean) @ basis.T / np.sqrt(var)
+  m = z.mean(0)
+  cov = np.cov(z[:, :full], rowvar=False, bias=True).reshape(full, full)
+  kl = 0.5 * (np.trace(cov) + m[:full] @ m[:full] - full - np.linalg.slogdet(cov + 1e-4 * np.eye(full))[1])
+  s = z[:, full:].var(0) + 1e-4
+  kl += 0.5 * np.sum(s + m[full:] ** 2 - 1 - np.log(s))
+  r = np.mean(np.sum(((g - mean) - ((g - mean) @ basis.T) @ basis) ** 2, axis=1)) / residual
+  return kl + residual_weight * 0.5 * (r - 1 - np.log(r))
+
+
+def test_principal_subspace_prior_against_numpy_and_its_minimum():
+  """l_pixel_pca on pooled grey images equals the NumPy Gaussian KL; a batch drawn from the stored Gaussian
+  scores near 0, and a batch with the right total variance but none along the leading direction scores high."""
+  from invcoss_jax.inversion import statistics
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(40, 8, 8, 3)).astype(np.float32)
+  g = statistics.pooled_grey(x.astype(np.float64), (4, 4))
+  want_g = x.astype(np.float64).mean(-1).reshape(40, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(40, 16)
+  np.testing.assert_allclose(g, want_g, rtol=1e-12)
+  basis = np.linalg.qr(rng.normal(size=(16, 5)))[0].T  # 5 orthonormal rows
+  mean, var, residual = rng.uniform(size=16) * 0.5, rng.uniform(0.01, 0.1, size=5), 0.05
+  for full, residual_weight in ((32, 1.0), (2, 1.0), (0, 3.0)):
+    got = float(losses.l_pixel_pca(jnp.asarray(x), (4, 4), *(jnp.asarray(a, jnp.float32) for a in
+                                                               (mean, basis, var, residual)),
+                                   full=full, residual_weight=residual_weight))
+    want = _kl_reference(g, mean, basis, var, residual, min(full, 5), residual_weight)
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+
+  # Images whose pooled grey values are drawn from the stored Gaussian (per 2x2 block constant, grey).
+  def as_images(vals):
+    im = np.repeat(np.repeat(vals.reshape(-1, 4, 4), 2, axis=1), 2, axis=2)
+    return jnp.asarray(np.repeat(im[..., None], 3, axis=-1), jnp.float32)
+  n = 4000
+  comp = rng.normal(size=(n, 5)) * np.sqrt(var)
+  null = np.eye(16) - basis.T @ basis  # residual directions
+  resid = rng.normal(size=(n, 16)) @ null * np.sqrt(residual / 11)
+  args = [jnp.asarray(a, jnp.float32) for a in (mean, basis, var, residual)]
+  drawn = float(losses.l_pixel_pca(as_images(mean + comp @ basis + resid), (4, 4), *args))
+  assert drawn < 0.01
+  flat = comp.copy()
+  flat[:, 0] = 0.0  # no variance along the first component, its energy moved to the residual
+  moved = resid * np.sqrt(1 + var[0] / residual)
+  assert float(losses.l_pixel_pca(as_images(mean + flat @ basis + moved), (4, 4), *args)) > 1.0
 
 
 # ---------------------------------------------------------------------------------------------- context

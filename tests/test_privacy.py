@@ -388,3 +388,22 @@ def test_tpr_bound_hand_values_limits_and_monotonicity():
   for eps, delta in ((0.0, 1e-3), (1.0, 1e-5), (3.0, 1 / 1500)):
     assert a(eps, delta) == pytest.approx(np.trapezoid([b(eps, delta, f) for f in grid], grid), abs=1e-6)
   assert a(1.0, 0.0) < a(2.0, 0.0) < a(8.0, 0.0) < 1.0
+
+
+def test_a_dp_stage_refuses_the_principal_subspace_of_its_images():
+  """The DP statistics pass privatises the block and pixel moments, not a covariance of the images: a DP job
+  asking for inversion.pixel_components is refused before anything runs; without DP it is accepted."""
+  from invcoss_jax import jobs
+  from invcoss_jax.defaults import load_config_file
+  c = load_config_file("configs/xray.py:demo")
+  c.inversion.pixel_statistics = True
+  c.inversion.pixel_components = 8
+  jobs.check_job_options(c)
+  c.privacy.noise_multiplier = 1.0
+  c.privacy.stats_clip_norm = 1.0
+  c.privacy.stats_noise_multiplier = 1.0
+  with pytest.raises(ConfigError, match="pixel_components > 0 keeps the covariance of the images"):
+    jobs.check_job_options(c)
+  c.inversion.pixel_components = -1
+  with pytest.raises(ConfigError, match="pixel_components=-1"):
+    jobs.check_job_options(c)

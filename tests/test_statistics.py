@@ -222,3 +222,63 @@ def test_a_stage_without_the_asked_pixel_statistics_is_recomputed(tmp_path, mode
   statistics.save_statistics(tmp_path / cfg.stats_file,
                              statistics.FeatureStats(count=np.float64(4), mean=mean, var=var, pixel=pixel))
   assert inv_stage.has_statistics(tmp_path, cfg)
+
+
+def test_principal_subspace_equals_sklearn_pca_for_any_batching_and_round_trips(tmp_path, model_and_reference,
+                                                                                 xrays):
+  """config.inversion.pixel_components: the K leading components of the pooled grey X-rays, merged over ragged
+  batches, are scikit-learn's PCA (components up to sign, variances with the biased 1/N), the residual is the
+  variance left outside them; they survive save/load, are counted in the stored bytes, and a file with part of
+  them is refused."""
+  from sklearn.decomposition import PCA
+  model, params, *_ = model_and_reference
+  x = np.asarray(xrays, np.float64)  # (40, 28, 28, 3) -> pooled to 14 x 14 by a grid of 16
+  g = x.mean(-1).reshape(40, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(40, -1)
+  ref = PCA(n_components=6, svd_solver="full").fit(g)
+  for size in (40, 7):
+    stats = statistics.compute_statistics(model, params, (xrays[i:i + size] for i in range(0, len(xrays), size)),
+                                          pixel=True, pixel_components=6, pixel_components_grid=16)
+    p = stats.pixel
+    assert tuple(p["pca_shape"]) == (14, 14)
+    np.testing.assert_allclose(p["pca_mean"], g.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(p["pca_var"], ref.explained_variance_ * 39 / 40, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(np.sum(p["pca_basis"] * ref.components_, axis=1)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(p["pca_residual"], g.var(0).sum() - p["pca_var"].sum(), rtol=1e-8)
+  path = tmp_path / "statistics.npz"
+  statistics.save_statistics(path, stats)
+  back = statistics.load_statistics(path)
+  np.testing.assert_allclose(back.pixel["pca_basis"], stats.pixel["pca_basis"], rtol=1e-6, atol=1e-7)
+  assert back.pixel["pca_shape"].tolist() == [14, 14]
+  assert statistics.statistics_nbytes(back) == (2 * back.mean.size * 4 + 8 + 4 * (2 * x[0].size + 1)
+                                                + 4 * (196 + 6 * 196 + 6 + 1) + 8 * 2)
+  arrays = dict(np.load(path))
+  del arrays["pixel_pca_var"]
+  np.savez(tmp_path / "partial.npz", **arrays)
+  with pytest.raises(ValueError, match="principal subspace is malformed"):
+    statistics.load_statistics(tmp_path / "partial.npz")
+  with pytest.raises(ValueError, match="pixel_components_grid=5"):
+    statistics.pca_pool_shape((28, 28), 5)  # factor 6 does not divide 28
+  with pytest.raises(ValueError, match="at most 4096"):
+    statistics.pca_pool_shape((16, 128, 128), 64)
+
+
+def test_a_stage_without_the_asked_principal_subspace_is_recomputed(tmp_path, model_and_reference):
+  """pixel_components asks for more than the pixel moments: a stage whose file lacks them, or holds another
+  number of components, gets its statistics pass again."""
+  from invcoss_jax.inversion import stage as inv_stage
+  from invcoss_jax.inversion.config import inversion_config
+  model, params, mean, var = model_and_reference
+  cfg = inversion_config()
+  cfg.pixel_statistics = True
+  pixel = dict(mean=np.zeros((4, 4, 3)), var=np.ones((4, 4, 3)), tv=np.float64(0.1))
+  statistics.save_statistics(tmp_path / cfg.stats_file,
+                             statistics.FeatureStats(count=np.float64(4), mean=mean, var=var, pixel=pixel))
+  cfg.pixel_components = 2
+  assert not inv_stage.has_statistics(tmp_path, cfg)
+  pixel.update(pca_shape=np.array([4, 4]), pca_mean=np.zeros(16), pca_basis=np.eye(16)[:2], pca_var=np.ones(2),
+               pca_residual=np.float64(1.0))
+  statistics.save_statistics(tmp_path / cfg.stats_file,
+                             statistics.FeatureStats(count=np.float64(4), mean=mean, var=var, pixel=pixel))
+  assert inv_stage.has_statistics(tmp_path, cfg)
+  cfg.pixel_components = 3
+  assert not inv_stage.has_statistics(tmp_path, cfg)

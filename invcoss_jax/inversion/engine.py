@@ -433,6 +433,17 @@ def synthesize_with_report(model, params, stats: statistics.FeatureStats, inv, *
     raise ConfigError(f"config.inversion.loss_weights switches on {needs}, which match the stage's pixel "
                      "statistics, but its statistics file holds none: run the statistics pass with "
                      "config.inversion.pixel_statistics=True")
+  if "pixel_pca" in needs:
+    if "pca_basis" not in stats.pixel:
+      raise ConfigError("config.inversion.loss_weights.pixel_pca matches the stage's principal subspace of grey "
+                        "images, but its statistics file holds none: run the statistics pass with "
+                        "config.inversion.pixel_components > 0")
+    want = statistics.pca_pool_shape(image_shape[:-1], program.pixel_components_grid)
+    if tuple(int(v) for v in stats.pixel["pca_shape"]) != want:
+      raise ConfigError(f"config.inversion.pixel_components_grid={program.pixel_components_grid} pools the images "
+                        f"to {want}, but the stage's principal subspace was kept on "
+                        f"{tuple(int(v) for v in stats.pixel['pca_shape'])}: use the grid of its statistics pass")
+    pixel.pop("pca_shape")
   target = statistics.FeatureStats(count=jnp.asarray(stats.count, jnp.float32),
                                    mean=jnp.asarray(stats.mean, jnp.float32),
                                    var=jnp.asarray(stats.var, jnp.float32), pixel=pixel if needs else None)

@@ -195,7 +195,7 @@ def img_term(ctx, spec) -> jax.Array:
 # Priors beyond the paper (opt-in: weight 0 by default; docs/continual.md). They read the stage's input-space
 # statistics (config.inversion.pixel_statistics), a few kilobytes kept beside Eq. 9's feature statistics.
 
-PIXEL_TERMS = ("pixel", "tv_target")
+PIXEL_TERMS = ("pixel", "tv_target", "pixel_pca")
 
 
 def l_pixel(images: jax.Array, target_mean: jax.Array, target_var: jax.Array) -> jax.Array:
@@ -215,6 +215,56 @@ def l_tv_target(images: jax.Array, target_tv: jax.Array) -> jax.Array:
   """|TV(x) - tau|: the batch's mean total variation pulled towards the real images' (PSAQ-ViT pulls TV
   towards a target rather than minimising it: minimising TV rewards flat fields, which inpaint easily)."""
   return jnp.abs(l_img(images, "mean") - jnp.asarray(target_tv, jnp.float32))
+
+
+def l_pixel_pca(images: jax.Array, pooled_shape: tuple[int, ...], mean: jax.Array, basis: jax.Array,
+                var: jax.Array, residual: jax.Array, *, full: int = 32, residual_weight: float = 1.0,
+                eps: float = 1e-4) -> jax.Array:
+  """The Gaussian KL of the batch's whitened coordinates in the stored principal subspace against N(0, I),
+  plus `residual_weight` times the one-dimensional Gaussian KL of its energy outside the subspace.
+
+  The grey images are pooled to `pooled_shape` (statistics.pooled_grey), centred on the stored mean `mean`
+  (D,), projected on the K orthonormal rows of `basis` (K, D) and divided by the square roots of their variances
+  `var` (K,): a set distributed as the real images has identity covariance there. The leading `full`
+  components are fitted with their full covariance, 0.5 (tr S + |m|^2 - f - log det(S + eps I)) (`m`, `S`: the
+  batch mean and biased covariance; a batch of <= f images is singular, hence eps), the others one by one,
+  0.5 sum_k (s_k + m_k^2 - 1 - log s_k), which needs no more images than components. `r`: the batch's mean
+  squared residual outside the subspace over the stored one (`residual`), scored 0.5 (r - 1 - log r). Where
+  the per-pixel moments (`l_pixel`) say how much each pixel varies, this says along which image-wide
+  directions: a batch of independent texture with the right per-pixel variance has little variance along
+  the leading components and too much energy outside them."""
+  from invcoss_jax.inversion.statistics import pooled_grey  # statistics imports losses' config only
+  g = pooled_grey(images.astype(jnp.float32), pooled_shape) - mean
+  if g.shape[1] != basis.shape[1]:
+    raise ValueError(f"principal subspace of {basis.shape[1]} values does not fit images pooled to {pooled_shape}")
+  k = basis.shape[0]
+  f = min(int(full), k)
+  proj = g @ basis.T  # (B, K)
+  z = proj / jnp.sqrt(jnp.maximum(var, 1e-12))
+  m = jnp.mean(z, axis=0)
+  zc = z - m
+  kl = jnp.zeros((), jnp.float32)
+  if f > 0:
+    cov = zc[:, :f].T @ zc[:, :f] / z.shape[0]
+    _, logdet = jnp.linalg.slogdet(cov + eps * jnp.eye(f, dtype=cov.dtype))
+    kl = kl + 0.5 * (jnp.trace(cov) + jnp.sum(jnp.square(m[:f])) - f - logdet)
+  if f < k:
+    s = jnp.mean(jnp.square(zc[:, f:]), axis=0) + eps
+    kl = kl + 0.5 * jnp.sum(s + jnp.square(m[f:]) - 1.0 - jnp.log(s))
+  resid = g - proj @ basis
+  r = jnp.mean(jnp.sum(jnp.square(resid), axis=1)) / jnp.maximum(residual, 1e-12)
+  return kl + residual_weight * 0.5 * (r - 1.0 - jnp.log(jnp.maximum(r, 1e-12)))
+
+
+@register_loss_term("pixel_pca")
+def pixel_pca_term(ctx, spec) -> jax.Array:
+  """The batch's distribution in the stage's principal subspace of grey images (opt-in; needs
+  config.inversion.pixel_components > 0 when the statistics were kept)."""
+  from invcoss_jax.inversion.statistics import pca_pool_shape
+  p = ctx.target_stats.pixel
+  shape = pca_pool_shape(ctx.images.shape[1:-1], spec.pixel_components_grid)
+  return l_pixel_pca(ctx.images, shape, p["pca_mean"], p["pca_basis"], p["pca_var"], p["pca_residual"],
+                     full=spec.pixel_pca_full, residual_weight=spec.pixel_pca_residual_weight)
 
 
 @register_loss_term("pixel")

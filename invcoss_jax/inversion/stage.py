@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from invcoss_jax import data as data_lib, npz_io
-from invcoss_jax.config_checks import fraction_count
+from invcoss_jax.config_checks import ConfigError, fraction_count
 from invcoss_jax.inversion import engine, losses, statistics
 from invcoss_jax.inversion.config import inversion_spec
 from invcoss_jax.io_utils import atomic_write_json
@@ -45,7 +45,13 @@ def has_statistics(workdir: str | os.PathLike, inv) -> bool:
   path = statistics_path(workdir, inv)
   if not os.path.isfile(path):
     return False
-  return not inversion_spec(inv).host.pixel_statistics or statistics.load_statistics(path).pixel is not None
+  host = inversion_spec(inv).host
+  if not host.pixel_statistics:
+    return True
+  pixel = statistics.load_statistics(path).pixel
+  if pixel is None:
+    return False
+  return not host.pixel_components or ("pca_var" in pixel and len(pixel["pca_var"]) == host.pixel_components)
 
 
 def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv, workdir: str | os.PathLike,
@@ -61,8 +67,14 @@ def write_statistics(model, params, data_cfg: ml_collections.ConfigDict, inv, wo
                                         process_index=jax.process_index(), process_count=jax.process_count())
   privacy = None
   if dp is None:
-    stats = statistics.compute_statistics(model, params, batches, mesh=mesh, pixel=host.pixel_statistics)
+    stats = statistics.compute_statistics(
+        model, params, batches, mesh=mesh, pixel=host.pixel_statistics,
+        pixel_components=host.pixel_components if host.pixel_statistics else 0,
+        pixel_components_grid=inversion_spec(inv).program.pixel_components_grid)
   else:
+    if host.pixel_statistics and host.pixel_components:
+      raise ConfigError("config.inversion.pixel_components > 0 keeps the covariance of the images, which the DP "
+                        "statistics pass does not privatise: set it to 0 with config.privacy on")
     stats, details = statistics.compute_dp_statistics(
         model, params, batches, num_examples=int(dp.dataset_size), clip_norm=float(dp.clip_norm),
         noise_multiplier=float(dp.noise_multiplier), key=statistics.statistics_noise_key(seed), mesh=mesh,

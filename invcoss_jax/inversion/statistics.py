@@ -43,6 +43,8 @@ class FeatureStats:
   # Optional input-space statistics (config.inversion.pixel_statistics), or None: {'mean', 'var'} over the
   # batch of every pixel and channel (the image shape) and 'tv', the mean total variation of an image (the
   # `l_img` 'mean' reduction). The analogue of DeepInversion's first BatchNorm layer, which sees pixels.
+  # With config.inversion.pixel_components = K > 0 it also holds the principal subspace of the grey images
+  # (`principal_subspace`): 'pca_shape', 'pca_mean', 'pca_basis' (K, D), 'pca_var' (K,), 'pca_residual'.
   pixel: Any = None
 
   @property
@@ -157,7 +159,67 @@ def pixel_moments(x: np.ndarray) -> tuple[FeatureStats, float]:
   return m, float(np.sum(image_tv(x)))
 
 
-def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bool = False) -> FeatureStats:
+# --- The principal subspace of the grey images (config.inversion.pixel_components) ---------------------------
+# Matching per-pixel moments lets a batch put the real images' pixel variance anywhere: the inverted X-rays had
+# 0.2-0.7x the real variance along the leading principal components (global brightness, the lung fields'
+# contrast) and 3x the real energy outside the first 32 (independent texture), docs/results.md. The covariance
+# of the grey images, kept as its K leading eigenpairs on a pooled grid, says where real images vary together.
+
+PCA_KEYS = ("pca_shape", "pca_mean", "pca_basis", "pca_var", "pca_residual")
+MAX_PCA_VALUES = 4096  # values per pooled image: the pass accumulates a (D, D) float64 covariance
+
+
+def pca_pool_shape(spatial: tuple[int, ...], grid: int) -> tuple[int, ...]:
+  """The pooled spatial shape: each side divided by the smallest integer factor that brings it to <= `grid`
+  (a ValueError when that factor does not divide the side, or the pooled image has over MAX_PCA_VALUES values)."""
+  out = []
+  for side in spatial:
+    f = -(-int(side) // int(grid))
+    if int(side) % f:
+      raise ValueError(f"config.inversion.pixel_components_grid={grid}: a side of {side} pixels is not a multiple "
+                       f"of the pooling factor {f} it needs; pick a grid whose factor divides {tuple(spatial)}")
+    out.append(int(side) // f)
+  if math.prod(out) > MAX_PCA_VALUES:
+    raise ValueError(f"config.inversion.pixel_components_grid={grid} pools {tuple(spatial)} images to "
+                     f"{tuple(out)} = {math.prod(out)} values; at most {MAX_PCA_VALUES} (the statistics pass "
+                     "keeps their covariance): lower the grid")
+  return tuple(out)
+
+
+def pooled_grey(x, pooled_shape: tuple[int, ...]):
+  """(B, D) the channel mean of `x` `(B, *spatial, C)` average-pooled to `pooled_shape` (integer factors),
+  flattened. NumPy in, NumPy (float64) out; JAX in, JAX out."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  g = xp.mean(x.astype(np.float64 if xp is np else jnp.float32), axis=-1)
+  spatial = g.shape[1:]
+  shape = [g.shape[0]]
+  for side, p in zip(spatial, pooled_shape):
+    shape += [int(p), int(side) // int(p)]
+  g = g.reshape(shape).mean(axis=tuple(range(2, 2 + 2 * len(spatial), 2)))
+  return g.reshape(g.shape[0], -1)
+
+
+def principal_subspace(sum_x: np.ndarray, sum_xx: np.ndarray, count: float, k: int,
+                       pooled_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """The K leading eigenpairs of the covariance of the pooled grey images from their sums (float64):
+  pca_mean (D,), pca_basis (K, D) (orthonormal rows), pca_var (K,) (the eigenvalues, descending),
+  pca_residual (the variance left outside them: trace minus their sum), pca_shape (the pooled shape)."""
+  mean = sum_x / count
+  cov = sum_xx / count - np.outer(mean, mean)
+  cov = 0.5 * (cov + cov.T)
+  k = int(k)
+  if not 1 <= k < len(mean):
+    raise ValueError(f"config.inversion.pixel_components={k}: expected 1 <= K < {len(mean)}, the values of a "
+                     f"pooled image {tuple(pooled_shape)}")
+  evals, evecs = np.linalg.eigh(cov)
+  order = np.argsort(evals)[::-1]
+  evals, evecs = np.maximum(evals[order], 0.0), evecs[:, order]
+  return dict(pca_shape=np.asarray(pooled_shape, np.int64), pca_mean=mean, pca_basis=evecs[:, :k].T,
+              pca_var=evals[:k], pca_residual=np.float64(max(float(np.trace(cov) - evals[:k].sum()), 0.0)))
+
+
+def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bool = False,
+                       pixel_components: int = 0, pixel_components_grid: int = 32) -> FeatureStats:
   """Per-block token statistics of `model` over every example of `batches` (one pass, Eq. 9 merging).
 
   `batches` yields image arrays or dicts with 'image' (the input layer's eval iterator; the last batch may be
@@ -165,7 +227,9 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
   function serves every batch; the padded rows carry weight 0. With `mesh`, the batch is split over the batch
   axes and the reductions over the batch axis run across devices inside the compiled function. Per-batch
   moments are float32 two-pass; batches are merged on the host in float64. Returns float64 NumPy arrays.
-  With `pixel`, the input-space statistics (`FeatureStats.pixel`) are accumulated in the same pass.
+  With `pixel`, the input-space statistics (`FeatureStats.pixel`) are accumulated in the same pass, and with
+  `pixel_components` = K > 0 also the K leading principal components of the grey images pooled to at most
+  `pixel_components_grid` per side (`principal_subspace`).
   """
   shards = mesh_lib.num_batch_shards(mesh) if mesh is not None else 1
 
@@ -174,6 +238,7 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
     params = jax.device_put(params, mesh_lib.replicated(mesh))
   total = None
   pix, tv_sum = None, 0.0
+  pca_sums, pooled_shape = None, None
   padded_size = None
   for batch in batches:
     x = _images_of(batch)
@@ -182,6 +247,13 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
     if pixel:
       m, tv = pixel_moments(x)
       pix, tv_sum = (m if pix is None else merge_moments(pix, m)), tv_sum + tv
+      if pixel_components:
+        if pooled_shape is None:
+          pooled_shape = pca_pool_shape(x.shape[1:-1], pixel_components_grid)
+          pca_sums = [np.zeros(math.prod(pooled_shape)), np.zeros((math.prod(pooled_shape),) * 2)]
+        g = pooled_grey(np.asarray(x), pooled_shape)
+        pca_sums[0] += g.sum(axis=0)
+        pca_sums[1] += g.T @ g
     if padded_size is None or x.shape[0] > padded_size:
       padded_size = -(-x.shape[0] // shards) * shards
     x, w = pad_batch(x.astype(np.float32), padded_size)
@@ -194,7 +266,11 @@ def compute_statistics(model, params, batches: Iterable, *, mesh=None, pixel: bo
   if total is None:
     raise ValueError("compute_statistics: the batches were empty (no examples to compute statistics on)")
   if pixel:
-    total = total.replace(pixel=dict(mean=pix.mean, var=pix.var, tv=np.float64(tv_sum / float(pix.count))))
+    pix_stats = dict(mean=pix.mean, var=pix.var, tv=np.float64(tv_sum / float(pix.count)))
+    if pixel_components:
+      pix_stats.update(principal_subspace(pca_sums[0], pca_sums[1], float(pix.count), int(pixel_components),
+                                          pooled_shape))
+    total = total.replace(pixel=pix_stats)
   return total
 
 
@@ -361,6 +437,7 @@ def compute_dp_statistics(model, params, batches: Iterable, *, num_examples: int
 
 _STATS_KEYS = ("count", "mean", "var")
 _PIXEL_KEYS = ("pixel_mean", "pixel_var", "pixel_tv")
+_PIXEL_PCA_KEYS = tuple(f"pixel_{k}" for k in PCA_KEYS)
 # A DP statistics file also holds (float64 scalars) the (epsilon, delta) of the stage it belongs to (its model
 # and statistics composed: what a synthetic set inverted from both carries) and the statistics' epsilon alone.
 # load_statistics reads only the keys above, so inversion reads a DP file unchanged.
@@ -379,6 +456,9 @@ def save_statistics(path: str | os.PathLike, stats: FeatureStats, dp: Mapping[st
     extra = dict(pixel_mean=np.asarray(stats.pixel["mean"], np.float32),
                  pixel_var=np.asarray(stats.pixel["var"], np.float32),
                  pixel_tv=np.asarray(stats.pixel["tv"], np.float32))
+    if "pca_basis" in stats.pixel:
+      extra.update({f"pixel_{k}": np.asarray(stats.pixel[k], np.int64 if k == "pca_shape" else np.float32)
+                    for k in PCA_KEYS})
   if dp is not None:
     extra.update({f"dp_{k}": np.asarray(float(dp[k]), np.float64) for k in ("epsilon", "delta", "statistics_epsilon")})
   atomic_savez(path, count=np.asarray(stats.count, np.int64), mean=mean, var=var, **extra)
@@ -404,7 +484,7 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
   try:
     with zipfile.ZipFile(path) as zf:
       present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-    arrays = npz_io.load_npz(path, [k for k in _STATS_KEYS + _PIXEL_KEYS if k in present])
+    arrays = npz_io.load_npz(path, [k for k in _STATS_KEYS + _PIXEL_KEYS + _PIXEL_PCA_KEYS if k in present])
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"statistics file {path!r} is not a readable .npz: {e}") from e
   missing = [k for k in _STATS_KEYS if k not in arrays]
@@ -423,6 +503,16 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
         or not all(np.all(np.isfinite(v)) for v in pixel.values()) or np.any(pixel["var"] < 0)):
       raise ValueError(f"statistics file {path!r}: its pixel statistics are malformed (expected pixel_mean and "
                        "pixel_var of the image shape, non-negative variances and a scalar pixel_tv)")
+    if any(k in arrays for k in _PIXEL_PCA_KEYS):
+      pca = {k[len("pixel_"):]: arrays.get(k) for k in _PIXEL_PCA_KEYS}
+      d = None if pca["pca_mean"] is None else pca["pca_mean"].shape
+      if (any(v is None for v in pca.values()) or pca["pca_basis"].ndim != 2 or (pca["pca_basis"].shape[1],) != d
+          or pca["pca_var"].shape != pca["pca_basis"].shape[:1] or pca["pca_residual"].shape != ()
+          or int(np.prod(pca["pca_shape"])) != d[0] or np.any(pca["pca_var"] < 0)
+          or not all(np.all(np.isfinite(v)) for v in pca.values())):
+        raise ValueError(f"statistics file {path!r}: its principal subspace is malformed (expected all of "
+                         f"{list(_PIXEL_PCA_KEYS)}: a (K, D) basis, K variances, a D mean and a scalar residual)")
+      pixel.update({k: (v.astype(np.int64) if k == "pca_shape" else v.astype(np.float32)) for k, v in pca.items()})
   elif any(k in arrays for k in _PIXEL_KEYS):
     raise ValueError(f"statistics file {path!r} holds only some of {list(_PIXEL_KEYS)}")
   return FeatureStats(count=count, mean=mean.astype(np.float32), var=var.astype(np.float32), pixel=pixel)
@@ -431,7 +521,8 @@ def load_statistics(path: str | os.PathLike) -> FeatureStats:
 def statistics_nbytes(stats: FeatureStats) -> int:
   """Bytes the statistics take as stored (float32 mean and var, int64 count, and the float32 pixel
   statistics when kept; no compression)."""
-  pixel = 0 if stats.pixel is None else 4 * sum(int(np.asarray(v).size) for v in stats.pixel.values())
+  pixel = 0 if stats.pixel is None else sum((8 if k == "pca_shape" else 4) * int(np.asarray(v).size)
+                                             for k, v in stats.pixel.items())
   return int(2 * np.asarray(stats.mean).size * 4 + 8 + pixel)
 
 

@@ -19,7 +19,7 @@ import ml_collections
 from invcoss_jax import config_checks, workdir as workdir_lib, workdir_lock
 from invcoss_jax.config_checks import ConfigError
 from invcoss_jax.inversion.config import inversion_spec
-from invcoss_jax.privacy import accounting as privacy_accounting
+from invcoss_jax.privacy import accounting as privacy_accounting, config as privacy_config
 
 # mode -> (module, function); every function is called as fn(config, workdir).
 JOBS: dict[str, tuple[str, str]] = {
@@ -49,7 +49,14 @@ def check_job_options(config: ml_collections.ConfigDict) -> None:
   job_for_mode(mode)
   config_checks.check_options(config)
   if "inversion" in config:
-    inversion_spec(config.inversion)  # every key on one side of the spec, or a declared loss term's option
+    spec = inversion_spec(config.inversion)  # every key on one side of the spec, or a declared loss term's option
+    if spec.host.pixel_components < 0 or spec.program.pixel_components_grid < 1:
+      raise ConfigError(f"config.inversion.pixel_components={spec.host.pixel_components} / pixel_components_grid="
+                        f"{spec.program.pixel_components_grid}: expected K >= 0 components on a grid of >= 1 pixel")
+    if (spec.host.pixel_statistics and spec.host.pixel_components and "privacy" in config
+        and privacy_config.enabled(config.privacy)):
+      raise ConfigError("config.inversion.pixel_components > 0 keeps the covariance of the images, which the DP "
+                        "statistics pass does not privatise: set it to 0 with config.privacy on")
   if "privacy" in config:  # every job: its values in range, DP on or off
     privacy_accounting.check_privacy(config.privacy, grad_accum_steps=int(config.get("train", {}).get(
         "grad_accum_steps", 1)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Iterator
@@ -58,7 +59,24 @@ class _QuietLibraries(logging.Filter):
 
 
 # File-system errors that are the machine's, not the program's: one line says what to do.
-_RESOURCE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG)
+_RESOURCE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG,
+                    errno.EFBIG)
+# Tensorstore (orbax's writer) reports a failed write as a ValueError whose text ends in the OS error code,
+# e.g. 'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/w/...": ... No space left on
+# device [os_error_code='28']'; read back as the OSError it was.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _os_error_of(x: BaseException) -> OSError | None:
+  if isinstance(x, OSError):
+    return x
+  m = _TENSORSTORE_OS_ERROR.search(str(x))
+  if m is None:
+    return None
+  code = int(m.group(1))
+  path = _TENSORSTORE_FILE.search(str(x))
+  return OSError(code, os.strerror(code), path.group(1) if path else None)
 DEBUG_ENV = "INVCOSS_DEBUG"
 
 
@@ -88,8 +106,9 @@ def user_error(e: BaseException, workdir: str) -> tuple[int, str] | None:
       return 2, one_line(x)
     if isinstance(x, DataError):  # a data file, a vocabulary, a checkpoint that does not fit
       return 1, one_line(x)
-    if isinstance(x, OSError) and x.errno in _RESOURCE_ERRNOS:
-      return 1, one_line(describe_os_error(x, workdir))
+    os_error = _os_error_of(x)
+    if os_error is not None and os_error.errno in _RESOURCE_ERRNOS:
+      return 1, one_line(describe_os_error(os_error, workdir))
     # A missing file, unless only met while handling another error: code that looks for a file and falls back
     # when it is absent leaves it as the context of whatever goes wrong next, which may be a bug.
     if isinstance(x, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and not implicit:

@@ -212,6 +212,9 @@ def describe_os_error(e: OSError, where: str) -> str:
     return f"permission denied writing {path}: make {where} writable or choose another --workdir"
   if e.errno == errno.EROFS:
     return f"{path} is on a read-only file system: choose a writable --workdir"
+  if e.errno == errno.EFBIG:
+    return (f"the file {path} grew beyond what the file system (or the process's file size limit, ulimit -f) "
+            "allows: raise the limit or choose another --workdir, and rerun; the run resumes")
   if e.errno == errno.ENAMETOOLONG:
     return f"the file name {str(path)[:120]}... is too long for the file system: choose a shorter --workdir"
   return f"cannot write {path} ({e.strerror or e}): check {where}"

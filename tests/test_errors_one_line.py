@@ -47,6 +47,17 @@ def test_errors_the_user_can_fix_are_one_line_with_their_exit_status():
       1, "config.data.path='/x' does not exist (use a ':demo' preset)")  # one line
   assert ue(OSError(errno.ENOSPC, "No space left on device", "/w/statistics.npz"))[1].startswith(
       "no space left on the device writing /w/statistics.npz")
+  # Orbax's writer (tensorstore) reports a full disk, or a file over `ulimit -f`, as a ValueError ending in the
+  # OS error code (found by benchmarks/bad_input_sweep.py on a 2 MB tmpfs: 258-920 lines of tracebacks).
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0.mu.decoder.norm.scale/0" in OCDBT database '
+                    'at local file "/w/checkpoints/1.orbax-checkpoint-tmp/d/abc": Failed to write 4 bytes to file '
+                    "12: No space left on device [os_error_code='28']")
+  assert ue(full) == (1, "no space left on the device writing /w/checkpoints/1.orbax-checkpoint-tmp/d/abc: free "
+                      "space (or point --workdir elsewhere) and rerun; what was written before is intact and the "
+                      "run resumes")
+  too_large = ValueError("OUT_OF_RANGE: Error writing local file \"/w/c/x\": File too large [os_error_code='27']")
+  assert ue(too_large)[0] == 1 and "/w/c/x grew beyond" in ue(too_large)[1]
+  assert ue(ValueError("INVALID_ARGUMENT: bad shape [os_error_code='22']")) is None  # EINVAL: not a resource
   # Wrapped (`raise ... from`) by a library or a thread pool: the user's error underneath is the line.
   try:
     try:

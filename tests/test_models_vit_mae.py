@@ -132,24 +132,27 @@ def test_one_trunk_serves_2d_and_3d():
 
 
 def test_bf16_remat_learned_pos_drop_path_train_and_match_fp32():
+  # Every model call is jitted, as training runs them: op by op, each of the many small primitives of a
+  # bf16 + remat forward is compiled on its own (about 25 s on a CPU, against about 8 s for these few programs).
   cfg32 = _micro(pos_embed="learned", layer_scale_init=1e-3)
   cfg16 = _micro(pos_embed="learned", layer_scale_init=1e-3, dtype="bfloat16", remat=True)
   m32, m16 = models.build_mae(cfg32), models.build_mae(cfg16)
-  params = models.init_mae_params(m32, jax.random.key(0), [(32, 32, 3)])
+  params = jax.jit(lambda k: models.init_mae_params(m32, k, [(32, 32, 3)]))(jax.random.key(0))
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (2, 4))
-  l32 = m32.apply({"params": params}, x, mask_ratio=0.75, noise=noise)["loss"]
-  l16 = m16.apply({"params": params}, x, mask_ratio=0.75, noise=noise)["loss"]
+  loss = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, mask_ratio=0.75, noise=noise)["loss"])
+  l32, l16 = loss(m32)(params), loss(m16)(params)
   assert l16.dtype == jnp.float32
   np.testing.assert_allclose(float(l16), float(l32), rtol=5e-2)
   # Learned position tables are interpolated to other grids; drop-path needs and uses the dropout stream.
   cfg_dp = _micro(drop_path=0.5)
   m = models.build_mae(cfg_dp)
-  p = models.init_mae_params(m, jax.random.key(0), [(32, 32, 3)])
-  f = lambda k: m.apply({"params": p}, x, mask_ratio=0.0, train=True, rngs={"dropout": jax.random.key(k)})["pred"]
-  assert not np.allclose(np.asarray(f(0)), np.asarray(f(1)))
-  assert m16.apply({"params": params}, jnp.ones((1, 48, 64, 3)), mask_ratio=0.5,
-                   rngs={"masking": jax.random.key(0)})["pred"].shape == (1, 12, 768)
+  p = jax.jit(lambda k: models.init_mae_params(m, k, [(32, 32, 3)]))(jax.random.key(0))
+  f = jax.jit(lambda k: m.apply({"params": p}, x, mask_ratio=0.0, train=True, rngs={"dropout": k})["pred"])
+  assert not np.allclose(np.asarray(f(jax.random.key(0))), np.asarray(f(jax.random.key(1))))
+  other_grid = jax.jit(lambda p: m16.apply({"params": p}, jnp.ones((1, 48, 64, 3)), mask_ratio=0.5,
+                                           rngs={"masking": jax.random.key(0)})["pred"])
+  assert other_grid(params).shape == (1, 12, 768)
 
 
 def test_vit_base_has_86m_encoder_parameters():

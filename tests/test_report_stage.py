@@ -67,7 +67,9 @@ def test_the_report_checkpoint_fine_tunes_to_normal_vs_abnormal_above_the_majori
   c.init_from = str(workdir)
   c.evaluate.seeds = (0,)
   t = c.evaluate.tasks.indiana_abnormal
-  t.steps, t.eval_every, t.lr, t.batch_size = 150, 50, 1e-3, 32
+  # 50 steps (one validation pass, at the end): accuracy 0.91 against a majority rate of 0.64 and AUC 0.96 on the
+  # test split (150 steps, three validation passes: 0.95 and 0.98), far from both bounds below at a third of the cost.
+  t.steps, t.eval_every, t.lr, t.batch_size = 50, 50, 1e-3, 32
   out = jobs.run(c, tmp_path / "eval")
   from invcoss_jax import data as data_lib
   labels = np.concatenate([b["label"] for b in data_lib.make_eval_iterator(

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from invcoss_jax.inversion.config import ProgramSpec, declare_term_options, program_spec
+from invcoss_jax.inversion.statistics import pca_pool_shape, pooled_grey
 from invcoss_jax.models.vit_mae import masked_mse
 
 LossTerm = Callable[[Any, ProgramSpec], jax.Array]
@@ -233,7 +234,6 @@ def l_pixel_pca(images: jax.Array, pooled_shape: tuple[int, ...], mean: jax.Arra
   the per-pixel moments (`l_pixel`) say how much each pixel varies, this says along which image-wide
   directions: a batch of independent texture with the right per-pixel variance has little variance along
   the leading components and too much energy outside them."""
-  from invcoss_jax.inversion.statistics import pooled_grey  # statistics imports losses' config only
   g = pooled_grey(images.astype(jnp.float32), pooled_shape) - mean
   if g.shape[1] != basis.shape[1]:
     raise ValueError(f"principal subspace of {basis.shape[1]} values does not fit images pooled to {pooled_shape}")
@@ -260,7 +260,6 @@ def l_pixel_pca(images: jax.Array, pooled_shape: tuple[int, ...], mean: jax.Arra
 def pixel_pca_term(ctx, spec) -> jax.Array:
   """The batch's distribution in the stage's principal subspace of grey images (opt-in; needs
   config.inversion.pixel_components > 0 when the statistics were kept)."""
-  from invcoss_jax.inversion.statistics import pca_pool_shape
   p = ctx.target_stats.pixel
   shape = pca_pool_shape(ctx.images.shape[1:-1], spec.pixel_components_grid)
   return l_pixel_pca(ctx.images, shape, p["pca_mean"], p["pca_basis"], p["pca_var"], p["pca_residual"],

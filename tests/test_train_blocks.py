@@ -84,3 +84,34 @@ def test_a_block_is_one_dispatch_of_several_steps():
   batches = jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *data[1:5]), block.batch_sharding)
   new, metrics = block(state, batches)
   assert int(new.step) == 4 and metrics["loss"].shape == (4,) and metrics["pred_mean"].shape == (4,)
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_the_host_runs_at_most_max_dispatches_ahead_of_the_devices(monkeypatch, ahead):
+  """Between logs the loop waits for the loss of the dispatch `ahead` back before it goes on (unbounded
+  run-ahead deadlocked XLA:CPU collectives on 4 devices); every step is still run once, in order."""
+  events = []
+
+  def step_fn(state, batch):
+    events.append(("dispatch", batch))
+    return state + 1, {"loss": np.float32(batch)}
+
+  def block_until_ready(x):
+    events.append(("wait", int(x)))
+    return x
+
+  monkeypatch.setattr(core.jax, "block_until_ready", block_until_ready)
+  loop = core.Loop(step_fn=step_fn, next_batch=lambda s: s, what="t", log_every=100, max_dispatches_ahead=ahead)
+  state, _, losses, _ = loop.run(0, None, 0, 20)
+  assert state == 20 and losses == {s: float(s) for s in range(1, 21)}
+  assert [e[1] for e in events if e[0] == "dispatch"] == list(range(1, 21))
+  outstanding, waited = [], []
+  for kind, s in events:
+    if kind == "dispatch":
+      outstanding.append(s)
+      assert len(outstanding) <= ahead + 1, events  # the newest, plus at most `ahead` not waited for
+    else:
+      assert s == outstanding.pop(0), events  # oldest first
+      waited.append(s)
+      assert len(outstanding) == ahead
+  assert waited == list(range(1, 21 - ahead))

@@ -14,6 +14,7 @@ it with logging, the non-finite guard, checkpoints (state and data iterator), fa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -205,6 +206,13 @@ class Loop:
   - `stop_at`: end after that step, as a preempted job would (with a checkpoint).
   Fault points `train_step:<what>:<step>` (see invcoss_jax.faults) follow each step's save.
 
+  The host runs at most `max_dispatches_ahead` dispatches ahead of the devices (it waits for the loss of
+  the dispatch that many back before it dispatches the next). Unbounded run-ahead between logs deadlocked
+  XLA:CPU's multi-device collectives: with ~80 steps queued, one device's share of a later step took the
+  device's in-flight slot before its share of the current step, whose all-reduce then waited forever
+  (fine-tuning on 4 simulated CPU devices, 100 steps between logs). Two dispatches ahead keep an
+  accelerator fed.
+
   With `steps_per_dispatch` k > 1 and a `block_fn` (`jit_block` of the same step), steps run k per dispatch
   in blocks that start at multiples of k and hold no step where something happens before its end: a log,
   a save, `stop_at`, the run's end or a step where `hook_at(step)` is true (the `after_step` hooks run at
@@ -229,6 +237,7 @@ class Loop:
   steps_per_dispatch: int = 1
   block_fn: Callable | None = None
   hook_at: Callable[[int], bool] = lambda step: True
+  max_dispatches_ahead: int = 2
 
   def run(self, state: Any, consts: Any, start: int, end: int, stop_at: int | None = None
           ) -> tuple[Any, Any, dict[int, float], bool]:
@@ -238,6 +247,12 @@ class Loop:
     last_step, last_time = start, time.perf_counter()
     log_every = max(1, int(self.log_every))
     stopped = False
+    in_flight: collections.deque = collections.deque()  # each recent dispatch's loss, oldest first
+
+    def dispatched(metrics) -> None:
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > max(1, int(self.max_dispatches_ahead)):
+        jax.block_until_ready(in_flight.popleft())
     k = max(1, int(self.steps_per_dispatch)) if self.block_fn is not None else 1
 
     def logs(step: int) -> bool:
@@ -255,6 +270,7 @@ class Loop:
         state, stacked = (self.block_fn(state, batches) if consts is None else
                           self.block_fn(state, batches, consts))
         pending.append((tuple(range(step + 1, step + k + 1)), stacked))  # split per step once fetched
+        dispatched(stacked)
         if self.progress is not None:
           for s in range(step + 1, step + k + 1):
             self.progress(s)
@@ -266,6 +282,7 @@ class Loop:
         batch = self.next_batch(step)
         state, metrics = self.step_fn(state, batch) if consts is None else self.step_fn(state, batch, consts)
         pending.append((step, metrics))
+        dispatched(metrics)
         if self.progress is not None:
           self.progress(step)
       stop_here = stop_at is not None and step == stop_at
